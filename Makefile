@@ -1,0 +1,40 @@
+# ActGen as a service. The two commands of the README: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo serve bench up down tiny-model clean
+
+# setup: a virtualenv with the three packages (editable) and the test tools.
+$(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt \
+	    -e ./shared -e ./services/generator -e ./services/trainer
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m actgen_trainer.demo
+
+serve: setup
+	$(VENV)/bin/actgen-generator serve --host 127.0.0.1 --port 8000
+
+bench: setup
+	$(PY) bench/run.py
+
+up:
+	docker compose up -d
+
+down:
+	docker compose down
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,96 @@
+"""Byte formats on the wire and in Redis: PNG images, safetensors latents, base64.
+
+Only safe formats: images go through Pillow, tensors through safetensors (never pickle).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from PIL import Image
+from safetensors.numpy import load as _st_load
+from safetensors.numpy import save as _st_save
+
+
+class DecodeError(ValueError):
+    """Bytes that are not what they claim to be; the message says what is wrong."""
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    """Strict base64 (standard alphabet, padding optional); data-URL prefixes are accepted."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    text = text.strip()
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DecodeError(f"not valid base64: {exc}") from None
+
+
+def png_encode(image: np.ndarray) -> bytes:
+    """uint8 array HxWx3 (or HxW) -> PNG bytes."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"png_encode wants uint8, got {image.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_decode(data: bytes, max_side: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 RGB array HxWx3, refusing non-images and oversized images.
+
+    The size is checked from the header before the pixels are decoded, so a decompression
+    bomb never allocates.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("PNG", "JPEG", "WEBP"):
+                raise DecodeError(f"image format {img.format} not accepted (PNG, JPEG, WEBP)")
+            width, height = img.size
+            if max_side is not None and max(width, height) > max_side:
+                raise DecodeError(f"image is {width}x{height}, larger than {max_side} px on a side")
+            if width < 1 or height < 1:
+                raise DecodeError("image is empty")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except DecodeError:
+        raise
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise DecodeError(f"not a decodable image: {exc}") from None
+
+
+def image_from_b64(text: str, max_side: int | None = None) -> np.ndarray:
+    return image_decode(b64decode(text), max_side=max_side)
+
+
+def png_to_b64(image: np.ndarray) -> str:
+    return b64encode(png_encode(image))
+
+
+def tensors_encode(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """Named arrays -> safetensors bytes."""
+    return _st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+
+
+def tensors_decode(data: bytes) -> dict[str, np.ndarray]:
+    """safetensors bytes -> named arrays; anything else raises DecodeError."""
+    try:
+        return _st_load(data)
+    except Exception as exc:
+        raise DecodeError(f"not a safetensors file: {exc}") from None
+
+
+def latent_encode(latent: np.ndarray) -> bytes:
+    """One latent (C x H x W) as float16 safetensors bytes: the memory-bank format."""
+    return tensors_encode({"latent": latent.astype(np.float16)})
+
+
+def latent_decode(data: bytes) -> np.ndarray:
+    return tensors_decode(data)["latent"]

@@ -1,0 +1,272 @@
+"""Pydantic models for every message on the wire (DESIGN.md sections 3 and 4).
+
+The REST API validates bodies with these, the queue stores them, the client sends them:
+one definition each, so the two services cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from actgen_shared.labels import LABEL_SETS, class_names_for
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+BANK_KEY_PATTERN = RUN_ID_PATTERN
+CLASSIFIER_REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
+MAX_SEED = 2**63 - 1
+
+
+class Mode(str, Enum):
+    """Generation modes of the paper's ablation (Table 4)."""
+
+    random = "random"  # plain SD, prompt only
+    ig = "ig"  # image guidance, mask = 1
+    aig = "aig"  # attentive image guidance
+    actgen = "actgen"  # aig + gradient guidance (contrastive + adversarial)
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationOptions(_Strict):
+    """Sampler options; defaults are the paper's (section 5.1, appendix A.4)."""
+
+    mode: Mode = Mode.actgen
+    num_inference_steps: int = Field(40, ge=1, le=1000, description="DDPM steps")
+    guidance_scale: float = Field(15.0, ge=0.0, le=100.0, description="CFG scale s (eq. 4)")
+    image_guidance_strength: float = Field(
+        12.5, ge=-1000.0, le=1000.0, description="i in gamma = 1 - sigmoid(step - i) (eq. 7)"
+    )
+    grad_steps: int = Field(10, ge=0, le=1000, description="gradient guidance on the first steps")
+    lr: float = Field(0.05, ge=0.0, le=100.0, description="nu, step of the normalised update (eq. 11)")
+    contrastive_margin: float = Field(200.0, ge=0.0, le=1e6, description="rho (eq. 9)")
+    bank_sample: int = Field(1024, ge=0, le=65536, description="N, latents sampled from the bank")
+    adv_weight: float = Field(0.1, ge=0.0, le=1000.0, description="lambda")
+    adv_prob: float = Field(0.0, ge=0.0, le=1.0, description="chance that an item uses L_adv")
+    height: int | None = Field(None, ge=64, le=2048, description="None: the model's native size")
+    width: int | None = Field(None, ge=64, le=2048, description="None: the model's native size")
+    output_size: int | None = Field(None, ge=8, le=2048, description="also resize to this square")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="fixes all noise of the job")
+    return_latents: bool = True
+    # Settings of the paper's released code, so both can be run and compared (DESIGN.md 5).
+    normalize_mask: bool = Field(True, description="False: the released code's unnormalised sum")
+    plain_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance that an item is drawn as plain SD (released code)"
+    )
+    # Few-shot (appendix A.3): strength from the guide's confidence when set.
+    fewshot_u: float | None = Field(
+        None, ge=-10.0, le=10.0, description="u of eta_f = L/(1+exp(k(f-u)))+p; needs confidence"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationOptions":
+        if self.grad_steps > self.num_inference_steps:
+            raise ValueError(
+                f"options.grad_steps ({self.grad_steps}) must not exceed "
+                f"options.num_inference_steps ({self.num_inference_steps})"
+            )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ValueError(f"options.{name} must be a multiple of 8, got {value}")
+        return self
+
+    def batch_signature(self) -> tuple:
+        """Items whose options share this signature can run in one sampler batch."""
+        return (self.mode.value, self.num_inference_steps, self.height, self.width)
+
+
+class JobItem(_Strict):
+    """One hard sample: the guide image and its true class."""
+
+    image: str = Field(..., min_length=1, description="guide image, base64-encoded PNG (or JPEG)")
+    class_id: int = Field(..., ge=0)
+    guide_id: str | None = Field(None, max_length=256)
+    confidence: float | None = Field(None, ge=0.0, le=1.0, description="classifier's true-class prob")
+
+
+class JobRequest(_Strict):
+    """Body of POST /v1/jobs."""
+
+    run_id: str = Field(..., pattern=RUN_ID_PATTERN)
+    epoch: int = Field(0, ge=0)
+    items: list[JobItem] = Field(..., min_length=1)
+    class_names: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, min_length=1, max_length=100_000
+    )
+    label_set: Literal["cifar10", "cifar100", "imagenet", "digits"] | None = None
+    classifier_ref: str | None = Field(None, pattern=CLASSIFIER_REF_PATTERN)
+    memory_bank_key: str | None = Field(None, pattern=BANK_KEY_PATTERN)
+    options: GenerationOptions = Field(default_factory=GenerationOptions)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobRequest":
+        if (self.class_names is None) == (self.label_set is None):
+            raise ValueError("give exactly one of class_names or label_set")
+        n = len(self.resolved_class_names())
+        for k, item in enumerate(self.items):
+            if item.class_id >= n:
+                raise ValueError(
+                    f"items[{k}].class_id {item.class_id} is out of range for {n} classes"
+                )
+        if self.options.fewshot_u is not None:
+            missing = [k for k, item in enumerate(self.items) if item.confidence is None]
+            if missing:
+                raise ValueError(f"options.fewshot_u needs items[{missing[0]}].confidence")
+        if self.needs_classifier and self.classifier_ref is None:
+            raise ValueError("classifier_ref is required when options.adv_prob > 0 in actgen mode")
+        return self
+
+    @property
+    def needs_classifier(self) -> bool:
+        return self.options.mode is Mode.actgen and self.options.adv_prob > 0
+
+    def resolved_class_names(self) -> list[str]:
+        if self.class_names is not None:
+            return list(self.class_names)
+        assert self.label_set is not None
+        return class_names_for(self.label_set)
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status_url: str
+    duplicate: bool = Field(False, description="True when the idempotency key matched a job")
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total: int = 0
+
+
+class GradStepRecord(BaseModel):
+    """What gradient guidance did at one step for one item (provenance)."""
+
+    step: int
+    l_contra: float
+    l_adv: float | None = None
+    prediction: int | None = None
+
+
+class ItemResult(BaseModel):
+    """Provenance of one generated image: everything that made it."""
+
+    index: int
+    class_id: int
+    class_name: str
+    guide_id: str | None = None
+    seed: int
+    mode: Mode
+    adversarial: bool = False
+    image_guidance_strength: float
+    grad_records: list[GradStepRecord] = Field(default_factory=list)
+    width: int
+    height: int
+
+
+class JobResult(BaseModel):
+    items: list[ItemResult]
+    options: GenerationOptions
+    classifier_ref: str | None = None
+    replica: str | None = None
+    latents_key: str | None = None
+
+
+class JobState(BaseModel):
+    """Body of GET /v1/jobs/{id}."""
+
+    job_id: str
+    run_id: str
+    epoch: int = 0
+    status: JobStatus
+    progress: Progress = Field(default_factory=Progress)
+    error: str | None = None
+    result: JobResult | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    replica: str | None = None
+    deliveries: int = 0
+
+
+class ResultItem(BaseModel):
+    """One entry of a run's results stream, as served by GET /v1/runs/{run}/results."""
+
+    id: str = Field(..., description="stream id; pass it as ?after= to resume")
+    job_id: str
+    index: int
+    epoch: int
+    class_id: int
+    guide_id: str | None = None
+    image: str = Field(..., description="base64 PNG")
+    latent_key: str | None = None
+
+
+class ResultsPage(BaseModel):
+    items: list[ResultItem]
+    next: str
+
+
+class ClassifierMeta(_Strict):
+    """Metadata uploaded with a classifier's safetensors weights."""
+
+    architecture: str = Field(..., min_length=1, max_length=64)
+    num_classes: int = Field(..., ge=2, le=100_000)
+    input_size: int = Field(..., ge=8, le=1024)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (
+        0.229,
+        0.224,
+        0.225,
+    )
+
+
+class ClassifierRef(BaseModel):
+    ref: str
+    architecture: str
+    num_classes: int
+
+
+class MemoryBankInfo(BaseModel):
+    key: str
+    counts: dict[int, int]
+
+
+class Info(BaseModel):
+    model: str
+    device: str
+    dtype: str
+    replica_id: str
+    version: str
+    max_batch: int
+    native_size: int
+    defaults: GenerationOptions
+    label_sets: list[str] = Field(default_factory=lambda: sorted(LABEL_SETS))
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
