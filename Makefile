@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo serve bench up down tiny-model clean
+.PHONY: setup test demo serve bench up down compose-gpus clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools.
 $(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
@@ -30,7 +30,7 @@ serve: setup
 bench: setup
 	$(PY) bench/run.py
 
-up:
+up:  # GPU machine; on a laptop: docker compose --profile cpu up -d
 	docker compose up -d
 
 down:
@@ -38,3 +38,8 @@ down:
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+N ?= 1
+compose-gpus:
+	$(PYTHON) deploy/compose_gpus.py $(N) > docker-compose.gpus.yml
+	@echo "wrote docker-compose.gpus.yml: docker compose -f docker-compose.yml -f docker-compose.gpus.yml up -d"

@@ -1,0 +1,127 @@
+"""The compose file describes the system of DESIGN.md section 2: checked by parsing it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """SafeLoader that accepts compose's merge-control tags (!override, !reset)."""
+
+
+def _passthrough(loader: yaml.SafeLoader, node: yaml.Node) -> object:
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+for _tag in ("!override", "!reset"):
+    _ComposeLoader.add_constructor(_tag, _passthrough)
+
+
+def _load(text: str) -> dict:
+    return yaml.load(text, Loader=_ComposeLoader)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_redis_persists_with_aof_and_is_never_published(compose: dict) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert "ports" not in redis, "Redis must not be exposed on the host"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    assert redis["healthcheck"]["test"][-1] == "ping"
+
+
+def test_gpu_generator_reserves_its_own_device_and_waits_for_redis(compose: dict) -> None:
+    gen = compose["services"]["generator"]
+    devices = gen["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["device_ids"] == ["0"] and "count" not in devices[0]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert gen["environment"]["ACTGEN_MODEL"].endswith("stabilityai/stable-diffusion-2-1-base}")
+    assert gen["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert gen["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "/readyz" in " ".join(gen["healthcheck"]["test"])
+    assert any(v.startswith("hf-cache:") for v in gen["volumes"])
+    assert gen["restart"] == "unless-stopped"
+    assert int(gen["stop_grace_period"].rstrip("s")) >= 30
+    assert set(compose["volumes"]) >= {"redis-data", "hf-cache"}
+
+
+def test_cpu_profile_runs_the_tiny_model_without_a_gpu(compose: dict) -> None:
+    cpu = compose["services"]["generator-cpu"]
+    assert cpu["profiles"] == ["cpu"]
+    assert "deploy" not in cpu
+    assert cpu["environment"]["ACTGEN_DEVICE"] == "cpu"
+    assert compose["services"]["generator"]["profiles"] == ["gpu"]
+    assert "COMPOSE_PROFILES=gpu" in (ROOT / ".env").read_text()
+
+
+def test_trainer_is_a_one_shot_profile_with_data_and_runs_volumes(compose: dict) -> None:
+    trainer = compose["services"]["trainer"]
+    assert trainer["profiles"] == ["train"]
+    assert trainer["restart"] == "no"
+    mounts = {v.split(":")[1] for v in trainer["volumes"]}
+    assert mounts == {"/data", "/runs"}
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_gpu_override_pins_replica_i_to_gpu_i(gpus: int) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "compose_gpus.py"), str(gpus)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    services = _load(out)["services"]
+    assert len(services) == gpus - 1
+    ports = set()
+    for i in range(1, gpus):
+        svc = services[f"generator-gpu{i}"]
+        assert svc["extends"] == {"file": "docker-compose.yml", "service": "generator"}
+        device = svc["deploy"]["resources"]["reservations"]["devices"][0]
+        assert device["device_ids"] == [str(i)]
+        assert svc["environment"]["ACTGEN_REPLICA_ID"] == f"generator-gpu{i}"
+        ports.add(svc["ports"][0].split(":")[0])
+    assert len(ports) == gpus - 1, "host ports must not collide"
+
+
+def test_gpu_override_refuses_zero_gpus() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "compose_gpus.py"), "0"], capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "num_gpus must be at least 1" in proc.stderr
+
+
+def _compose_cli() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(_compose_cli() is None, reason="neither `docker compose` nor docker-compose is installed here")
+def test_compose_config_accepts_the_file() -> None:
+    cli = _compose_cli()
+    assert cli is not None
+    for profile in ("gpu", "cpu", "train"):
+        proc = subprocess.run(
+            [*cli, "--profile", profile, "config", "--quiet"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
