@@ -1,0 +1,285 @@
+"""Python client of the generator API (DESIGN.md section 3), sync and async, on httpx.
+
+The trainer and the tests talk to the service through this only. Every non-2xx answer is
+raised as :class:`GeneratorError` carrying the server's ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import httpx
+import numpy as np
+
+from actgen_shared import codecs
+from actgen_shared.schemas import (
+    ClassifierMeta,
+    ClassifierRef,
+    Info,
+    JobAccepted,
+    JobRequest,
+    JobState,
+    MemoryBankInfo,
+    ResultsPage,
+)
+
+DEFAULT_TIMEOUT_S = 30.0
+CONNECT_RETRIES = 2
+START_CURSOR = "0"
+
+
+class GeneratorError(RuntimeError):
+    """A request the generator refused or could not answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    code, message = "http_error", response.text[:500]
+    try:
+        err = response.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise GeneratorError(response.status_code, code, message)
+
+
+def _job_body(request: JobRequest | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(request, JobRequest):
+        return request.model_dump(mode="json", exclude_none=True)
+    return dict(request)
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _classifier_files(weights: bytes, meta: ClassifierMeta | Mapping[str, Any]) -> tuple[dict, dict]:
+    meta_json = meta.model_dump_json() if isinstance(meta, ClassifierMeta) else json.dumps(dict(meta))
+    files = {"weights": ("classifier.safetensors", weights, "application/octet-stream")}
+    return files, {"metadata": meta_json}
+
+
+def _results_params(after: str, limit: int, wait_s: float) -> dict[str, Any]:
+    return {"after": after, "limit": limit, "wait": wait_s}
+
+
+def _latents(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    tensors = codecs.tensors_decode(data)
+    return tensors["latents"], tensors["indices"]
+
+
+class GeneratorClient:
+    """Blocking client; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=_headers(api_key),
+            timeout=timeout_s,
+            transport=transport or httpx.HTTPTransport(retries=CONNECT_RETRIES),
+        )
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        _raise_for(response)
+        return response
+
+    # --- service ------------------------------------------------------------------------
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def info(self) -> Info:
+        return Info.model_validate(self._request("GET", "/v1/info").json())
+
+    # --- jobs ---------------------------------------------------------------------------
+    def submit(self, request: JobRequest | Mapping[str, Any]) -> JobAccepted:
+        response = self._request("POST", "/v1/jobs", json=_job_body(request))
+        return JobAccepted.model_validate(response.json())
+
+    def status(self, job_id: str) -> JobState:
+        return JobState.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def cancel(self, job_id: str) -> JobState:
+        return JobState.model_validate(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+
+    def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> JobState:
+        """Poll until the job is done, failed or cancelled; TimeoutError after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.status(job_id)
+            if state.status.is_final:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state.status.value} after {timeout_s}s")
+            time.sleep(poll_s)
+
+    def image(self, job_id: str, index: int) -> bytes:
+        """PNG bytes of the job's ``index``-th image."""
+        return self._request("GET", f"/v1/jobs/{job_id}/images/{index}.png").content
+
+    def latents(self, job_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(latents (N,C,h,w) float16, indices (N,)) of the job."""
+        return _latents(self._request("GET", f"/v1/jobs/{job_id}/latents").content)
+
+    # --- results ------------------------------------------------------------------------
+    def results(
+        self, run_id: str, after: str = START_CURSOR, limit: int = 100, wait_s: float = 0.0
+    ) -> ResultsPage:
+        """Finished items of a run after ``after``, long-polling up to ``wait_s`` seconds."""
+        response = self._request(
+            "GET", f"/v1/runs/{run_id}/results", params=_results_params(after, limit, wait_s),
+            timeout=self._http.timeout.read + wait_s if self._http.timeout.read else None,
+        )
+        return ResultsPage.model_validate(response.json())
+
+    def iter_results(
+        self, run_id: str, after: str = START_CURSOR, limit: int = 100, wait_s: float = 5.0
+    ) -> Iterator[ResultsPage]:
+        """Pages of results forever (the caller stops); each page's ``next`` is the cursor."""
+        while True:
+            page = self.results(run_id, after=after, limit=limit, wait_s=wait_s)
+            after = page.next
+            yield page
+
+    # --- classifiers and memory banks ---------------------------------------------------
+    def upload_classifier(
+        self, weights: bytes, meta: ClassifierMeta | Mapping[str, Any]
+    ) -> ClassifierRef:
+        files, data = _classifier_files(weights, meta)
+        response = self._request("POST", "/v1/classifiers", files=files, data=data)
+        return ClassifierRef.model_validate(response.json())
+
+    def memory_bank(self, key: str) -> MemoryBankInfo:
+        return MemoryBankInfo.model_validate(self._request("GET", f"/v1/memory-banks/{key}").json())
+
+    def clear_memory_bank(self, key: str) -> None:
+        self._request("DELETE", f"/v1/memory-banks/{key}")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "GeneratorClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncGeneratorClient:
+    """The same calls as :class:`GeneratorClient`, awaitable."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=_headers(api_key),
+            timeout=timeout_s,
+            transport=transport or httpx.AsyncHTTPTransport(retries=CONNECT_RETRIES),
+        )
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = await self._http.request(method, path, **kwargs)
+        _raise_for(response)
+        return response
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def info(self) -> Info:
+        return Info.model_validate((await self._request("GET", "/v1/info")).json())
+
+    async def submit(self, request: JobRequest | Mapping[str, Any]) -> JobAccepted:
+        response = await self._request("POST", "/v1/jobs", json=_job_body(request))
+        return JobAccepted.model_validate(response.json())
+
+    async def status(self, job_id: str) -> JobState:
+        return JobState.model_validate((await self._request("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def cancel(self, job_id: str) -> JobState:
+        return JobState.model_validate((await self._request("DELETE", f"/v1/jobs/{job_id}")).json())
+
+    async def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> JobState:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = await self.status(job_id)
+            if state.status.is_final:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state.status.value} after {timeout_s}s")
+            await asyncio.sleep(poll_s)
+
+    async def image(self, job_id: str, index: int) -> bytes:
+        return (await self._request("GET", f"/v1/jobs/{job_id}/images/{index}.png")).content
+
+    async def latents(self, job_id: str) -> tuple[np.ndarray, np.ndarray]:
+        return _latents((await self._request("GET", f"/v1/jobs/{job_id}/latents")).content)
+
+    async def results(
+        self, run_id: str, after: str = START_CURSOR, limit: int = 100, wait_s: float = 0.0
+    ) -> ResultsPage:
+        response = await self._request(
+            "GET", f"/v1/runs/{run_id}/results", params=_results_params(after, limit, wait_s),
+            timeout=self._http.timeout.read + wait_s if self._http.timeout.read else None,
+        )
+        return ResultsPage.model_validate(response.json())
+
+    async def iter_results(
+        self, run_id: str, after: str = START_CURSOR, limit: int = 100, wait_s: float = 5.0
+    ) -> AsyncIterator[ResultsPage]:
+        while True:
+            page = await self.results(run_id, after=after, limit=limit, wait_s=wait_s)
+            after = page.next
+            yield page
+
+    async def upload_classifier(
+        self, weights: bytes, meta: ClassifierMeta | Mapping[str, Any]
+    ) -> ClassifierRef:
+        files, data = _classifier_files(weights, meta)
+        response = await self._request("POST", "/v1/classifiers", files=files, data=data)
+        return ClassifierRef.model_validate(response.json())
+
+    async def memory_bank(self, key: str) -> MemoryBankInfo:
+        response = await self._request("GET", f"/v1/memory-banks/{key}")
+        return MemoryBankInfo.model_validate(response.json())
+
+    async def clear_memory_bank(self, key: str) -> None:
+        await self._request("DELETE", f"/v1/memory-banks/{key}")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncGeneratorClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
