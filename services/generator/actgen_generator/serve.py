@@ -1,0 +1,87 @@
+"""``actgen-generator serve``: one replica (API + worker) under uvicorn.
+
+With no ``REDIS_URL`` a private redis-server is started and its URL printed; with no model
+the tiny SD-architecture model is built. SIGTERM stops the worker at once (its batch is
+interrupted at the next step and unfinished jobs go back to the queue), then uvicorn drains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from types import FrameType
+
+import uvicorn
+
+from actgen_generator import events
+from actgen_generator.api import SAMPLERS, Service, create_app
+from actgen_shared.settings import Settings
+
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser("serve", help="run a generator replica (REST API + worker)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--model", default=None,
+                        help="diffusers model id or folder (default: ACTGEN_MODEL, else the tiny model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: ACTGEN_DEVICE or auto)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weights dtype (default: ACTGEN_DTYPE or the pipeline's choice)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="API only: accept and serve jobs, never run them")
+    parser.add_argument("--sampler", default="guided", choices=SAMPLERS,
+                        help="'echo' returns guides without a model (to measure service overhead)")
+    parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from actgen_shared.redis_embedded import EmbeddedRedis
+
+    events.configure()
+    settings = Settings.from_env()
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis().start()
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
+        print(f"embedded Redis at {embedded.url}", flush=True)
+    try:
+        app = create_app(
+            settings, worker=not args.no_worker, sampler=args.sampler, model=args.model,
+            device=args.device, dtype=args.dtype,
+        )
+        svc: Service = app.state.service
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
+        )
+        server = _Server(config, svc)
+        svc.on_fatal = lambda: setattr(server, "should_exit", True)
+        print(f"generator {svc.replica_id} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+        server.run()
+        if svc.fatal:
+            print(f"error: {svc.fatal}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.cleanup()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also stops the worker the moment a signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, svc: Service) -> None:
+        super().__init__(config)
+        self.svc = svc
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.svc.worker is not None:
+            self.svc.worker.request_stop()
+        super().handle_exit(sig, frame)
+
+
+__all__ = ["add_parser", "run"]
