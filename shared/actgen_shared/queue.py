@@ -1,0 +1,754 @@
+"""The job queue on Redis Streams (DESIGN.md section 4), used by the API and the workers.
+
+Layout: the ``jobs`` stream (consumer group ``generators``) carries only job ids; the
+``job:{id}`` hash is the source of truth (status, request, progress, result, timestamps).
+Every state change is one Lua step that also keeps the ``stats:jobs_by_status`` counters
+(``queued`` and ``running`` are current gauges, the final states are running totals).
+
+Delivery guarantee: **at-least-once delivery, exactly-once effects for stored results.**
+
+* A job is delivered to one consumer at a time. A consumer proves it is alive with a
+  heartbeat key (``hb:{consumer}``, expiry ``settings.lease_s``) and by refreshing the idle
+  time of its own pending entries; only the entries of a consumer whose heartbeat expired are
+  reclaimed by another, so a long job on a live consumer is never run twice.
+* A consumer that dies mid-job (or is wrongly presumed dead) means the job runs again.
+  Storing an item is deduplicated in Lua (``HSETNX`` on the job's done-hash), so each item
+  gives one image key, one results-stream entry and one memory-bank entry however often it
+  is computed; finishing a job is a compare-and-set on its status, so it finishes once.
+* After ``settings.max_deliveries`` starts without finishing, the job goes to ``jobs:dead``
+  with its reason and is marked failed.
+* Acked entries are deleted from the jobs stream, so it holds only queued and in-flight work.
+
+The Redis client must return bytes (``decode_responses=False``, the default): images and
+latents are binary. ``connect`` makes a suitable client.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from actgen_shared.keys import CONSUMER_GROUP, Keys
+from actgen_shared.schemas import JobRequest, JobResult, JobState, JobStatus, Progress
+from actgen_shared.settings import Settings
+
+PROGRESS_MAXLEN = 100  # progress events kept per job: enough for a client to catch up
+DEAD_LETTER_MAXLEN = 100_000
+_STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+
+
+def connect(url: str) -> aioredis.Redis:
+    """An asyncio Redis client fit for the queue (bytes replies, RESP2)."""
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+def _s(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stream_entries(response: object) -> list[tuple[str, dict[str, str]]]:
+    """XREAD/XREADGROUP reply (one stream) -> [(id, fields)], fields None-safe."""
+    if not response:
+        return []
+    if isinstance(response, dict):  # RESP3 shapes
+        streams = list(response.values())
+    else:
+        streams = [item[1] for item in response]  # type: ignore[index]
+    out: list[tuple[str, dict[str, str]]] = []
+    for entries in streams:
+        if entries and isinstance(entries[0], list):  # RESP3 legacy wraps once more
+            entries = entries[0]
+        for entry_id, fields in entries:
+            if entry_id is None:
+                continue
+            out.append((_s(entry_id) or "", {_s(k) or "": _s(v) or "" for k, v in (fields or {}).items()}))
+    return out
+
+
+def validate_cursor(cursor: str) -> str:
+    """A results cursor is a stream id (``0-0``, ``1712345678901-3``); ValueError otherwise."""
+    if not _STREAM_ID.match(cursor):
+        raise ValueError(f"cursor {cursor!r} is not a stream id like '0-0' or '1712345678901-3'")
+    return cursor
+
+
+# --- Lua -----------------------------------------------------------------------------------
+# Key names are computed in Python (keys.py) and passed in KEYS; the scripts never build keys.
+
+_PRELUDE = """
+local function is_final(s) return s == 'done' or s == 'failed' or s == 'cancelled' end
+local function set_status(job, stats, old, new)
+  redis.call('HSET', job, 'status', new)
+  if old then redis.call('HINCRBY', stats, old, -1) end
+  redis.call('HINCRBY', stats, new, 1)
+end
+local function ack(stream, group, entry)
+  if entry ~= '' then
+    redis.call('XACK', stream, group, entry)
+    redis.call('XDEL', stream, entry)
+  end
+end
+-- finish: KEYS job, stats, then keys to expire; returns 1 when this call made it final
+local function finish(job, stats, status, field, value, now, ttl, expire_keys)
+  local old = redis.call('HGET', job, 'status')
+  if (not old) or is_final(old) then return 0 end
+  set_status(job, stats, old, status)
+  redis.call('HSET', job, 'finished_at', now)
+  if field ~= '' then redis.call('HSET', job, field, value) end
+  for _, k in ipairs(expire_keys) do redis.call('EXPIRE', k, ttl) end
+  return 1
+end
+"""
+
+# KEYS: idem (or ''), job, jobs stream, stats
+# ARGV: job_id, request json, run_id, epoch, created_at, n_items, idem ttl
+_SUBMIT = """
+if KEYS[1] ~= '' then
+  local first = redis.call('GET', KEYS[1])
+  if first then return {first, 1} end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {ARGV[1], 1} end
+if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[7]) end
+redis.call('HSET', KEYS[2], 'status', 'queued', 'request', ARGV[2], 'run_id', ARGV[3],
+  'epoch', ARGV[4], 'created_at', ARGV[5], 'n_items', ARGV[6], 'deliveries', 0)
+redis.call('HINCRBY', KEYS[4], 'queued', 1)
+redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
+return {ARGV[1], 0}
+"""
+
+# KEYS: job, stats, cancel flag, done, progress ; ARGV: now, ttl
+_CANCEL = (
+    _PRELUDE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' then
+  finish(KEYS[1], KEYS[2], 'cancelled', '', '', ARGV[1], ARGV[2], {KEYS[1], KEYS[4], KEYS[5]})
+  return 'cancelled'
+end
+if status == 'running' then
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+end
+return status
+"""
+)
+
+# KEYS: hb key, jobs stream ; ARGV: group, consumer, lease ms
+_HEARTBEAT = """
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[1], '-', '+', 10000, ARGV[2])
+if not ok then return 0 end
+local n = 0
+for _, p in ipairs(pending) do
+  redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[2], 0, p[1], 'JUSTID')
+  n = n + 1
+end
+return n
+"""
+
+# Take the entries of one consumer, only if its heartbeat has expired.
+# KEYS: jobs stream, hb key of that consumer ; ARGV: group, dead consumer, self, min idle ms, count
+# returns flat {entry_id, job_id, ...}
+_RECLAIM = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {} end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[5]), ARGV[2])
+local out = {}
+for _, p in ipairs(pending) do
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], tonumber(ARGV[4]), p[1])
+  for _, e in ipairs(claimed) do
+    if e and e[2] then
+      local job_id = ''
+      for i = 1, #e[2], 2 do if e[2][i] == 'job_id' then job_id = e[2][i + 1] end end
+      table.insert(out, e[1])
+      table.insert(out, job_id)
+    elseif e then
+      table.insert(out, e[1])
+      table.insert(out, '')
+    end
+  end
+end
+return out
+"""
+
+# Decide what to do with a fetched entry.
+# KEYS: job, stats, jobs stream, dead stream, done, progress, cancel
+# ARGV: group, entry id, job id, max deliveries, reclaim note, now, ttl, dead-letter maxlen
+# returns {'gone'} | {'final'} | {'dead', reason} | {'ok', deliveries, request}
+_ADMIT = (
+    _PRELUDE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then ack(KEYS[3], ARGV[1], ARGV[2]); return {'gone'} end
+if is_final(status) then ack(KEYS[3], ARGV[1], ARGV[2]); return {'final'} end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[5]) end
+local d = tonumber(redis.call('HGET', KEYS[1], 'deliveries') or '0')
+local cap = tonumber(ARGV[4])
+if d >= cap then
+  local reason = 'started ' .. d .. ' times without finishing (max_deliveries ' .. cap .. ')'
+  local last = redis.call('HGET', KEYS[1], 'last_error')
+  if last then reason = reason .. '; last error: ' .. last end
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'job_id', ARGV[3], 'reason', reason,
+    'deliveries', d, 'replica', redis.call('HGET', KEYS[1], 'replica') or '', 'at', ARGV[6])
+  finish(KEYS[1], KEYS[2], 'failed', 'error', reason, ARGV[6], ARGV[7],
+    {KEYS[1], KEYS[5], KEYS[6], KEYS[7]})
+  ack(KEYS[3], ARGV[1], ARGV[2])
+  return {'dead', reason}
+end
+return {'ok', tostring(d), redis.call('HGET', KEYS[1], 'request')}
+"""
+)
+
+# KEYS: job, stats, jobs stream, cancel, done, progress ; ARGV: group, entry, consumer, now, ttl
+# returns 1 started, 0 not (final or cancelled: acked)
+_START = (
+    _PRELUDE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or is_final(status) then ack(KEYS[3], ARGV[1], ARGV[2]); return 0 end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  finish(KEYS[1], KEYS[2], 'cancelled', '', '', ARGV[4], ARGV[5], {KEYS[1], KEYS[4], KEYS[5], KEYS[6]})
+  ack(KEYS[3], ARGV[1], ARGV[2])
+  return 0
+end
+if status ~= 'running' then set_status(KEYS[1], KEYS[2], status, 'running') end
+redis.call('HSET', KEYS[1], 'started_at', ARGV[4], 'replica', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+return 1
+"""
+)
+
+# KEYS: job, progress stream ; ARGV: step, total, maxlen, ttl
+_PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_total', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'step', ARGV[1], 'total', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# KEYS: job, done hash, results stream, then per item: image key, latent key, bank key
+# ARGV: ttl, results maxlen, bank cap, push bank (0/1), job id, epoch, n,
+#       then per item: index, class_id, guide_id, has latent (0/1), png, latent
+_STORE = (
+    _PRELUDE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or is_final(status) then return 0 end
+local ttl, cap, push = ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
+local n, stored = tonumber(ARGV[7]), 0
+for i = 0, n - 1 do
+  local a, k = 8 + i * 6, 4 + i * 3
+  local index, class_id, guide_id, has_latent = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
+  if redis.call('HSETNX', KEYS[2], index, '') == 1 then
+    redis.call('SET', KEYS[k], ARGV[a + 4], 'EX', ttl)
+    local latent_key = ''
+    if has_latent then
+      redis.call('SET', KEYS[k + 1], ARGV[a + 5], 'EX', ttl)
+      latent_key = KEYS[k + 1]
+      if push then
+        redis.call('LPUSH', KEYS[k + 2], ARGV[a + 5])
+        redis.call('LTRIM', KEYS[k + 2], 0, cap - 1)
+      end
+    end
+    local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[5],
+      'index', index, 'class_id', class_id, 'guide_id', guide_id, 'epoch', ARGV[6],
+      'image_key', KEYS[k], 'latent_key', latent_key)
+    redis.call('HSET', KEYS[2], index, id)
+    stored = stored + 1
+  end
+end
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+return stored
+"""
+)
+
+# KEYS: job, stats, jobs stream, done, progress, cancel
+# ARGV: group, entry, status, field, value, now, ttl ; returns 1 if this call finished the job
+_FINISH = (
+    _PRELUDE
+    + """
+local n = finish(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
+  {KEYS[1], KEYS[4], KEYS[5], KEYS[6]})
+ack(KEYS[3], ARGV[1], ARGV[2])
+return n
+"""
+)
+
+# Put a job back at once, only if its entry is still ours (else another consumer owns it now).
+# KEYS: job, stats, jobs stream ; ARGV: group, entry, consumer, job id, count delivery (0/1), note
+_RELEASE = (
+    _PRELUDE
+    + """
+local mine = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])
+if #mine == 0 then return 0 end
+ack(KEYS[3], ARGV[1], ARGV[2])
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or is_final(status) then return 0 end
+if status ~= 'queued' then set_status(KEYS[1], KEYS[2], status, 'queued') end
+if ARGV[5] == '0' and tonumber(redis.call('HGET', KEYS[1], 'deliveries') or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
+end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
+redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[4])
+return 1
+"""
+)
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    """One hand-over of a job to a consumer."""
+
+    entry_id: str  # stream entry id in the jobs stream
+    job_id: str
+    deliveries: int  # how many times this job has been delivered (1 on first)
+    request: JobRequest  # parsed from the job hash
+
+
+@dataclass
+class StoredItem:
+    """One finished item, as the worker hands it to ``Consumer.store_items``."""
+
+    index: int  # item index inside the job
+    class_id: int
+    guide_id: str | None
+    png: bytes  # generated image
+    latent: bytes | None  # float16 safetensors bytes (codecs.latent_encode), also pushed to the bank
+
+
+class JobQueue:
+    """Submit, inspect and cancel jobs; read results and memory banks (the API's side)."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        kwargs = redis.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
+            raise ValueError("JobQueue needs a Redis client with decode_responses=False (binary blobs)")
+        if str(kwargs.get("protocol", 2)) == "3":
+            raise ValueError("JobQueue needs a RESP2 Redis client (protocol=2, the default)")
+        self.redis = redis
+        self.settings = settings
+        self.keys: Keys = settings.keys
+        self.group = CONSUMER_GROUP
+        self._submit = redis.register_script(_SUBMIT)
+        self._cancel = redis.register_script(_CANCEL)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._reclaim = redis.register_script(_RECLAIM)
+        self._admit = redis.register_script(_ADMIT)
+        self._start = redis.register_script(_START)
+        self._progress = redis.register_script(_PROGRESS)
+        self._store = redis.register_script(_STORE)
+        self._finish = redis.register_script(_FINISH)
+        self._release = redis.register_script(_RELEASE)
+
+    # --- jobs --------------------------------------------------------------------------------
+    async def ensure_group(self) -> None:
+        """Create the jobs stream and its consumer group (from the start: no entry is skipped)."""
+        try:
+            await self.redis.xgroup_create(self.keys.jobs_stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def submit(self, request: JobRequest, job_id: str | None = None) -> tuple[str, bool]:
+        """Queue a job in one atomic step; returns (job id, duplicate).
+
+        With ``request.idempotency_key`` set, a resubmit returns the first job's id and
+        ``duplicate=True`` (for ``result_ttl_s``), whatever its body.
+        """
+        job_id = job_id or uuid.uuid4().hex
+        idem = self.keys.idempotency(request.idempotency_key) if request.idempotency_key else ""
+        first, duplicate = await self._submit(
+            keys=[idem, self.keys.job(job_id), self.keys.jobs_stream, self.keys.jobs_by_status],
+            args=[
+                job_id,
+                request.model_dump_json(),
+                request.run_id,
+                request.epoch,
+                repr(time.time()),
+                len(request.items),
+                self.settings.result_ttl_s,
+            ],
+        )
+        return _s(first) or job_id, bool(int(duplicate))
+
+    async def state(self, job_id: str) -> JobState | None:
+        """What GET /v1/jobs/{id} shows; None for an unknown (or expired) job."""
+        fields = (
+            "status", "run_id", "epoch", "progress_step", "progress_total", "error", "result",
+            "created_at", "started_at", "finished_at", "replica", "deliveries",
+        )
+        values = dict(zip(fields, (_s(v) for v in await self.redis.hmget(self.keys.job(job_id), fields))))
+        if values["status"] is None:
+            return None
+
+        def num(name: str, kind: type = float):  # type: ignore[no-untyped-def]
+            raw = values[name]
+            return kind(raw) if raw not in (None, "") else None
+
+        result = values["result"]
+        return JobState(
+            job_id=job_id,
+            run_id=values["run_id"] or "",
+            epoch=num("epoch", int) or 0,
+            status=JobStatus(values["status"]),
+            progress=Progress(step=num("progress_step", int) or 0, total=num("progress_total", int) or 0),
+            error=values["error"],
+            result=JobResult.model_validate_json(result) if result else None,
+            created_at=num("created_at"),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            replica=values["replica"],
+            deliveries=num("deliveries", int) or 0,
+        )
+
+    async def request(self, job_id: str) -> JobRequest | None:
+        raw = await self.redis.hget(self.keys.job(job_id), "request")
+        return JobRequest.model_validate_json(raw) if raw else None
+
+    async def cancel(self, job_id: str) -> JobStatus | None:
+        """Cancel: a queued job at once; a running one by flag (the worker stops between steps).
+
+        Returns the status after the call (None for an unknown job); a final job is unchanged.
+        """
+        k = self.keys
+        status = await self._cancel(
+            keys=[k.job(job_id), k.jobs_by_status, k.cancel(job_id), k.job_done_items(job_id),
+                  k.job_progress(job_id)],
+            args=[repr(time.time()), self.settings.result_ttl_s],
+        )
+        return JobStatus(_s(status)) if status else None
+
+    async def is_cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.cancel(job_id)))
+
+    async def queue_depth(self) -> int:
+        """Jobs queued and not yet started."""
+        return max(0, int(await self.redis.hget(self.keys.jobs_by_status, "queued") or 0))
+
+    async def counts_by_status(self) -> dict[str, int]:
+        """Every status with its count: queued/running now, final ones since the counters began."""
+        raw = await self.redis.hgetall(self.keys.jobs_by_status)
+        counts = {s.value: 0 for s in JobStatus}
+        for name, value in raw.items():
+            counts[_s(name) or ""] = max(0, int(value))
+        return counts
+
+    async def progress_events(self, job_id: str, after: str = "0-0", limit: int = 100
+                              ) -> list[dict[str, str]]:
+        """Progress events after a stream id, each with its ``id`` (for a reconnecting client)."""
+        validate_cursor(after)
+        reply = await self.redis.xread({self.keys.job_progress(job_id): after}, count=limit)
+        return [{"id": entry_id, **fields} for entry_id, fields in _stream_entries(reply)]
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, str]]:
+        """Newest entries of the dead-letter stream (job_id, reason, deliveries, replica, at)."""
+        reply = await self.redis.xrevrange(self.keys.dead_letter_stream, count=limit)
+        return [
+            {"id": _s(entry_id) or "", **{_s(k) or "": _s(v) or "" for k, v in fields.items()}}
+            for entry_id, fields in reply
+        ]
+
+    # --- results -----------------------------------------------------------------------------
+    async def read_results(
+        self, run_id: str, after: str = "0-0", limit: int = 100, wait_s: float = 0.0
+    ) -> tuple[list[dict[str, str]], str]:
+        """Results of a run strictly after the cursor, oldest first, and the next cursor.
+
+        When none are there and ``wait_s > 0``, wait up to that long for one (long-poll).
+        Each dict: ``id`` plus job_id, index, class_id, guide_id, epoch, image_key, latent_key
+        (all strings; ``guide_id`` and ``latent_key`` are "" when absent). ValueError for a
+        cursor that is not a stream id.
+        """
+        validate_cursor(after)
+        limit = max(1, int(limit))
+        block = max(1, int(wait_s * 1000)) if wait_s > 0 else None
+        reply = await self.redis.xread({self.keys.run_results(run_id): after}, count=limit, block=block)
+        items = [{"id": entry_id, **fields} for entry_id, fields in _stream_entries(reply)]
+        return items, (items[-1]["id"] if items else after)
+
+    async def image(self, job_id: str, index: int) -> bytes | None:
+        return await self.redis.get(self.keys.job_image(job_id, index))
+
+    async def latent(self, job_id: str, index: int) -> bytes | None:
+        return await self.redis.get(self.keys.job_latent(job_id, index))
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        """A blob named by a results entry (image_key / latent_key); None outside this prefix."""
+        if not key or not key.startswith(self.keys.prefix):
+            return None
+        return await self.redis.get(key)
+
+    # --- memory banks ------------------------------------------------------------------------
+    async def _bank_keys(self, bank_key: str) -> list[tuple[int, str]]:
+        found = []
+        async for raw in self.redis.scan_iter(match=self.keys.bank_pattern(bank_key), count=1000):
+            key = _s(raw) or ""
+            class_id = self.keys.bank_class_id(bank_key, key)
+            if class_id is not None:
+                found.append((class_id, key))
+        return sorted(found)
+
+    async def bank_counts(self, bank_key: str) -> dict[int, int]:
+        """class id -> latents in the bank."""
+        found = await self._bank_keys(bank_key)
+        if not found:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, key in found:
+                pipe.llen(key)
+            lengths = await pipe.execute()
+        return {class_id: int(n) for (class_id, _), n in zip(found, lengths) if int(n) > 0}
+
+    async def bank_sample(self, bank_key: str, class_id: int, n: int, rng: random.Random) -> list[bytes]:
+        """Up to n latents of a class, drawn without replacement (all of them when fewer)."""
+        key = self.keys.bank(bank_key, class_id)
+        size = int(await self.redis.llen(key))
+        if n <= 0 or size == 0:
+            return []
+        if n >= size:
+            return [bytes(x) for x in await self.redis.lrange(key, 0, -1)]
+        picks = sorted(rng.sample(range(size), n))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i in picks:
+                pipe.lindex(key, i)
+            values = await pipe.execute()
+        return [bytes(v) for v in values if v is not None]
+
+    async def push_bank(self, bank_key: str, class_id: int, latent: bytes, cap: int | None = None) -> None:
+        """Add one latent to a class's bank, newest first, capped."""
+        key = self.keys.bank(bank_key, class_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, latent)
+            pipe.ltrim(key, 0, (cap or self.settings.bank_cap) - 1)
+            await pipe.execute()
+
+    async def clear_bank(self, bank_key: str) -> int:
+        """Delete a memory bank; returns how many latents it held."""
+        counts = await self.bank_counts(bank_key)
+        found = await self._bank_keys(bank_key)
+        if found:
+            await self.redis.delete(*(key for _, key in found))
+        return sum(counts.values())
+
+
+class Consumer:
+    """One worker's end of the queue, under a stable consumer name (e.g. ``host-gpu0``)."""
+
+    def __init__(self, queue: JobQueue, name: str) -> None:
+        self.queue = queue
+        self.name = name
+        self._pending_cursor: str | None = "0"  # re-read our own pending entries from here
+        self._group_ready = False
+
+    @property
+    def _k(self) -> Keys:
+        return self.queue.keys
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        """The job's own keys that get a TTL when it finishes (after job, stats, stream)."""
+        k = self._k
+        return [k.job_done_items(job_id), k.job_progress(job_id), k.cancel(job_id)]
+
+    async def heartbeat(self) -> None:
+        """Say "alive": refresh the heartbeat key and the idle time of our pending entries."""
+        q = self.queue
+        await q._heartbeat(
+            keys=[self._k.heartbeat(self.name), self._k.jobs_stream],
+            args=[q.group, self.name, max(1, int(q.settings.lease_s * 1000))],
+        )
+
+    async def fetch(self, count: int, block_ms: int) -> list[Delivery]:
+        """Up to ``count`` jobs to run: our own pending ones (first call), then those of dead
+        consumers, then new ones (waiting up to ``block_ms``; 0 or less: no wait)."""
+        try:
+            return await self._fetch(count, block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.queue.ensure_group()  # Redis lost the group (flushed): make it again
+            self._pending_cursor = "0"
+            return await self._fetch(count, block_ms)
+
+    async def _fetch(self, count: int, block_ms: int) -> list[Delivery]:
+        q, k = self.queue, self._k
+        count = max(1, count)
+        if not self._group_ready:
+            await q.ensure_group()
+            self._group_ready = True
+        await self.heartbeat()
+        candidates: list[tuple[str, str, str]] = []  # (entry id, job id, reclaim note)
+        if self._pending_cursor is not None:  # after a restart: our own unfinished entries first
+            reply = await q.redis.xreadgroup(
+                q.group, self.name, {k.jobs_stream: self._pending_cursor}, count=count
+            )
+            own = _stream_entries(reply)
+            candidates += [(e, f.get("job_id", ""), "") for e, f in own]
+            self._pending_cursor = own[-1][0] if len(own) >= count else None
+        if len(candidates) < count:
+            candidates += await self._reclaim(count - len(candidates))
+        if not candidates:
+            reply = await q.redis.xreadgroup(
+                q.group, self.name, {k.jobs_stream: ">"}, count=count,
+                block=block_ms if block_ms > 0 else None,
+            )
+            candidates += [(e, f.get("job_id", ""), "") for e, f in _stream_entries(reply)]
+        deliveries = []
+        for entry_id, job_id, note in candidates:
+            delivery = await self._admit(entry_id, job_id, note)
+            if delivery is not None:
+                deliveries.append(delivery)
+        return deliveries
+
+    async def _reclaim(self, count: int) -> list[tuple[str, str, str]]:
+        """Entries of consumers whose heartbeat has expired, claimed for us."""
+        q, k = self.queue, self._k
+        summary = await q.redis.xpending(k.jobs_stream, q.group)
+        out: list[tuple[str, str, str]] = []
+        min_idle = max(1, int(q.settings.lease_s * 1000 / 2))  # two reclaimers: only one wins
+        for consumer in summary.get("consumers") or []:
+            other = _s(consumer["name"]) or ""
+            if other == self.name or len(out) >= count:
+                continue
+            flat = await q._reclaim(
+                keys=[k.jobs_stream, k.heartbeat(other)],
+                args=[q.group, other, self.name, min_idle, count - len(out)],
+            )
+            note = f"consumer {other} stopped heartbeating (lease {q.settings.lease_s:g}s expired)"
+            out += [(_s(flat[i]) or "", _s(flat[i + 1]) or "", note) for i in range(0, len(flat), 2)]
+        return out
+
+    async def _admit(self, entry_id: str, job_id: str, note: str) -> Delivery | None:
+        q, k = self.queue, self._k
+        if not job_id:  # an entry without a job id (foreign or damaged): drop it
+            await q.redis.xack(k.jobs_stream, q.group, entry_id)
+            return None
+        reply = await q._admit(
+            keys=[k.job(job_id), k.jobs_by_status, k.jobs_stream, k.dead_letter_stream,
+                  *self._job_keys(job_id)],
+            args=[q.group, entry_id, job_id, q.settings.max_deliveries, note, repr(time.time()),
+                  q.settings.result_ttl_s, DEAD_LETTER_MAXLEN],
+        )
+        if _s(reply[0]) != "ok":
+            return None
+        try:
+            request = JobRequest.model_validate_json(reply[2])
+        except ValueError as exc:  # stored by an incompatible version: fail it, do not loop
+            delivery = Delivery(entry_id, job_id, int(reply[1]) + 1, None)  # type: ignore[arg-type]
+            await self.fail(delivery, f"stored request no longer validates: {exc}")
+            return None
+        return Delivery(entry_id=entry_id, job_id=job_id, deliveries=int(reply[1]) + 1, request=request)
+
+    async def start(self, delivery: Delivery) -> bool:
+        """Mark the job running on this consumer; False (and acked) if it was cancelled or is final."""
+        q, k, job_id = self.queue, self._k, delivery.job_id
+        started = await q._start(
+            keys=[k.job(job_id), k.jobs_by_status, k.jobs_stream, k.cancel(job_id),
+                  k.job_done_items(job_id), k.job_progress(job_id)],
+            args=[q.group, delivery.entry_id, self.name, repr(time.time()), q.settings.result_ttl_s],
+        )
+        return bool(int(started))
+
+    async def progress(self, job_id: str, step: int, total: int) -> None:
+        q = self.queue
+        await q._progress(
+            keys=[self._k.job(job_id), self._k.job_progress(job_id)],
+            args=[step, total, PROGRESS_MAXLEN, q.settings.result_ttl_s],
+        )
+
+    async def done_items(self, job_id: str) -> set[int]:
+        """Indices of the job's items already stored (a reclaimed job resumes after them)."""
+        return {int(i) for i in await self.queue.redis.hkeys(self._k.job_done_items(job_id))}
+
+    async def store_items(self, delivery: Delivery, items: list[StoredItem], bank_cap: int) -> int:
+        """Store finished items in one atomic step; returns how many were new.
+
+        Per item, only the first store counts: image and latent keys (with TTL), one entry in
+        the run's results stream, and the latent pushed to the class's memory bank when the
+        request names one. Nothing is stored for a job that is final or unknown.
+        """
+        if not items:
+            return 0
+        q, k, req = self.queue, self._k, delivery.request
+        keys = [k.job(delivery.job_id), k.job_done_items(delivery.job_id), k.run_results(req.run_id)]
+        args: list[object] = [
+            q.settings.result_ttl_s, q.settings.results_stream_maxlen, max(1, bank_cap),
+            1 if req.memory_bank_key else 0, delivery.job_id, req.epoch, len(items),
+        ]
+        bank = req.memory_bank_key or ""
+        for item in items:
+            keys += [
+                k.job_image(delivery.job_id, item.index),
+                k.job_latent(delivery.job_id, item.index),
+                k.bank(bank, item.class_id),
+            ]
+            args += [
+                item.index, item.class_id, item.guide_id or "", 0 if item.latent is None else 1,
+                item.png, item.latent or b"",
+            ]
+        return int(await q._store(keys=keys, args=args))
+
+    async def _finish(self, delivery: Delivery, status: JobStatus, field: str, value: str) -> bool:
+        q, k, job_id = self.queue, self._k, delivery.job_id
+        n = await q._finish(
+            keys=[k.job(job_id), k.jobs_by_status, k.jobs_stream, *self._job_keys(job_id)],
+            args=[q.group, delivery.entry_id, status.value, field, value, repr(time.time()),
+                  q.settings.result_ttl_s],
+        )
+        return bool(int(n))
+
+    async def complete(self, delivery: Delivery, result: JobResult) -> bool:
+        """Mark done with its result and ack, atomically; True if this call finished the job."""
+        return await self._finish(delivery, JobStatus.done, "result", result.model_dump_json())
+
+    async def fail(self, delivery: Delivery, error: str) -> None:
+        """Mark failed with the error and ack (a failure is final; use ``retry`` to run it again)."""
+        await self._finish(delivery, JobStatus.failed, "error", error)
+
+    async def mark_cancelled(self, delivery: Delivery) -> None:
+        await self._finish(delivery, JobStatus.cancelled, "", "")
+
+    async def _put_back(self, delivery: Delivery, counts: bool, note: str) -> bool:
+        q, k = self.queue, self._k
+        n = await q._release(
+            keys=[k.job(delivery.job_id), k.jobs_by_status, k.jobs_stream],
+            args=[q.group, delivery.entry_id, self.name, delivery.job_id, 1 if counts else 0, note],
+        )
+        return bool(int(n))
+
+    async def release(self, delivery: Delivery) -> None:
+        """Graceful shutdown: put the job back at once for another consumer.
+
+        Does not use up a delivery, and does nothing if the entry is no longer ours.
+        """
+        await self._put_back(delivery, counts=False, note="")
+
+    async def retry(self, delivery: Delivery, error: str) -> None:
+        """Put the job back after a transient error; the delivery counts toward max_deliveries."""
+        await self._put_back(delivery, counts=True, note=error)
+
+    async def stop(self) -> None:
+        """Delete our heartbeat key (call after releasing or finishing our work)."""
+        await self.queue.redis.delete(self._k.heartbeat(self.name))
+
+
+__all__ = [
+    "Consumer",
+    "Delivery",
+    "JobQueue",
+    "StoredItem",
+    "connect",
+    "validate_cursor",
+]
