@@ -1,0 +1,94 @@
+"""``actgen-trainer``: train a classifier with ActGen, or rebuild a run's report.
+
+    actgen-trainer train --config FILE [--set key=value ...] [--resume] [--sync] [--generator-url URL]
+    actgen-trainer report RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from actgen_trainer.checkpoint import CheckpointError
+from actgen_trainer.config import ConfigError, TrainMode, load_config
+from actgen_trainer.data import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actgen-trainer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a classifier (Algorithm 1)")
+    train.add_argument("--config", required=True, help="YAML config (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, dotted keys: --set train.epochs=10")
+    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    train.add_argument("--sync", action="store_true", help="wait for every job (the paper's code)")
+    train.add_argument("--generator-url", help="generator API base URL (else generation.generator_url)")
+    train.add_argument("--stop-after-epoch", type=int, default=None,
+                       help="stop cleanly after this epoch (0-based); --resume continues")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = sub.add_parser("report", help="(re)build RUN_DIR/report.html")
+    report.add_argument("run_dir")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.sync:
+        overrides.append("generation.sync=true")
+    if args.generator_url:
+        overrides.append(f"generation.generator_url={args.generator_url}")
+    cfg = load_config(args.config, overrides)
+
+    from actgen_trainer.loop import Trainer
+
+    client = None
+    if cfg.generation.mode is not TrainMode.real:
+        from actgen_shared.client import GeneratorClient
+
+        client = GeneratorClient(
+            cfg.generation.generator_url,
+            api_key=cfg.generation.api_key or os.environ.get("ACTGEN_API_KEY"),
+            timeout_s=cfg.generation.request_timeout_s,
+        )
+    try:
+        trainer = Trainer(cfg, client=client, resume=args.resume, progress=not args.no_progress,
+                          stop_after_epoch=args.stop_after_epoch)
+        summary = trainer.run()
+    finally:
+        if client is not None:
+            client.close()
+    if summary.report is not None:
+        print(f"report: {summary.report}")
+    print(summary.line())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        if args.command == "train":
+            return _train(args)
+        from actgen_trainer.report import write_report
+
+        print(f"report: {write_report(args.run_dir)}")
+        return 0
+    except (ConfigError, DataError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
+        print(f"actgen-trainer: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from actgen_shared.client import GeneratorError
+
+        if isinstance(exc, GeneratorError):
+            print(f"actgen-trainer: generator error: {exc}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The trainer's typed configuration: a YAML file plus ``--set dotted.key=value`` overrides.
+
+Every knob of a run lives here, so a run folder's ``config.yaml`` says exactly what ran.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actgen_shared.architectures import ARCHITECTURES
+from actgen_shared.schemas import RUN_ID_PATTERN, GenerationOptions
+
+# GenerationOptions fields the loop fills in per job (Algorithm 1), never from the config.
+LOOP_OWNED_OPTIONS = ("mode", "adv_prob", "seed")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class TrainMode(str, Enum):
+    """The paper's ablation (Table 4): no generation, or one of the generator's modes."""
+
+    real = "real"
+    random = "random"
+    ig = "ig"
+    aig = "aig"
+    actgen = "actgen"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where images come from and how the validation slice is cut."""
+
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    root: str | None = Field(None, description="dataset folder (CIFAR files, or train/ and val/)")
+    download: bool = Field(False, description="let torchvision download CIFAR into root")
+    image_size: int = Field(32, ge=8, le=1024, description="training resolution")
+    val_size: float = Field(
+        0.1, gt=0, description="validation slice: a count (>= 1) or a fraction of the train set"
+    )
+    train_subset: int | None = Field(None, ge=1, description="use only this many train images")
+    test_subset: int | None = Field(None, ge=1, description="use only this many test images")
+    augment: Literal["none", "crop", "crop_flip", "imagenet"] = "crop_flip"
+    num_workers: int = Field(0, ge=0)
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+
+class ModelConfig(_Section):
+    architecture: str = "simple_cnn"
+
+    @model_validator(mode="after")
+    def _known(self) -> "ModelConfig":
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"model.architecture {self.architecture!r} is not one of {sorted(ARCHITECTURES)}"
+            )
+        return self
+
+
+class OptimConfig(_Section):
+    """Optimizer, schedule and loss (Tables 5, 6 and 12)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss: Literal["ce", "focal", "weighted_ce"] = "ce"
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, gt=0, le=1)
+    weighted_ce_factor: float = Field(5.0, gt=0, description="weight of misclassified samples")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    amp: bool = Field(False, description="mixed precision on CUDA")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+
+class GenerationConfig(_Section):
+    """The active loop: what to post, how often, and how to talk to the generator."""
+
+    mode: TrainMode = TrainMode.actgen
+    images_per_epoch: int = Field(64, ge=1, description="hard samples posted per epoch (per rank)")
+    selection: Literal["misclassified", "threshold"] = "misclassified"
+    threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")
+    generate_fraction: float = Field(
+        0.5, gt=0, le=1, description="post jobs during this first fraction of the epochs"
+    )
+    sync: bool = Field(False, description="wait for each job, as the paper's code does")
+    generator_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+    request_timeout_s: float = Field(120.0, gt=0)
+    wait_timeout_s: float = Field(3600.0, gt=0, description="--sync: give up on a job after this")
+    label_set: Literal["cifar10", "cifar100", "imagenet", "digits"] | None = Field(
+        None, description="bundled class names for prompts; None: the dataset's own names"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="GenerationOptions fields (steps, output_size, ...)"
+    )
+
+    @model_validator(mode="after")
+    def _options_valid(self) -> "GenerationConfig":
+        reserved = sorted(set(self.options) & set(LOOP_OWNED_OPTIONS))
+        if reserved:
+            raise ValueError(
+                f"generation.options.{reserved[0]} is set by the trainer itself "
+                f"(use generation.mode / the run seed)"
+            )
+        GenerationOptions.model_validate(self.options)  # names an unknown or bad field
+        return self
+
+
+class Config(_Section):
+    """A whole run."""
+
+    run_name: str = Field("run", pattern=RUN_ID_PATTERN)
+    output_dir: str = "runs"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @property
+    def generation_epochs(self) -> int:
+        """Jobs are posted after epochs 0 .. generation_epochs-1; the slice merges back then."""
+        return max(1, int(self.train.epochs * self.generation.generate_fraction))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _parse_value(raw: str) -> Any:
+    """``--set`` values are YAML scalars: ``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``, text."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` to a nested dict, creating sections as needed."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set wants key=value, got {assignment!r}")
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply overrides in order, validate; errors name the bad key."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid config: {problems}") from None

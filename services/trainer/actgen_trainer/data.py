@@ -1,0 +1,333 @@
+"""Datasets: real images (digits, CIFAR, image folders), the validation slice, generated images.
+
+Every source serves PIL images plus integer targets, so the same transforms, the same hard-sample
+selection and the same training set apply to all of them. Generated images live on disk under the
+run folder (PNG + ``index.jsonl``), so a resumed run sees exactly the images the checkpoint saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+from actgen_shared.codecs import png_encode
+from actgen_shared.labels import DIGITS, class_names_for
+
+from actgen_trainer.config import DataConfig
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0  # the digits test split is fixed, whatever the run seed
+MAX_GUIDE_SIDE = 512  # guides larger than this are shrunk before posting
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded as configured; the message says what to do."""
+
+
+class ImageSource(Protocol):
+    """Indexable images with integer labels and class names."""
+
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    def image(self, index: int) -> Image.Image: ...
+
+    def target(self, index: int) -> int: ...
+
+
+class ArrayImages:
+    """Images held in memory as a uint8 N x H x W x 3 array (digits, CIFAR)."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: Sequence[str]) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise DataError(f"ArrayImages wants uint8 N x H x W x 3, got {images.dtype} {images.shape}")
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def target(self, index: int) -> int:
+        return int(self.targets[index])
+
+
+class FolderImages:
+    """A folder of class subfolders (torchvision ImageFolder layout), read lazily."""
+
+    def __init__(self, root: Path) -> None:
+        from torchvision.datasets import ImageFolder
+
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist")
+        folder = ImageFolder(str(root))
+        self.samples = folder.samples
+        self.targets = np.asarray(folder.targets, dtype=np.int64)
+        self.classes = [name.replace("_", " ") for name in folder.classes]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image(self, index: int) -> Image.Image:
+        with Image.open(self.samples[index][0]) as img:
+            return img.convert("RGB")
+
+    def target(self, index: int) -> int:
+        return int(self.targets[index])
+
+
+def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
+    """scikit-learn's 8x8 digits, upscaled to RGB ``image_size`` squares: (train, test)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    big = np.stack(
+        [np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.BILINEAR)) for g in gray]
+    )
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    targets = bunch.target.astype(np.int64)
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(rgb))
+    n_test = int(round(len(rgb) * DIGITS_TEST_FRACTION))
+    test, train = order[:n_test], order[n_test:]
+    return ArrayImages(rgb[train], targets[train], DIGITS), ArrayImages(rgb[test], targets[test], DIGITS)
+
+
+def _cifar(cfg: DataConfig, hundred: bool) -> tuple[ArrayImages, ArrayImages]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    if cfg.root is None:
+        raise DataError(f"data.root is required for {cfg.dataset}: the folder with the CIFAR files")
+    cls = CIFAR100 if hundred else CIFAR10
+    try:
+        train = cls(cfg.root, train=True, download=cfg.download)
+        test = cls(cfg.root, train=False, download=cfg.download)
+    except RuntimeError as exc:
+        raise DataError(
+            f"{cfg.dataset} not found under {cfg.root} ({exc}); "
+            "put the python-version files there or run with --set data.download=true"
+        ) from None
+    names = class_names_for("cifar100" if hundred else "cifar10")
+    return ArrayImages(train.data, train.targets, names), ArrayImages(test.data, test.targets, names)
+
+
+def load_sources(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
+    """(train, test) sources for the configured dataset."""
+    if cfg.dataset == "digits":
+        return digits_images(cfg.image_size)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        return _cifar(cfg, cfg.dataset == "cifar100")
+    if cfg.root is None:
+        raise DataError(f"data.root is required for {cfg.dataset}: a folder with train/ and val/")
+    root = Path(cfg.root)
+    train, test = FolderImages(root / "train"), FolderImages(root / "val")
+    if cfg.dataset == "imagenet" and len(train.classes) == 1000:
+        train.classes = test.classes = class_names_for("imagenet")
+    return train, test
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Indices into the real train source: what trains, and the held-out validation slice."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def partition(n: int, val_size: float, seed: int, subset: int | None = None) -> Partition:
+    """Split ``n`` train images into train / validation slice, reproducibly from ``seed``."""
+    order = np.random.default_rng(seed).permutation(n)
+    if subset is not None:
+        order = order[: min(subset, n)]
+    n_val = int(val_size) if val_size >= 1 else int(round(len(order) * val_size))
+    if not 1 <= n_val < len(order):
+        raise DataError(
+            f"data.val_size={val_size} gives a validation slice of {n_val} out of {len(order)} images"
+        )
+    return Partition(train=np.sort(order[n_val:]), val=np.sort(order[:n_val]))
+
+
+def transforms_for(cfg: DataConfig, train: bool):  # -> torchvision transform
+    """The recipe's augmentations (crop+flip for CIFAR, random-resized crop for ImageNet)."""
+    from torchvision import transforms as T
+
+    size = cfg.image_size
+    ops: list = []
+    if cfg.augment == "imagenet":
+        ops += (
+            [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+            if train
+            else [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+        )
+    else:
+        ops.append(T.Resize((size, size)))
+        if train and cfg.augment in ("crop", "crop_flip"):
+            ops.append(T.RandomCrop(size, padding=max(1, size // 8)))
+        if train and cfg.augment == "crop_flip":
+            ops.append(T.RandomHorizontalFlip())
+    ops += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(ops)
+
+
+class Subset(Dataset):
+    """Some indices of a source, as (tensor, label, position) through a transform."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int], transform) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        index = int(self.indices[position])
+        return self.transform(self.source.image(index)), self.source.target(index)
+
+    def targets(self) -> np.ndarray:
+        return np.asarray([self.source.target(int(i)) for i in self.indices], dtype=np.int64)
+
+
+def guide_png(image: Image.Image) -> bytes:
+    """A real image as the PNG posted as a guide (shrunk if larger than MAX_GUIDE_SIDE)."""
+    if max(image.size) > MAX_GUIDE_SIDE:
+        image = image.copy()
+        image.thumbnail((MAX_GUIDE_SIDE, MAX_GUIDE_SIDE))
+    return png_encode(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+@dataclass
+class GeneratedRecord:
+    """One generated image folded into the training set (one line of index.jsonl)."""
+
+    id: str  # the results-stream id: unique, so nothing is folded twice
+    job_id: str
+    index: int
+    epoch: int  # the epoch whose hard samples guided it
+    class_id: int
+    guide_id: str | None
+    file: str  # relative to the GeneratedSet root
+    sha256: str
+    folded_before_epoch: int  # first epoch that trained on it
+
+
+class GeneratedSet(Dataset):
+    """Generated images kept on disk as PNG + ``index.jsonl``, served as a training Dataset."""
+
+    INDEX = "index.jsonl"
+
+    def __init__(self, root: Path, image_size: int, classes: Sequence[str], transform=None) -> None:
+        self.root = Path(root)
+        self.image_size = image_size
+        self.classes = list(classes)
+        self.transform = transform
+        self.records: list[GeneratedRecord] = []
+        self._ids: set[str] = set()
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+
+    # --- ImageSource -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> Image.Image:
+        with Image.open(self.root / self.records[index].file) as img:
+            return img.convert("RGB")
+
+    def target(self, index: int) -> int:
+        return self.records[index].class_id
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.transform is None:
+            raise RuntimeError("GeneratedSet has no transform")
+        return self.transform(self.image(index)), self.target(index)
+
+    # --- folding ---------------------------------------------------------------------------
+    def __contains__(self, stream_id: str) -> bool:
+        return stream_id in self._ids
+
+    def add(
+        self,
+        stream_id: str,
+        job_id: str,
+        index: int,
+        epoch: int,
+        class_id: int,
+        guide_id: str | None,
+        image: np.ndarray,
+        folded_before_epoch: int,
+    ) -> GeneratedRecord | None:
+        """Resize to the dataset resolution, write the PNG, append the record; None if known."""
+        if stream_id in self._ids:
+            return None
+        if not 0 <= class_id < len(self.classes):
+            raise DataError(f"generated item {stream_id} has class {class_id} outside 0..{len(self.classes) - 1}")
+        pil = Image.fromarray(image).convert("RGB")
+        if pil.size != (self.image_size, self.image_size):
+            pil = pil.resize((self.image_size, self.image_size), Image.BICUBIC)
+        data = png_encode(np.asarray(pil, dtype=np.uint8))
+        name = f"images/{len(self.records):07d}.png"
+        tmp = self.root / f"{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / name)
+        record = GeneratedRecord(
+            id=stream_id, job_id=job_id, index=index, epoch=epoch, class_id=class_id,
+            guide_id=guide_id, file=name, sha256=hashlib.sha256(data).hexdigest(),
+            folded_before_epoch=folded_before_epoch,
+        )
+        with open(self.root / self.INDEX, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(asdict(record)) + "\n")
+        self.records.append(record)
+        self._ids.add(stream_id)
+        return record
+
+    # --- checkpointing ---------------------------------------------------------------------
+    def state(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+    def restore(self, records: list[dict]) -> None:
+        """Return to a checkpoint's records: the index file is rewritten to exactly these."""
+        self.records = [GeneratedRecord(**r) for r in records]
+        self._ids = {r.id for r in self.records}
+        for r in self.records:
+            if not (self.root / r.file).is_file():
+                raise DataError(f"generated image {self.root / r.file} from the checkpoint is missing")
+        tmp = self.root / f"{self.INDEX}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, self.root / self.INDEX)
+
+    def reload(self) -> None:
+        """Re-read the index from disk (DDP ranks other than 0 follow rank 0's folding)."""
+        path = self.root / self.INDEX
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        self.records = [GeneratedRecord(**json.loads(line)) for line in lines if line.strip()]
+        self._ids = {r.id for r in self.records}
+
+    def counts_by_epoch_class(self) -> dict[tuple[int, int], int]:
+        out: dict[tuple[int, int], int] = {}
+        for r in self.records:
+            out[(r.epoch, r.class_id)] = out.get((r.epoch, r.class_id), 0) + 1
+        return out
+
+
+def training_set(
+    source: ImageSource, indices: np.ndarray, generated: GeneratedSet, transform
+) -> Dataset:
+    """Real images at ``indices`` plus every generated image so far."""
+    generated.transform = transform
+    parts: list[Dataset] = [Subset(source, indices, transform)]
+    if len(generated):
+        parts.append(generated)
+    return ConcatDataset(parts)
