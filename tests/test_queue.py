@@ -449,6 +449,19 @@ async def test_release_puts_job_back_for_another_consumer(queue: JobQueue) -> No
     assert state is not None and state.status is JobStatus.done and state.replica == "host-b"
 
 
+async def test_releasing_a_reclaimed_job_unstarted_keeps_its_delivery_count(queue: JobQueue) -> None:
+    job_id, _ = await queue.submit(make_request())
+    a, b, c = Consumer(queue, "host-a"), Consumer(queue, "host-b"), Consumer(queue, "host-c")
+    [d] = await a.fetch(count=1, block_ms=100)
+    assert await a.start(d)  # a dies after starting: that delivery counts
+    [taken] = await until(lambda: b.fetch(count=1, block_ms=100), "reclaim by host-b")
+    await b.release(taken)  # b shuts down before starting it
+    state = await queue.state(job_id)
+    assert state is not None and state.status is JobStatus.queued and state.deliveries == 1
+    [again] = await c.fetch(count=1, block_ms=100)
+    assert again.deliveries == 2
+
+
 # --- memory banks -------------------------------------------------------------------------------
 
 

@@ -294,8 +294,9 @@ if #mine == 0 then return 0 end
 ack(KEYS[3], ARGV[1], ARGV[2])
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or is_final(status) then return 0 end
+local started_here = status == 'running' and redis.call('HGET', KEYS[1], 'replica') == ARGV[3]
 if status ~= 'queued' then set_status(KEYS[1], KEYS[2], status, 'queued') end
-if ARGV[5] == '0' and tonumber(redis.call('HGET', KEYS[1], 'deliveries') or '0') > 0 then
+if ARGV[5] == '0' and started_here then  -- a graceful hand-back does not use up a delivery
   redis.call('HINCRBY', KEYS[1], 'deliveries', -1)
 end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'last_error', ARGV[6]) end
