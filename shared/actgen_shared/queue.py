@@ -17,7 +17,13 @@ Delivery guarantee: **at-least-once delivery, exactly-once effects for stored re
   is computed; finishing a job is a compare-and-set on its status, so it finishes once.
 * After ``settings.max_deliveries`` starts without finishing, the job goes to ``jobs:dead``
   with its reason and is marked failed.
+* Reclaim runs on every ``Consumer.fetch``: a dead consumer's job is picked up about
+  ``lease_s`` (plus one fetch wait) after its last heartbeat. A graceful ``release`` hands a
+  job back at once without using up a delivery.
 * Acked entries are deleted from the jobs stream, so it holds only queued and in-flight work.
+* TTL ``settings.result_ttl_s``: image and latent keys when stored, the run's results stream
+  and the job's done-hash (refreshed at each store), the job hash and its progress stream when
+  the job becomes final. A queued or running job never expires.
 
 The Redis client must return bytes (``decode_responses=False``, the default): images and
 latents are binary. ``connect`` makes a suitable client.
@@ -25,7 +31,6 @@ latents are binary. ``connect`` makes a suitable client.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
