@@ -62,9 +62,9 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if client is not None:
             client.close()
-    if summary.report is not None:
+    if summary.report is not None:  # rank 0 only under torchrun
         print(f"report: {summary.report}")
-    print(summary.line())
+        print(summary.line())
     return 0
 
 

@@ -1,0 +1,109 @@
+"""Algorithm 1 end to end: a real generator process (tiny model) on a real Redis.
+
+One sync run is enough to check the loop's contract: jobs only in the first half, the
+validation slice merged back at mid-training, and every generated image in the training set
+at the dataset's resolution with its guide's class.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actgen_shared.client import GeneratorClient
+from actgen_shared.launcher import GeneratorProcess
+from actgen_trainer.config import Config, load_config
+from actgen_trainer.data import GeneratedSet, training_set
+from actgen_trainer.loop import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 4
+
+
+def small_config(tmp_path: Path, *overrides: str) -> Config:
+    """The demo config shrunk to seconds: 240 train digits, 60 in the slice, 2 DDPM steps."""
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"output_dir={tmp_path}", "run_name=t", f"train.epochs={EPOCHS}",
+        "data.train_subset=300", "data.val_size=60", "data.test_subset=100",
+        "train.batch_size=64", "generation.images_per_epoch=3",
+        "generation.options.num_inference_steps=2", "generation.options.grad_steps=1",
+        "generation.options.output_size=null", "generation.options.bank_sample=16",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def generator(redis_url: str) -> Iterator[GeneratorProcess]:
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    with GeneratorProcess(redis_url=redis_url, env={"ACTGEN_KEY_PREFIX": prefix}) as proc:
+        yield proc
+
+
+@pytest.fixture
+def client(generator: GeneratorProcess) -> Iterator[GeneratorClient]:
+    with GeneratorClient(generator.url, timeout_s=60) as c:
+        yield c
+
+
+def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
+    tmp_path: Path, client: GeneratorClient
+) -> None:
+    cfg = small_config(tmp_path, "generation.sync=true")
+    trainer = Trainer(cfg, client=client, progress=False)
+    summary = trainer.run()
+    rows = trainer.state.metrics
+    n_train, n_val = len(trainer.split.train), len(trainer.split.val)
+    assert (n_train, n_val) == (240, 60)
+
+    # jobs after epochs 0 and 1 only (the first half), one per epoch, with adv_prob 0.5*e/E
+    assert [r["posted"] for r in rows] == [3, 3, 0, 0]
+    assert [j["epoch"] for j in trainer.state.jobs] == [0, 1]
+    for job in trainer.state.jobs:
+        state = client.status(job["job_id"])
+        assert state.status.value == "done" and state.run_id == trainer.state.run_id
+        assert state.result is not None
+        assert state.result.options.adv_prob == pytest.approx(0.5 * job["epoch"] / EPOCHS)
+        assert state.result.options.mode.value == "actgen"
+        assert state.result.options.seed is not None
+
+    # the validation slice trains from mid-training on; generated images train once folded
+    assert [r.get("merged_validation", False) for r in rows] == [False, False, True, False]
+    assert rows[0]["train_size"] == n_train
+    assert rows[1]["train_size"] == n_train + 3
+    assert rows[2]["train_size"] == n_train + n_val + 6
+    assert rows[3]["val_acc"] is None and rows[1]["val_acc"] is not None
+
+    # every generated image: 32 px (generator made 64 px), labelled with its guide's class
+    gen = trainer.generated
+    assert len(gen) == summary.images_generated == 6
+    for k, record in enumerate(gen.records):
+        guide_index = int(record.guide_id.removeprefix("train-"))
+        assert guide_index in set(trainer.split.val.tolist())
+        assert record.class_id == trainer.train_source.target(guide_index)
+        with Image.open(gen.root / record.file) as img:
+            assert img.size == (32, 32)
+    dataset = training_set(trainer.train_source, trainer.split.train, gen, trainer.train_tf)
+    for k, record in enumerate(gen.records):
+        image, label = dataset[n_train + k]
+        assert tuple(image.shape) == (3, 32, 32) and label == record.class_id
+
+    # the report opens from disk and holds the gallery
+    page = summary.report.read_text()
+    assert "Guide &rarr; generated" in page and page.count("data:image/png;base64,") >= 4 + 2 * 6
+    disk = GeneratedSet(gen.root, 32, trainer.classes)
+    disk.reload()
+    assert [r.id for r in disk.records] == [r.id for r in gen.records]
+
+
+def test_real_mode_posts_nothing(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path, "generation.mode=real", "train.epochs=2")
+    trainer = Trainer(cfg, client=None, progress=False)
+    summary = trainer.run()
+    assert summary.images_generated == 0 and trainer.state.jobs == []
+    assert [r["posted"] for r in trainer.state.metrics] == [0, 0]
+    assert [r.get("merged_validation", False) for r in trainer.state.metrics] == [False, True]
