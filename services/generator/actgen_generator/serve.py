@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from types import FrameType
 
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
         )
         server = _Server(config, svc)
+        # uvicorn re-raises the signal after its graceful shutdown: make that a clean exit 0
+        signal.signal(signal.SIGTERM, _exit_after_shutdown)
         svc.on_fatal = lambda: setattr(server, "should_exit", True)
         print(f"generator {svc.replica_id} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
         server.run()
@@ -69,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.cleanup()
+
+
+def _exit_after_shutdown(sig: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 class _Server(uvicorn.Server):

@@ -1,0 +1,125 @@
+"""What the service adds over calling the sampler in-process (issue 4, `make bench`).
+
+* ``service_overhead_ratio``: wall time of a job through REST + Redis + worker (submit until
+  every result is readable from the run's results stream) divided by the same sampler call
+  in-process; tiny model, CPU. Target: at most 1.05.
+* ``noop_added_latency_ms_median``: the same cycle for one-item jobs on a replica whose sampler
+  does nothing (``--sampler echo``): the service's own cost per job. Target: at most 10 ms.
+
+Both replicas run as real uvicorn processes on loopback against a private redis-server.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import uuid
+from typing import Any
+
+from actgen_shared.client import GeneratorClient
+from actgen_shared.launcher import GeneratorProcess
+from actgen_shared.redis_embedded import EmbeddedRedis
+from actgen_shared.schemas import GenerationOptions, JobRequest
+
+ITEMS = 4
+STEPS = 10
+REPEATS = 3
+NOOP_JOBS = 40
+SIZE = 64
+
+
+def _guide(seed: int) -> Any:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+
+
+def _request(run_id: str, n_items: int, steps: int, seed: int) -> JobRequest:
+    from actgen_shared import codecs
+
+    return JobRequest(
+        run_id=run_id, label_set="digits",
+        items=[{"image": codecs.png_to_b64(_guide(k)), "class_id": k % 10} for k in range(n_items)],
+        options=GenerationOptions(mode="aig", num_inference_steps=steps, grad_steps=0,
+                                  height=SIZE, width=SIZE, seed=seed),
+    )
+
+
+def _through_service(client: GeneratorClient, request: JobRequest) -> float:
+    """Seconds from submit until all of the job's results are readable."""
+    start = time.perf_counter()
+    client.submit(request)
+    got, cursor = 0, "0-0"
+    while got < len(request.items):
+        page = client.results(request.run_id, after=cursor, wait_s=30)
+        got += len(page.items)
+        cursor = page.next
+    return time.perf_counter() - start
+
+
+def _in_process(repeats: int) -> float:
+    from actgen_generator.pipeline import load_pipeline
+    from actgen_generator.sampler import GuidedSampler, SampleItem
+
+    loaded = load_pipeline(None, "cpu")
+    sampler = GuidedSampler(loaded)
+    request = _request("inproc", ITEMS, STEPS, seed=1)
+    items = [
+        SampleItem(guide=_guide(k), class_id=k % 10, class_name=request.resolved_class_names()[k % 10],
+                   seed=1 + k)
+        for k in range(ITEMS)
+    ]
+    sampler(items, request.options)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sampler(items, request.options, on_step=lambda step, total: True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run() -> dict[str, Any]:
+    """Measure both numbers; returns a flat dict for bench/run.py's report."""
+    results: dict[str, Any] = {}
+    with EmbeddedRedis() as redis_server:
+        env = {"ACTGEN_KEY_PREFIX": f"bench:{uuid.uuid4().hex[:8]}:", "ACTGEN_MAX_BATCH": str(ITEMS),
+               "ACTGEN_DEVICE": "cpu"}
+        with GeneratorProcess(redis_url=redis_server.url, env={**env, "ACTGEN_REPLICA_ID": "bench-guided"}
+                              ) as server, GeneratorClient(server.url) as client:
+            _through_service(client, _request(f"warm-{uuid.uuid4().hex[:6]}", ITEMS, STEPS, 1))
+            service = statistics.median(
+                _through_service(client, _request(f"svc-{uuid.uuid4().hex[:6]}", ITEMS, STEPS, 1))
+                for _ in range(REPEATS)
+            )
+        in_process = _in_process(REPEATS)
+        results.update(
+            service_job_s=round(service, 4),
+            in_process_job_s=round(in_process, 4),
+            service_overhead_ratio=round(service / in_process, 4),
+            service_overhead_target=1.05,
+            service_job_items=ITEMS,
+            service_job_steps=STEPS,
+        )
+        env["ACTGEN_KEY_PREFIX"] = f"bench:{uuid.uuid4().hex[:8]}:"
+        with GeneratorProcess(redis_url=redis_server.url, env={**env, "ACTGEN_REPLICA_ID": "bench-echo"},
+                              extra_args=["--sampler", "echo"]) as server, \
+                GeneratorClient(server.url) as client:
+            for _ in range(5):  # warm-up
+                _through_service(client, _request(f"warm-{uuid.uuid4().hex[:6]}", 1, 1, 1))
+            latencies = [
+                _through_service(client, _request(f"noop-{uuid.uuid4().hex[:6]}", 1, 1, j))
+                for j in range(NOOP_JOBS)
+            ]
+        results.update(
+            noop_added_latency_ms_median=round(1000 * statistics.median(latencies), 3),
+            noop_added_latency_ms_p90=round(1000 * sorted(latencies)[int(0.9 * len(latencies))], 3),
+            noop_added_latency_target_ms=10.0,
+            noop_jobs=NOOP_JOBS,
+        )
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

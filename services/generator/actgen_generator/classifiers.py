@@ -1,0 +1,166 @@
+"""Uploaded classifiers: safetensors-only store in Redis, and a per-replica LRU of loaded models.
+
+A classifier is its weights (safetensors bytes, never pickle) plus :class:`ClassifierMeta`
+(an architecture name from the fixed registry in ``actgen_shared.architectures``, the number
+of classes, input size, mean/std). The reference is ``sha256:<hex>`` of the canonical metadata
+JSON followed by the weights, so the same upload always gets the same ref (idempotent) and two
+uploads that would behave differently never share one. Weights are checked against the
+architecture before they are stored, so a job can only name a classifier that loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+
+from actgen_shared.keys import Keys
+from actgen_shared.schemas import ClassifierMeta, ClassifierRef
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from actgen_generator.sampler import Classifier
+
+REF_PREFIX = "sha256:"
+DEFAULT_CACHE_SIZE = 4
+_PICKLE_MAGIC = b"\x80"  # pickle protocol 2+ opcode PROTO
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip checkpoints
+
+
+class ClassifierError(ValueError):
+    """An upload that is not a loadable classifier; ``field`` names the part at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def classifier_ref(weights: bytes, meta: ClassifierMeta) -> str:
+    """Content address of an upload: sha256 over the canonical metadata JSON and the weights."""
+    digest = hashlib.sha256(meta.model_dump_json().encode("utf-8") + b"\0" + weights)
+    return REF_PREFIX + digest.hexdigest()
+
+
+def _hex(ref: str) -> str:
+    if not ref.startswith(REF_PREFIX):
+        raise ClassifierError("classifier_ref", f"{ref!r} is not of the form sha256:<hex>")
+    return ref[len(REF_PREFIX):]
+
+
+def read_state_dict(weights: bytes) -> dict[str, Any]:
+    """safetensors bytes -> tensors; pickles and torch zip checkpoints are refused unread."""
+    from safetensors.torch import load
+
+    if weights.startswith(_ZIP_MAGIC):
+        raise ClassifierError(
+            "weights", "this is a zip (torch.save) checkpoint; only safetensors is accepted "
+            "(save it with safetensors.torch.save_file)",
+        )
+    if weights.startswith(_PICKLE_MAGIC):
+        raise ClassifierError(
+            "weights", "this looks like a pickle; only safetensors is accepted "
+            "(save it with safetensors.torch.save_file)",
+        )
+    try:
+        tensors = load(weights)
+    except Exception as exc:
+        raise ClassifierError("weights", f"not a safetensors file ({exc})") from None
+    if not tensors:
+        raise ClassifierError("weights", "the safetensors file holds no tensors")
+    return tensors
+
+
+def build_checked(weights: bytes, meta: ClassifierMeta) -> "nn.Module":
+    """The classifier rebuilt from the registry with the weights loaded strictly (eval mode)."""
+    from actgen_shared.architectures import ARCHITECTURES, load_classifier
+
+    if meta.architecture not in ARCHITECTURES:
+        raise ClassifierError(
+            "metadata.architecture",
+            f"unknown architecture {meta.architecture!r}; known: {sorted(ARCHITECTURES)}",
+        )
+    state_dict = read_state_dict(weights)
+    try:
+        return load_classifier(meta.architecture, meta.num_classes, state_dict)
+    except (ValueError, RuntimeError) as exc:
+        raise ClassifierError("weights", str(exc)) from None
+
+
+class ClassifierStore:
+    """Classifier checkpoints in Redis under ``clf:{sha256}`` (bytes) and ``clf:{sha256}:meta``."""
+
+    def __init__(self, redis: Redis, keys: Keys, max_bytes: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.max_bytes = max_bytes
+
+    async def put(self, weights: bytes, meta: ClassifierMeta) -> ClassifierRef:
+        """Validate and store an upload; uploading the same thing again returns the same ref."""
+        if len(weights) > self.max_bytes:
+            raise ClassifierError("weights", f"{len(weights)} bytes, more than {self.max_bytes}")
+        if not weights:
+            raise ClassifierError("weights", "empty file")
+        ref = classifier_ref(weights, meta)
+        hex_ = _hex(ref)
+        if not await self.redis.exists(self.keys.classifier_meta(hex_)):
+            await asyncio.to_thread(build_checked, weights, meta)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.classifier(hex_), weights)
+                pipe.set(self.keys.classifier_meta(hex_), meta.model_dump_json())
+                await pipe.execute()
+        return ClassifierRef(ref=ref, architecture=meta.architecture, num_classes=meta.num_classes)
+
+    async def meta(self, ref: str) -> ClassifierMeta | None:
+        raw = await self.redis.get(self.keys.classifier_meta(_hex(ref)))
+        return None if raw is None else ClassifierMeta.model_validate(json.loads(raw))
+
+    async def weights(self, ref: str) -> bytes | None:
+        return await self.redis.get(self.keys.classifier(_hex(ref)))
+
+
+class ClassifierCache:
+    """Loaded classifiers of this replica, at most ``size``, least recently used dropped first.
+
+    Each ref is read from Redis and built at most once while it stays cached; concurrent
+    requests for the same ref wait on one load.
+    """
+
+    def __init__(self, store: ClassifierStore, device: str, size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.store = store
+        self.device = device
+        self.size = size
+        self._cache: OrderedDict[str, "Classifier"] = OrderedDict()
+        self._lock = asyncio.Lock()
+        self.loads = 0
+
+    async def get(self, ref: str) -> "Classifier":
+        async with self._lock:
+            if ref in self._cache:
+                self._cache.move_to_end(ref)
+                return self._cache[ref]
+            meta = await self.store.meta(ref)
+            weights = await self.store.weights(ref)
+            if meta is None or weights is None:
+                raise ClassifierError("classifier_ref", f"{ref} is not known to this service")
+            classifier = await asyncio.to_thread(self._load, ref, weights, meta)
+            self.loads += 1
+            self._cache[ref] = classifier
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+            return classifier
+
+    def _load(self, ref: str, weights: bytes, meta: ClassifierMeta) -> "Classifier":
+        from actgen_generator.sampler import Classifier
+
+        module = build_checked(weights, meta).to(self.device)
+        for param in module.parameters():
+            param.requires_grad_(False)
+        return Classifier(
+            module=module, input_size=meta.input_size, mean=tuple(meta.mean), std=tuple(meta.std),
+            ref=ref,
+        )

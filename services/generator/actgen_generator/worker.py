@@ -1,0 +1,479 @@
+"""The worker loop of a replica: Redis stream -> batches -> sampler -> stored results.
+
+It runs as a task in the API's event loop; the sampler call itself runs in a thread
+(``asyncio.to_thread``) so the API keeps answering while the model works.
+
+* Fetch jobs (own pending entries first after a restart, then those of dead consumers, then
+  new ones), start them, skip items already stored by an earlier delivery.
+* Batch pending items of compatible jobs, up to ``settings.max_batch``, into one sampler
+  call. Compatible means the same options apart from the seed (so also the same mode, steps
+  and size: ``GenerationOptions.batch_signature``), the same classifier and the same bank.
+  Item ``k`` of a job always uses seed ``options.seed + k``, so a redelivered job, batched
+  differently, makes the same images.
+* After every step: progress into the job hash and the cancel flag checked (without making
+  the sampler wait on Redis); a cancelled job stops at the next step.
+* Store each batch's items at once (deduplicated in Redis), complete a job when all its
+  items are stored, fail it with the message when its batch raises, and keep serving.
+* Heartbeat every ``settings.heartbeat_interval_s``. On stop (SIGTERM) the running batch is
+  interrupted at the next step and every unfinished job is released back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from actgen_generator import memory_bank
+from actgen_generator.events import log_event
+from actgen_generator.metrics import Metrics
+from actgen_shared import codecs
+from actgen_shared.queue import Consumer, Delivery, JobQueue, StoredItem
+from actgen_shared.schemas import GenerationOptions, ItemResult, JobRequest, JobResult, Mode
+from actgen_shared.settings import Settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from actgen_generator.classifiers import ClassifierCache
+    from actgen_generator.sampler import Classifier, SampleItem, SampleOutput
+
+FETCH_BLOCK_MS = 500  # how long an idle worker waits on the stream before looking again
+ERROR_BACKOFF_S = 0.5
+
+
+class Sampler(Protocol):
+    """What the worker needs of a sampler: ``GuidedSampler`` or :class:`EchoSampler`."""
+
+    def __call__(
+        self,
+        items: Sequence["SampleItem"],
+        options: GenerationOptions,
+        banks: Mapping[int, "torch.Tensor"] | None = None,
+        classifier: "Classifier | None" = None,
+        on_step: Callable[[int, int], bool] | None = None,
+    ) -> list["SampleOutput"]: ...
+
+
+LatentShape = Callable[[GenerationOptions], tuple[int, int, int]]
+
+
+@dataclass
+class ActiveJob:
+    """A started job on this replica and what is left of it."""
+
+    delivery: Delivery
+    class_names: list[str]
+    pending: list[int]
+    banks: dict[int, Any] = field(default_factory=dict)
+    classifier: Any = None
+    records: dict[int, ItemResult] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def job_id(self) -> str:
+        return self.delivery.job_id
+
+    @property
+    def request(self) -> JobRequest:
+        return self.delivery.request
+
+    @property
+    def batch_key(self) -> tuple:
+        req = self.request
+        return (
+            req.options.batch_signature(),
+            req.options.model_dump_json(exclude={"seed"}),
+            req.classifier_ref if req.needs_classifier else None,
+            req.memory_bank_key,
+        )
+
+
+class Worker:
+    """Pulls jobs from the queue and runs them on one sampler."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        name: str,
+        sampler: Sampler,
+        settings: Settings,
+        metrics: Metrics,
+        classifiers: "ClassifierCache | None" = None,
+        latent_shape: LatentShape | None = None,
+        native_size: int = 512,
+    ) -> None:
+        self.queue = queue
+        self.name = name
+        self.consumer = Consumer(queue, name)
+        self.sampler = sampler
+        self.settings = settings
+        self.metrics = metrics
+        self.classifiers = classifiers
+        self.latent_shape = latent_shape
+        self.native_size = native_size
+        self.active: dict[str, ActiveJob] = {}
+        self._stop = threading.Event()  # set from a signal handler or the loop; read by the sampler thread
+        self._cancelled: set[str] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the loop to stop: the running batch ends at its next step (thread-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        """The loop; returns after :meth:`request_stop`, with unfinished jobs released."""
+        heartbeat = asyncio.create_task(self._heartbeat())
+        log_event("worker.started", replica=self.name)
+        try:
+            while not self.stopping:
+                try:
+                    await self._fill()
+                    if self.active and not self.stopping:
+                        await self._run_batch(self._next_batch())
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis hiccup or a bug: log, back off, keep serving
+                    log_event("worker.error", replica=self.name, error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(ERROR_BACKOFF_S)
+        finally:
+            self._stop.set()
+            heartbeat.cancel()
+            await self._release_all()
+            log_event("worker.stopped", replica=self.name)
+
+    async def _release_all(self) -> None:
+        for job in list(self.active.values()):
+            try:
+                await self.consumer.release(job.delivery)
+                log_event("job.released", job.job_id, replica=self.name)
+            except Exception as exc:
+                log_event("job.release_failed", job.job_id, replica=self.name, error=str(exc))
+        self.active.clear()
+        try:
+            await self.consumer.stop()
+        except Exception as exc:
+            log_event("worker.stop_failed", replica=self.name, error=str(exc))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.consumer.heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log_event("worker.heartbeat_failed", replica=self.name, error=str(exc))
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    # --- taking jobs ----------------------------------------------------------------------
+    async def _fill(self) -> None:
+        """Take more jobs while fewer than a batch of items is pending here."""
+        pending = sum(len(job.pending) for job in self.active.values())
+        if pending >= self.settings.max_batch:
+            return
+        block_ms = 0 if self.active else FETCH_BLOCK_MS
+        deliveries = await self.consumer.fetch(self.settings.max_batch - pending, block_ms)
+        for delivery in deliveries:
+            if self.stopping:
+                await self.consumer.release(delivery)
+                continue
+            await self._admit(delivery)
+
+    async def _admit(self, delivery: Delivery) -> None:
+        job_id, request = delivery.job_id, delivery.request
+        if not await self.consumer.start(delivery):
+            log_event("job.skipped", job_id, replica=self.name, reason="cancelled or final")
+            return
+        try:
+            done = await self.consumer.done_items(job_id)
+            job = ActiveJob(
+                delivery=delivery,
+                class_names=request.resolved_class_names(),
+                pending=[k for k in range(len(request.items)) if k not in done],
+            )
+            options = request.options
+            if (
+                options.mode is Mode.actgen
+                and request.memory_bank_key
+                and options.bank_sample > 0
+                and options.grad_steps > 0
+            ):
+                job.banks = await memory_bank.sample_banks(
+                    self.queue, request.memory_bank_key,
+                    {request.items[k].class_id for k in job.pending}, options.bank_sample,
+                    seed=options.seed or 0,
+                    shape=self.latent_shape(options) if self.latent_shape else None,
+                )
+            if request.needs_classifier:
+                if self.classifiers is None:
+                    raise RuntimeError("this replica has no classifier cache")
+                job.classifier = await self.classifiers.get(request.classifier_ref or "")
+        except Exception as exc:
+            await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
+            return
+        log_event(
+            "job.started", job_id, replica=self.name, run_id=request.run_id,
+            items=len(request.items), already_done=len(done), delivery=delivery.deliveries,
+            mode=request.options.mode.value, banks={c: int(t.shape[0]) for c, t in job.banks.items()},
+        )
+        self.metrics.job_events.labels("started").inc()
+        self.active[job_id] = job
+        if not job.pending:  # everything was stored by an earlier delivery
+            await self._complete(job)
+
+    def _next_batch(self) -> list[tuple[ActiveJob, int]]:
+        """Up to max_batch pending items of the oldest job and of jobs compatible with it."""
+        first = next(iter(self.active.values()))
+        key = first.batch_key
+        batch: list[tuple[ActiveJob, int]] = []
+        for job in self.active.values():
+            if job.batch_key != key:
+                continue
+            for index in job.pending:
+                if len(batch) >= self.settings.max_batch:
+                    return batch
+                batch.append((job, index))
+        return batch
+
+    # --- running a batch ------------------------------------------------------------------
+    async def _run_batch(self, batch: list[tuple[ActiveJob, int]]) -> None:
+        from actgen_generator.sampler import Cancelled
+
+        jobs = list({id(job): job for job, _ in batch}.values())
+        for job in jobs:  # cancelled while waiting here: do not spend a batch on it
+            if await self.queue.is_cancel_requested(job.job_id):
+                await self._cancel(job)
+        batch = [(job, k) for job, k in batch if job.job_id in self.active]
+        if not batch:
+            return
+        jobs = [job for job in jobs if job.job_id in self.active]
+        options = jobs[0].request.options
+        banks: dict[int, Any] = {}
+        for job in jobs:
+            for class_id, tensor in job.banks.items():
+                banks.setdefault(class_id, tensor)
+        self._cancelled = set()
+        on_step = self._step_callback([job.job_id for job in jobs], asyncio.get_running_loop())
+        started = time.perf_counter()
+        try:
+            items = await asyncio.to_thread(self._sample_items, batch)
+            outputs = await asyncio.to_thread(
+                self.sampler, items, options, banks=banks or None,
+                classifier=jobs[0].classifier, on_step=on_step,
+            )
+        except Cancelled:
+            for job in jobs:
+                if job.job_id in self._cancelled:
+                    await self._cancel(job)
+            return  # stopping: the jobs are released by run(); others stay pending and rerun
+        except Exception as exc:
+            await self._fail([job.delivery for job in jobs], f"{type(exc).__name__}: {exc}")
+            return
+        if len(outputs) != len(batch):
+            await self._fail(
+                [job.delivery for job in jobs],
+                f"sampler returned {len(outputs)} outputs for {len(batch)} items",
+            )
+            return
+        elapsed = time.perf_counter() - started
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.record_items(len(batch))
+        log_event(
+            "batch.done", None, replica=self.name, items=len(batch), jobs=[j.job_id for j in jobs],
+            seconds=round(elapsed, 4),
+        )
+        await self._store(batch, outputs)
+
+    def _sample_items(self, batch: list[tuple[ActiveJob, int]]) -> list["SampleItem"]:
+        from actgen_generator.sampler import SampleItem
+
+        items = []
+        for job, index in batch:
+            item = job.request.items[index]
+            items.append(
+                SampleItem(
+                    guide=codecs.image_from_b64(item.image, max_side=self.settings.max_image_side),
+                    class_id=item.class_id,
+                    class_name=job.class_names[item.class_id],
+                    seed=(job.request.options.seed or 0) + index,
+                    guide_id=item.guide_id,
+                    confidence=item.confidence,
+                )
+            )
+        return items
+
+    def _step_callback(
+        self, job_ids: list[str], loop: asyncio.AbstractEventLoop
+    ) -> Callable[[int, int], bool]:
+        """on_step for the sampler thread: records step time, posts progress, reads cancels.
+
+        Progress and the cancel check run on the event loop; the sampler never waits for
+        them (a step whose update is still in flight skips its own), and a cancel seen by
+        step n stops the batch at step n+1.
+        """
+        last = [time.perf_counter()]
+        inflight: list[Future | None] = [None]
+
+        def on_step(step: int, total: int) -> bool:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last[0])
+            last[0] = now
+            if self._stop.is_set() or self._cancelled:
+                return False
+            future = inflight[0]
+            if future is None or future.done() or step >= total:
+                inflight[0] = asyncio.run_coroutine_threadsafe(
+                    self._after_step(job_ids, step, total), loop
+                )
+            return True
+
+        return on_step
+
+    async def _after_step(self, job_ids: list[str], step: int, total: int) -> None:
+        try:
+            for job_id in job_ids:
+                await self.consumer.progress(job_id, step, total)
+                if await self.queue.is_cancel_requested(job_id):
+                    self._cancelled.add(job_id)
+        except Exception as exc:  # progress is best effort; the batch goes on
+            log_event("job.progress_failed", None, replica=self.name, error=str(exc))
+
+    async def _store(self, batch: list[tuple[ActiveJob, int]], outputs: list["SampleOutput"]) -> None:
+        per_job: dict[str, list[tuple[int, "SampleOutput"]]] = {}
+        for (job, index), output in zip(batch, outputs):
+            per_job.setdefault(job.job_id, []).append((index, output))
+        for job_id, done in per_job.items():
+            job = self.active.get(job_id)
+            if job is None:
+                continue
+            try:
+                stored = await asyncio.to_thread(self._encode, job, done)
+                await self.consumer.store_items(job.delivery, stored, self.settings.bank_cap)
+            except Exception as exc:
+                await self._fail([job.delivery], f"storing results: {type(exc).__name__}: {exc}")
+                continue
+            for index, output in done:
+                job.records[index] = output.record.model_copy(update={"index": index})
+            finished = {index for index, _ in done}
+            job.pending = [k for k in job.pending if k not in finished]
+            if not job.pending:
+                await self._complete(job)
+
+    def _encode(self, job: ActiveJob, done: list[tuple[int, "SampleOutput"]]) -> list[StoredItem]:
+        request = job.request
+        keep_latent = request.options.return_latents or bool(request.memory_bank_key)
+        stored = []
+        for index, output in done:
+            item = request.items[index]
+            latent = None
+            if keep_latent and output.latent is not None:
+                latent = codecs.latent_encode(np.asarray(output.latent.detach().float().cpu().numpy()))
+            stored.append(
+                StoredItem(
+                    index=index, class_id=item.class_id, guide_id=item.guide_id,
+                    png=codecs.png_encode(np.ascontiguousarray(output.image)), latent=latent,
+                )
+            )
+        return stored
+
+    # --- finishing ------------------------------------------------------------------------
+    def _fallback_record(self, job: ActiveJob, index: int) -> ItemResult:
+        """Provenance of an item stored by an earlier delivery of the job (on another replica)."""
+        options, item = job.request.options, job.request.items[index]
+        return ItemResult(
+            index=index, class_id=item.class_id, class_name=job.class_names[item.class_id],
+            guide_id=item.guide_id, seed=(options.seed or 0) + index, mode=options.mode,
+            image_guidance_strength=options.image_guidance_strength,
+            width=options.output_size or options.width or self.native_size,
+            height=options.output_size or options.height or self.native_size,
+        )
+
+    async def _complete(self, job: ActiveJob) -> None:
+        request = job.request
+        records = [
+            job.records.get(k) or self._fallback_record(job, k) for k in range(len(request.items))
+        ]
+        result = JobResult(
+            items=records, options=request.options,
+            classifier_ref=request.classifier_ref, replica=self.name,
+            latents_key=None,
+        )
+        finished = await self.consumer.complete(job.delivery, result)
+        self.active.pop(job.job_id, None)
+        self.metrics.job_events.labels("done").inc()
+        log_event(
+            "job.done", job.job_id, replica=self.name, items=len(records), finished_here=finished,
+            seconds=round(time.monotonic() - job.started, 4),
+        )
+
+    async def _cancel(self, job: ActiveJob) -> None:
+        await self.consumer.mark_cancelled(job.delivery)
+        self.active.pop(job.job_id, None)
+        self.metrics.job_events.labels("cancelled").inc()
+        log_event("job.cancelled", job.job_id, replica=self.name, left=len(job.pending))
+
+    async def _fail(self, deliveries: list[Delivery], error: str) -> None:
+        for delivery in deliveries:
+            try:
+                await self.consumer.fail(delivery, error)
+            except Exception as exc:
+                log_event("job.fail_failed", delivery.job_id, replica=self.name, error=str(exc))
+            self.active.pop(delivery.job_id, None)
+            self.metrics.job_events.labels("failed").inc()
+            log_event("job.failed", delivery.job_id, replica=self.name, error=error)
+
+
+class EchoSampler:
+    """A sampler without a model: each guide comes back resized, latents are zeros.
+
+    For measuring what the service itself adds (REST + Redis + worker) and for API tests
+    that do not need images to be generated. Honours ``on_step`` like the real sampler.
+    """
+
+    def __init__(self, native_size: int = 64, latent_channels: int = 4, scale: int = 8) -> None:
+        self.native_size = native_size
+        self.latent_channels = latent_channels
+        self.scale = scale
+
+    def __call__(
+        self,
+        items: Sequence["SampleItem"],
+        options: GenerationOptions,
+        banks: Mapping[int, "torch.Tensor"] | None = None,
+        classifier: "Classifier | None" = None,
+        on_step: Callable[[int, int], bool] | None = None,
+    ) -> list["SampleOutput"]:
+        import torch
+        from PIL import Image
+
+        from actgen_generator.sampler import Cancelled, SampleOutput
+
+        total = options.num_inference_steps
+        if on_step is not None and not on_step(total, total):
+            raise Cancelled("cancelled")
+        height = options.height or self.native_size
+        width = options.width or self.native_size
+        out_h = out_w = options.output_size or 0
+        outputs = []
+        for position, item in enumerate(items):
+            size = (out_w or width, out_h or height)
+            image = np.asarray(Image.fromarray(item.guide).resize(size), dtype=np.uint8)
+            latent = torch.zeros(self.latent_channels, height // self.scale, width // self.scale)
+            record = ItemResult(
+                index=position, class_id=item.class_id, class_name=item.class_name,
+                guide_id=item.guide_id, seed=item.seed, mode=options.mode,
+                image_guidance_strength=options.image_guidance_strength,
+                width=size[0], height=size[1],
+            )
+            outputs.append(SampleOutput(image=image, latent=latent, record=record))
+        return outputs

@@ -1,0 +1,99 @@
+"""Helpers for the generator-service tests: guide images, job bodies, replicas on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import redis
+
+from actgen_shared import codecs
+from actgen_shared.launcher import GeneratorProcess
+
+SIZE = 64  # the tiny model's native size; the smallest the API accepts
+STEPS = 3
+
+
+def guide_b64(seed: int = 0, size: int = 32) -> str:
+    """A guide image: a coloured square on a noisy background (base64 PNG)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    lo, hi = size // 4, 3 * size // 4
+    image[lo:hi, lo:hi] = rng.integers(120, 255, 3, dtype=np.uint8)
+    return codecs.png_to_b64(image)
+
+
+def job_body(
+    run_id: str,
+    n_items: int = 2,
+    mode: str = "aig",
+    steps: int = STEPS,
+    seed: int | None = 1,
+    **extra: Any,
+) -> dict[str, Any]:
+    options = {
+        "mode": mode, "num_inference_steps": steps, "grad_steps": min(2, steps),
+        "height": SIZE, "width": SIZE, "bank_sample": 8,
+        **({"seed": seed} if seed is not None else {}),
+        **extra.pop("options", {}),
+    }
+    body = {
+        "run_id": run_id,
+        "epoch": 0,
+        "label_set": "digits",
+        "items": [
+            {"image": guide_b64(k), "class_id": k % 10, "guide_id": f"g{k}"} for k in range(n_items)
+        ],
+        "options": options,
+    }
+    body.update(extra)
+    return body
+
+
+def new_run_id() -> str:
+    return f"run-{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.contextmanager
+def key_prefix_for(redis_url: str) -> Iterator[str]:
+    """A key prefix for one module's servers; its keys are deleted afterwards."""
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+def replica(
+    redis_url: str, prefix: str, replica_id: str, env: Mapping[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> GeneratorProcess:
+    return GeneratorProcess(
+        redis_url=redis_url,
+        env={"ACTGEN_KEY_PREFIX": prefix, "ACTGEN_REPLICA_ID": replica_id, **(env or {})},
+        extra_args=extra_args or [],
+    )
+
+
+def classifier_weights(num_classes: int = 10) -> bytes:
+    """safetensors bytes of a fresh simple_cnn, as the trainer would upload it."""
+    import torch
+    from safetensors.torch import save
+
+    from actgen_shared.architectures import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("simple_cnn", num_classes)
+    return save({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+CLASSIFIER_META = {
+    "architecture": "simple_cnn", "num_classes": 10, "input_size": 32,
+    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+}

@@ -1,0 +1,222 @@
+"""The generator service end to end: a real uvicorn replica, real Redis, the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actgen_shared.client import AsyncGeneratorClient, GeneratorClient, GeneratorError
+from actgen_shared.launcher import GeneratorProcess
+from actgen_shared.schemas import JobStatus
+from service_helpers import (
+    CLASSIFIER_META,
+    SIZE,
+    classifier_weights,
+    job_body,
+    key_prefix_for,
+    new_run_id,
+    replica,
+)
+
+pytestmark = pytest.mark.slow
+WAIT_S = 120.0
+LONG_STEPS = 500  # minutes of work on the tiny model: it is cancelled long before
+
+
+@pytest.fixture(scope="module")
+def server(redis_url: str) -> Iterator[GeneratorProcess]:
+    with key_prefix_for(redis_url) as prefix:
+        with replica(redis_url, prefix, "api-test", env={"ACTGEN_MAX_BATCH": "4"}) as proc:
+            yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server: GeneratorProcess) -> Iterator[GeneratorClient]:
+    with GeneratorClient(server.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def classifier_ref(client: GeneratorClient) -> str:
+    return client.upload_classifier(classifier_weights(), CLASSIFIER_META).ref
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("random", {}),
+        ("ig", {}),
+        ("aig", {"options": {"output_size": 32}}),
+        ("actgen", {"memory_bank_key": "bank-a"}),
+        ("actgen", {"memory_bank_key": "bank-a", "options": {"adv_prob": 1.0}, "classifier": True}),
+    ],
+    ids=["random", "ig", "aig-resized", "actgen", "actgen-adversarial"],
+)
+def test_job_in_each_mode(client: GeneratorClient, classifier_ref: str, mode: str, extra: dict) -> None:
+    extra = dict(extra)
+    if extra.pop("classifier", False):
+        extra["classifier_ref"] = classifier_ref
+    n = 2
+    accepted = client.submit(job_body(new_run_id(), n_items=n, mode=mode, **extra))
+    assert accepted.status_url == f"/v1/jobs/{accepted.job_id}"
+    state = client.wait(accepted.job_id, timeout_s=WAIT_S)
+    assert state.status is JobStatus.done, state.error
+    assert state.result is not None and len(state.result.items) == n
+    assert [r.index for r in state.result.items] == list(range(n))
+    want = extra.get("options", {}).get("output_size") or SIZE
+    for k in range(n):
+        assert _png_size(client.image(accepted.job_id, k)) == (want, want)
+    latents, indices = client.latents(accepted.job_id)
+    assert latents.dtype == np.float16 and latents.shape[0] == n and latents.ndim == 4
+    assert indices.tolist() == list(range(n))
+    assert np.isfinite(latents.astype(np.float32)).all()
+    if extra.get("classifier_ref"):
+        assert state.result.classifier_ref == classifier_ref
+        assert all(r.adversarial for r in state.result.items)
+    with pytest.raises(GeneratorError) as err:
+        client.image(accepted.job_id, n)
+    assert err.value.status == 404
+
+
+def test_memory_bank_fills_and_clears(client: GeneratorClient) -> None:
+    bank = "bank-" + new_run_id()
+    state = client.wait(
+        client.submit(job_body(new_run_id(), n_items=3, mode="actgen", memory_bank_key=bank)).job_id,
+        timeout_s=WAIT_S,
+    )
+    assert state.status is JobStatus.done
+    assert client.memory_bank(bank).counts == {0: 1, 1: 1, 2: 1}
+    # a second job samples the bank at its start (contrastive loss has something to push from)
+    again = client.wait(
+        client.submit(job_body(new_run_id(), n_items=2, mode="actgen", memory_bank_key=bank)).job_id,
+        timeout_s=WAIT_S,
+    )
+    assert again.status is JobStatus.done
+    assert client.memory_bank(bank).counts == {0: 2, 1: 2, 2: 1}
+    client.clear_memory_bank(bank)
+    assert client.memory_bank(bank).counts == {}
+
+
+def test_same_seed_same_images(client: GeneratorClient) -> None:
+    run = new_run_id()
+    a = client.wait(client.submit(job_body(run, n_items=2, seed=7)).job_id, timeout_s=WAIT_S)
+    b = client.wait(client.submit(job_body(run, n_items=2, seed=7)).job_id, timeout_s=WAIT_S)
+    assert a.status is b.status is JobStatus.done
+    for k in range(2):
+        assert client.image(a.job_id, k) == client.image(b.job_id, k)
+    # no seed given: the service fixes one at submit, so the job stays reproducible
+    c = client.wait(client.submit(job_body(run, n_items=1, seed=None)).job_id, timeout_s=WAIT_S)
+    assert c.result is not None and c.result.options.seed is not None
+
+
+def test_results_cursor_long_poll_and_resume(client: GeneratorClient) -> None:
+    run = new_run_id()
+    empty = client.results(run, after="0-0", wait_s=0)
+    assert empty.items == [] and empty.next == "0-0"
+    # long-poll: the request waits until the first item of a job submitted meanwhile lands
+    job_a = client.submit(job_body(run, n_items=2)).job_id
+    page = client.results(run, after="0-0", limit=1, wait_s=60)
+    assert len(page.items) == 1
+    first = page.items[0]
+    assert first.job_id == job_a and first.image and first.latent_key
+    saved_cursor = page.next
+    client.wait(job_a, timeout_s=WAIT_S)
+    job_b = client.submit(job_body(run, n_items=3)).job_id
+    client.wait(job_b, timeout_s=WAIT_S)
+    # resume from the saved cursor (as a restarted trainer would): the rest, no repeats
+    seen = [(first.job_id, first.index)]
+    cursor = saved_cursor
+    while True:
+        page = client.results(run, after=cursor, limit=2)
+        if not page.items:
+            break
+        seen += [(item.job_id, item.index) for item in page.items]
+        cursor = page.next
+    assert len(seen) == len(set(seen)) == 5
+    assert sorted(seen) == sorted([(job_a, 0), (job_a, 1)] + [(job_b, k) for k in range(3)])
+    image = Image.open(io.BytesIO(__import__("base64").b64decode(first.image)))
+    assert image.size == (SIZE, SIZE)
+    # the cursor is at the end: nothing more after it, and a short wait times out empty
+    assert client.results(run, after=cursor, wait_s=0.2).items == []
+
+
+def test_cancel_queued_and_running(client: GeneratorClient) -> None:
+    run = new_run_id()
+    # four long items fill the batch (ACTGEN_MAX_BATCH=4): the next job waits in the queue
+    long_job = client.submit(job_body(run, n_items=4, steps=LONG_STEPS, options={"grad_steps": 0})).job_id
+    queued_job = client.submit(job_body(run, n_items=1, steps=3)).job_id
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        state = client.status(long_job)
+        if state.status is JobStatus.running and state.progress.step >= 1:
+            break
+        assert not state.status.is_final and time.monotonic() < deadline, f"long job never ran: {state}"
+        time.sleep(0.05)
+    assert state.progress.total == LONG_STEPS
+    assert client.status(queued_job).status is JobStatus.queued
+    assert client.cancel(queued_job).status is JobStatus.cancelled  # at once
+    client.cancel(long_job)
+    final = client.wait(long_job, timeout_s=WAIT_S)
+    assert final.status is JobStatus.cancelled
+    assert final.progress.step < LONG_STEPS
+    assert client.results(run).items == []
+    # the replica keeps serving after the cancels
+    assert client.wait(client.submit(job_body(run, n_items=1)).job_id, timeout_s=WAIT_S).status is JobStatus.done
+
+
+def test_idempotency_key_returns_the_first_job(client: GeneratorClient) -> None:
+    run = new_run_id()
+    key = f"idem-{run}"
+    first = client.submit(job_body(run, n_items=1, idempotency_key=key))
+    again = client.submit(job_body(run, n_items=2, idempotency_key=key))
+    assert not first.duplicate and again.duplicate
+    assert again.job_id == first.job_id
+    state = client.wait(first.job_id, timeout_s=WAIT_S)
+    assert state.result is not None and len(state.result.items) == 1
+
+
+def test_info_metrics_and_docs(client: GeneratorClient, server: GeneratorProcess) -> None:
+    info = client.info()
+    assert info.replica_id == "api-test" and info.native_size == SIZE and info.max_batch == 4
+    assert "tiny" in info.model and info.device == "cpu"
+    job = client.submit(job_body(new_run_id(), n_items=1, mode="random")).job_id
+    assert client.wait(job, timeout_s=WAIT_S).status is JobStatus.done
+    text = client._http.get("/metrics").text
+    for name in ("actgen_queue_depth", 'actgen_jobs{status="done"}', "actgen_items_generated_total",
+                 "actgen_step_seconds_bucket", "actgen_batch_size_bucket", "actgen_items_per_second"):
+        assert name in text, name
+    done = [line for line in text.splitlines() if line.startswith('actgen_jobs{status="done"}')]
+    assert float(done[0].split()[-1]) >= 1
+    items = [line for line in text.splitlines() if line.startswith("actgen_items_generated_total")]
+    assert float(items[0].split()[-1]) >= 1
+    assert client._http.get("/docs").status_code == 200
+    assert "/v1/jobs" in client._http.get("/openapi.json").json()["paths"]
+
+
+def test_async_client(server: GeneratorProcess) -> None:
+    async def go() -> None:
+        async with AsyncGeneratorClient(server.url) as c:
+            run = new_run_id()
+            accepted = await c.submit(job_body(run, n_items=2, mode="random"))
+            state = await c.wait(accepted.job_id, timeout_s=WAIT_S)
+            assert state.status is JobStatus.done
+            page = await c.results(run)
+            assert {i.index for i in page.items} == {0, 1}
+            assert (await c.image(accepted.job_id, 1))[:8] == b"\x89PNG\r\n\x1a\n"
+            with pytest.raises(GeneratorError) as err:
+                await c.status("no-such-job")
+            assert err.value.status == 404 and err.value.code == "not_found"
+
+    asyncio.run(go())
