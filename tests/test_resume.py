@@ -62,7 +62,7 @@ def test_sync_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, clien
     assert resumed.state.run_id == first.state.run_id and resumed.state.epoch == 1
     resumed.run()
 
-    assert len(whole.generated) == 6
+    assert len(whole.generated) == 4
     assert _content(resumed) == _content(whole)
     assert [r["test_acc"] for r in resumed.state.metrics] == [r["test_acc"] for r in whole.state.metrics]
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -88,7 +88,7 @@ def _stream_ids_up_to(client: GeneratorClient, run_id: str, cursor: str) -> list
 def test_non_blocking_kill_and_resume_folds_every_item_exactly_once(
     tmp_path: Path, client: GeneratorClient, generator: GeneratorProcess
 ) -> None:
-    cfg = small_config(tmp_path, "train.epochs=6", "generation.images_per_epoch=4")
+    cfg = small_config(tmp_path)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(cfg.to_yaml())
     command = [sys.executable, "-m", "actgen_trainer.cli", "train", "--config", str(config_file),
@@ -99,12 +99,11 @@ def test_non_blocking_kill_and_resume_folds_every_item_exactly_once(
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            if (run_dir / "checkpoint.pt").exists():  # epoch 0 is checkpointed
                 break
             time.sleep(0.05)
         assert proc.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
-        time.sleep(0.3)  # land somewhere in epoch 2: after or before its checkpoint
+        time.sleep(1.0)  # land in epoch 1: its job may be posted, its checkpoint not yet written
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -126,14 +125,14 @@ def test_non_blocking_kill_and_resume_folds_every_item_exactly_once(
     assert [r["id"] for r in final["generated"]] == ids
     # exactly the finished items up to the final cursor: none lost, none twice
     assert sorted(ids) == sorted(_stream_ids_up_to(client, final["run_id"], final["cursor"]))
-    assert len(ids) >= 4  # at least the first job arrived during six epochs
+    assert len(ids) >= 2  # at least the first job arrived during the run
     for r in records:
         data = (run_dir / "generated" / r["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == r["sha256"]
     # one job per epoch of the first half, though the killed session may have posted one twice
     jobs = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
-    assert [j["epoch"] for j in jobs] == [0, 1, 2]
-    assert len({j["job_id"] for j in jobs}) == 3
+    assert [j["epoch"] for j in jobs] == [0, 1]
+    assert len({j["job_id"] for j in jobs}) == 2
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(cfg.train.epochs))
     assert sum(m["folded"] for m in metrics) == len(ids)

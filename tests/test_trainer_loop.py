@@ -26,11 +26,11 @@ EPOCHS = 4
 
 
 def small_config(tmp_path: Path, *overrides: str) -> Config:
-    """The demo config shrunk to seconds: 240 train digits, 60 in the slice, 2 DDPM steps."""
+    """The demo config shrunk to seconds: 150 train digits at 16 px, 50 in the slice, 2 DDPM steps."""
     return load_config(REPO / "configs" / "demo.yaml", [
         f"output_dir={tmp_path}", "run_name=t", f"train.epochs={EPOCHS}",
-        "data.train_subset=300", "data.val_size=60", "data.test_subset=100",
-        "train.batch_size=64", "generation.images_per_epoch=3",
+        "data.train_subset=200", "data.val_size=50", "data.test_subset=100", "data.image_size=16",
+        "train.batch_size=50", "generation.images_per_epoch=2",
         "generation.options.num_inference_steps=2", "generation.options.grad_steps=1",
         "generation.options.output_size=null", "generation.options.bank_sample=16",
         *overrides,
@@ -58,10 +58,10 @@ def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
     summary = trainer.run()
     rows = trainer.state.metrics
     n_train, n_val = len(trainer.split.train), len(trainer.split.val)
-    assert (n_train, n_val) == (240, 60)
+    assert (n_train, n_val) == (150, 50)
 
     # jobs after epochs 0 and 1 only (the first half), one per epoch, with adv_prob 0.5*e/E
-    assert [r["posted"] for r in rows] == [3, 3, 0, 0]
+    assert [r["posted"] for r in rows] == [2, 2, 0, 0]
     assert [j["epoch"] for j in trainer.state.jobs] == [0, 1]
     for job in trainer.state.jobs:
         state = client.status(job["job_id"])
@@ -74,28 +74,28 @@ def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
     # the validation slice trains from mid-training on; generated images train once folded
     assert [r.get("merged_validation", False) for r in rows] == [False, False, True, False]
     assert rows[0]["train_size"] == n_train
-    assert rows[1]["train_size"] == n_train + 3
-    assert rows[2]["train_size"] == n_train + n_val + 6
+    assert rows[1]["train_size"] == n_train + 2
+    assert rows[2]["train_size"] == n_train + n_val + 4
     assert rows[3]["val_acc"] is None and rows[1]["val_acc"] is not None
 
-    # every generated image: 32 px (generator made 64 px), labelled with its guide's class
+    # every generated image: 16 px (the generator made 64 px), labelled with its guide's class
     gen = trainer.generated
-    assert len(gen) == summary.images_generated == 6
+    assert len(gen) == summary.images_generated == 4
     for k, record in enumerate(gen.records):
         guide_index = int(record.guide_id.removeprefix("train-"))
         assert guide_index in set(trainer.split.val.tolist())
         assert record.class_id == trainer.train_source.target(guide_index)
         with Image.open(gen.root / record.file) as img:
-            assert img.size == (32, 32)
+            assert img.size == (16, 16)
     dataset = training_set(trainer.train_source, trainer.split.train, gen, trainer.train_tf)
     for k, record in enumerate(gen.records):
         image, label = dataset[n_train + k]
-        assert tuple(image.shape) == (3, 32, 32) and label == record.class_id
+        assert tuple(image.shape) == (3, 16, 16) and label == record.class_id
 
     # the report opens from disk and holds the gallery
     page = summary.report.read_text()
-    assert "Guide &rarr; generated" in page and page.count("data:image/png;base64,") >= 4 + 2 * 6
-    disk = GeneratedSet(gen.root, 32, trainer.classes)
+    assert "Guide &rarr; generated" in page and page.count("data:image/png;base64,") >= 4 + 2 * 4
+    disk = GeneratedSet(gen.root, 16, trainer.classes)
     disk.reload()
     assert [r.id for r in disk.records] == [r.id for r in gen.records]
 
