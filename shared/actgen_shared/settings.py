@@ -51,6 +51,7 @@ class Settings:
     max_batch: int = 8
     bank_cap: int = 4096
     results_stream_maxlen: int = 1_000_000
+    max_wait_s: float = 60.0  # longest long-poll of GET /v1/runs/{run}/results; longer waits are cut to it
     device: str | None = None
     dtype: str | None = None
     replica_id: str | None = None
@@ -79,6 +80,7 @@ class Settings:
             max_classifier_bytes=_env_int("ACTGEN_MAX_CLASSIFIER_BYTES", 512 * 1024 * 1024),
             max_batch=_env_int("ACTGEN_MAX_BATCH", 8),
             bank_cap=_env_int("ACTGEN_BANK_CAP", 4096),
+            max_wait_s=_env_float("ACTGEN_MAX_WAIT_S", 60.0),
             device=env.get("ACTGEN_DEVICE") or None,
             dtype=env.get("ACTGEN_DTYPE") or None,
             replica_id=env.get("ACTGEN_REPLICA_ID") or None,

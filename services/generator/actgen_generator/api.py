@@ -478,12 +478,15 @@ def _check_cursor(after: str) -> str:
 async def run_results(
     run_id: RunId,
     queue: QueueDep,
+    svc: ServiceDep,
     after: Annotated[str, Query(max_length=41, description="cursor: the last `next` you got")] = "0-0",
     limit: Annotated[int, Query(ge=1, le=MAX_RESULTS_LIMIT)] = 100,
     wait: Annotated[float, Query(ge=0.0, le=MAX_WAIT_S, description="long-poll seconds")] = 0.0,
 ) -> ResultsPage:
     """Finished items of a run after the cursor, oldest first; waits up to ``wait`` seconds
-    for the first one. Keep ``next`` (e.g. in a checkpoint) to resume without repeats."""
+    (at most the replica's ACTGEN_MAX_WAIT_S) for the first one. Keep ``next`` (e.g. in a
+    checkpoint) to resume without repeats."""
+    wait = min(wait, svc.settings.max_wait_s)  # the page may come back empty: ask again
     entries, next_cursor = await queue.read_results(run_id, _check_cursor(after), limit, wait)
     images = await asyncio.gather(*(queue.get_bytes(e.get("image_key", "")) for e in entries))
     items = [
