@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from actgen_generator import serve
+from actgen_generator import model_eval, serve, tiny_model, tiny_training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(subparsers)
+    tiny_model.add_parser(subparsers)
+    tiny_training.add_parser(subparsers)
+    model_eval.add_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,402 @@
+"""The ActGen guided DDPM sampler (DESIGN.md section 5; paper sections 3.2, 4.2, 4.3, A.3, A.4).
+
+One call samples a batch of items of mixed classes. Each step runs the whole batch, CFG
+included, through the UNet together; per-item text embeddings let gradient guidance move each
+item's own ``c``. Every random draw of an item comes from generators seeded by that item's seed,
+so a batch of 8 gives the same images as 8 batches of 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from actgen_generator.attention import (
+    PROMPT_TEMPLATE,
+    class_token_weights,
+    install_recorder,
+    normalize_mask,
+    upsample_mask,
+)
+from actgen_generator.guidance import (
+    PosteriorStep,
+    adversarial_loss,
+    cfg_noise,
+    classifier_input,
+    contrastive_loss,
+    fewshot_strength,
+    gamma,
+    image_guidance,
+    normalized_update,
+)
+from actgen_generator.pipeline import LoadedModel
+from actgen_shared.schemas import GenerationOptions, GradStepRecord, ItemResult, Mode
+
+__all__ = [
+    "Cancelled",
+    "Classifier",
+    "GuidedSampler",
+    "SampleItem",
+    "SampleOutput",
+    "fewshot_strength",
+]
+
+# Decisions (plain draw, adversarial draw, bank order) use a second stream derived from the
+# seed, so the noise of a seed is the same in every mode and with or without a memory bank.
+DECISION_SEED_OFFSET = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class SampleItem:
+    """One hard sample to imitate."""
+
+    guide: np.ndarray  # uint8 HxWx3 guide image (any size; resized to generation size)
+    class_id: int
+    class_name: str
+    seed: int  # per-item seed: fixes all of this item's noise
+    guide_id: str | None = None
+    confidence: float | None = None
+
+
+@dataclass
+class Classifier:
+    """The trainer's current classifier, for the adversarial loss (eq. 10)."""
+
+    module: torch.nn.Module
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    ref: str | None = None
+
+
+@dataclass
+class SampleOutput:
+    image: np.ndarray  # uint8 HxWx3 at options.output_size if set, else generation size
+    latent: torch.Tensor  # final latent (C, h, w), float32, cpu
+    record: ItemResult  # provenance, with grad_records per gradient step
+
+
+class Cancelled(Exception):
+    """``on_step`` asked to stop between two denoising steps."""
+
+
+@dataclass
+class GradientTargets:
+    """What the gradient-guided items of a batch are pushed away from (eq. 9) and against (eq. 10)."""
+
+    class_ids: torch.Tensor  # (G,) labels for the classifier
+    bank: torch.Tensor  # (G, N, D) bank latents per item, zero-padded
+    valid: torch.Tensor  # (G, N) 1 where bank holds a real latent
+    adversarial: torch.Tensor  # (G,) bool: this item uses L_adv
+    margin: float  # rho
+    adv_weight: float  # lambda
+    classifier: Classifier | None = None
+
+    @property
+    def adv_rows(self) -> torch.Tensor:
+        return self.adversarial.nonzero().flatten()
+
+
+@dataclass
+class GuidanceLoss:
+    """L = L_contra + lambda L_adv per item, with its parts for provenance."""
+
+    total: torch.Tensor  # (G,)
+    contra: torch.Tensor  # (G,)
+    adv: torch.Tensor  # (G,), 0 for non-adversarial items
+    prediction: torch.Tensor  # (G,), -1 for non-adversarial items
+
+
+@dataclass
+class _Draw:
+    """An item's random decisions and noise generator."""
+
+    noise: torch.Generator
+    decisions: torch.Generator
+    plain: bool
+    adversarial: bool
+    strength: float
+
+
+class GuidedSampler:
+    """Samples batches with the modes of the paper: random, ig, aig, actgen."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        pipe = model.pipe
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        self.device, self.dtype = model.device, model.dtype
+        self.vae_scale_factor = int(pipe.vae_scale_factor)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.recorder = install_recorder(self.unet)
+        if self.device.type == "cuda":  # graph memory of the gradient steps (only active with grad)
+            self.unet.enable_gradient_checkpointing()
+            self.vae.enable_gradient_checkpointing()
+        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ the step loop
+    def __call__(
+        self,
+        items: list[SampleItem],
+        options: GenerationOptions,
+        banks: Mapping[int, torch.Tensor] | None = None,
+        classifier: Classifier | None = None,
+        on_step: Callable[[int, int], bool] | None = None,
+    ) -> list[SampleOutput]:
+        """Generate one image per item; raises :class:`Cancelled` when ``on_step`` returns False."""
+        if not items:
+            return []
+        opts, mode = options, options.mode
+        if mode is Mode.actgen and opts.adv_prob > 0 and classifier is None:
+            raise ValueError("a classifier is needed when options.adv_prob > 0 in actgen mode")
+        height = opts.height or self.model.native_size
+        width = opts.width or self.model.native_size
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (self.unet.config.in_channels, *latent_hw)
+        guided, masked = mode is not Mode.random, mode in (Mode.aig, Mode.actgen)
+
+        draws = [self._draw(item, opts) for item in items]
+        noise = [d.noise for d in draws]
+        x = self._randn(noise, shape)  # sample chain x_T
+        x_guide = self._randn(noise, shape)  # guide chain x^g_T
+        uncond, cond, token_weights = self._encode_prompts(items)
+        guide = self._encode_guides(items, noise, height, width) if guided else None
+        grad_rows, targets = self._gradient_targets(items, draws, opts, banks, classifier, shape)
+        strength = torch.tensor([d.strength for d in draws], device=self.device)
+        guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
+        records: list[list[GradStepRecord]] = [[] for _ in items]
+
+        scheduler = DDPMScheduler.from_config(self.model.pipe.scheduler.config)
+        scheduler.set_timesteps(opts.num_inference_steps, device=self.device)
+        total = len(scheduler.timesteps)
+        attention = None  # class-token attention accumulated over steps (eq. 8's m before scaling)
+        for k, t in enumerate(scheduler.timesteps):
+            post = PosteriorStep.at(scheduler, t)
+            rows = grad_rows if k < opts.grad_steps and grad_rows.numel() else None
+            if masked:
+                self.recorder.begin_step(len(items), latent_hw, self.device)
+            # one UNet batch for [x, x] x [uncond, c]; a graph only through the c rows in `rows`
+            eps_u, eps_c, c_leaf = self.predict_noise(x, t, uncond, cond, token_weights, rows)
+            eps = cfg_noise(eps_u, eps_c, opts.guidance_scale)  # eq. 4
+            x0 = post.predict_x0(x, eps)  # x0_hat
+            if rows is not None:  # gradient guidance, eq. 9-11
+                loss = self.guidance_loss(x0[rows], targets)
+                (grad,) = torch.autograd.grad(loss.total.sum(), c_leaf)
+                cond = cond.index_copy(0, rows, normalized_update(c_leaf.detach(), grad, opts.lr))
+                x0 = x0.detach()
+                self._record(records, rows, k, loss, targets)
+            z = self._randn(noise, shape)  # the same z for both chains
+            x_prev = post.step(x0, x, z)  # eq. 5
+            if guided:
+                x_guide = post.step(guide, x_guide, z)  # eq. 6: x0 := guide latent
+                m: torch.Tensor | float = 1.0  # ig: no mask
+                if masked:
+                    step_maps = self.recorder.step_maps()
+                    if attention is None:  # the released code's sum starts from ones
+                        attention = torch.zeros_like(step_maps) if opts.normalize_mask else torch.ones_like(step_maps)
+                    attention = attention + step_maps
+                    m = upsample_mask(normalize_mask(attention) if opts.normalize_mask else attention, latent_hw)
+                gamma_k = gamma(k, strength) * guide_on  # eq. 7; plain items: 0
+                x_prev = image_guidance(x_prev, x_guide, gamma_k, m)  # eq. 8
+            x = x_prev
+            if on_step is not None and on_step(k + 1, total) is False:
+                raise Cancelled(f"cancelled after step {k + 1} of {total}")
+        images = self._decode(x, opts.output_size)
+        return [
+            SampleOutput(
+                image=images[i],
+                latent=x[i].detach().float().cpu(),
+                record=ItemResult(
+                    index=i, class_id=item.class_id, class_name=item.class_name,
+                    guide_id=item.guide_id, seed=item.seed,
+                    mode=Mode.random if draws[i].plain else mode,
+                    adversarial=draws[i].adversarial,
+                    image_guidance_strength=draws[i].strength,
+                    grad_records=records[i], width=width, height=height,
+                ),
+            )
+            for i, item in enumerate(items)
+        ]
+
+    # ------------------------------------------------------------------ pieces of a step
+    def predict_noise(
+        self, x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor,
+        token_weights: torch.Tensor, grad_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """eps(x, 0) and eps(x, c) for every item, and the leaf of c the graph starts from.
+
+        Without ``grad_rows``: one UNet call on the 2B-row CFG batch, no graph. With them, those
+        items' conditional rows run in a call that keeps a graph and the rest (all uncond rows,
+        the other items' cond rows) in one without, so backward traverses only what eq. 11 needs:
+        backpropagating through the whole CFG batch costs twice the backward for nothing.
+        """
+        n = x.shape[0]
+        everyone = torch.arange(n, device=self.device)
+        if grad_rows is None:
+            with torch.no_grad():
+                eps = self._unet(torch.cat([x, x]), t, torch.cat([uncond, cond]),
+                                 everyone + n, everyone, token_weights)
+            eps_u, eps_c = eps.chunk(2)
+            return eps_u, eps_c, None
+        keep = everyone[~torch.isin(everyone, grad_rows)]
+        with torch.no_grad():
+            eps = self._unet(torch.cat([x, x[keep]]), t, torch.cat([uncond, cond[keep]]),
+                             torch.arange(len(keep), device=self.device) + n, keep, token_weights[keep])
+        c_leaf = cond[grad_rows].detach().requires_grad_(True)
+        with torch.enable_grad():
+            eps_g = self._unet(x[grad_rows], t, c_leaf, torch.arange(len(grad_rows), device=self.device),
+                               grad_rows, token_weights[grad_rows])
+        eps_u = eps[:n]
+        eps_c = torch.zeros_like(eps_u).index_copy(0, keep, eps[n:]).index_copy(0, grad_rows, eps_g)
+        return eps_u, eps_c, c_leaf
+
+    def _unet(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, record_rows: torch.Tensor,
+              record_items: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+        self.recorder.expect(record_rows, record_items, token_weights)
+        try:
+            out = self.unet(sample.to(self.dtype), t, encoder_hidden_states=embeds.to(self.dtype),
+                            return_dict=False)[0]
+        finally:  # a checkpointed re-forward during backward must not record again
+            self.recorder.expect(None, None, None)
+        return out.float()
+
+    def guidance_loss(self, x0: torch.Tensor, targets: GradientTargets) -> GuidanceLoss:
+        """L = L_contra + lambda L_adv for the gradient-guided items (eq. 9, 10)."""
+        contra = contrastive_loss(x0, targets.bank, targets.valid, targets.margin)  # eq. 9
+        adv = torch.zeros_like(contra)
+        prediction = torch.full_like(contra, -1, dtype=torch.long)
+        adv_rows = targets.adv_rows
+        if adv_rows.numel():  # the classifier runs only for adversarial items
+            clf = targets.classifier
+            assert clf is not None
+            decoded = self.vae.decode((x0[adv_rows] / self.scaling_factor).to(self.dtype), return_dict=False)[0]
+            param = next(clf.module.parameters(), None)
+            inputs = classifier_input(decoded, clf.input_size, clf.mean, clf.std)
+            logits = clf.module(inputs.to(param.dtype if param is not None else torch.float32))
+            adv = adv.index_copy(0, adv_rows, adversarial_loss(logits, targets.class_ids[adv_rows]))  # eq. 10
+            prediction = prediction.index_copy(0, adv_rows, logits.argmax(1))
+        return GuidanceLoss(total=contra + targets.adv_weight * adv, contra=contra, adv=adv,
+                            prediction=prediction)
+
+    # ------------------------------------------------------------------ per-job preparation
+    def _draw(self, item: SampleItem, opts: GenerationOptions) -> _Draw:
+        noise = torch.Generator().manual_seed(item.seed)
+        decisions = torch.Generator().manual_seed((item.seed + DECISION_SEED_OFFSET) % 2**64)
+        plain = bool(torch.rand((), generator=decisions) < opts.plain_prob)
+        adversarial = bool(torch.rand((), generator=decisions) < opts.adv_prob)
+        adversarial = adversarial and opts.mode is Mode.actgen and not plain and opts.grad_steps > 0
+        strength = opts.image_guidance_strength
+        if opts.fewshot_u is not None:
+            if item.confidence is None:
+                raise ValueError("options.fewshot_u needs a confidence on every item")
+            strength = fewshot_strength(item.confidence, opts.fewshot_u)
+        return _Draw(noise, decisions, plain, adversarial, strength)
+
+    def _randn(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+        """One standard-normal draw per item from its own (CPU) generator: batch-independent."""
+        draws = [torch.randn(shape, generator=g) for g in generators]
+        return torch.stack(draws).to(self.device)
+
+    @torch.no_grad()
+    def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
+        for name in {item.class_name for item in items} | {""}:
+            if name not in self._prompts:
+                prompt = PROMPT_TEMPLATE.format(name) if name else ""
+                embeds, _ = self.model.pipe.encode_prompt(prompt, self.device, 1, False)
+                weights = class_token_weights(self.tokenizer, name) if name else None
+                self._prompts[name] = (embeds[0].float(), weights)
+        cond = torch.stack([self._prompts[item.class_name][0] for item in items])
+        weights = torch.stack([self._prompts[item.class_name][1] for item in items]).to(self.device)
+        uncond = self._prompts[""][0].expand_as(cond)
+        return uncond, cond, weights
+
+    @torch.no_grad()
+    def _encode_guides(self, items: list[SampleItem], generators: list[torch.Generator],
+                       height: int, width: int) -> torch.Tensor:
+        """Guide images -> VAE latents (a posterior sample, scaled), resized to the generation size."""
+        pixels = []
+        for k, item in enumerate(items):
+            guide = np.asarray(item.guide)
+            if guide.dtype != np.uint8 or guide.ndim != 3 or guide.shape[2] != 3:
+                raise ValueError(f"items[{k}].guide must be a uint8 HxWx3 array, got {guide.dtype} {guide.shape}")
+            img = torch.from_numpy(np.ascontiguousarray(guide)).permute(2, 0, 1)[None].float() / 255.0
+            if img.shape[-2:] != (height, width):
+                img = F.interpolate(img, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            pixels.append(img[0])
+        batch = (torch.stack(pixels) * 2 - 1).to(self.device, self.dtype)
+        dist = self.vae.encode(batch).latent_dist
+        eps = self._randn(generators, tuple(dist.mean.shape[1:]))
+        return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
+
+    def _gradient_targets(
+        self, items: list[SampleItem], draws: list[_Draw], opts: GenerationOptions,
+        banks: Mapping[int, torch.Tensor] | None, classifier: Classifier | None, shape: tuple[int, ...],
+    ) -> tuple[torch.Tensor, GradientTargets | None]:
+        """Which items get gradient guidance, and their bank samples (at most N each, eq. 9)."""
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        if opts.mode is not Mode.actgen or opts.grad_steps == 0:
+            return empty, None
+        rows, samples = [], []
+        for i, (item, draw) in enumerate(zip(items, draws)):
+            if draw.plain:
+                continue
+            bank = (banks or {}).get(item.class_id)
+            sample = None
+            if bank is not None and len(bank) and opts.bank_sample > 0:
+                if tuple(bank.shape[1:]) != shape:
+                    raise ValueError(f"memory bank of class {item.class_id} holds latents of shape "
+                                     f"{tuple(bank.shape[1:])}, this job generates {shape}")
+                order = torch.randperm(len(bank), generator=draw.decisions)[: opts.bank_sample]
+                sample = bank[order].flatten(1)
+            if sample is not None or draw.adversarial:  # otherwise L = 0: no graph needed
+                rows.append(i)
+                samples.append(sample)
+        if not rows:
+            return empty, None
+        depth = max((len(s) for s in samples if s is not None), default=0)
+        dim = int(np.prod(shape))
+        bank = torch.zeros(len(rows), max(depth, 1), dim, device=self.device)
+        valid = torch.zeros(len(rows), max(depth, 1), device=self.device)
+        for r, sample in enumerate(samples):
+            if sample is not None:
+                bank[r, : len(sample)] = sample.to(self.device, torch.float32)
+                valid[r, : len(sample)] = 1.0
+        adversarial = torch.tensor([draws[i].adversarial for i in rows], device=self.device)
+        if bool(adversarial.any()) and classifier is not None:
+            classifier.module.to(self.device).eval()
+        return torch.tensor(rows, device=self.device), GradientTargets(
+            class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
+            bank=bank, valid=valid, adversarial=adversarial, margin=opts.contrastive_margin,
+            adv_weight=opts.adv_weight, classifier=classifier,
+        )
+
+    # ------------------------------------------------------------------ outputs
+    @staticmethod
+    def _record(records: list[list[GradStepRecord]], rows: torch.Tensor, step: int,
+                loss: GuidanceLoss, targets: GradientTargets) -> None:
+        contra = loss.contra.detach().tolist()
+        adv = loss.adv.detach().tolist()
+        pred = loss.prediction.tolist()
+        is_adv = targets.adversarial.tolist()
+        for r, item in enumerate(rows.tolist()):
+            records[item].append(GradStepRecord(
+                step=step, l_contra=contra[r],
+                l_adv=adv[r] if is_adv[r] else None, prediction=pred[r] if is_adv[r] else None,
+            ))
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor, output_size: int | None) -> list[np.ndarray]:
+        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype), return_dict=False)[0].float()
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_size is not None and images.shape[-2:] != (output_size, output_size):
+            images = F.interpolate(images, size=(output_size, output_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(pixels)
