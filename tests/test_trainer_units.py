@@ -173,3 +173,23 @@ def test_report_opens_from_disk_with_embedded_plots(tmp_path: Path) -> None:
     page = write_report(run).read_text()
     assert page.count("data:image/png;base64,") >= 6  # 4 plots + guide + generated
     assert "0.500 images/s" in page and "two" in page and "src=\"http" not in page
+
+
+def test_cli_names_an_unreachable_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+                     "--generator-url", "http://127.0.0.1:9", "--set", f"output_dir={tmp_path}"])
+    assert code == 2
+    assert "http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+            "--set", "generation.mode=real", "--set", f"output_dir={tmp_path}",
+            "--set", "data.train_subset=60", "--set", "data.val_size=10", "--set", "train.epochs=1",
+            "--set", "data.image_size=8", "--set", "data.test_subset=20"]
+    assert cli.main(args) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert cli.main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main([*args, "--resume"]) == 0  # already finished: rebuilds the report
+    assert cli.main(["report", str(tmp_path / "demo")]) == 0

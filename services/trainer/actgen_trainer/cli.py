@@ -14,6 +14,7 @@ import sys
 from actgen_trainer.checkpoint import CheckpointError
 from actgen_trainer.config import ConfigError, TrainMode, load_config
 from actgen_trainer.data import DataError
+from actgen_trainer.loop import GeneratorUnavailable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"report: {write_report(args.run_dir)}")
         return 0
-    except (ConfigError, DataError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, GeneratorUnavailable, FileExistsError,
+            FileNotFoundError) as exc:
         print(f"actgen-trainer: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from actgen_shared.client import GeneratorError
 from actgen_shared.codecs import b64encode, image_from_b64
 from actgen_shared.schemas import (
     MAX_SEED,
@@ -71,6 +73,8 @@ START_CURSOR = "0-0"
 class GeneratorAPI(Protocol):
     """The part of ``actgen_shared.client.GeneratorClient`` the loop uses."""
 
+    def info(self) -> Any: ...
+
     def upload_classifier(self, weights: bytes, meta: ClassifierMeta) -> ClassifierRef: ...
 
     def submit(self, request: JobRequest) -> JobAccepted: ...
@@ -82,6 +86,17 @@ class GeneratorAPI(Protocol):
     def results(
         self, run_id: str, after: str = START_CURSOR, limit: int = RESULTS_PAGE, wait_s: float = 0
     ) -> ResultsPage: ...
+
+
+def _transient(exc: Exception) -> bool:
+    """Network trouble or a 5xx: generation is auxiliary, so training goes on and retries later."""
+    if isinstance(exc, GeneratorError):
+        return exc.status >= 500
+    return isinstance(exc, (httpx.TransportError, httpx.TimeoutException))
+
+
+class GeneratorUnavailable(RuntimeError):
+    """The generator did not answer at start; the message names the URL to check."""
 
 
 @dataclass
@@ -182,8 +197,16 @@ class Trainer:
         self.progress = progress
         self.stop_after_epoch = stop_after_epoch
         self.mode = cfg.generation.mode
-        if self.mode is not TrainMode.real and client is None:
-            raise ValueError(f"generation.mode={self.mode.value} needs a generator client")
+        if self.mode is not TrainMode.real:
+            if client is None:
+                raise ValueError(f"generation.mode={self.mode.value} needs a generator client")
+            try:
+                client.info()
+            except Exception as exc:  # fail fast on a wrong URL or key, before any training
+                raise GeneratorUnavailable(
+                    f"generator at {cfg.generation.generator_url} did not answer /v1/info: {exc} "
+                    "(start one with `actgen-generator serve`, or pass --generator-url)"
+                ) from None
         self.dist = _setup_dist()
         self.device = _device(cfg.train.device, self.dist)
         self.run_dir = cfg.run_dir
@@ -423,7 +446,13 @@ class Trainer:
         t0 = time.perf_counter()
         job_id = None
         if len(chosen):
-            job_id = self._post(epoch, val_idx, chosen, probs, targets)
+            try:
+                job_id = self._post(epoch, val_idx, chosen, probs, targets)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                log.warning("epoch %d: could not post hard samples (%s); training goes on", epoch, exc)
+                out["post_error"] = str(exc)
         out["seconds_post"] = time.perf_counter() - t0
         out["posted"] = int(len(chosen))
         out["job_id"] = job_id
@@ -488,34 +517,42 @@ class Trainer:
 
     def _fold(self, epoch: int) -> int:
         """Fold every finished item after the cursor into the generated set (rank 0 reads)."""
-        s = self.state
-        added = 0
+        before = len(self.generated)
         if self.dist.main:
-            assert self.client is not None
-            while True:
-                page = self.client.results(s.run_id, after=s.cursor, limit=RESULTS_PAGE)
-                for item in page.items:
-                    record = self.generated.add(
-                        stream_id=item.id, job_id=item.job_id, index=item.index,
-                        epoch=item.epoch, class_id=item.class_id, guide_id=item.guide_id,
-                        image=image_from_b64(item.image), folded_before_epoch=epoch,
-                    )
-                    if record is None:
-                        continue
-                    added += 1
-                    job = s.pending.get(item.job_id)
-                    if job is not None:
-                        job["folded"] += 1
-                        if job["folded"] >= job["items"]:
-                            del s.pending[item.job_id]
-                s.cursor = page.next
-                if len(page.items) < RESULTS_PAGE:
-                    break
-            self._drop_failed_jobs()
+            try:
+                self._fold_pages(epoch)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                log.warning("epoch %d: could not read results (%s); they fold in later", epoch, exc)
         self.dist.barrier()
         if not self.dist.main:
             self.generated.reload()
-        return added
+        return len(self.generated) - before
+
+    def _fold_pages(self, epoch: int) -> None:
+        """Page through the results after the cursor; stream ids already folded are skipped."""
+        s = self.state
+        assert self.client is not None
+        while True:
+            page = self.client.results(s.run_id, after=s.cursor, limit=RESULTS_PAGE)
+            for item in page.items:
+                record = self.generated.add(
+                    stream_id=item.id, job_id=item.job_id, index=item.index,
+                    epoch=item.epoch, class_id=item.class_id, guide_id=item.guide_id,
+                    image=image_from_b64(item.image), folded_before_epoch=epoch,
+                )
+                if record is None:
+                    continue
+                job = s.pending.get(item.job_id)
+                if job is not None:
+                    job["folded"] += 1
+                    if job["folded"] >= job["items"]:
+                        del s.pending[item.job_id]
+            s.cursor = page.next
+            if len(page.items) < RESULTS_PAGE:
+                break
+        self._drop_failed_jobs()
 
     def _drop_failed_jobs(self) -> None:
         """Pending jobs that failed or were cancelled will never deliver: stop waiting on them."""
