@@ -72,10 +72,13 @@ class PosteriorStep:
 
 
 def gamma(step: int, strength: torch.Tensor | float) -> torch.Tensor | float:
-    """Image guidance scale of eq. 7: 1 - sigmoid(step - i), step = 0 .. steps-1."""
+    """Image guidance scale of eq. 7: 1 - sigmoid(step - i), step = 0 .. steps-1.
+
+    Computed as sigmoid(i - step), the same value without float32 cancellation near 0.
+    """
     if isinstance(strength, torch.Tensor):
-        return 1.0 - torch.sigmoid(step - strength)
-    return 1.0 - 1.0 / (1.0 + math.exp(-(step - strength)))
+        return torch.sigmoid(strength.double() - step).to(strength.dtype)
+    return 1.0 / (1.0 + math.exp(step - strength))
 
 
 def image_guidance(x: torch.Tensor, x_guide: torch.Tensor, gamma_k: torch.Tensor,

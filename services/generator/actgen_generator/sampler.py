@@ -165,8 +165,9 @@ class GuidedSampler:
         noise = [d.noise for d in draws]
         x = self._randn(noise, shape)  # sample chain x_T
         x_guide = self._randn(noise, shape)  # guide chain x^g_T
+        guide_eps = self._randn(noise, shape)  # drawn in every mode: a seed's noise is mode-independent
         uncond, cond, token_weights = self._encode_prompts(items)
-        guide = self._encode_guides(items, noise, height, width) if guided else None
+        guide = self._encode_guides(items, guide_eps, height, width) if guided else None
         grad_rows, targets = self._gradient_targets(items, draws, opts, banks, classifier, shape)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
         guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
@@ -318,8 +319,8 @@ class GuidedSampler:
         return uncond, cond, weights
 
     @torch.no_grad()
-    def _encode_guides(self, items: list[SampleItem], generators: list[torch.Generator],
-                       height: int, width: int) -> torch.Tensor:
+    def _encode_guides(self, items: list[SampleItem], eps: torch.Tensor, height: int,
+                       width: int) -> torch.Tensor:
         """Guide images -> VAE latents (a posterior sample, scaled), resized to the generation size."""
         pixels = []
         for k, item in enumerate(items):
@@ -332,7 +333,6 @@ class GuidedSampler:
             pixels.append(img[0])
         batch = (torch.stack(pixels) * 2 - 1).to(self.device, self.dtype)
         dist = self.vae.encode(batch).latent_dist
-        eps = self._randn(generators, tuple(dist.mean.shape[1:]))
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
     def _gradient_targets(
