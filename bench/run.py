@@ -1,0 +1,163 @@
+"""``make bench``: what guidance and batching cost in the sampler, and what the service adds.
+
+Sampler (issue 3): seconds per image for ``random`` and ``actgen`` at batch 1 and 8 with the same
+steps (40; actgen: grad_steps 10, memory bank filled, adv_prob 0.5, a ``simple_cnn`` classifier),
+``guidance_overhead_ratio`` = actgen / random at batch 8, ``batch_speedup`` = actgen images/s at
+batch 8 / batch 1, peak memory. On the tiny model on the CPU, and on SD 2.1's architecture
+(random weights, 512 px, fp16) when a GPU is present. Each figure is the median of interleaved
+repeats, so a busy machine skews both modes alike.
+
+Writes ``bench/results.json`` (merged into what is there) and prints a table. A bench is not a
+test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+STEPS, GRAD_STEPS, ADV_PROB = 40, 10, 0.5
+BANK_PER_CLASS = 64
+BATCHES = (1, 8)
+
+sys.path.insert(0, str(ROOT))  # `bench.service`, when the service bench is there
+
+
+def _items(n: int, size: int) -> list:
+    from actgen_generator.sampler import SampleItem
+    from actgen_shared.labels import CIFAR10
+
+    rng = np.random.default_rng(0)
+    return [SampleItem(guide=rng.integers(0, 256, (size, size, 3), dtype=np.uint8), class_id=i % 10,
+                       class_name=CIFAR10[i % 10], seed=i) for i in range(n)]
+
+
+def _options(mode: str) -> Any:
+    from actgen_shared.schemas import GenerationOptions
+
+    return GenerationOptions(mode=mode, num_inference_steps=STEPS, grad_steps=GRAD_STEPS, adv_prob=ADV_PROB)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
+    """Seconds per image per mode and batch, interleaved over ``repeats`` rounds (medians)."""
+    from actgen_generator.sampler import Classifier, GuidedSampler
+    from actgen_shared.architectures import build_classifier
+
+    sampler = GuidedSampler(model)
+    shape = (model.pipe.unet.config.in_channels, model.native_size // model.pipe.vae_scale_factor,
+             model.native_size // model.pipe.vae_scale_factor)
+    g = torch.Generator().manual_seed(0)
+    banks = {c: torch.randn(BANK_PER_CLASS, *shape, generator=g).to(model.device) for c in range(10)}
+    torch.manual_seed(0)
+    classifier = Classifier(build_classifier("simple_cnn", 10).eval(), 32, (0.5,) * 3, (0.5,) * 3)
+    cuda = model.device.type == "cuda"
+    times: dict[tuple[str, int], list[float]] = {}
+    peak: dict[str, float] = {}
+    sampler(_items(1, 64), _options("actgen"), banks=banks, classifier=classifier)  # warm-up
+    for _ in range(repeats):
+        for batch in BATCHES:
+            for mode in ("random", "actgen"):
+                items = _items(batch, 64)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                sampler(items, _options(mode), banks=banks, classifier=classifier)
+                if cuda:
+                    torch.cuda.synchronize()
+                    peak[f"{mode}_b{batch}"] = torch.cuda.max_memory_allocated() / 2**20
+                times.setdefault((mode, batch), []).append((time.perf_counter() - start) / batch)
+    spi = {f"{mode}_b{batch}": statistics.median(v) for (mode, batch), v in times.items()}
+    out: dict[str, Any] = {
+        "model": model.model_id, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+        "size_px": model.native_size, "steps": STEPS, "grad_steps": GRAD_STEPS, "adv_prob": ADV_PROB,
+        "bank_per_class": BANK_PER_CLASS, "repeats": repeats, "threads": torch.get_num_threads(),
+        "seconds_per_image": spi,
+        "guidance_overhead_ratio": spi["actgen_b8"] / spi["random_b8"],
+        "batch_speedup": spi["actgen_b1"] / spi["actgen_b8"],
+    }
+    if cuda:
+        out["peak_gpu_memory_mb"] = peak
+        out["gpu"] = torch.cuda.get_device_name(model.device)
+    else:
+        out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def _table(name: str, r: dict[str, Any]) -> str:
+    spi = r["seconds_per_image"]
+    lines = [f"{name}: {r['model']} on {r['device']} ({r['dtype']}, {r['size_px']} px, {r['steps']} steps, "
+             f"{r['threads']} threads, median of {r['repeats']})",
+             f"  {'mode':<8}{'s/img b1':>10}{'s/img b8':>10}"]
+    for mode in ("random", "actgen"):
+        lines.append(f"  {mode:<8}{spi[f'{mode}_b1']:>10.3f}{spi[f'{mode}_b8']:>10.3f}")
+    lines.append(f"  guidance_overhead_ratio (b8) {r['guidance_overhead_ratio']:.2f}   "
+                 f"batch_speedup (actgen) {r['batch_speedup']:.2f}")
+    if "peak_gpu_memory_mb" in r:
+        lines.append("  peak GPU MiB " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gpu_memory_mb"].items()))
+    else:
+        lines.append(f"  peak RSS {r['peak_rss_mb']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per figure (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--skip-service", action="store_true", help="do not run bench/service.py")
+    parser.add_argument("--skip-gpu", action="store_true", help="CPU tiny model only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from actgen_generator.pipeline import CACHE_ENV, load_pipeline, sd21_architecture_pipeline
+
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "torch": torch.__version__, "processor": platform.processor() or platform.machine()}
+    tables = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[CACHE_ENV] = tmp  # a fresh tiny model, reported under its own id
+        tiny = load_pipeline(None, device="cpu")
+        results["sampler_cpu"] = {**bench_sampler(tiny, args.repeats), "host": machine}
+        tables.append(_table("sampler, CPU", results["sampler_cpu"]))
+    if torch.cuda.is_available() and not args.skip_gpu:
+        sd = sd21_architecture_pipeline("cuda", torch.float16)
+        results["sampler_gpu"] = bench_sampler(sd, max(1, args.repeats - 1))
+        tables.append(_table("sampler, GPU", results["sampler_gpu"]))
+    if not args.skip_service and (ROOT / "bench" / "service.py").is_file():
+        import bench.service
+
+        results["service"] = bench.service.run()
+        tables.append("service: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in results["service"].items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_name(args.out.name + ".tmp")
+    tmp_out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_out, args.out)
+    print("\n\n".join(tables))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
