@@ -57,7 +57,7 @@ def test_sigkill_mid_batch_every_job_done_exactly_once(redis_url: str, prefix: s
         run = new_run_id()
         with GeneratorClient(survivor.url) as client:
             job_ids = [
-                client.submit(job_body(run, n_items=N_ITEMS, steps=3, seed=100 + j)).job_id
+                client.submit(job_body(run, n_items=N_ITEMS, mode="random", steps=3, seed=100 + j)).job_id
                 for j in range(N_JOBS)
             ]
 

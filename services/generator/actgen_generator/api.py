@@ -58,7 +58,8 @@ MAX_WAIT_S = 60.0
 REDIS_TIMEOUT_MARGIN_S = 10.0
 MAX_STREAM_PART = 2**64 - 1
 RANDOM_SEED_BITS = 32  # seed + item index stays far below MAX_SEED
-CLASSIFIER_FORM_SLACK = 1 << 20  # multipart framing and metadata around the weights
+CLASSIFIER_FORM_SLACK = 1 << 20
+INLINE_DECODE_CHARS = 64 * 1024  # base64 guides up to this are decoded on the event loop  # multipart framing and metadata around the weights
 SAMPLERS = ("guided", "echo")
 
 _STATUS_CODES = {
@@ -368,7 +369,10 @@ async def validate_job(svc: Service, job: JobRequest) -> JobRequest:
             except codecs.DecodeError as exc:
                 raise ApiError(422, f"items[{k}].image: {exc}") from None
 
-    await asyncio.to_thread(decode_all)
+    if sum(len(item.image) for item in job.items) > INLINE_DECODE_CHARS:
+        await asyncio.to_thread(decode_all)  # keep the event loop serving meanwhile
+    else:
+        decode_all()  # small guides: cheaper than a thread hop
     if job.classifier_ref is not None:
         assert svc.classifiers is not None
         meta = await svc.classifiers.meta(job.classifier_ref)

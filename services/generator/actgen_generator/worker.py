@@ -121,6 +121,7 @@ class Worker:
         self.active: dict[str, ActiveJob] = {}
         self._stop = threading.Event()  # set from a signal handler or the loop; read by the sampler thread
         self._cancelled: set[str] = set()
+        self._fresh: set[str] = set()  # started since the last batch
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -228,6 +229,7 @@ class Worker:
         )
         self.metrics.job_events.labels("started").inc()
         self.active[job_id] = job
+        self._fresh.add(job_id)
         if not job.pending:  # everything was stored by an earlier delivery
             await self._complete(job)
 
@@ -251,13 +253,15 @@ class Worker:
 
         jobs = list({id(job): job for job, _ in batch}.values())
         for job in jobs:  # cancelled while waiting here: do not spend a batch on it
+            if job.job_id in self._fresh:
+                continue  # just started: start() has looked at the cancel flag already
             if await self.queue.is_cancel_requested(job.job_id):
                 await self._cancel(job)
+        self._fresh.clear()
         batch = [(job, k) for job, k in batch if job.job_id in self.active]
         if not batch:
             return
         jobs = [job for job in jobs if job.job_id in self.active]
-        options = jobs[0].request.options
         banks: dict[int, Any] = {}
         for job in jobs:
             for class_id, tensor in job.banks.items():
@@ -266,10 +270,8 @@ class Worker:
         on_step = self._step_callback([job.job_id for job in jobs], asyncio.get_running_loop())
         started = time.perf_counter()
         try:
-            items = await asyncio.to_thread(self._sample_items, batch)
-            outputs = await asyncio.to_thread(
-                self.sampler, items, options, banks=banks or None,
-                classifier=jobs[0].classifier, on_step=on_step,
+            done = await asyncio.to_thread(
+                self._compute, batch, jobs[0].request.options, banks or None, jobs[0].classifier, on_step
             )
         except Cancelled:
             for job in jobs:
@@ -279,12 +281,6 @@ class Worker:
         except Exception as exc:
             await self._fail([job.delivery for job in jobs], f"{type(exc).__name__}: {exc}")
             return
-        if len(outputs) != len(batch):
-            await self._fail(
-                [job.delivery for job in jobs],
-                f"sampler returned {len(outputs)} outputs for {len(batch)} items",
-            )
-            return
         elapsed = time.perf_counter() - started
         self.metrics.batch_size.observe(len(batch))
         self.metrics.record_items(len(batch))
@@ -292,9 +288,17 @@ class Worker:
             "batch.done", None, replica=self.name, items=len(batch), jobs=[j.job_id for j in jobs],
             seconds=round(elapsed, 4),
         )
-        await self._store(batch, outputs)
+        await self._store(batch, done)
 
-    def _sample_items(self, batch: list[tuple[ActiveJob, int]]) -> list["SampleItem"]:
+    def _compute(
+        self,
+        batch: list[tuple[ActiveJob, int]],
+        options: GenerationOptions,
+        banks: Mapping[int, Any] | None,
+        classifier: Any,
+        on_step: Callable[[int, int], bool],
+    ) -> list[tuple[ItemResult, StoredItem]]:
+        """The batch's thread work in one hop: decode guides, sample, encode PNGs and latents."""
         from actgen_generator.sampler import SampleItem
 
         items = []
@@ -310,7 +314,21 @@ class Worker:
                     confidence=item.confidence,
                 )
             )
-        return items
+        outputs = self.sampler(items, options, banks=banks, classifier=classifier, on_step=on_step)
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"sampler returned {len(outputs)} outputs for {len(batch)} items")
+        done = []
+        for (job, index), output in zip(batch, outputs):
+            request, item = job.request, job.request.items[index]
+            latent = None
+            if (request.options.return_latents or request.memory_bank_key) and output.latent is not None:
+                latent = codecs.latent_encode(output.latent.detach().float().cpu().numpy())
+            stored = StoredItem(
+                index=index, class_id=item.class_id, guide_id=item.guide_id,
+                png=codecs.png_encode(np.ascontiguousarray(output.image)), latent=latent,
+            )
+            done.append((output.record.model_copy(update={"index": index}), stored))
+        return done
 
     def _step_callback(
         self, job_ids: list[str], loop: asyncio.AbstractEventLoop
@@ -348,43 +366,29 @@ class Worker:
         except Exception as exc:  # progress is best effort; the batch goes on
             log_event("job.progress_failed", None, replica=self.name, error=str(exc))
 
-    async def _store(self, batch: list[tuple[ActiveJob, int]], outputs: list["SampleOutput"]) -> None:
-        per_job: dict[str, list[tuple[int, "SampleOutput"]]] = {}
-        for (job, index), output in zip(batch, outputs):
-            per_job.setdefault(job.job_id, []).append((index, output))
-        for job_id, done in per_job.items():
+    async def _store(
+        self, batch: list[tuple[ActiveJob, int]], done: list[tuple[ItemResult, StoredItem]]
+    ) -> None:
+        per_job: dict[str, list[tuple[ItemResult, StoredItem]]] = {}
+        for (job, _), result in zip(batch, done):
+            per_job.setdefault(job.job_id, []).append(result)
+        for job_id, results in per_job.items():
             job = self.active.get(job_id)
             if job is None:
                 continue
             try:
-                stored = await asyncio.to_thread(self._encode, job, done)
-                await self.consumer.store_items(job.delivery, stored, self.settings.bank_cap)
+                await self.consumer.store_items(
+                    job.delivery, [stored for _, stored in results], self.settings.bank_cap
+                )
             except Exception as exc:
                 await self._fail([job.delivery], f"storing results: {type(exc).__name__}: {exc}")
                 continue
-            for index, output in done:
-                job.records[index] = output.record.model_copy(update={"index": index})
-            finished = {index for index, _ in done}
+            for record, stored in results:
+                job.records[stored.index] = record
+            finished = {stored.index for _, stored in results}
             job.pending = [k for k in job.pending if k not in finished]
             if not job.pending:
                 await self._complete(job)
-
-    def _encode(self, job: ActiveJob, done: list[tuple[int, "SampleOutput"]]) -> list[StoredItem]:
-        request = job.request
-        keep_latent = request.options.return_latents or bool(request.memory_bank_key)
-        stored = []
-        for index, output in done:
-            item = request.items[index]
-            latent = None
-            if keep_latent and output.latent is not None:
-                latent = codecs.latent_encode(np.asarray(output.latent.detach().float().cpu().numpy()))
-            stored.append(
-                StoredItem(
-                    index=index, class_id=item.class_id, guide_id=item.guide_id,
-                    png=codecs.png_encode(np.ascontiguousarray(output.image)), latent=latent,
-                )
-            )
-        return stored
 
     # --- finishing ------------------------------------------------------------------------
     def _fallback_record(self, job: ActiveJob, index: int) -> ItemResult:
