@@ -1,0 +1,230 @@
+"""Does a model show the method? The check of a tiny digits model, through the real sampler.
+
+On the digits test split, with a reference classifier trained on real digits inside the check
+(an RBF SVM on 8x8 grey levels; it never sees generated images):
+
+(a) class-conditional accuracy of ``random`` mode: share of images classified as their prompt's digit;
+(b) guide faithfulness of ``aig`` mode: share classified as their guide's digit;
+(c) diversity: mean pairwise distance between images generated from one guide with different
+    seeds, next to the mean pairwise distance between real test images of one digit.
+
+Images are made by :class:`GuidedSampler` on the pipeline :func:`load_pipeline` loads, the same
+code path the service runs, with the service's default options but for the number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from actgen_generator.pipeline import load_pipeline
+from actgen_generator.sampler import GuidedSampler, SampleItem
+from actgen_generator.tiny_training import DigitsSplit, load_digits_split
+from actgen_shared.labels import DIGITS
+from actgen_shared.schemas import GenerationOptions, Mode
+
+# Done-when figures of the tiny digits model (issue 7); the check fails below them.
+MIN_RANDOM_ACCURACY = 0.5
+MIN_AIG_FAITHFULNESS = 0.8
+FEATURE_SIDE = 8  # the digits' own resolution: the classifier sees 8x8 grey levels
+EVAL_STEPS = 25
+BATCH = 50
+
+
+@dataclass
+class EvalReport:
+    """The three figures and what they were measured on."""
+
+    model: str
+    reference_accuracy: float  # the reference classifier on real test images
+    random_accuracy: float  # (a)
+    aig_faithfulness: float  # (b)
+    aig_guide_accuracy: float  # the reference classifier on those guides themselves
+    diversity: float  # (c) generated, same guide, different seeds
+    real_diversity: float  # (c) real test images, same digit
+    n_random: int
+    n_aig: int
+    n_diversity_guides: int
+    seeds_per_guide: int
+    num_inference_steps: int
+    guidance_scale: float
+    image_guidance_strength: float
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return (self.random_accuracy >= MIN_RANDOM_ACCURACY and self.aig_faithfulness >= MIN_AIG_FAITHFULNESS
+                and self.diversity > 0)
+
+    def text(self) -> str:
+        """The report as a few aligned lines."""
+        def mark(ok: bool) -> str:
+            return "ok" if ok else "BELOW"
+        return "\n".join([
+            f"model {self.model}: {self.num_inference_steps} DDPM steps, CFG {self.guidance_scale:g}, "
+            f"image guidance strength {self.image_guidance_strength:g}",
+            f"reference classifier on real test digits: {self.reference_accuracy:.3f}",
+            f"(a) random mode, classified as the prompt's digit: {self.random_accuracy:.3f} "
+            f"(n={self.n_random}; >= {MIN_RANDOM_ACCURACY} {mark(self.random_accuracy >= MIN_RANDOM_ACCURACY)})",
+            f"(b) aig mode, classified as the guide's digit:     {self.aig_faithfulness:.3f} "
+            f"(n={self.n_aig}; guides themselves {self.aig_guide_accuracy:.3f}; "
+            f">= {MIN_AIG_FAITHFULNESS} {mark(self.aig_faithfulness >= MIN_AIG_FAITHFULNESS)})",
+            f"(c) diversity, same guide, {self.seeds_per_guide} seeds: {self.diversity:.4f} "
+            f"(real test images of one digit: {self.real_diversity:.4f}; "
+            f"{self.n_diversity_guides} guides; > 0 {mark(self.diversity > 0)})",
+            f"{'PASS' if self.passed else 'FAIL'} in {self.seconds:.0f} s",
+        ])
+
+
+def grey_features(images: np.ndarray, side: int = FEATURE_SIDE) -> np.ndarray:
+    """uint8 N x H x W x 3 -> N x side*side grey levels in [0, 1], by area averaging (H, W multiples of side)."""
+    grey = images.astype(np.float32).mean(-1) / 255.0
+    n, h, w = grey.shape
+    if h % side or w % side:
+        raise ValueError(f"images of {h}x{w} px do not divide into {side}x{side} cells")
+    return grey.reshape(n, side, h // side, side, w // side).mean((2, 4)).reshape(n, side * side)
+
+
+class ReferenceClassifier:
+    """An RBF SVM on 8x8 grey levels, trained on the real digits train split."""
+
+    def __init__(self, split: DigitsSplit) -> None:
+        from sklearn.svm import SVC
+
+        self.model = SVC(C=10.0, gamma="scale")
+        self.model.fit(grey_features(split.train_images), split.train_labels)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.model.predict(grey_features(images))
+
+
+def mean_pairwise_distance(groups: list[np.ndarray]) -> float:
+    """Mean over groups of the mean RMS pixel distance (images in [0, 1]) between members of a group."""
+    per_group = []
+    for group in groups:
+        flat = group.reshape(len(group), -1).astype(np.float64) / 255.0
+        pairs = [np.sqrt(np.mean((flat[i] - flat[j]) ** 2)) for i, j in combinations(range(len(flat)), 2)]
+        if pairs:
+            per_group.append(float(np.mean(pairs)))
+    return float(np.mean(per_group)) if per_group else 0.0
+
+
+def _generate(sampler: GuidedSampler, items: list[SampleItem], options: GenerationOptions) -> np.ndarray:
+    images = []
+    for i in range(0, len(items), BATCH):
+        images.extend(out.image for out in sampler(items[i : i + BATCH], options))
+    return np.stack(images)
+
+
+def _pick_per_class(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """``per_class`` indices of each digit (fewer when the split has fewer), in class order."""
+    return np.concatenate([
+        rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(DIGITS))
+    ])
+
+
+def evaluate(model: str, random_per_class: int = 10, aig_per_class: int = 10, diversity_guides: int = 10,
+             seeds_per_guide: int = 4, steps: int = EVAL_STEPS, seed: int = 0, device: str | None = "cpu",
+             guidance_scale: float | None = None) -> EvalReport:
+    """Measure (a), (b) and (c) for the diffusers folder or hub id ``model``."""
+    start = time.monotonic()
+    split = load_digits_split()
+    reference = ReferenceClassifier(split)
+    reference_accuracy = float(np.mean(reference.predict(split.test_images) == split.test_labels))
+
+    loaded = load_pipeline(model=model, device=device)
+    if loaded.native_size % FEATURE_SIDE:
+        raise ValueError(f"model {model!r} generates {loaded.native_size} px, not a multiple of {FEATURE_SIDE}")
+    sampler = GuidedSampler(loaded)
+    base = GenerationOptions(num_inference_steps=steps, seed=seed, grad_steps=0)  # random, aig: no gradients
+    if guidance_scale is not None:
+        base = base.model_copy(update={"guidance_scale": guidance_scale})
+    rng = np.random.default_rng(seed)
+    blank = np.zeros((loaded.native_size, loaded.native_size, 3), np.uint8)
+
+    # (a) random mode: the prompt alone decides the digit
+    labels = np.repeat(np.arange(len(DIGITS)), random_per_class)
+    items = [SampleItem(guide=blank, class_id=int(c), class_name=DIGITS[c], seed=seed * 1_000_003 + i)
+             for i, c in enumerate(labels)]
+    generated = _generate(sampler, items, base.model_copy(update={"mode": Mode.random}))
+    random_accuracy = float(np.mean(reference.predict(generated) == labels))
+
+    # (b) aig mode: guides from the test split, the guide's own digit in the prompt
+    aig = base.model_copy(update={"mode": Mode.aig})
+    picked = _pick_per_class(split.test_labels, aig_per_class, rng)
+    guides, guide_labels = split.test_images[picked], split.test_labels[picked]
+    items = [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=seed * 1_000_003 + 10_000 + i)
+             for i, (g, c) in enumerate(zip(guides, guide_labels))]
+    generated = _generate(sampler, items, aig)
+    aig_faithfulness = float(np.mean(reference.predict(generated) == guide_labels))
+    aig_guide_accuracy = float(np.mean(reference.predict(guides) == guide_labels))
+
+    # (c) diversity: several seeds per guide, against real images of one digit
+    picked = _pick_per_class(split.test_labels, max(1, -(-diversity_guides // len(DIGITS))), rng)[:diversity_guides]
+    items = [SampleItem(guide=split.test_images[g], class_id=int(split.test_labels[g]),
+                        class_name=DIGITS[split.test_labels[g]], seed=seed * 1_000_003 + 20_000 + 100 * k + s)
+             for k, g in enumerate(picked) for s in range(seeds_per_guide)]
+    generated = _generate(sampler, items, aig).reshape(len(picked), seeds_per_guide, *generated.shape[1:])
+    diversity = mean_pairwise_distance(list(generated))
+    real_diversity = mean_pairwise_distance(
+        [split.test_images[split.test_labels == c] for c in range(len(DIGITS))]
+    )
+    return EvalReport(
+        model=str(model), reference_accuracy=reference_accuracy, random_accuracy=random_accuracy,
+        aig_faithfulness=aig_faithfulness, aig_guide_accuracy=aig_guide_accuracy, diversity=diversity,
+        real_diversity=real_diversity, n_random=len(labels), n_aig=len(guide_labels),
+        n_diversity_guides=len(picked), seeds_per_guide=seeds_per_guide, num_inference_steps=steps,
+        guidance_scale=base.guidance_scale, image_guidance_strength=base.image_guidance_strength,
+        seconds=round(time.monotonic() - start, 1),
+    )
+
+
+# ---------------------------------------------------------------------- command line
+def add_parser(subparsers) -> None:
+    """``actgen-generator eval-model``."""
+    p = subparsers.add_parser(
+        "eval-model",
+        help="check a tiny digits model: class-conditional accuracy, guide faithfulness, diversity",
+        description="Generate on the digits test split through the service's sampler and report (a) the "
+                    "share of random-mode images classified as their prompt's digit, (b) the share of "
+                    "aig-mode images classified as their guide's digit, (c) same-guide diversity next to "
+                    "real same-digit diversity. Exit status 1 when (a) < "
+                    f"{MIN_RANDOM_ACCURACY}, (b) < {MIN_AIG_FAITHFULNESS} or (c) is 0.",
+    )
+    p.add_argument("model", help="diffusers folder (or hub id) of a digits model")
+    p.add_argument("--random-per-class", type=int, default=10, help="random-mode images per digit")
+    p.add_argument("--aig-per-class", type=int, default=10, help="aig-mode guides per digit")
+    p.add_argument("--diversity-guides", type=int, default=10, help="guides for the diversity figure")
+    p.add_argument("--seeds-per-guide", type=int, default=4, help="seeds per diversity guide (>= 2)")
+    p.add_argument("--steps", type=int, default=EVAL_STEPS, help="DDPM steps per image")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"CFG scale (default: the service's, {GenerationOptions().guidance_scale:g})")
+    p.add_argument("--seed", type=int, default=0, help="seed of guide choice and noise")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    for name in ("random_per_class", "aig_per_class", "diversity_guides", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"actgen-generator eval-model: --{name.replace('_', '-')} must be >= 1")
+    if args.seeds_per_guide < 2:
+        raise SystemExit("actgen-generator eval-model: --seeds-per-guide must be >= 2 (diversity needs pairs)")
+    local = Path(args.model).expanduser()
+    if not local.exists() and "/" not in args.model:
+        raise SystemExit(f"actgen-generator eval-model: no model folder {args.model!r}")
+    try:
+        report = evaluate(args.model, args.random_per_class, args.aig_per_class, args.diversity_guides,
+                          args.seeds_per_guide, args.steps, args.seed, args.device, args.guidance_scale)
+    except ValueError as exc:
+        raise SystemExit(f"actgen-generator eval-model: {exc}") from None
+    print(report.text())
+    if args.json:
+        Path(args.json).write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2) + "\n")
+    return 0 if report.passed else 1

@@ -1,0 +1,459 @@
+"""Train the tiny SD-architecture model on the bundled digits, so the embedded default shows the method.
+
+Same classes and file layout as SD 2.1 base (AutoencoderKL, UNet2DConditionModel with
+cross-attention, CLIPTextModel, the tiny byte-pair CLIPTokenizer, DDPMScheduler with SD 2.1's
+betas and epsilon prediction), so the result loads through ``StableDiffusionPipeline.from_pretrained``
+and the guided sampler runs on it unchanged. Generation size is 32 px: the VAE maps a 32x32 RGB
+digit to a 4x8x8 latent (scale factor 4, the digits' own 8x8 resolution), which keeps the UNet
+small enough to become class-conditional in minutes on two CPU cores.
+
+Training runs in two phases inside one time budget:
+
+1. the VAE (reconstruction + a small KL term), then frozen; its ``scaling_factor`` is set so
+   the training latents have unit variance, as SD's 0.18215 does for its VAE;
+2. the UNet on those latents with SD's epsilon objective, prompts ``a photo of {name}`` (the
+   sampler's template) and ``a photo of the digit {name}``, the empty prompt with probability
+   ``prompt_dropout`` (for classifier-free guidance), and an EMA of its weights, which is what
+   is saved.
+
+The text encoder is a random-weight two-layer CLIP, frozen by default: its outputs for the ten
+digit prompts are already distinct (the class token and the positions after it differ), so the
+prompts are encoded once; ``text_lr`` > 0 trains it along with the UNet instead. Each phase's learning rate
+follows a cosine to zero over its share of the steps or of the time, whichever runs out first,
+so a slower machine still ends its schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from actgen_generator.attention import PROMPT_TEMPLATE
+from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, _check_tokenizer, build_tokenizer
+from actgen_shared.labels import DIGITS
+
+TINY_DIGITS_VERSION = "tiny-digits-v1"
+IMAGE_SIZE = 32  # px: the generation size (digits upscaled from 8x8)
+DIGITS_TEST_FRACTION = 0.2  # the same split as the trainer's digits data (actgen_trainer.data)
+DIGITS_SPLIT_SEED = 0
+# The sampler's prompt template first; the issue's longer one too, so both prompts work.
+PROMPT_TEMPLATES = (PROMPT_TEMPLATE, "a photo of the digit {}")
+DATASETS = ("digits",)
+
+TINY_DIGITS_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16, 32),  # three blocks: 32x32 px -> 8x8 latents
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=IMAGE_SIZE,
+)
+
+TINY_DIGITS_UNET = dict(
+    sample_size=IMAGE_SIZE // 4,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(1, 2),  # diffusers' name for the number of heads (as SD 2.1's config)
+    cross_attention_dim=TINY_TEXT["hidden_size"],
+    use_linear_projection=True,
+    norm_num_groups=16,
+)
+
+
+@dataclass
+class TinyTrainingConfig:
+    """Everything that decides the trained weights (written next to them)."""
+
+    data: str = "digits"
+    minutes: float = 12.0  # wall-clock budget for both phases
+    seed: int = 0
+    vae_steps: int = 400
+    unet_steps: int = 2000
+    vae_share: float = 0.25  # share of the time budget the VAE phase may take at most
+    vae_batch: int = 32
+    unet_batch: int = 64
+    vae_lr: float = 2e-3
+    unet_lr: float = 1e-3
+    text_lr: float = 0.0  # 0: the random text encoder stays frozen (its prompts are already distinct)
+    warmup_steps: int = 100
+    kl_weight: float = 1e-4
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.999
+    max_shift: int = 2  # px of random translation (augmentation), at 32 px
+    log_every: int = 100
+
+
+@dataclass
+class DigitsSplit:
+    """The digits as uint8 N x 32 x 32 x 3 arrays with integer labels."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
+    """scikit-learn's 8x8 digits upscaled to RGB squares, split as the trainer splits them."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    big = np.stack(
+        [np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.BILINEAR)) for g in gray]
+    )
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    labels = bunch.target.astype(np.int64)
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(rgb))
+    n_test = int(round(len(rgb) * DIGITS_TEST_FRACTION))
+    test, train = order[:n_test], order[n_test:]
+    return DigitsSplit(rgb[train], labels[train], rgb[test], labels[test])
+
+
+def to_model_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1] (the VAE's range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` px, filling with the background (-1)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+
+
+def schedule_lr(base: float, step: int, total: int, elapsed: float, budget: float, warmup: int) -> float:
+    """Linear warmup, then a cosine to zero over steps or time, whichever is further along."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, max(step / max(total, 1), elapsed / max(budget, 1e-9)))
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_untrained(seed: int) -> StableDiffusionPipeline:
+    """The tiny-digits pipeline with random weights (same seed, same weights)."""
+    tokenizer = build_tokenizer()
+    _check_tokenizer(tokenizer)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_TEXT,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config)
+        vae = AutoencoderKL(**TINY_DIGITS_VAE)
+        unet = UNet2DConditionModel(**TINY_DIGITS_UNET)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval().requires_grad_(False),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**SD21_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def prompt_ids(pipe: StableDiffusionPipeline, class_names: list[str]) -> torch.Tensor:
+    """Token ids (len(templates) * classes + 1, 77) of every prompt, the empty prompt last.
+
+    Tokenised as ``encode_prompt`` tokenises (padded to the tokenizer's length), so the text
+    encoder sees in training exactly what it sees in the sampler.
+    """
+    texts = [template.format(n) for template in PROMPT_TEMPLATES for n in class_names] + [""]
+    tok = pipe.tokenizer
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def embed_prompts(text_encoder: CLIPTextModel, ids: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (templates, classes, 77, d) of the prompts and (77, d) of the empty prompt."""
+    out = text_encoder(ids.to(text_encoder.device))[0]
+    return out[:-1].view(-1, n_classes, *out.shape[1:]), out[-1]
+
+
+class _Clock:
+    """Elapsed seconds since construction."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() - self.start
+
+
+def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TinyTrainingConfig, budget_s: float,
+              generator: torch.Generator) -> dict:
+    """Phase 1: reconstruction (L1 + MSE) plus ``kl_weight`` KL; returns a summary."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    clock, n = _Clock(), len(images)
+    bar = tqdm(range(cfg.vae_steps), desc="vae", unit="step", dynamic_ncols=True, mininterval=2.0)
+    recon = kl = float("nan")
+    step = 0
+    for step in bar:
+        if clock() > budget_s:
+            break
+        for group in opt.param_groups:
+            group["lr"] = schedule_lr(cfg.vae_lr, step, cfg.vae_steps, clock(), budget_s, cfg.warmup_steps)
+        idx = torch.randint(0, n, (cfg.vae_batch,), generator=generator)
+        x = random_shift(images[idx], cfg.max_shift, generator)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        out = vae.decode(z).sample
+        rec = F.l1_loss(out, x) + F.mse_loss(out, x)
+        kl_term = posterior.kl().mean() / z[0].numel()
+        loss = rec + cfg.kl_weight * kl_term
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        recon, kl = float(rec.detach()), float(kl_term.detach())
+        if step % cfg.log_every == 0:
+            bar.set_postfix(recon=f"{recon:.4f}", kl=f"{kl:.2f}")
+            tqdm.write(f"vae step {step} recon {recon:.4f} kl {kl:.3f} lr {opt.param_groups[0]['lr']:.2e}")
+    vae.eval().requires_grad_(False)
+    return {"steps": step + 1 if clock() <= budget_s else step, "seconds": round(clock(), 1),
+            "final_recon_loss": recon, "final_kl": kl}
+
+
+@torch.no_grad()
+def latent_stats(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image (unscaled)."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(images[i : i + batch]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, ids: torch.Tensor,
+               latents: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, scaling: float,
+               cfg: TinyTrainingConfig, budget_s: float, generator: torch.Generator,
+               on_log: Callable[[int, UNet2DConditionModel, CLIPTextModel], None] | None = None,
+               ) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
+    """Phase 2: epsilon prediction under SD 2.1's schedule, the text encoder trained along when
+    ``cfg.text_lr`` > 0; returns the EMA UNet, the (EMA) text encoder and a summary."""
+    scheduler = DDPMScheduler(**SD21_SCHEDULER)
+    n_classes = len(DIGITS)
+    train_text = cfg.text_lr > 0
+    models = [unet, text_encoder] if train_text else [unet]
+    for m in models:
+        m.train().requires_grad_(True)
+    emas = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
+    groups = [{"params": list(unet.parameters()), "base_lr": cfg.unet_lr}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "base_lr": cfg.text_lr})
+    else:
+        with torch.no_grad():
+            prompts, empty = embed_prompts(text_encoder, ids, n_classes)
+    opt = torch.optim.AdamW(groups, lr=cfg.unet_lr, weight_decay=0.01)
+    params = [p for m in models for p in m.parameters()]
+    mean, std = latents
+    n, n_templates = len(mean), len(PROMPT_TEMPLATES)
+    clock = _Clock()
+    bar = tqdm(range(cfg.unet_steps), desc="unet", unit="step", dynamic_ncols=True, mininterval=2.0)
+    running, step = float("nan"), 0
+    for step in bar:
+        if clock() > budget_s:
+            break
+        for group in opt.param_groups:
+            group["lr"] = schedule_lr(group["base_lr"], step, cfg.unet_steps, clock(), budget_s, cfg.warmup_steps)
+        if train_text:  # 21 prompts: cheap next to the UNet batch
+            prompts, empty = embed_prompts(text_encoder, ids, n_classes)
+        idx = torch.randint(0, n, (cfg.unet_batch,), generator=generator)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scaling
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=generator)
+        xt = scheduler.add_noise(x0, noise, t)
+        template = torch.randint(0, n_templates, (cfg.unet_batch,), generator=generator)
+        cond = prompts[template, labels[idx]]
+        drop = torch.rand(cfg.unet_batch, generator=generator) < cfg.prompt_dropout
+        cond = torch.where(drop.view(-1, 1, 1), empty.expand_as(cond), cond)
+        pred = unet(xt, t, encoder_hidden_states=cond, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, model in zip(emas, models):
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1.0 - decay)
+        value = float(loss.detach())
+        running = value if math.isnan(running) else 0.98 * running + 0.02 * value
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+            tqdm.write(f"unet step {step} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            if on_log is not None:
+                on_log(step, emas[0], emas[-1] if train_text else text_encoder)
+    done = step + 1 if clock() <= budget_s else step
+    text_encoder.eval().requires_grad_(False)
+    final_text = emas[-1] if train_text else text_encoder
+    return emas[0], final_text, {"steps": done, "seconds": round(clock(), 1), "final_loss": running}
+
+
+def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str | None = None) -> Path:
+    """Train on ``cfg.data`` and write a diffusers folder (plus ``actgen_tiny.json``, README.md) to ``out_dir``."""
+    if cfg.data not in DATASETS:
+        raise ValueError(f"unknown training data {cfg.data!r}; known: {list(DATASETS)}")
+    if cfg.minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {cfg.minutes}")
+    out = Path(out_dir).expanduser().resolve()
+    total_clock = _Clock()
+    budget = cfg.minutes * 60.0
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    split = load_digits_split()
+    images = to_model_pixels(split.train_images)
+    labels = torch.from_numpy(split.train_labels)
+    pipe = build_untrained(cfg.seed)
+    print(f"training {TINY_DIGITS_VERSION} on {len(images)} digits for at most {cfg.minutes:g} min "
+          f"(seed {cfg.seed}, {torch.get_num_threads()} threads); "
+          f"unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f} M params, "
+          f"vae {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f} M", flush=True)
+
+    vae_summary = train_vae(pipe.vae, images, cfg, budget * cfg.vae_share, generator)
+    mean, std = latent_stats(pipe.vae, images)
+    scaling = float(1.0 / mean.std())
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    print(f"vae done: {vae_summary}; scaling_factor {scaling:.4f}", flush=True)
+
+    ids = prompt_ids(pipe, list(DIGITS))
+    ema, text_encoder, unet_summary = train_unet(pipe.unet, pipe.text_encoder, ids, (mean, std), labels,
+                                                 scaling, cfg, budget - total_clock(), generator)
+    print(f"unet done: {unet_summary}", flush=True)
+
+    trained = StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=ema,
+        scheduler=DDPMScheduler(**SD21_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    meta = {
+        "version": TINY_DIGITS_VERSION,
+        "command": command,
+        "config": asdict(cfg),
+        "vae": vae_summary,
+        "unet": unet_summary,
+        "total_seconds": round(total_clock(), 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    _write_atomically(trained, out, meta)
+    print(f"wrote {out} in {meta['total_seconds']:.0f} s", flush=True)
+    return out
+
+
+def _model_card(meta: dict) -> str:
+    cfg = meta["config"]
+    text = ("The text encoder is the random-weight one, frozen." if not cfg["text_lr"]
+            else "The text encoder was trained along with the UNet.")
+    return (
+        f"# {meta['version']}: a tiny Stable-Diffusion-architecture model of the digits\n\n"
+        "SD 2.1's classes and folder layout (AutoencoderKL, UNet2DConditionModel with cross-attention,\n"
+        "CLIPTextModel, CLIPTokenizer, DDPMScheduler with SD 2.1's betas, epsilon prediction), trained on\n"
+        "scikit-learn's 8x8 digits upscaled to 32x32 RGB, prompts `a photo of {digit}` and\n"
+        "`a photo of the digit {digit}` (digit names `zero` .. `nine`). Native size 32 px, 4x8x8 latents.\n"
+        f"{text}\n\n"
+        "## How it was made\n\n"
+        f"```\n{meta['command'] or 'actgen-generator train-tiny-model'}\n```\n\n"
+        f"seed {cfg['seed']}, budget {cfg['minutes']:g} min; VAE {meta['vae']['steps']} steps in "
+        f"{meta['vae']['seconds']:.0f} s, UNet {meta['unet']['steps']} steps in {meta['unet']['seconds']:.0f} s "
+        f"({meta['total_seconds']:.0f} s in all, {meta['threads']} threads, torch {meta['torch']}).\n"
+        "The full configuration and losses are in `actgen_tiny.json`. Check it with\n"
+        "`actgen-generator eval-model DIR`.\n"
+    )
+
+
+def _write_atomically(pipe: StableDiffusionPipeline, out: Path, meta: dict) -> None:
+    """Save to a temporary sibling and rename into place: no reader sees half a model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "actgen_tiny.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(meta))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------- command line
+def add_parser(subparsers) -> None:
+    """``actgen-generator train-tiny-model``."""
+    defaults = TinyTrainingConfig()
+    p = subparsers.add_parser(
+        "train-tiny-model",
+        help="train the tiny SD-architecture model on the bundled digits (a diffusers folder)",
+        description="Train the tiny SD-architecture model (VAE, then UNet; frozen CLIP text encoder) "
+                    "on the bundled digits and write a diffusers folder loadable like SD 2.1.",
+    )
+    p.add_argument("--data", default=defaults.data, choices=DATASETS, help="training set")
+    p.add_argument("--out", required=True, help="output folder (replaced when it exists)")
+    p.add_argument("--minutes", type=float, default=defaults.minutes, help="wall-clock budget, both phases")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, batches and noise")
+    p.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="VAE phase steps at most")
+    p.add_argument("--unet-steps", type=int, default=defaults.unet_steps, help="UNet phase steps at most")
+    p.add_argument("--text-lr", type=float, default=defaults.text_lr,
+                   help="learning rate of the text encoder (0: keep the random one frozen)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    for name in ("vae_steps", "unet_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"actgen-generator train-tiny-model: --{name.replace('_', '-')} must be >= 1")
+    if args.minutes <= 0:
+        raise SystemExit("actgen-generator train-tiny-model: --minutes must be positive")
+    if args.text_lr < 0:
+        raise SystemExit("actgen-generator train-tiny-model: --text-lr must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("actgen-generator train-tiny-model: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    cfg = TinyTrainingConfig(data=args.data, minutes=args.minutes, seed=args.seed, vae_steps=args.vae_steps,
+                             unet_steps=args.unet_steps, text_lr=args.text_lr)
+    command = (f"actgen-generator train-tiny-model --data {cfg.data} --out {args.out} --minutes {cfg.minutes:g} "
+               f"--seed {cfg.seed} --vae-steps {cfg.vae_steps} --unet-steps {cfg.unet_steps} "
+               f"--text-lr {cfg.text_lr:g}" + (f" --threads {args.threads}" if args.threads else ""))
+    train_tiny_model(args.out, cfg, command=command)
+    return 0
