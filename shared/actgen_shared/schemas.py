@@ -48,7 +48,7 @@ class GenerationOptions(_Strict):
     """Sampler options; defaults are the paper's (section 5.1, appendix A.4)."""
 
     mode: Mode = Mode.actgen
-    num_inference_steps: int = Field(40, ge=1, le=1000, description="DDPM steps")
+    num_inference_steps: int = Field(40, ge=1, le=500, description="DDPM steps")
     guidance_scale: float = Field(15.0, ge=0.0, le=100.0, description="CFG scale s (eq. 4)")
     image_guidance_strength: float = Field(
         12.5, ge=-1000.0, le=1000.0, description="i in gamma = 1 - sigmoid(step - i) (eq. 7)"

@@ -175,6 +175,11 @@ class GuidedSampler:
 
         scheduler = DDPMScheduler.from_config(self.model.pipe.scheduler.config)
         scheduler.set_timesteps(opts.num_inference_steps, device=self.device)
+        if int(scheduler.timesteps.max()) >= len(scheduler.alphas_cumprod):
+            raise ValueError(
+                f"options.num_inference_steps={opts.num_inference_steps} is more than this model's "
+                f"scheduler supports ({scheduler.config.num_train_timesteps} training timesteps)"
+            )
         total = len(scheduler.timesteps)
         attention = None  # class-token attention accumulated over steps (eq. 8's m before scaling)
         for k, t in enumerate(scheduler.timesteps):
