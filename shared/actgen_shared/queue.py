@@ -49,9 +49,14 @@ DEAD_LETTER_MAXLEN = 100_000
 _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 
 
-def connect(url: str) -> aioredis.Redis:
-    """An asyncio Redis client fit for the queue (bytes replies, RESP2)."""
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+def connect(url: str, socket_timeout: float | None = None) -> aioredis.Redis:
+    """An asyncio Redis client fit for the queue (bytes replies, RESP2).
+
+    ``socket_timeout`` must exceed the longest blocking read the caller makes (a long-poll of
+    :meth:`JobQueue.read_results`): redis-py's default would cut it short.
+    """
+    extra = {} if socket_timeout is None else {"socket_timeout": socket_timeout}
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30, **extra)
 
 
 def _s(value: bytes | str | None) -> str | None:

@@ -33,7 +33,7 @@ from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import EchoSampler, Worker
 from actgen_shared import __version__, codecs
-from actgen_shared.queue import JobQueue, validate_cursor
+from actgen_shared.queue import JobQueue, connect, validate_cursor
 from actgen_shared.schemas import (
     BANK_KEY_PATTERN,
     CLASSIFIER_REF_PATTERN,
@@ -186,10 +186,7 @@ async def _start_worker(svc: Service) -> None:
 def redis_client(url: str) -> aioredis.Redis:
     """The queue's kind of client, with a socket timeout longer than the longest long-poll
     (redis-py's default of 5 s would cut a blocking XREAD of /v1/runs/{run}/results short)."""
-    return aioredis.Redis.from_url(
-        url, decode_responses=False, health_check_interval=30,
-        socket_timeout=MAX_WAIT_S + REDIS_TIMEOUT_MARGIN_S,
-    )
+    return connect(url, socket_timeout=MAX_WAIT_S + REDIS_TIMEOUT_MARGIN_S)
 
 
 def _lifespan(svc: Service):  # type: ignore[no-untyped-def]
