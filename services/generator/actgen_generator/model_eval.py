@@ -32,8 +32,8 @@ from actgen_shared.schemas import GenerationOptions, Mode
 MIN_RANDOM_ACCURACY = 0.5
 MIN_AIG_FAITHFULNESS = 0.8
 FEATURE_SIDE = 8  # the digits' own resolution: the classifier sees 8x8 grey levels
-EVAL_STEPS = 25
-BATCH = 50
+EVAL_STEPS = 20
+BATCH = 100
 
 
 @dataclass

@@ -88,7 +88,7 @@ class TinyTrainingConfig:
     """Everything that decides the trained weights (written next to them)."""
 
     data: str = "digits"
-    minutes: float = 12.0  # wall-clock budget for both phases
+    minutes: float = 14.0  # wall-clock budget for both phases
     seed: int = 0
     vae_steps: int = 400
     unet_steps: int = 2000
@@ -404,6 +404,7 @@ def _write_atomically(pipe: StableDiffusionPipeline, out: Path, meta: dict) -> N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the model is for every user
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "actgen_tiny.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(meta))

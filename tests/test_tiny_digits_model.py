@@ -1,0 +1,103 @@
+"""The shipped tiny digits model: loaded like SD 2.1, it draws the guide's digit on the CPU.
+
+The model folder is loaded by ``load_pipeline`` (``StableDiffusionPipeline.from_pretrained``, as for
+SD 2.1) and sampled by the service's ``GuidedSampler``; a reference classifier trained on real
+digits (the one ``eval-model`` uses) says which digit each image shows. Seeds are fixed, so the
+figures are the same on every run of the same platform; the thresholds leave a margin below
+what the shipped model scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from actgen_generator.model_eval import ReferenceClassifier, grey_features, mean_pairwise_distance
+from actgen_generator.pipeline import load_pipeline
+from actgen_generator.sampler import GuidedSampler, SampleItem
+from actgen_generator.tiny_training import load_digits_split
+from actgen_shared.labels import DIGITS
+from actgen_shared.schemas import GenerationOptions, Mode
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-digits"
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_pipeline(model=str(MODEL_DIR), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def reference(split):
+    return ReferenceClassifier(split)
+
+
+def _one_guide_per_digit(split) -> tuple[np.ndarray, np.ndarray]:
+    index = np.array([np.flatnonzero(split.test_labels == c)[0] for c in range(len(DIGITS))])
+    return split.test_images[index], split.test_labels[index]
+
+
+def test_shipped_folder_is_an_sd21_style_diffusers_pipeline(model):
+    files = {p.name for p in MODEL_DIR.rglob("*") if p.is_file()}
+    assert "model_index.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for name in files)  # safetensors only
+    size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*.safetensors"))
+    assert 0 < size < 20 * 2**20, f"{size} bytes of weights"
+    pipe = model.pipe
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert model.native_size == 32
+    # whole words: BOS + 5 words + EOS
+    assert len(pipe.tokenizer("a photo of the digit seven").input_ids) == 8
+    assert len(pipe.tokenizer("seven", add_special_tokens=False).input_ids) == 1
+
+
+def test_reference_classifier_reads_real_digits(split, reference):
+    accuracy = np.mean(reference.predict(split.test_images) == split.test_labels)
+    assert accuracy > 0.95
+    assert grey_features(split.test_images[:3]).shape == (3, 64)
+
+
+def test_aig_mode_draws_the_guides_digit(model, split, reference):
+    guides, labels = _one_guide_per_digit(split)
+    items = [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=100 + i)
+             for i, (g, c) in enumerate(zip(guides, labels))]
+    out = GuidedSampler(model)(items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0))
+    images = np.stack([o.image for o in out])
+    assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
+    assert out[0].latent.shape == (4, 8, 8)
+    predicted = reference.predict(images)
+    assert np.sum(predicted == labels) >= 8, f"guides {labels.tolist()} -> {predicted.tolist()}"
+    # Not a copy of the guide, and not a blank: strokes on a dark ground, as the real digits.
+    assert np.abs(images.astype(float) - guides.astype(float)).mean() > 1.0
+    assert 20 < images.mean() < 160
+
+
+def test_aig_mode_varies_with_the_seed(model, split):
+    guides, labels = _one_guide_per_digit(split)
+    items = [SampleItem(guide=guides[3], class_id=3, class_name=DIGITS[3], seed=s) for s in range(3)]
+    out = GuidedSampler(model)(items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0))
+    assert mean_pairwise_distance([np.stack([o.image for o in out])]) > 0.01
+
+
+def test_random_mode_follows_the_prompt(model, reference):
+    labels = np.repeat(np.arange(len(DIGITS)), 2)
+    blank = np.zeros((32, 32, 3), np.uint8)
+    items = [SampleItem(guide=blank, class_id=int(c), class_name=DIGITS[c], seed=200 + i)
+             for i, c in enumerate(labels)]
+    out = GuidedSampler(model)(items, GenerationOptions(mode=Mode.random, num_inference_steps=STEPS, grad_steps=0))
+    predicted = reference.predict(np.stack([o.image for o in out]))
+    assert np.sum(predicted == labels) >= 10, f"prompts {labels.tolist()} -> {predicted.tolist()}"
