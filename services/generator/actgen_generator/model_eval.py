@@ -94,7 +94,7 @@ class ReferenceClassifier:
     """An RBF SVM on 8x8 grey levels, trained on the real digits train split."""
 
     def __init__(self, split: DigitsSplit) -> None:
-        from sklearn.svm import SVC
+        from sklearn.svm import SVC  # installed with the digits data set (load_digits_split)
 
         self.model = SVC(C=10.0, gamma="scale")
         self.model.fit(grey_features(split.train_images), split.train_labels)
@@ -217,12 +217,13 @@ def _run(args) -> int:
     if args.seeds_per_guide < 2:
         raise SystemExit("actgen-generator eval-model: --seeds-per-guide must be >= 2 (diversity needs pairs)")
     local = Path(args.model).expanduser()
-    if not local.exists() and "/" not in args.model:
+    looks_like_path = args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1
+    if not local.exists() and looks_like_path:  # a hub id is owner/name
         raise SystemExit(f"actgen-generator eval-model: no model folder {args.model!r}")
     try:
         report = evaluate(args.model, args.random_per_class, args.aig_per_class, args.diversity_guides,
                           args.seeds_per_guide, args.steps, args.seed, args.device, args.guidance_scale)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"actgen-generator eval-model: {exc}") from None
     print(report.text())
     if args.json:

@@ -119,7 +119,12 @@ class DigitsSplit:
 def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
     """scikit-learn's 8x8 digits upscaled to RGB squares, split as the trainer splits them."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError("the digits data set comes with scikit-learn: "
+                           "pip install 'actgen-generator[digits]' (or scikit-learn)") from None
 
     bunch = load_digits()
     gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
@@ -456,5 +461,8 @@ def _run(args) -> int:
     command = (f"actgen-generator train-tiny-model --data {cfg.data} --out {args.out} --minutes {cfg.minutes:g} "
                f"--seed {cfg.seed} --vae-steps {cfg.vae_steps} --unet-steps {cfg.unet_steps} "
                f"--text-lr {cfg.text_lr:g}" + (f" --threads {args.threads}" if args.threads else ""))
-    train_tiny_model(args.out, cfg, command=command)
+    try:
+        train_tiny_model(args.out, cfg, command=command)
+    except RuntimeError as exc:
+        raise SystemExit(f"actgen-generator train-tiny-model: {exc}") from None
     return 0
