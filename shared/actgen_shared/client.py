@@ -42,6 +42,17 @@ class GeneratorError(RuntimeError):
         self.message = message
 
 
+# A replica that is starting, or whose Redis is restarting, answers 503: worth waiting out.
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for trouble that passes by itself: 502/503/504 and network errors."""
+    if isinstance(exc, GeneratorError):
+        return exc.status in RETRYABLE_STATUS
+    return isinstance(exc, httpx.TransportError)
+
+
 def _raise_for(response: httpx.Response) -> None:
     if response.is_success:
         return
@@ -124,10 +135,19 @@ class GeneratorClient:
         return JobState.model_validate(self._request("DELETE", f"/v1/jobs/{job_id}").json())
 
     def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> JobState:
-        """Poll until the job is done, failed or cancelled; TimeoutError after ``timeout_s``."""
+        """Poll until the job is done, failed or cancelled; TimeoutError after ``timeout_s``.
+
+        Retryable trouble (503 while Redis restarts, a dropped connection) is waited out.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            state = self.status(job_id)
+            try:
+                state = self.status(job_id)
+            except Exception as exc:  # a restarting replica or Redis: keep waiting
+                if not is_retryable(exc) or (deadline is not None and time.monotonic() > deadline):
+                    raise
+                time.sleep(max(poll_s, 0.5))
+                continue
             if state.status.is_final:
                 return state
             if deadline is not None and time.monotonic() > deadline:
@@ -231,7 +251,13 @@ class AsyncGeneratorClient:
     async def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> JobState:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            state = await self.status(job_id)
+            try:
+                state = await self.status(job_id)
+            except Exception as exc:  # a restarting replica or Redis: keep waiting
+                if not is_retryable(exc) or (deadline is not None and time.monotonic() > deadline):
+                    raise
+                await asyncio.sleep(max(poll_s, 0.5))
+                continue
             if state.status.is_final:
                 return state
             if deadline is not None and time.monotonic() > deadline:

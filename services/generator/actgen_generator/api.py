@@ -20,6 +20,8 @@ from typing import Annotated, Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -608,6 +610,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 401:
             headers.setdefault("WWW-Authenticate", "Bearer")
         return error_response(exc.status_code, code, message, headers=headers or None)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log_event("http.redis_unavailable", None, path=request.url.path, error=str(exc))
+        return error_response(503, "unavailable", f"Redis does not answer ({exc}); retry shortly",
+                              headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
