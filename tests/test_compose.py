@@ -78,6 +78,9 @@ def test_trainer_is_a_one_shot_profile_with_data_and_runs_volumes(compose: dict)
     assert trainer["restart"] == "no"
     mounts = {v.split(":")[1] for v in trainer["volumes"]}
     assert mounts == {"/data", "/runs"}
+    command = trainer["command"]
+    assert command[command.index("--generator-url") + 1].endswith("http://generator:8000}")
+    assert "output_dir=/runs" in command
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 4])
