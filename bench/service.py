@@ -24,7 +24,7 @@ from actgen_shared.schemas import GenerationOptions, JobRequest
 
 ITEMS = 4
 STEPS = 10
-REPEATS = 3
+REPEATS = 5
 NOOP_JOBS = 40
 SIZE = 64
 
@@ -84,19 +84,21 @@ def run() -> dict[str, Any]:
     with EmbeddedRedis() as redis_server:
         env = {"ACTGEN_KEY_PREFIX": f"bench:{uuid.uuid4().hex[:8]}:", "ACTGEN_MAX_BATCH": str(ITEMS),
                "ACTGEN_DEVICE": "cpu"}
+        # In-process first, with no replica alive: a replica idling beside the timed process (or
+        # the bench process beside a replica) costs the other CPU time on a small machine, which
+        # interleaving the two showed as a 2-3x "overhead" that was not the service's.
         in_process = _in_process_sampler()
+        in_process()  # warm-up
+        in_process_times = [in_process() for _ in range(REPEATS)]
         with GeneratorProcess(redis_url=redis_server.url, env={**env, "ACTGEN_REPLICA_ID": "bench-guided"}
                               ) as server, GeneratorClient(server.url) as client:
             _through_service(client, _request(f"warm-{uuid.uuid4().hex[:6]}", ITEMS, STEPS, 1))
-            in_process()  # warm-up
-            # interleaved, so a change in the machine's load hits both sides alike
-            pairs = [
-                (_through_service(client, _request(f"svc-{uuid.uuid4().hex[:6]}", ITEMS, STEPS, 1)),
-                 in_process())
+            service_times = [
+                _through_service(client, _request(f"svc-{uuid.uuid4().hex[:6]}", ITEMS, STEPS, 1))
                 for _ in range(REPEATS)
             ]
-        service = statistics.median(p[0] for p in pairs)
-        in_process_s = statistics.median(p[1] for p in pairs)
+        service = statistics.median(service_times)
+        in_process_s = statistics.median(in_process_times)
         results.update(
             service_job_s=round(service, 4),
             in_process_job_s=round(in_process_s, 4),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-import redis
+import torch
+from service_helpers import key_prefix_for
 
 from actgen_shared.redis_embedded import EmbeddedRedis
 from actgen_shared.settings import Settings
@@ -27,14 +28,8 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def key_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    yield prefix
-    client = redis.Redis.from_url(redis_url)
-    try:
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            client.delete(key)
-    finally:
-        client.close()
+    with key_prefix_for(redis_url) as prefix:
+        yield prefix
 
 
 @pytest.fixture
@@ -48,3 +43,23 @@ def settings(redis_url: str, key_prefix: str) -> Settings:
         max_deliveries=3,
         result_ttl_s=3600,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The test machine's cores are shared: one thread is faster than oversubscribed OpenMP."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A GuidedSampler on a freshly built random-weight tiny model, loaded like SD 2.1."""
+    from actgen_generator.pipeline import load_pipeline
+    from actgen_generator.sampler import GuidedSampler
+    from actgen_generator.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(Path(tmp_path_factory.mktemp("tiny")) / "model")
+    return GuidedSampler(load_pipeline(str(folder), device="cpu"))

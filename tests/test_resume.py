@@ -13,34 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
 from actgen_shared.client import GeneratorClient
 from actgen_shared.launcher import GeneratorProcess
 from actgen_trainer.checkpoint import load_checkpoint
 from actgen_trainer.loop import Trainer
+from trainer_helpers import client, generator, small_config  # noqa: F401, F811 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_trainer_loop import small_config  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def generator(redis_url: str) -> Iterator[GeneratorProcess]:
-    prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    with GeneratorProcess(redis_url=redis_url, env={"ACTGEN_KEY_PREFIX": prefix}) as proc:
-        yield proc
-
-
-@pytest.fixture
-def client(generator: GeneratorProcess) -> Iterator[GeneratorClient]:
-    with GeneratorClient(generator.url, timeout_s=60) as c:
-        yield c
 
 
 def _content(trainer: Trainer) -> list[tuple]:

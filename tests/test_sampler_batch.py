@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from actgen_generator.pipeline import load_pipeline
-from actgen_generator.sampler import Cancelled, Classifier, GuidedSampler, SampleItem, fewshot_strength
-from actgen_generator.tiny_model import build_tiny_model
+from actgen_generator.sampler import Cancelled, Classifier, SampleItem, fewshot_strength
 from actgen_shared.architectures import build_classifier
 from actgen_shared.labels import CIFAR10
 from actgen_shared.schemas import GenerationOptions, Mode
@@ -18,19 +15,7 @@ from actgen_shared.schemas import GenerationOptions, Mode
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's cores are shared: one thread is faster than oversubscribed OpenMP."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory) -> GuidedSampler:
-    folder = build_tiny_model(Path(tmp_path_factory.mktemp("tiny")) / "model")
-    return GuidedSampler(load_pipeline(str(folder), device="cpu"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

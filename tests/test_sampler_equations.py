@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,28 +19,14 @@ from actgen_generator.guidance import (
     gamma,
     normalized_update,
 )
-from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import Classifier, GradientTargets, GuidedSampler, SampleItem
-from actgen_generator.tiny_model import build_tiny_model
 from actgen_shared.architectures import build_classifier
 from actgen_shared.schemas import GenerationOptions, Mode
 
 SEED = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's cores are shared: one thread is faster than oversubscribed OpenMP."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sampler(tmp_path_factory) -> GuidedSampler:
-    folder = build_tiny_model(Path(tmp_path_factory.mktemp("tiny")) / "model")
-    return GuidedSampler(load_pipeline(str(folder), device="cpu"))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _guide(seed: int = 0, size: int = 32) -> np.ndarray:

@@ -15,13 +15,7 @@ from actgen_generator.tiny_model import build_tiny_model, build_tiny_pipeline, b
 from actgen_shared.labels import LABEL_SETS, class_names_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's cores are shared: one thread is faster than oversubscribed OpenMP."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,47 +7,15 @@ at the dataset's resolution with its guide's class.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from actgen_shared.client import GeneratorClient
-from actgen_shared.launcher import GeneratorProcess
-from actgen_trainer.config import Config, load_config
 from actgen_trainer.data import GeneratedSet, training_set
 from actgen_trainer.loop import Trainer
-
-REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 4
-
-
-def small_config(tmp_path: Path, *overrides: str) -> Config:
-    """The demo config shrunk to seconds: 150 train digits at 16 px, 50 in the slice, 2 DDPM steps."""
-    return load_config(REPO / "configs" / "demo.yaml", [
-        f"output_dir={tmp_path}", "run_name=t", f"train.epochs={EPOCHS}",
-        "data.train_subset=200", "data.val_size=50", "data.test_subset=100", "data.image_size=16",
-        "train.batch_size=50", "generation.images_per_epoch=2",
-        "generation.options.num_inference_steps=2", "generation.options.grad_steps=1",
-        "generation.options.output_size=null", "generation.options.bank_sample=16",
-        *overrides,
-    ])
-
-
-@pytest.fixture(scope="module")
-def generator(redis_url: str) -> Iterator[GeneratorProcess]:
-    prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    with GeneratorProcess(redis_url=redis_url, env={"ACTGEN_KEY_PREFIX": prefix}) as proc:
-        yield proc
-
-
-@pytest.fixture
-def client(generator: GeneratorProcess) -> Iterator[GeneratorClient]:
-    with GeneratorClient(generator.url, timeout_s=60) as c:
-        yield c
+from trainer_helpers import EPOCHS, client, generator, small_config  # noqa: F401, F811 (fixtures)
 
 
 def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(

@@ -153,8 +153,13 @@ def _check_tokenizer(tokenizer: CLIPTokenizer) -> None:
         raise RuntimeError(f"tiny tokenizer split {text!r} into {ids}: merges are wrong")
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The tiny pipeline in memory; the same seed gives the same weights."""
+def build_tiny_pipeline(
+    seed: int = 0, unet_config: dict | None = None, vae_config: dict | None = None
+) -> StableDiffusionPipeline:
+    """The tiny pipeline in memory, random weights; the same seed gives the same weights.
+
+    ``unet_config``/``vae_config`` replace the defaults (the trained digits model uses its own).
+    """
     tokenizer = build_tokenizer()
     _check_tokenizer(tokenizer)
     text_config = CLIPTextConfig(
@@ -166,9 +171,9 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_UNET)
-        vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(text_config)
+        vae = AutoencoderKL(**(vae_config or TINY_VAE))
+        unet = UNet2DConditionModel(**(unet_config or TINY_UNET))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder.eval(),

@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from actgen_generator.attention import PROMPT_TEMPLATE
-from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, _check_tokenizer, build_tokenizer
+from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, build_tiny_pipeline
 from actgen_shared.labels import DIGITS
 
 TINY_DIGITS_VERSION = "tiny-digits-v1"
@@ -163,31 +163,10 @@ def schedule_lr(base: float, step: int, total: int, elapsed: float, budget: floa
 
 
 def build_untrained(seed: int) -> StableDiffusionPipeline:
-    """The tiny-digits pipeline with random weights (same seed, same weights)."""
-    tokenizer = build_tokenizer()
-    _check_tokenizer(tokenizer)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_TEXT,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(text_config)
-        vae = AutoencoderKL(**TINY_DIGITS_VAE)
-        unet = UNet2DConditionModel(**TINY_DIGITS_UNET)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval().requires_grad_(False),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDPMScheduler(**SD21_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """The tiny-digits pipeline with random weights (same seed, same weights), text encoder frozen."""
+    pipe = build_tiny_pipeline(seed, unet_config=TINY_DIGITS_UNET, vae_config=TINY_DIGITS_VAE)
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
 
 
 def prompt_ids(pipe: StableDiffusionPipeline, class_names: list[str]) -> torch.Tensor:
