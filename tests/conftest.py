@@ -14,6 +14,20 @@ from actgen_shared.redis_embedded import EmbeddedRedis
 from actgen_shared.settings import Settings
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The random-weight tiny model is built once per test session into a folder of its own, so
+    no test depends on (or writes to) the user's ~/.cache; generator processes inherit it."""
+    folder = tmp_path_factory.mktemp("actgen-cache") / "tiny"
+    before = os.environ.get("ACTGEN_CACHE_DIR")
+    os.environ["ACTGEN_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("ACTGEN_CACHE_DIR", None)
+    else:
+        os.environ["ACTGEN_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL when set (CI may provide one), else a private embedded redis-server."""

@@ -13,7 +13,7 @@ import redis
 from actgen_shared import codecs
 from actgen_shared.launcher import GeneratorProcess
 
-SIZE = 64  # the tiny model's native size; the smallest the API accepts
+SIZE = 64  # the smallest height/width the API accepts (the tiny model's native size is 32)
 STEPS = 3
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from actgen_generator.tiny_model import TINY_UNET, TINY_VAE
 from actgen_shared.client import AsyncGeneratorClient, GeneratorClient, GeneratorError
 from actgen_shared.launcher import GeneratorProcess
 from actgen_shared.schemas import JobStatus
@@ -189,7 +190,8 @@ def test_idempotency_key_returns_the_first_job(client: GeneratorClient) -> None:
 
 def test_info_metrics_and_docs(client: GeneratorClient, server: GeneratorProcess) -> None:
     info = client.info()
-    assert info.replica_id == "api-test" and info.native_size == SIZE and info.max_batch == 4
+    native = TINY_UNET["sample_size"] * 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
+    assert info.replica_id == "api-test" and info.native_size == native and info.max_batch == 4
     assert "tiny" in info.model and info.device == "cpu"
     job = client.submit(job_body(new_run_id(), n_items=1, mode="random")).job_id
     assert client.wait(job, timeout_s=WAIT_S).status is JobStatus.done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,19 @@ def test_cli_builds_the_model(tmp_path: Path, capsys) -> None:
     assert "written to" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["build-tiny-model", str(tmp_path / "n"), "--seed", "-1"])
+
+
+def test_a_cached_tiny_model_from_another_builder_is_rebuilt(tmp_path: Path) -> None:
+    from actgen_generator.pipeline import ensure_tiny_model
+    from actgen_generator.tiny_model import tiny_fingerprint
+
+    folder = build_tiny_model(tmp_path / "tiny")
+    meta = folder / "actgen_tiny.json"
+    assert json.loads(meta.read_text())["fingerprint"] == tiny_fingerprint()
+    untouched = (folder / "unet" / "config.json").stat().st_mtime_ns
+    ensure_tiny_model(folder)  # current: kept as it is
+    assert (folder / "unet" / "config.json").stat().st_mtime_ns == untouched
+    meta.write_text(json.dumps({"version": "tiny-v1", "seed": 0, "fingerprint": "older-builder"}))
+    ensure_tiny_model(folder)  # stale: rebuilt
+    assert json.loads(meta.read_text())["fingerprint"] == tiny_fingerprint()
+    assert tiny_fingerprint(0) != tiny_fingerprint(1)

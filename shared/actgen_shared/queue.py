@@ -38,7 +38,9 @@ import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actgen_shared.keys import CONSUMER_GROUP, Keys
 from actgen_shared.schemas import JobRequest, JobResult, JobState, JobStatus, Progress
@@ -47,6 +49,10 @@ from actgen_shared.settings import Settings
 PROGRESS_MAXLEN = 100  # progress events kept per job: enough for a client to catch up
 DEAD_LETTER_MAXLEN = 100_000
 _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+
+
+# What Redis raises while it is down or restarting: callers wait it out instead of failing jobs.
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
 
 
 def connect(url: str, socket_timeout: float | None = None) -> aioredis.Redis:

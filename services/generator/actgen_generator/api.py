@@ -20,8 +20,6 @@ from typing import Annotated, Any
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -35,7 +33,7 @@ from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import EchoSampler, Worker
 from actgen_shared import __version__, codecs
-from actgen_shared.queue import JobQueue, connect, validate_cursor
+from actgen_shared.queue import REDIS_DOWN, JobQueue, connect, validate_cursor
 from actgen_shared.schemas import (
     BANK_KEY_PATTERN,
     CLASSIFIER_REF_PATTERN,
@@ -611,12 +609,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             headers.setdefault("WWW-Authenticate", "Bearer")
         return error_response(exc.status_code, code, message, headers=headers or None)
 
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log_event("http.redis_unavailable", None, path=request.url.path, error=str(exc))
         return error_response(503, "unavailable", f"Redis does not answer ({exc}); retry shortly",
                               headers={"Retry-After": "1"})
+
+    for error in REDIS_DOWN:
+        app.add_exception_handler(error, _redis_down)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -6,6 +6,7 @@ once into a cache folder. Nothing is downloaded unless a hub id is named.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from actgen_generator.tiny_model import (
     TINY_MODEL_VERSION,
     build_tiny_model,
     build_tokenizer,
+    tiny_fingerprint,
 )
 
 CACHE_ENV = "ACTGEN_CACHE_DIR"
@@ -63,9 +65,17 @@ def tiny_model_dir() -> Path:
 
 
 def ensure_tiny_model(path: Path | None = None) -> Path:
-    """Build the tiny model into ``path`` unless a complete copy is already there."""
+    """Build the tiny model into ``path`` unless a complete copy of the current builder's is there.
+
+    A copy written by an older builder (another fingerprint) is rebuilt, so a cache kept across
+    upgrades never serves stale weights.
+    """
     path = path or tiny_model_dir()
-    if not (path / "model_index.json").is_file():
+    try:
+        cached = json.loads((path / "actgen_tiny.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        cached = None
+    if not (path / "model_index.json").is_file() or cached != tiny_fingerprint():
         build_tiny_model(path)
     return path
 

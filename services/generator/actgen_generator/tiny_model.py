@@ -12,6 +12,7 @@ the chain of merges that builds that word, so ``a photo of cat`` tokenises to wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -186,6 +187,13 @@ def build_tiny_pipeline(
     )
 
 
+def tiny_fingerprint(seed: int = 0) -> str:
+    """Changes whenever the builder would write other weights: the key of a cached tiny model."""
+    spec = {"version": TINY_MODEL_VERSION, "seed": seed, "unet": TINY_UNET, "vae": TINY_VAE,
+            "text": TINY_TEXT, "scheduler": SD21_SCHEDULER}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline to ``out_dir`` in diffusers format and return the folder.
 
@@ -199,7 +207,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "actgen_tiny.json").write_text(
-            json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}, indent=2) + "\n"
+            json.dumps({"version": TINY_MODEL_VERSION, "seed": seed,
+                        "fingerprint": tiny_fingerprint(seed)}, indent=2) + "\n"
         )
         if out.exists():
             shutil.rmtree(out)

@@ -34,7 +34,7 @@ from actgen_generator import memory_bank
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_shared import codecs
-from actgen_shared.queue import Consumer, Delivery, JobQueue, StoredItem
+from actgen_shared.queue import REDIS_DOWN, Consumer, Delivery, JobQueue, StoredItem
 from actgen_shared.schemas import GenerationOptions, ItemResult, JobRequest, JobResult, Mode
 from actgen_shared.settings import Settings
 
@@ -139,6 +139,7 @@ class Worker:
         try:
             while not self.stopping:
                 try:
+                    await self._complete_finished()
                     await self._fill()
                     if self.active and not self.stopping:
                         await self._run_batch(self._next_batch())
@@ -380,6 +381,8 @@ class Worker:
                 await self.consumer.store_items(
                     job.delivery, [stored for _, stored in results], self.settings.bank_cap
                 )
+            except REDIS_DOWN:
+                raise  # the job stays here with its items pending: run() backs off and reruns them
             except Exception as exc:
                 await self._fail([job.delivery], f"storing results: {type(exc).__name__}: {exc}")
                 continue
@@ -387,8 +390,12 @@ class Worker:
                 job.records[stored.index] = record
             finished = {stored.index for _, stored in results}
             job.pending = [k for k in job.pending if k not in finished]
-            if not job.pending:
-                await self._complete(job)
+        await self._complete_finished()
+
+    async def _complete_finished(self) -> None:
+        """Complete every job whose items are all stored (again after a Redis outage cut it short)."""
+        for job in [job for job in self.active.values() if not job.pending]:
+            await self._complete(job)
 
     # --- finishing ------------------------------------------------------------------------
     def _fallback_record(self, job: ActiveJob, index: int) -> ItemResult:
@@ -430,6 +437,8 @@ class Worker:
         for delivery in deliveries:
             try:
                 await self.consumer.fail(delivery, error)
+            except REDIS_DOWN:
+                raise  # not recorded as failed: keep the job, so it is not left leased to nobody
             except Exception as exc:
                 log_event("job.fail_failed", delivery.job_id, replica=self.name, error=str(exc))
             self.active.pop(delivery.job_id, None)
