@@ -46,12 +46,12 @@ from transformers import CLIPTextModel
 
 from actgen_generator.attention import PROMPT_TEMPLATE
 from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, build_tiny_pipeline
+from actgen_shared.digits import DigitsSplit
+from actgen_shared.digits import load_digits_split as shared_digits_split
 from actgen_shared.labels import DIGITS
 
 TINY_DIGITS_VERSION = "tiny-digits-v1"
 IMAGE_SIZE = 32  # px: the generation size (digits upscaled from 8x8)
-DIGITS_TEST_FRACTION = 0.2  # the same split as the trainer's digits data (actgen_trainer.data)
-DIGITS_SPLIT_SEED = 0
 # The sampler's prompt template first; the issue's longer one too, so both prompts work.
 PROMPT_TEMPLATES = (PROMPT_TEMPLATE, "a photo of the digit {}")
 DATASETS = ("digits",)
@@ -106,37 +106,9 @@ class TinyTrainingConfig:
     log_every: int = 100
 
 
-@dataclass
-class DigitsSplit:
-    """The digits as uint8 N x 32 x 32 x 3 arrays with integer labels."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-
-
 def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
-    """scikit-learn's 8x8 digits upscaled to RGB squares, split as the trainer splits them."""
-    from PIL import Image
-
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise RuntimeError("the digits data set comes with scikit-learn: "
-                           "pip install 'actgen-generator[digits]' (or scikit-learn)") from None
-
-    bunch = load_digits()
-    gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    big = np.stack(
-        [np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.BILINEAR)) for g in gray]
-    )
-    rgb = np.repeat(big[..., None], 3, axis=-1)
-    labels = bunch.target.astype(np.int64)
-    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(rgb))
-    n_test = int(round(len(rgb) * DIGITS_TEST_FRACTION))
-    test, train = order[:n_test], order[n_test:]
-    return DigitsSplit(rgb[train], labels[train], rgb[test], labels[test])
+    """The digits split exactly as the trainer splits them (``actgen_shared.digits``)."""
+    return shared_digits_split(image_size)
 
 
 def to_model_pixels(images: np.ndarray) -> torch.Tensor:

@@ -20,12 +20,11 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from actgen_shared.codecs import png_encode
+from actgen_shared.digits import load_digits_split
 from actgen_shared.labels import DIGITS, class_names_for
 
 from actgen_trainer.config import DataConfig
 
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_SPLIT_SEED = 0  # the digits test split is fixed, whatever the run seed
 MAX_GUIDE_SIDE = 512  # guides larger than this are shrunk before posting
 
 
@@ -91,19 +90,9 @@ class FolderImages:
 
 def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
     """scikit-learn's 8x8 digits, upscaled to RGB ``image_size`` squares: (train, test)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    big = np.stack(
-        [np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.BILINEAR)) for g in gray]
-    )
-    rgb = np.repeat(big[..., None], 3, axis=-1)
-    targets = bunch.target.astype(np.int64)
-    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(rgb))
-    n_test = int(round(len(rgb) * DIGITS_TEST_FRACTION))
-    test, train = order[:n_test], order[n_test:]
-    return ArrayImages(rgb[train], targets[train], DIGITS), ArrayImages(rgb[test], targets[test], DIGITS)
+    split = load_digits_split(image_size)
+    return (ArrayImages(split.train_images, split.train_labels, DIGITS),
+            ArrayImages(split.test_images, split.test_labels, DIGITS))
 
 
 def _cifar(cfg: DataConfig, hundred: bool) -> tuple[ArrayImages, ArrayImages]:
