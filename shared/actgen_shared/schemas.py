@@ -12,11 +12,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actgen_shared.labels import LABEL_SETS, class_names_for
+from actgen_shared.seeds import MAX_SEED
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 BANK_KEY_PATTERN = RUN_ID_PATTERN
 CLASSIFIER_REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
-MAX_SEED = 2**63 - 1
 
 
 class Mode(str, Enum):

@@ -33,6 +33,27 @@ class TrainMode(str, Enum):
     actgen = "actgen"
 
 
+class Guidance(str, Enum):
+    """Which gradient guidance an ``actgen`` run uses (Table 4, rows 3-6)."""
+
+    aig = "aig"  # none: attentive image guidance alone
+    contrastive = "contrastive"  # L_contra only (eq. 9)
+    adversarial = "adversarial"  # L_adv only (eq. 10)
+    both = "both"  # L_contra + lambda L_adv: ActGen
+
+
+class AdvSchedule(str, Enum):
+    """How the chance of adversarial guidance grows over the generation epochs.
+
+    ``paper``: adv_prob = 0.5 * epoch / epochs (section 4.3). ``authors``: the released code,
+    with r = max(1 - epoch / (0.5 * epochs - 1), 0) * 0.5 of the items drawn as plain SD and
+    adv_prob = 0.5 - r, so it reaches 0.5 by mid-training.
+    """
+
+    paper = "paper"
+    authors = "authors"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +116,8 @@ class GenerationConfig(_Section):
     """The active loop: what to post, how often, and how to talk to the generator."""
 
     mode: TrainMode = TrainMode.actgen
+    guidance: Guidance = Field(Guidance.both, description="actgen mode: which gradient guidance")
+    adv_schedule: AdvSchedule = Field(AdvSchedule.paper, description="paper or authors (see AdvSchedule)")
     images_per_epoch: int = Field(64, ge=1, description="hard samples posted per epoch (per rank)")
     selection: Literal["misclassified", "threshold"] = "misclassified"
     threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")

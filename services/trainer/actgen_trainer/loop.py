@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 from actgen_shared.client import GeneratorError
 from actgen_shared.codecs import b64encode, image_from_b64
 from actgen_shared.schemas import (
-    MAX_SEED,
     ClassifierMeta,
     ClassifierRef,
     GenerationOptions,
@@ -36,11 +35,13 @@ from actgen_shared.schemas import (
     JobItem,
     JobRequest,
     JobState,
+    Mode,
     ResultsPage,
 )
+from actgen_shared.seeds import derive_seed
 
 from actgen_trainer.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from actgen_trainer.config import Config, TrainMode
+from actgen_trainer.config import AdvSchedule, Config, Guidance, TrainMode
 from actgen_trainer.data import (
     GeneratedSet,
     Subset,
@@ -159,8 +160,36 @@ def _device(name: str, dist: _Dist) -> torch.device:
 
 
 def job_seed(seed: int, epoch: int, rank: int) -> int:
-    """The noise seed of one job: fixed by the run's seed, distinct per epoch and rank."""
-    return (seed * 1_000_003 + epoch * 1_009 + rank) % MAX_SEED
+    """The noise seed of one job: a hash of (run seed, epoch, rank), so no two jobs share one."""
+    return derive_seed(seed, epoch, rank)
+
+
+def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
+    """The options the loop owns for the job of ``epoch``: mode, guidance and its schedule.
+
+    ``adv_schedule=paper``: adv_prob = 0.5 e / E. ``authors``: a share r = max(1 - e / (0.5 E - 1),
+    0) / 2 of the items is drawn as plain SD and adv_prob = 0.5 - r (the released train.py).
+    ``guidance`` picks Table 4's rows: contrastive only (adv_prob 0), adversarial only (no bank
+    sample), both, or none (``aig`` mode).
+    """
+    gen, epochs = cfg.generation, cfg.train.epochs
+    mode = Mode(cfg.generation.mode.value)
+    if mode is not Mode.actgen:
+        return {"mode": mode.value, "adv_prob": 0.0}
+    if gen.guidance is Guidance.aig:
+        return {"mode": Mode.aig.value, "adv_prob": 0.0}
+    out: dict[str, Any] = {"mode": mode.value}
+    if gen.adv_schedule is AdvSchedule.authors:
+        ramp = 0.5 * epochs - 1
+        plain = max(1.0 - epoch / ramp, 0.0) * 0.5 if ramp > 0 else 0.0
+        out.update(plain_prob=plain, adv_prob=0.5 - plain)
+    else:
+        out["adv_prob"] = 0.5 * epoch / epochs
+    if gen.guidance is Guidance.contrastive:
+        out["adv_prob"] = 0.0
+    elif gen.guidance is Guidance.adversarial:
+        out["bank_sample"] = 0
+    return out
 
 
 def idempotency_key(run_id: str, epoch: int, rank: int) -> str:
@@ -493,13 +522,11 @@ class Trainer:
                 image=b64encode(png), class_id=int(targets[pos]), guide_id=guide_id,
                 confidence=float(np.clip(probs[pos, targets[pos]], 0.0, 1.0)),
             ))
-        adv_prob = 0.5 * epoch / cfg.train.epochs if self.mode is TrainMode.actgen else 0.0
         options = GenerationOptions.model_validate({
-            **gen.options, "mode": self.mode.value, "adv_prob": adv_prob,
-            "seed": job_seed(cfg.seed, epoch, self.dist.rank),
+            **gen.options, **job_options(cfg, epoch), "seed": job_seed(cfg.seed, epoch, self.dist.rank),
         })
         classifier_ref = None
-        if self.mode is TrainMode.actgen:
+        if options.mode is Mode.actgen and options.adv_prob > 0:
             weights, meta = classifier_payload(self.model, cfg, self.num_classes)
             classifier_ref = self.client.upload_classifier(weights, meta).ref
         names: dict[str, Any] = (
