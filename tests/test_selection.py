@@ -60,3 +60,32 @@ def test_sampling_without_repeats_when_enough_and_reproducible() -> None:
     assert len(set(a.tolist())) == 10
     assert np.array_equal(a, b)
     assert len(sample_hard(np.array([], dtype=np.int64), 5, np.random.default_rng(0))) == 0
+
+
+def test_lowest_confidence_takes_distinct_guides_hardest_first() -> None:
+    # true-class confidences 0.9, 0.6, 0.55, 0.1, 0.55, 0.7: one mistake (row 3), a tie (rows 2, 4)
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.9, 0.1], [0.45, 0.55], [0.3, 0.7]])
+    targets = np.array([0, 1, 1, 1, 1, 1])
+    ranked = hard_indices(probs, targets, "lowest_confidence")
+    assert ranked.tolist() == [3, 2, 4, 1, 5, 0]  # ties keep slice order
+    assert hard_indices(probs, targets, "misclassified").tolist() == [3]
+    # misclassified would spend a budget of 4 on guide 3 four times; this rule on 4 distinct guides
+    assert sample_hard(np.array([3]), 4, np.random.default_rng(0)).tolist() == [3, 3, 3, 3]
+    picked = sample_hard(ranked, 4, np.random.default_rng(0))
+    assert picked.tolist() == [3, 2, 4, 1]
+    assert type(picked) is np.ndarray
+    assert picked.tolist() == sample_hard(ranked, 4, np.random.default_rng(99)).tolist()  # no draw
+
+
+def test_lowest_confidence_cycles_only_when_the_slice_is_smaller_than_the_budget() -> None:
+    probs = np.array([[0.2, 0.8], [0.6, 0.4]])
+    ranked = hard_indices(probs, np.array([0, 0]), "lowest_confidence")
+    assert sample_hard(ranked, 5, np.random.default_rng(0)).tolist() == [0, 1, 0, 1, 0]
+    assert len(sample_hard(ranked, 0, np.random.default_rng(0))) == 0
+
+
+def test_lowest_confidence_is_a_config_choice() -> None:
+    from actgen_trainer.config import load_config
+
+    cfg = load_config(None, ["generation.selection=lowest_confidence"])
+    assert cfg.generation.selection == "lowest_confidence"

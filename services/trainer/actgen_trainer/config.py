@@ -119,7 +119,7 @@ class GenerationConfig(_Section):
     guidance: Guidance = Field(Guidance.both, description="actgen mode: which gradient guidance")
     adv_schedule: AdvSchedule = Field(AdvSchedule.paper, description="paper or authors (see AdvSchedule)")
     images_per_epoch: int = Field(64, ge=1, description="hard samples posted per epoch (per rank)")
-    selection: Literal["misclassified", "threshold"] = "misclassified"
+    selection: Literal["misclassified", "threshold", "lowest_confidence"] = "misclassified"
     threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")
     generate_fraction: float = Field(
         0.5, gt=0, le=1, description="post jobs during this first fraction of the epochs"

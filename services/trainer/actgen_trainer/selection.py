@@ -2,6 +2,9 @@
 
 ``misclassified``: the arg-max is not the true class. ``threshold``: the true class's softmax
 confidence is below a threshold (selects more, and more diverse, samples as it grows).
+``lowest_confidence``: the whole slice ranked by true-class confidence, lowest first; the budget
+takes distinct guides from the front. With few mistakes left, the other rules repeat a handful
+of guides to fill the budget; this one spends it on the next-hardest, near-boundary samples.
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ from typing import Literal
 
 import numpy as np
 
+Rule = Literal["misclassified", "threshold", "lowest_confidence"]
+
+
+class Ranked(np.ndarray):
+    """Positions ordered hardest first: :func:`sample_hard` takes them from the front, no draw."""
+
 
 def hard_indices(
     probs: np.ndarray,
     targets: np.ndarray,
-    rule: Literal["misclassified", "threshold"] = "misclassified",
+    rule: Rule = "misclassified",
     threshold: float = 0.5,
 ) -> np.ndarray:
-    """Positions (into ``probs``) of the hard samples, ascending."""
+    """Positions (into ``probs``) of the hard samples: ascending, or :class:`Ranked` (hardest first)."""
     probs = np.asarray(probs)
     targets = np.asarray(targets, dtype=np.int64)
     if probs.ndim != 2 or len(probs) != len(targets):
@@ -26,6 +35,9 @@ def hard_indices(
         mask = probs.argmax(axis=1) != targets
     elif rule == "threshold":
         mask = probs[np.arange(len(targets)), targets] < threshold
+    elif rule == "lowest_confidence":
+        confidence = probs[np.arange(len(targets)), targets]
+        return np.argsort(confidence, kind="stable").view(Ranked)
     else:
         raise ValueError(f"unknown selection rule {rule!r}")
     return np.flatnonzero(mask)
@@ -35,11 +47,16 @@ def sample_hard(hard: np.ndarray, count: int, rng: np.random.Generator) -> np.nd
     """``count`` draws from ``hard``: without replacement, then fresh permutations when fewer.
 
     "Repeat with new draws when fewer are hard": every hard sample is used before any repeats,
-    and the repeats get new noise in the generator (each item has its own seed).
+    and the repeats get new noise in the generator (each item has its own seed). A
+    :class:`Ranked` ``hard`` is taken in its order instead: the ``count`` hardest, cycling only
+    when the slice is smaller than ``count``.
     """
+    ranked = isinstance(hard, Ranked)
     hard = np.asarray(hard)
     if count <= 0 or len(hard) == 0:
         return hard[:0]
+    if ranked:
+        return np.tile(hard, -(-count // len(hard)))[:count]
     rounds = []
     while sum(len(r) for r in rounds) < count:
         rounds.append(rng.permutation(hard))
