@@ -59,7 +59,7 @@ def _peak_rss_mb() -> float:
 
 def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
     """Seconds per image per mode and batch, interleaved over ``repeats`` rounds (medians)."""
-    from actgen_generator.sampler import Classifier, GuidedSampler
+    from actgen_generator.sampler import Classifier, GuidedSampler, with_banks
     from actgen_shared.architectures import build_classifier
 
     sampler = GuidedSampler(model)
@@ -73,7 +73,7 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
     times: dict[tuple[str, int], list[float]] = {}
     cpu_times: dict[tuple[str, int], list[float]] = {}
     peak: dict[str, float] = {}
-    sampler(_items(1, 64), _options("actgen"), banks=banks, classifier=classifier)  # warm-up
+    sampler(with_banks(_items(1, 64), banks), _options("actgen"), classifier=classifier)  # warm-up
     for _ in range(repeats):
         for batch in BATCHES:
             for mode in ("random", "actgen"):
@@ -82,7 +82,7 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 start, cpu_start = time.perf_counter(), time.process_time()
-                sampler(items, _options(mode), banks=banks, classifier=classifier)
+                sampler(with_banks(items, banks), _options(mode), classifier=classifier)
                 if cuda:
                     torch.cuda.synchronize()
                     peak[f"{mode}_b{batch}"] = torch.cuda.max_memory_allocated() / 2**20

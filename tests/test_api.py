@@ -222,3 +222,28 @@ def test_async_client(server: GeneratorProcess) -> None:
             assert err.value.status == 404 and err.value.code == "not_found"
 
     asyncio.run(go())
+
+
+def test_memory_bank_is_live_and_per_job(client: GeneratorClient) -> None:
+    """A run's first job already contrasts its same-class items with each other; the next job sees
+    the first one's latents as soon as they are stored; a job with another bank key sees none."""
+    def contrastive_steps(state) -> list[list[float]]:
+        return [[r.l_contra for r in item.grad_records] for item in state.result.items]
+
+    def run(bank: str, n_items: int, seed: int):
+        body = job_body(new_run_id(), n_items=n_items, mode="actgen", seed=seed, memory_bank_key=bank,
+                        options={"contrastive_margin": 1e6})  # every bank entry inside the margin
+        for item in body["items"]:
+            item["class_id"] = 0
+        state = client.wait(client.submit(body).job_id, timeout_s=WAIT_S)
+        assert state.status is JobStatus.done, state.error
+        return state
+
+    bank = f"live-{new_run_id()}"
+    first = run(bank, n_items=2, seed=1)  # empty bank: the two items are each other's entries
+    assert all(len(steps) == 2 and min(steps) > 0 for steps in contrastive_steps(first))
+    assert client.memory_bank(bank).counts == {0: 2}
+    second = run(bank, n_items=1, seed=2)  # alone in its job: only the stored bank can push it
+    assert [len(s) for s in contrastive_steps(second)] == [2] and min(contrastive_steps(second)[0]) > 0
+    other = run(f"other-{new_run_id()}", n_items=1, seed=2)  # same request, an empty bank of its own
+    assert contrastive_steps(other) == [[]]  # no entries: no gradient step at all

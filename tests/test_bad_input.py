@@ -134,6 +134,8 @@ BAD_JOBS: list[tuple[str, Any, str]] = [
     ("unknown-mode", lambda: _with(job_body("r"), mode="turbo"), "options.mode"),
     ("negative-steps", lambda: _with(job_body("r"), num_inference_steps=-3), "options.num_inference_steps"),
     ("grad-steps-over-steps", lambda: _with(job_body("r", steps=4), grad_steps=9), "grad_steps"),
+    ("fewshot-outside-ig", lambda: _with(job_body("r", mode="aig"), fewshot_u=0.5), "options.fewshot_u"),
+    ("unknown-grad-norm", lambda: _with(job_body("r"), grad_norm="l1"), "options.grad_norm"),
     ("height-not-multiple-of-8", lambda: _with(job_body("r"), height=100), "options.height"),
     ("adv-prob-out-of-range", lambda: _with(job_body("r"), adv_prob=1.5), "options.adv_prob"),
     ("adv-without-classifier", lambda: _with(job_body("r", mode="actgen"), adv_prob=0.5), "classifier_ref"),

@@ -23,6 +23,7 @@ from actgen_shared.schemas import (
     ErrorBody,
     GenerationOptions,
     JobRequest,
+    MAX_SEED,
     JobStatus,
     Mode,
 )
@@ -51,6 +52,27 @@ def test_options_defaults_are_the_papers() -> None:
     assert (o.adv_weight, o.adv_prob, o.seed, o.return_latents) == (0.1, 0.0, None, True)
 
 
+def test_default_grad_steps_clamps_to_the_steps_and_an_explicit_one_does_not() -> None:
+    assert GenerationOptions(num_inference_steps=4).grad_steps == 4  # a default never invalidates
+    assert GenerationOptions(num_inference_steps=40).grad_steps == 10
+    JobRequest.model_validate(body(options={"num_inference_steps": 3}))
+    with pytest.raises(ValidationError, match="grad_steps"):
+        GenerationOptions(num_inference_steps=4, grad_steps=5)
+
+
+def test_item_and_job_seeds_never_collide_across_their_parts() -> None:
+    from actgen_shared.seeds import derive_seed, item_seed
+
+    # a sum would give item k of job s the seed of item k-1 of job s+1
+    seeds = {item_seed(job, k) for job in range(50) for k in range(50)}
+    assert len(seeds) == 2500 and all(0 <= s <= MAX_SEED for s in seeds)
+    assert item_seed(7, 3) == item_seed(7, 3)  # a redelivered job makes the same images
+    trainer_jobs = {derive_seed(run, epoch, rank) for run in range(3) for epoch in range(30) for rank in range(8)}
+    assert len(trainer_jobs) == 3 * 30 * 8
+    with pytest.raises(ValueError, match="non-negative"):
+        derive_seed(-1)
+
+
 def test_valid_request_round_trips_through_json() -> None:
     request = JobRequest.model_validate(body(options={"seed": 7, "mode": "aig"}, memory_bank_key="bank-1"))
     assert request.resolved_class_names()[3] == "cat"
@@ -69,7 +91,9 @@ def test_valid_request_round_trips_through_json() -> None:
         ({"options": {"num_inference_steps": 0}}, "greater than or equal to 1"),
         ({"options": {"adv_prob": 1.5}}, "less than or equal to 1"),
         ({"options": {"adv_prob": 0.5}}, "classifier_ref is required"),
-        ({"options": {"fewshot_u": 0.5}}, "needs items[0].confidence"),
+        ({"options": {"fewshot_u": 0.5, "mode": "ig"}}, "needs items[0].confidence"),
+        ({"options": {"fewshot_u": 0.5, "mode": "aig"}}, "options.fewshot_u is few-shot image guidance"),
+        ({"options": {"grad_norm": "l1"}}, "grad_norm"),
         ({"run_id": "../etc"}, "run_id"),
         ({"classifier_ref": "md5:abc"}, "classifier_ref"),
         ({"label_set": "mnist"}, "label_set"),

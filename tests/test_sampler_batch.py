@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from actgen_generator.sampler import Cancelled, Classifier, SampleItem, fewshot_strength
+from actgen_generator.sampler import Cancelled, Classifier, SampleItem, fewshot_strength, with_banks
 from actgen_shared.architectures import build_classifier
 from actgen_shared.labels import CIFAR10
 from actgen_shared.schemas import GenerationOptions, Mode
@@ -45,9 +45,9 @@ ACTGEN = GenerationOptions(mode=Mode.actgen, num_inference_steps=STEPS, grad_ste
 
 def test_same_seed_same_output_different_seed_different(sampler, banks, classifier) -> None:
     items = _items(2)
-    a = sampler(items, ACTGEN, banks=banks, classifier=classifier)
-    b = sampler(items, ACTGEN, banks=banks, classifier=classifier)
-    c = sampler(_items(2, seed0=200), ACTGEN, banks=banks, classifier=classifier)
+    a = sampler(with_banks(items, banks), ACTGEN, classifier=classifier)
+    b = sampler(with_banks(items, banks), ACTGEN, classifier=classifier)
+    c = sampler(with_banks(_items(2, seed0=200), banks), ACTGEN, classifier=classifier)
     for x, y, z in zip(a, b, c):
         assert torch.equal(x.latent, y.latent) and np.array_equal(x.image, y.image)
         assert x.record == y.record
@@ -56,11 +56,11 @@ def test_same_seed_same_output_different_seed_different(sampler, banks, classifi
 
 def test_batch_of_8_equals_8_batches_of_1(sampler, banks, classifier) -> None:
     items = _items(8)
-    batched = sampler(items, ACTGEN, banks=banks, classifier=classifier)
+    batched = sampler(with_banks(items, banks), ACTGEN, classifier=classifier)
     assert {o.record.adversarial for o in batched} == {True, False}  # both kinds are in the batch
     assert any(r.l_contra > 0 for o in batched for r in o.record.grad_records)
     for k, item in enumerate(items):
-        (single,) = sampler([item], ACTGEN, banks=banks, classifier=classifier)
+        (single,) = sampler(with_banks([item], banks), ACTGEN, classifier=classifier)
         torch.testing.assert_close(batched[k].latent, single.latent, atol=1e-3, rtol=1e-3)
         assert np.abs(batched[k].image.astype(int) - single.image.astype(int)).max() <= 2
         assert batched[k].record.adversarial == single.record.adversarial
@@ -73,7 +73,7 @@ def test_batch_of_8_equals_8_batches_of_1(sampler, banks, classifier) -> None:
 def test_provenance_and_output_size(sampler, banks, classifier) -> None:
     items = _items(3)
     opts = ACTGEN.model_copy(update={"output_size": 16, "adv_prob": 1.0})
-    outs = sampler(items, opts, banks=banks, classifier=classifier)
+    outs = sampler(with_banks(items, banks), opts, classifier=classifier)
     for k, (item, out) in enumerate(zip(items, outs)):
         rec = out.record
         assert out.image.shape == (16, 16, 3) and out.image.dtype == np.uint8
@@ -117,11 +117,11 @@ def test_on_step_reports_progress_and_cancels(sampler) -> None:
 
 def test_bad_inputs_are_named(sampler, banks) -> None:
     with pytest.raises(ValueError, match="classifier"):
-        sampler(_items(1), ACTGEN, banks=banks, classifier=None)
+        sampler(with_banks(_items(1), banks), ACTGEN, classifier=None)
     bad = _items(1)
     bad[0].guide = np.zeros((8, 8), dtype=np.uint8)
     with pytest.raises(ValueError, match=r"items\[0\].guide"):
         sampler(bad, GenerationOptions(mode=Mode.ig, num_inference_steps=2, grad_steps=0))
     wrong = {0: torch.zeros(2, 4, 8, 8)}
     with pytest.raises(ValueError, match="memory bank of class 0"):
-        sampler(_items(1), ACTGEN.model_copy(update={"adv_prob": 0.0}), banks=wrong)
+        sampler(with_banks(_items(1), wrong), ACTGEN.model_copy(update={"adv_prob": 0.0}))

@@ -193,3 +193,28 @@ def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path: Path, capsys: pytest
     assert "--resume" in capsys.readouterr().err
     assert cli.main([*args, "--resume"]) == 0  # already finished: rebuilds the report
     assert cli.main(["report", str(tmp_path / "demo")]) == 0
+
+
+def test_job_options_run_every_row_of_table_4_and_both_schedules() -> None:
+    from actgen_trainer.loop import job_options
+
+    def opts(epoch: int, *sets: str) -> dict:
+        return job_options(load_config(None, ["train.epochs=30", *sets]), epoch)
+
+    # paper: adv_prob = 0.5 e / E, no plain-SD items
+    assert opts(0) == {"mode": "actgen", "adv_prob": 0.0}
+    assert opts(12) == {"mode": "actgen", "adv_prob": pytest.approx(0.2)}
+    # authors: r = max(1 - e / (0.5 E - 1), 0) / 2 plain-SD items, adv_prob = 0.5 - r (0.5 by mid-training)
+    authors = "generation.adv_schedule=authors"
+    assert opts(0, authors) == {"mode": "actgen", "plain_prob": 0.5, "adv_prob": 0.0}
+    assert opts(7, authors) == {"mode": "actgen", "plain_prob": 0.25, "adv_prob": 0.25}
+    assert opts(14, authors) == {"mode": "actgen", "plain_prob": 0.0, "adv_prob": 0.5}
+    assert job_options(load_config(None, ["train.epochs=2", authors]), 0)["plain_prob"] == 0.0  # 0.5E-1 <= 0
+    # the rows: aig, contrastive only, adversarial only, both
+    assert opts(12, "generation.guidance=aig") == {"mode": "aig", "adv_prob": 0.0}
+    assert opts(12, "generation.guidance=contrastive") == {"mode": "actgen", "adv_prob": 0.0}
+    assert opts(12, "generation.guidance=adversarial") == {
+        "mode": "actgen", "adv_prob": pytest.approx(0.2), "bank_sample": 0}
+    assert opts(12, "generation.mode=random") == {"mode": "random", "adv_prob": 0.0}
+    with pytest.raises(ConfigError, match="generation.guidance"):
+        load_config(None, ["generation.guidance=gradient"])

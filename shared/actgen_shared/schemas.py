@@ -53,8 +53,19 @@ class GenerationOptions(_Strict):
     image_guidance_strength: float = Field(
         12.5, ge=-1000.0, le=1000.0, description="i in gamma = 1 - sigmoid(step - i) (eq. 7)"
     )
-    grad_steps: int = Field(10, ge=0, le=1000, description="gradient guidance on the first steps")
+    grad_steps: int = Field(
+        10, ge=0, le=1000,
+        description="gradient guidance on the first steps (the default clamps to num_inference_steps)",
+    )
     lr: float = Field(0.05, ge=0.0, le=100.0, description="nu, step of the normalised update (eq. 11)")
+    grad_norm: Literal["token", "global"] = Field(
+        "token",
+        description="eq. 11's norm: token (released code: each channel over the tokens, moves "
+        "nu*sqrt(D)) or global (paper text: the whole embedding, moves nu)",
+    )
+    update_uncond: bool = Field(
+        True, description="also move the unconditional embedding by its own gradient (released code)"
+    )
     contrastive_margin: float = Field(200.0, ge=0.0, le=1e6, description="rho (eq. 9)")
     bank_sample: int = Field(1024, ge=0, le=65536, description="N, latents sampled from the bank")
     adv_weight: float = Field(0.1, ge=0.0, le=1000.0, description="lambda")
@@ -77,9 +88,16 @@ class GenerationOptions(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "GenerationOptions":
         if self.grad_steps > self.num_inference_steps:
+            if "grad_steps" in self.model_fields_set:
+                raise ValueError(
+                    f"options.grad_steps ({self.grad_steps}) must not exceed "
+                    f"options.num_inference_steps ({self.num_inference_steps})"
+                )
+            self.grad_steps = self.num_inference_steps  # a default never makes a request invalid
+        if self.fewshot_u is not None and self.mode is not Mode.ig:
             raise ValueError(
-                f"options.grad_steps ({self.grad_steps}) must not exceed "
-                f"options.num_inference_steps ({self.num_inference_steps})"
+                f"options.fewshot_u is few-shot image guidance (appendix A.3) and needs mode 'ig', "
+                f"got mode {self.mode.value!r}"
             )
         for name in ("height", "width"):
             value = getattr(self, name)

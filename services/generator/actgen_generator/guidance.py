@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -128,11 +129,21 @@ def classifier_input(images: torch.Tensor, size: int, mean: tuple[float, float, 
     return (x - m) / s
 
 
-def normalized_update(c: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """Eq. 11 per item: c - nu * grad / ||grad||_2 (norm over each item's whole embedding).
+def normalized_update(embeds: torch.Tensor, grad: torch.Tensor, lr: float,
+                      norm: Literal["token", "global"] = "token") -> torch.Tensor:
+    """Eq. 11 per item: e - nu * grad / ||grad||, for embeddings shaped (batch, tokens, D).
 
-    An item whose gradient is zero (no bank latent within the margin, not adversarial) stays put.
+    ``global`` (the paper's text): the norm over each item's whole embedding, so it moves by nu.
+    ``token`` (the released code's ``F.normalize(grad)`` on (2, 77, D), i.e. dim 1): each channel
+    normalised over the tokens, so each embedding moves by nu * sqrt(D). A zero gradient (no bank
+    latent within the margin, not adversarial) leaves the item where it is, in both.
     """
-    norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
-    step = torch.where(norm > 0, grad / norm.clamp(min=1e-30), torch.zeros_like(grad))
-    return c - lr * step.to(c.dtype)
+    if norm == "token":
+        step = F.normalize(grad.float(), dim=1, eps=1e-30)
+    elif norm == "global":
+        size = grad.float().flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+        step = grad.float() / size.clamp(min=1e-30)
+    else:
+        raise ValueError(f"unknown grad_norm {norm!r} (token, global)")
+    step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
+    return embeds - lr * step.to(embeds.dtype)

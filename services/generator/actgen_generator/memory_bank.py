@@ -2,8 +2,10 @@
 
 The bank itself lives in Redis (``bank:{key}:{class_id}``, float16 safetensors latents, capped
 per class) and is shared by every replica; the queue pushes a finished item's latent into it.
-Here a job samples up to ``options.bank_sample`` latents per class at its start, so the
-contrastive loss (eq. 9) pushes away from what earlier jobs of the run already made.
+The worker samples up to ``options.bank_sample`` latents per class when each batch starts, so
+the contrastive loss (eq. 9) pushes away from everything the run made until a moment ago: the
+run's earlier jobs and this job's earlier batches (its items in the same batch are added by the
+sampler itself).
 """
 
 from __future__ import annotations

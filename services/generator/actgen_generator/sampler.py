@@ -44,6 +44,7 @@ __all__ = [
     "SampleItem",
     "SampleOutput",
     "fewshot_strength",
+    "with_banks",
 ]
 
 # Decisions (plain draw, adversarial draw, bank order) use a second stream derived from the
@@ -61,6 +62,8 @@ class SampleItem:
     seed: int  # per-item seed: fixes all of this item's noise
     guide_id: str | None = None
     confidence: float | None = None
+    bank: torch.Tensor | None = None  # (N, C, h, w) latents of this class in this item's job's memory bank
+    bank_group: str | None = None  # same group and class in one batch: each counts in the other's bank
 
 
 @dataclass
@@ -81,13 +84,26 @@ class SampleOutput:
     record: ItemResult  # provenance, with grad_records per gradient step
 
 
+def with_banks(items: list[SampleItem], banks: Mapping[int, torch.Tensor],
+               group: str | None = None) -> list[SampleItem]:
+    """Give each item its class's latents from one job's memory bank (class id -> (N, C, h, w)).
+
+    With ``group``, the items also count in each other's bank (one job's items in one batch).
+    """
+    for item in items:
+        item.bank = banks.get(item.class_id)
+        if group is not None:
+            item.bank_group = group
+    return items
+
+
 class Cancelled(Exception):
     """``on_step`` asked to stop between two denoising steps."""
 
 
 @dataclass
 class GradientTargets:
-    """What the gradient-guided items of a batch are pushed away from (eq. 9) and against (eq. 10)."""
+    """What the gradient-guided items are pushed away from (eq. 9) and against (eq. 10) at one step."""
 
     class_ids: torch.Tensor  # (G,) labels for the classifier
     bank: torch.Tensor  # (G, N, D) bank latents per item, zero-padded
@@ -103,6 +119,51 @@ class GradientTargets:
 
 
 @dataclass
+class GradientPlan:
+    """The gradient-guided items of a batch and where their memory bank comes from.
+
+    The bank is live (as the released code's, which appends each latent as it is made): an item's
+    bank is its job's stored latents of its class, plus the current x0_hat of the other items of
+    the same job and class in this batch (detached), so one job's items repel each other too.
+    """
+
+    rows: torch.Tensor  # (G,) batch positions of the guided items
+    class_ids: torch.Tensor  # (G,)
+    adversarial: torch.Tensor  # (G,) bool
+    stored: list[torch.Tensor | None]  # per row: (n, D) stored bank latents on the device
+    peers: list[torch.Tensor]  # per row: batch positions of its same-job, same-class items
+    draws: list[torch.Generator]  # per row: the item's decision stream, for per-step bank draws
+    bank_sample: int  # N
+    margin: float
+    adv_weight: float
+    classifier: Classifier | None
+
+    def targets(self, x0: torch.Tensor) -> GradientTargets:
+        """This step's targets: up to N stored latents drawn afresh, and the peers' x0_hat now."""
+        flat = x0.detach().flatten(1)
+        entries = []
+        for stored, peers, draw in zip(self.stored, self.peers, self.draws):
+            parts = []
+            if stored is not None:
+                if len(stored) > self.bank_sample:
+                    stored = stored[torch.randperm(len(stored), generator=draw)[: self.bank_sample].to(stored.device)]
+                parts.append(stored)
+            if peers.numel():
+                parts.append(flat[peers])
+            entries.append(torch.cat(parts) if parts else flat[:0])
+        depth = max(1, max(len(e) for e in entries))
+        bank = flat.new_zeros(len(entries), depth, flat.shape[1])
+        valid = flat.new_zeros(len(entries), depth)
+        for r, e in enumerate(entries):
+            bank[r, : len(e)] = e
+            valid[r, : len(e)] = 1.0
+        return GradientTargets(
+            class_ids=self.class_ids, bank=bank, valid=valid, adversarial=self.adversarial,
+            margin=self.margin, adv_weight=self.adv_weight, classifier=self.classifier,
+        )
+
+
+@dataclass
 class GuidanceLoss:
     """L = L_contra + lambda L_adv per item, with its parts for provenance."""
 
@@ -110,6 +171,15 @@ class GuidanceLoss:
     contra: torch.Tensor  # (G,)
     adv: torch.Tensor  # (G,), 0 for non-adversarial items
     prediction: torch.Tensor  # (G,), -1 for non-adversarial items
+
+
+@dataclass
+class NoisePrediction:
+    """The UNet's two predictions per item, and the embeddings a gradient step differentiates."""
+
+    uncond: torch.Tensor  # (B, C, h, w) eps(x, 0)
+    cond: torch.Tensor  # (B, C, h, w) eps(x, c)
+    leaves: tuple[torch.Tensor, ...]  # (c of the guided rows,) or (c, uncond) with update_uncond
 
 
 @dataclass
@@ -145,11 +215,11 @@ class GuidedSampler:
         self,
         items: list[SampleItem],
         options: GenerationOptions,
-        banks: Mapping[int, torch.Tensor] | None = None,
         classifier: Classifier | None = None,
         on_step: Callable[[int, int], bool] | None = None,
     ) -> list[SampleOutput]:
         """Generate one image per item; raises :class:`Cancelled` when ``on_step`` returns False."""
+        # 1. Check inputs
         if not items:
             return []
         opts, mode = options, options.mode
@@ -161,18 +231,22 @@ class GuidedSampler:
         shape = (self.unet.config.in_channels, *latent_hw)
         guided, masked = mode is not Mode.random, mode in (Mode.aig, Mode.actgen)
 
+        # 2. Each item's noise and decisions, from its own seed
         draws = [self._draw(item, opts) for item in items]
         noise = [d.noise for d in draws]
         x = self._randn(noise, shape)  # sample chain x_T
         x_guide = self._randn(noise, shape)  # guide chain x^g_T
         guide_eps = self._randn(noise, shape)  # drawn in every mode: a seed's noise is mode-independent
+
+        # 3. Prompts, guide latents, and what gradient guidance pushes against
         uncond, cond, token_weights = self._encode_prompts(items)
         guide = self._encode_guides(items, guide_eps, height, width) if guided else None
-        grad_rows, targets = self._gradient_targets(items, draws, opts, banks, classifier, shape)
+        plan = self._gradient_plan(items, draws, opts, classifier, shape)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
         guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
         records: list[list[GradStepRecord]] = [[] for _ in items]
 
+        # 4. Timesteps
         scheduler = DDPMScheduler.from_config(self.model.pipe.scheduler.config)
         scheduler.set_timesteps(opts.num_inference_steps, device=self.device)
         if int(scheduler.timesteps.max()) >= len(scheduler.alphas_cumprod):
@@ -181,22 +255,31 @@ class GuidedSampler:
                 f"scheduler supports ({scheduler.config.num_train_timesteps} training timesteps)"
             )
         total = len(scheduler.timesteps)
+
+        # 5. Denoising loop
         attention = None  # class-token attention accumulated over steps (eq. 8's m before scaling)
         for k, t in enumerate(scheduler.timesteps):
             post = PosteriorStep.at(scheduler, t)
-            rows = grad_rows if k < opts.grad_steps and grad_rows.numel() else None
+            rows = plan.rows if plan is not None and k < opts.grad_steps else None
             if masked:
                 self.recorder.begin_step(len(items), latent_hw, self.device)
-            # one UNet batch for [x, x] x [uncond, c]; a graph only through the c rows in `rows`
-            eps_u, eps_c, c_leaf = self.predict_noise(x, t, uncond, cond, token_weights, rows)
-            eps = cfg_noise(eps_u, eps_c, opts.guidance_scale)  # eq. 4
+            # one UNet batch for [x, x] x [uncond, c]; a graph only through the embeddings moved
+            noise_pred = self.predict_noise(x, t, uncond, cond, token_weights, rows, opts.update_uncond)
+            eps = cfg_noise(noise_pred.uncond, noise_pred.cond, opts.guidance_scale)  # eq. 4
             x0 = post.predict_x0(x, eps)  # x0_hat
-            if rows is not None:  # gradient guidance, eq. 9-11
-                loss = self.guidance_loss(x0[rows], targets)
-                (grad,) = torch.autograd.grad(loss.total.sum(), c_leaf)
-                cond = cond.index_copy(0, rows, normalized_update(c_leaf.detach(), grad, opts.lr))
+            if rows is not None and plan is not None:  # gradient guidance, eq. 9-11
+                loss = self.guidance_loss(x0[rows], plan.targets(x0))
+                leaves = noise_pred.leaves
+                grads = torch.autograd.grad(loss.total.sum(), leaves, allow_unused=True)
+                grads = tuple(torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads))
+                # eq. 11: the moved embeddings carry over to every later step
+                cond = cond.index_copy(0, rows, normalized_update(leaves[0].detach(), grads[0], opts.lr,
+                                                                  opts.grad_norm))
+                if len(leaves) > 1:  # the released code moves [uncond, c] together
+                    uncond = uncond.index_copy(0, rows, normalized_update(leaves[1].detach(), grads[1],
+                                                                          opts.lr, opts.grad_norm))
                 x0 = x0.detach()
-                self._record(records, rows, k, loss, targets)
+                self._record(records, rows, k, loss, plan.adversarial)
             z = self._randn(noise, shape)  # the same z for both chains
             x_prev = post.step(x0, x, z)  # eq. 5
             if guided:
@@ -213,6 +296,8 @@ class GuidedSampler:
             x = x_prev
             if on_step is not None and on_step(k + 1, total) is False:
                 raise Cancelled(f"cancelled after step {k + 1} of {total}")
+
+        # 6. Decode
         images = self._decode(x, opts.output_size)
         return [
             SampleOutput(
@@ -233,34 +318,50 @@ class GuidedSampler:
     # ------------------------------------------------------------------ pieces of a step
     def predict_noise(
         self, x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor,
-        token_weights: torch.Tensor, grad_rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """eps(x, 0) and eps(x, c) for every item, and the leaf of c the graph starts from.
+        token_weights: torch.Tensor, grad_rows: torch.Tensor | None = None, update_uncond: bool = False,
+    ) -> NoisePrediction:
+        """eps(x, 0) and eps(x, c) for every item, and the embedding leaves the graph starts from.
 
         Without ``grad_rows``: one UNet call on the 2B-row CFG batch, no graph. With them, those
-        items' conditional rows run in a call that keeps a graph and the rest (all uncond rows,
-        the other items' cond rows) in one without, so backward traverses only what eq. 11 needs:
-        backpropagating through the whole CFG batch costs twice the backward for nothing.
+        items' conditional rows (and unconditional ones with ``update_uncond``) run in a call that
+        keeps a graph and every other row in one without, so backward traverses only what eq. 11
+        moves.
         """
         n = x.shape[0]
         everyone = torch.arange(n, device=self.device)
         if grad_rows is None:
             with torch.no_grad():
-                eps = self._unet(torch.cat([x, x]), t, torch.cat([uncond, cond]),
-                                 everyone + n, everyone, token_weights)
-            eps_u, eps_c = eps.chunk(2)
-            return eps_u, eps_c, None
+                eps_u, eps_c = self._cfg_rows(x, t, uncond, cond, token_weights, everyone, everyone)
+            return NoisePrediction(eps_u, eps_c, ())
         keep = everyone[~torch.isin(everyone, grad_rows)]
+        u_rest = keep if update_uncond else everyone
+        u_grad = grad_rows if update_uncond else grad_rows[:0]
         with torch.no_grad():
-            eps = self._unet(torch.cat([x, x[keep]]), t, torch.cat([uncond, cond[keep]]),
-                             torch.arange(len(keep), device=self.device) + n, keep, token_weights[keep])
+            rest_u, rest_c = self._cfg_rows(x, t, uncond, cond, token_weights, u_rest, keep)
         c_leaf = cond[grad_rows].detach().requires_grad_(True)
+        u_leaf = uncond[grad_rows].detach().requires_grad_(True) if update_uncond else None
         with torch.enable_grad():
-            eps_g = self._unet(x[grad_rows], t, c_leaf, torch.arange(len(grad_rows), device=self.device),
-                               grad_rows, token_weights[grad_rows])
-        eps_u = eps[:n]
-        eps_c = torch.zeros_like(eps_u).index_copy(0, keep, eps[n:]).index_copy(0, grad_rows, eps_g)
-        return eps_u, eps_c, c_leaf
+            cond_g = cond.index_copy(0, grad_rows, c_leaf)
+            uncond_g = uncond.index_copy(0, grad_rows, u_leaf) if u_leaf is not None else uncond
+            grad_u, grad_c = self._cfg_rows(x, t, uncond_g, cond_g, token_weights, u_grad, grad_rows)
+            eps_u = rest_u.new_zeros(x.shape).index_copy(0, u_rest, rest_u).index_copy(0, u_grad, grad_u)
+            eps_c = rest_c.new_zeros(x.shape).index_copy(0, keep, rest_c).index_copy(0, grad_rows, grad_c)
+        leaves = (c_leaf,) if u_leaf is None else (c_leaf, u_leaf)
+        return NoisePrediction(eps_u, eps_c, leaves)
+
+    def _cfg_rows(self, x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor,
+                  token_weights: torch.Tensor, u_items: torch.Tensor,
+                  c_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """eps of the unconditional rows of ``u_items`` and the conditional rows of ``c_items``, one call."""
+        nu = len(u_items)
+        if nu + len(c_items) == 0:  # every row of this kind runs in the other call
+            empty = x.new_zeros((0, *x.shape[1:]))
+            return empty, empty
+        sample = torch.cat([x[u_items], x[c_items]])
+        embeds = torch.cat([uncond[u_items], cond[c_items]])
+        record_rows = torch.arange(len(c_items), device=self.device) + nu  # the class token is in c
+        eps = self._unet(sample, t, embeds, record_rows, c_items, token_weights[c_items])
+        return eps[:nu], eps[nu:]
 
     def _unet(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, record_rows: torch.Tensor,
               record_items: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
@@ -340,56 +441,53 @@ class GuidedSampler:
         dist = self.vae.encode(batch).latent_dist
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
-    def _gradient_targets(
+    def _gradient_plan(
         self, items: list[SampleItem], draws: list[_Draw], opts: GenerationOptions,
-        banks: Mapping[int, torch.Tensor] | None, classifier: Classifier | None, shape: tuple[int, ...],
-    ) -> tuple[torch.Tensor, GradientTargets | None]:
-        """Which items get gradient guidance, and their bank samples (at most N each, eq. 9)."""
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        classifier: Classifier | None, shape: tuple[int, ...],
+    ) -> GradientPlan | None:
+        """Which items get gradient guidance, their stored bank and their same-job peers (eq. 9, 10)."""
         if opts.mode is not Mode.actgen or opts.grad_steps == 0:
-            return empty, None
-        rows, samples = [], []
+            return None
+        contrastive = opts.bank_sample > 0
+        rows: list[int] = []
+        stored: list[torch.Tensor | None] = []
+        peers: list[torch.Tensor] = []
         for i, (item, draw) in enumerate(zip(items, draws)):
             if draw.plain:
                 continue
-            bank = (banks or {}).get(item.class_id)
-            sample = None
-            if bank is not None and len(bank) and opts.bank_sample > 0:
-                if tuple(bank.shape[1:]) != shape:
-                    raise ValueError(f"memory bank of class {item.class_id} holds latents of shape "
-                                     f"{tuple(bank.shape[1:])}, this job generates {shape}")
-                order = torch.randperm(len(bank), generator=draw.decisions)[: opts.bank_sample]
-                sample = bank[order].flatten(1)
-            if sample is not None or draw.adversarial:  # otherwise L = 0: no graph needed
-                rows.append(i)
-                samples.append(sample)
+            bank = item.bank if contrastive and item.bank is not None and len(item.bank) else None
+            if bank is not None and tuple(bank.shape[1:]) != shape:
+                raise ValueError(f"memory bank of class {item.class_id} holds latents of shape "
+                                 f"{tuple(bank.shape[1:])}, this job generates {shape}")
+            mates = [j for j, (other, d) in enumerate(zip(items, draws))
+                     if contrastive and j != i and not d.plain and item.bank_group is not None
+                     and other.bank_group == item.bank_group and other.class_id == item.class_id]
+            if bank is None and not mates and not draw.adversarial:
+                continue  # L = 0: no graph needed
+            rows.append(i)
+            stored.append(None if bank is None else bank.flatten(1).to(self.device, torch.float32))
+            peers.append(torch.tensor(mates, dtype=torch.long, device=self.device))
         if not rows:
-            return empty, None
-        depth = max((len(s) for s in samples if s is not None), default=0)
-        dim = int(np.prod(shape))
-        bank = torch.zeros(len(rows), max(depth, 1), dim, device=self.device)
-        valid = torch.zeros(len(rows), max(depth, 1), device=self.device)
-        for r, sample in enumerate(samples):
-            if sample is not None:
-                bank[r, : len(sample)] = sample.to(self.device, torch.float32)
-                valid[r, : len(sample)] = 1.0
+            return None
         adversarial = torch.tensor([draws[i].adversarial for i in rows], device=self.device)
         if bool(adversarial.any()) and classifier is not None:
             classifier.module.to(self.device).eval()
-        return torch.tensor(rows, device=self.device), GradientTargets(
+        return GradientPlan(
+            rows=torch.tensor(rows, device=self.device),
             class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
-            bank=bank, valid=valid, adversarial=adversarial, margin=opts.contrastive_margin,
-            adv_weight=opts.adv_weight, classifier=classifier,
+            adversarial=adversarial, stored=stored, peers=peers,
+            draws=[draws[i].decisions for i in rows], bank_sample=opts.bank_sample,
+            margin=opts.contrastive_margin, adv_weight=opts.adv_weight, classifier=classifier,
         )
 
     # ------------------------------------------------------------------ outputs
     @staticmethod
     def _record(records: list[list[GradStepRecord]], rows: torch.Tensor, step: int,
-                loss: GuidanceLoss, targets: GradientTargets) -> None:
+                loss: GuidanceLoss, adversarial: torch.Tensor) -> None:
         contra = loss.contra.detach().tolist()
         adv = loss.adv.detach().tolist()
         pred = loss.prediction.tolist()
-        is_adv = targets.adversarial.tolist()
+        is_adv = adversarial.tolist()
         for r, item in enumerate(rows.tolist()):
             records[item].append(GradStepRecord(
                 step=step, l_contra=contra[r],

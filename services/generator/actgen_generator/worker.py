@@ -8,8 +8,9 @@ It runs as a task in the API's event loop; the sampler call itself runs in a thr
 * Batch pending items of compatible jobs, up to ``settings.max_batch``, into one sampler
   call. Compatible means the same options apart from the seed (so also the same mode, steps
   and size: ``GenerationOptions.batch_signature``), the same classifier and the same bank.
-  Item ``k`` of a job always uses seed ``options.seed + k``, so a redelivered job, batched
-  differently, makes the same images.
+  Item ``k`` of a job always uses seed ``item_seed(options.seed, k)``, whichever batch it
+  runs in. Each item contrasts with its own job's memory bank, read when its batch starts
+  (the bank is live), never with another job's.
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
@@ -36,6 +37,7 @@ from actgen_generator.metrics import Metrics
 from actgen_shared import codecs
 from actgen_shared.queue import REDIS_DOWN, Consumer, Delivery, JobQueue, StoredItem
 from actgen_shared.schemas import GenerationOptions, ItemResult, JobRequest, JobResult, Mode
+from actgen_shared.seeds import derive_seed, item_seed
 from actgen_shared.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +57,6 @@ class Sampler(Protocol):
         self,
         items: Sequence["SampleItem"],
         options: GenerationOptions,
-        banks: Mapping[int, "torch.Tensor"] | None = None,
         classifier: "Classifier | None" = None,
         on_step: Callable[[int, int], bool] | None = None,
     ) -> list["SampleOutput"]: ...
@@ -71,7 +72,6 @@ class ActiveJob:
     delivery: Delivery
     class_names: list[str]
     pending: list[int]
-    banks: dict[int, Any] = field(default_factory=dict)
     classifier: Any = None
     records: dict[int, ItemResult] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -203,19 +203,6 @@ class Worker:
                 class_names=request.resolved_class_names(),
                 pending=[k for k in range(len(request.items)) if k not in done],
             )
-            options = request.options
-            if (
-                options.mode is Mode.actgen
-                and request.memory_bank_key
-                and options.bank_sample > 0
-                and options.grad_steps > 0
-            ):
-                job.banks = await memory_bank.sample_banks(
-                    self.queue, request.memory_bank_key,
-                    {request.items[k].class_id for k in job.pending}, options.bank_sample,
-                    seed=options.seed or 0,
-                    shape=self.latent_shape(options) if self.latent_shape else None,
-                )
             if request.needs_classifier:
                 if self.classifiers is None:
                     raise RuntimeError("this replica has no classifier cache")
@@ -226,7 +213,7 @@ class Worker:
         log_event(
             "job.started", job_id, replica=self.name, run_id=request.run_id,
             items=len(request.items), already_done=len(done), delivery=delivery.deliveries,
-            mode=request.options.mode.value, banks={c: int(t.shape[0]) for c, t in job.banks.items()},
+            mode=request.options.mode.value,
         )
         self.metrics.job_events.labels("started").inc()
         self.active[job_id] = job
@@ -263,16 +250,13 @@ class Worker:
         if not batch:
             return
         jobs = [job for job in jobs if job.job_id in self.active]
-        banks: dict[int, Any] = {}
-        for job in jobs:
-            for class_id, tensor in job.banks.items():
-                banks.setdefault(class_id, tensor)
+        banks = {job.job_id: await self._read_bank(job, [k for j, k in batch if j is job]) for job in jobs}
         self._cancelled = set()
         on_step = self._step_callback([job.job_id for job in jobs], asyncio.get_running_loop())
         started = time.perf_counter()
         try:
             done = await asyncio.to_thread(
-                self._compute, batch, jobs[0].request.options, banks or None, jobs[0].classifier, on_step
+                self._compute, batch, jobs[0].request.options, banks, jobs[0].classifier, on_step
             )
         except Cancelled:
             for job in jobs:
@@ -291,11 +275,27 @@ class Worker:
         )
         await self._store(batch, done)
 
+    async def _read_bank(self, job: ActiveJob, indices: list[int]) -> dict[int, Any]:
+        """The job's memory bank for the classes of this batch's items, read now (DESIGN 5.7).
+
+        Read per batch, not per job, so a latent stored a moment ago (by this job's earlier
+        batch or by the run's previous job) already counts: the bank is live.
+        """
+        request, options = job.request, job.request.options
+        if not (options.mode is Mode.actgen and request.memory_bank_key
+                and options.bank_sample > 0 and options.grad_steps > 0):
+            return {}
+        return await memory_bank.sample_banks(
+            self.queue, request.memory_bank_key, {request.items[k].class_id for k in indices},
+            options.bank_sample, seed=derive_seed(options.seed or 0, min(indices)),
+            shape=self.latent_shape(options) if self.latent_shape else None,
+        )
+
     def _compute(
         self,
         batch: list[tuple[ActiveJob, int]],
         options: GenerationOptions,
-        banks: Mapping[int, Any] | None,
+        banks: Mapping[str, Mapping[int, Any]],
         classifier: Any,
         on_step: Callable[[int, int], bool],
     ) -> list[tuple[ItemResult, StoredItem]]:
@@ -310,12 +310,14 @@ class Worker:
                     guide=codecs.image_from_b64(item.image, max_side=self.settings.max_image_side),
                     class_id=item.class_id,
                     class_name=job.class_names[item.class_id],
-                    seed=(job.request.options.seed or 0) + index,
+                    seed=item_seed(job.request.options.seed or 0, index),
                     guide_id=item.guide_id,
                     confidence=item.confidence,
+                    bank=banks.get(job.job_id, {}).get(item.class_id),  # this job's bank only
+                    bank_group=job.job_id,
                 )
             )
-        outputs = self.sampler(items, options, banks=banks, classifier=classifier, on_step=on_step)
+        outputs = self.sampler(items, options, classifier=classifier, on_step=on_step)
         if len(outputs) != len(batch):
             raise RuntimeError(f"sampler returned {len(outputs)} outputs for {len(batch)} items")
         done = []
@@ -403,7 +405,7 @@ class Worker:
         options, item = job.request.options, job.request.items[index]
         return ItemResult(
             index=index, class_id=item.class_id, class_name=job.class_names[item.class_id],
-            guide_id=item.guide_id, seed=(options.seed or 0) + index, mode=options.mode,
+            guide_id=item.guide_id, seed=item_seed(options.seed or 0, index), mode=options.mode,
             image_guidance_strength=options.image_guidance_strength,
             width=options.output_size or options.width or self.native_size,
             height=options.output_size or options.height or self.native_size,
@@ -462,7 +464,6 @@ class EchoSampler:
         self,
         items: Sequence["SampleItem"],
         options: GenerationOptions,
-        banks: Mapping[int, "torch.Tensor"] | None = None,
         classifier: "Classifier | None" = None,
         on_step: Callable[[int, int], bool] | None = None,
     ) -> list["SampleOutput"]:
