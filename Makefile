@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo serve bench up down compose-gpus clean
+.PHONY: setup test demo serve bench ablation up down compose-gpus clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools.
 $(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
@@ -29,6 +29,12 @@ serve: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+# ablation: every arm x 5 seeds on the low-data digits (resumable; ends with its wall time).
+# ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds.
+ABLATION_ARGS ?=
+ablation: setup
+	$(VENV)/bin/actgen-trainer ablate $(ABLATION_ARGS)
 
 up:  # GPU machine; on a laptop: docker compose --profile cpu up -d
 	docker compose up -d
