@@ -11,6 +11,8 @@ One private redis-server and one generator replica (the shipped digits model) se
 started only when a cell that generates is left to run. ``OUT/results.json`` is rewritten
 atomically after every cell; a rerun skips the cells it holds (for the same config) and redoes a
 half-finished cell from scratch. ``OUT/table.md`` and ``OUT/index.html`` are rebuilt from it.
+A cell is "the same" when its config and the generator model's folder name are: after changing
+the generator's code, start over in a fresh ``--out``.
 
 Diagnostics of each cell's generated images: *hardness*, the final classifier's mean
 cross-entropy on them; *diversity*, the mean pairwise RMS pixel distance between generated
@@ -132,7 +134,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         return math.nan, math.nan
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -375,7 +377,7 @@ def _run_cells(todo: list[tuple[str, int, Config, str]], results: dict[str, Any]
         for arm, seed, cfg, print_ in bar:
             bar.set_postfix_str(f"{arm} seed {seed}")
             if client is None and cfg.generation.mode is not TrainMode.real:
-                client, url = _start_generator(stack, out, model, threads, log)
+                client, url = _start_generator(stack, out, model, threads, bar.write if progress else log)
             if url is not None:
                 cfg = cfg.model_copy(update={"generation": cfg.generation.model_copy(
                     update={"generator_url": url})})
