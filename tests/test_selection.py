@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from actgen_trainer.models import predict
-from actgen_trainer.selection import hard_indices, sample_hard
+from actgen_trainer.selection import hard_indices, sample_hard, select_guides, take_ranked
 
 
 def _fixed_classifier(num_classes: int) -> nn.Module:
@@ -70,18 +70,19 @@ def test_lowest_confidence_takes_distinct_guides_hardest_first() -> None:
     assert ranked.tolist() == [3, 2, 4, 1, 5, 0]  # ties keep slice order
     assert hard_indices(probs, targets, "misclassified").tolist() == [3]
     # misclassified would spend a budget of 4 on guide 3 four times; this rule on 4 distinct guides
-    assert sample_hard(np.array([3]), 4, np.random.default_rng(0)).tolist() == [3, 3, 3, 3]
-    picked = sample_hard(ranked, 4, np.random.default_rng(0))
-    assert picked.tolist() == [3, 2, 4, 1]
-    assert type(picked) is np.ndarray
-    assert picked.tolist() == sample_hard(ranked, 4, np.random.default_rng(99)).tolist()  # no draw
+    rng = np.random.default_rng(0)
+    assert select_guides(probs, targets, "misclassified", 0.5, 4, rng)[0].tolist() == [3, 3, 3, 3]
+    picked, n_hard = select_guides(probs, targets, "lowest_confidence", 0.5, 4, rng)
+    assert picked.tolist() == [3, 2, 4, 1] and n_hard == 1  # hard still counts the mistakes
+    again = select_guides(probs, targets, "lowest_confidence", 0.5, 4, np.random.default_rng(99))[0]
+    assert again.tolist() == picked.tolist()  # no draw
 
 
 def test_lowest_confidence_cycles_only_when_the_slice_is_smaller_than_the_budget() -> None:
     probs = np.array([[0.2, 0.8], [0.6, 0.4]])
     ranked = hard_indices(probs, np.array([0, 0]), "lowest_confidence")
-    assert sample_hard(ranked, 5, np.random.default_rng(0)).tolist() == [0, 1, 0, 1, 0]
-    assert len(sample_hard(ranked, 0, np.random.default_rng(0))) == 0
+    assert take_ranked(ranked, 5).tolist() == [0, 1, 0, 1, 0]
+    assert len(take_ranked(ranked, 0)) == 0
 
 
 def test_lowest_confidence_is_a_config_choice() -> None:

@@ -55,6 +55,12 @@ ARMS: dict[str, list[str]] = {
     "aig+contrastive": ["generation.mode=actgen", "generation.guidance=contrastive"],
     "aig+adversarial": ["generation.mode=actgen", "generation.guidance=adversarial"],
     "actgen": ["generation.mode=actgen", "generation.guidance=both"],
+    # eq. 11 as the paper's text reads (the global norm, c alone) instead of the released code's
+    "actgen-global": ["generation.mode=actgen", "generation.guidance=both",
+                      "generation.options.grad_norm=global", "generation.options.update_uncond=false"],
+    # the released train.py's schedule: adv_prob 0.5 by mid-training, plain-SD items early on
+    "actgen-authors": ["generation.mode=actgen", "generation.guidance=both",
+                       "generation.adv_schedule=authors"],
     # our own: actgen, but the budget goes to the lowest-confidence slice images, all distinct
     "actgen+lowconf": ["generation.mode=actgen", "generation.guidance=both",
                        "generation.selection=lowest_confidence"],

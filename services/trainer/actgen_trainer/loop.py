@@ -60,7 +60,7 @@ from actgen_trainer.models import (
     predict,
 )
 from actgen_trainer.report import write_report
-from actgen_trainer.selection import hard_indices, sample_hard
+from actgen_trainer.selection import select_guides
 
 log = logging.getLogger("actgen_trainer")
 
@@ -465,11 +465,11 @@ class Trainer:
             self.model, self._loader(Subset(self.train_source, val_idx, self.eval_tf)),
             self.device, self.amp,
         )
-        hard = hard_indices(probs, targets, gen.selection, gen.threshold)
         rng = np.random.default_rng([cfg.seed, epoch, self.dist.rank])
-        chosen = sample_hard(hard, gen.images_per_epoch, rng)
+        chosen, n_hard = select_guides(probs, targets, gen.selection, gen.threshold,
+                                       gen.images_per_epoch, rng)
         out: dict[str, Any] = {
-            "val_acc": float((probs.argmax(1) == targets).mean()), "hard": int(len(hard)),
+            "val_acc": float((probs.argmax(1) == targets).mean()), "hard": n_hard,
             "seconds_eval_val": time.perf_counter() - t0,
         }
         t0 = time.perf_counter()

@@ -16,17 +16,13 @@ import numpy as np
 Rule = Literal["misclassified", "threshold", "lowest_confidence"]
 
 
-class Ranked(np.ndarray):
-    """Positions ordered hardest first: :func:`sample_hard` takes them from the front, no draw."""
-
-
 def hard_indices(
     probs: np.ndarray,
     targets: np.ndarray,
     rule: Rule = "misclassified",
     threshold: float = 0.5,
 ) -> np.ndarray:
-    """Positions (into ``probs``) of the hard samples: ascending, or :class:`Ranked` (hardest first)."""
+    """Positions (into ``probs``) of the hard samples: ascending, or hardest first (lowest_confidence)."""
     probs = np.asarray(probs)
     targets = np.asarray(targets, dtype=np.int64)
     if probs.ndim != 2 or len(probs) != len(targets):
@@ -37,7 +33,7 @@ def hard_indices(
         mask = probs[np.arange(len(targets)), targets] < threshold
     elif rule == "lowest_confidence":
         confidence = probs[np.arange(len(targets)), targets]
-        return np.argsort(confidence, kind="stable").view(Ranked)
+        return np.argsort(confidence, kind="stable")
     else:
         raise ValueError(f"unknown selection rule {rule!r}")
     return np.flatnonzero(mask)
@@ -47,17 +43,37 @@ def sample_hard(hard: np.ndarray, count: int, rng: np.random.Generator) -> np.nd
     """``count`` draws from ``hard``: without replacement, then fresh permutations when fewer.
 
     "Repeat with new draws when fewer are hard": every hard sample is used before any repeats,
-    and the repeats get new noise in the generator (each item has its own seed). A
-    :class:`Ranked` ``hard`` is taken in its order instead: the ``count`` hardest, cycling only
-    when the slice is smaller than ``count``.
+    and the repeats get new noise in the generator (each item has its own seed).
     """
-    ranked = isinstance(hard, Ranked)
     hard = np.asarray(hard)
     if count <= 0 or len(hard) == 0:
         return hard[:0]
-    if ranked:
-        return np.tile(hard, -(-count // len(hard)))[:count]
     rounds = []
     while sum(len(r) for r in rounds) < count:
         rounds.append(rng.permutation(hard))
     return np.concatenate(rounds)[:count]
+
+
+def take_ranked(ranked: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` first of a hardest-first ranking, cycling only when it is shorter than ``count``."""
+    ranked = np.asarray(ranked)
+    if count <= 0 or len(ranked) == 0:
+        return ranked[:0]
+    return np.tile(ranked, -(-count // len(ranked)))[:count]
+
+
+def select_guides(
+    probs: np.ndarray, targets: np.ndarray, rule: Rule, threshold: float, count: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """One epoch's guides (positions into ``probs``) and how many slice samples are hard.
+
+    ``misclassified`` and ``threshold`` draw from their hard set (:func:`sample_hard`);
+    ``lowest_confidence`` takes the hardest first, all distinct (:func:`take_ranked`), and counts
+    the misclassified ones as hard.
+    """
+    if rule == "lowest_confidence":
+        hard = hard_indices(probs, targets, "misclassified")
+        return take_ranked(hard_indices(probs, targets, rule), count), len(hard)
+    hard = hard_indices(probs, targets, rule, threshold)
+    return sample_hard(hard, count, rng), len(hard)
