@@ -58,6 +58,9 @@ ARMS: dict[str, list[str]] = {
     # eq. 11 as the paper's text reads (the global norm, c alone) instead of the released code's
     "actgen-global": ["generation.mode=actgen", "generation.guidance=both",
                       "generation.options.grad_norm=global", "generation.options.update_uncond=false"],
+    # the released code's norm with a smaller step: where the faithfulness / diversity trade-off turns
+    "actgen-lr0.02": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.02"],
+    "actgen-lr0.01": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.01"],
     # the released train.py's schedule: adv_prob 0.5 by mid-training, plain-SD items early on
     "actgen-authors": ["generation.mode=actgen", "generation.guidance=both",
                        "generation.adv_schedule=authors"],
