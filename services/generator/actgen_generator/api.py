@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import random
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,7 +35,15 @@ from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import EchoSampler, Worker
 from actgen_shared import __version__, codecs
-from actgen_shared.queue import REDIS_DOWN, JobQueue, connect, validate_cursor
+from actgen_shared.queue import (
+    REDIS_DOWN,
+    Heartbeat,
+    JobQueue,
+    ReplicaIdInUse,
+    connect,
+    new_token,
+    validate_cursor,
+)
 from actgen_shared.schemas import (
     BANK_KEY_PATTERN,
     CLASSIFIER_REF_PATTERN,
@@ -117,6 +127,7 @@ class Service:
     ready: bool = False
     fatal: str | None = None
     worker: Worker | None = None
+    heartbeat: Heartbeat | None = None
     worker_task: asyncio.Task | None = None
     startup_task: asyncio.Task | None = None
     on_fatal: Callable[[], None] | None = None  # the CLI stops the server: a replica that cannot load exits
@@ -131,15 +142,21 @@ def resolve_device(device: str | None) -> str:
 
 
 def default_replica_id(device: str | None, run_worker: bool) -> str:
-    """``{hostname}-{device}``: stable across restarts of the same replica, as the queue needs."""
+    """``{hostname}-{device}-{pid}-{random}``: no two processes share it, on one host or many.
+
+    Two replicas under one consumer name would share one heartbeat, so neither's jobs could be
+    reclaimed when it dies. A replica that restarts under a new name leaves its old entries to
+    be reclaimed once the old lease ends; set ACTGEN_REPLICA_ID for a name that survives restarts.
+    """
     host = socket.gethostname()
+    suffix = f"{os.getpid()}-{secrets.token_hex(3)}"
     if not run_worker:
-        return f"{host}-api"
+        return f"{host}-api-{suffix}"
     import torch
 
     dev = torch.device(resolve_device(device))
     tag = f"gpu{dev.index or 0}" if dev.type == "cuda" else dev.type
-    return f"{host}-{tag}"
+    return f"{host}-{tag}-{suffix}"
 
 
 async def _start_worker(svc: Service) -> None:
@@ -171,7 +188,7 @@ async def _start_worker(svc: Service) -> None:
         cache = ClassifierCache(svc.classifiers, svc.device or "cpu")
         svc.worker = Worker(
             svc.queue, svc.replica_id, sampler, settings, svc.metrics, classifiers=cache,
-            latent_shape=latent_shape, native_size=svc.native_size,
+            latent_shape=latent_shape, native_size=svc.native_size, heartbeat=svc.heartbeat,
         )
         svc.worker_task = asyncio.create_task(svc.worker.run())
         svc.ready = True
@@ -199,6 +216,7 @@ def _lifespan(svc: Service):  # type: ignore[no-untyped-def]
         await svc.queue.ensure_group()
         svc.classifiers = ClassifierStore(svc.redis, svc.settings.keys, svc.settings.max_classifier_bytes)
         if svc.run_worker:
+            await asyncio.to_thread(claim_replica_id, svc)
             svc.startup_task = asyncio.create_task(_start_worker(svc))
         else:
             svc.ready = True
@@ -211,6 +229,39 @@ def _lifespan(svc: Service):  # type: ignore[no-untyped-def]
     return lifespan
 
 
+def claim_replica_id(svc: Service) -> None:
+    """Take the replica's consumer name before anything else (blocking): a name that a live
+    replica holds (its heartbeat has not expired) raises ReplicaIdInUse, and this one does not
+    start. The CLI calls it before the server starts; the lifespan when nobody did."""
+    if svc.heartbeat is not None or not svc.run_worker:
+        return
+    assert svc.settings.redis_url
+    heartbeat = Heartbeat(
+        svc.settings.redis_url, svc.settings, svc.replica_id, new_token(svc.replica_id),
+        on_conflict=lambda message: _lost_replica_id(svc, message),
+    )
+    try:
+        heartbeat.claim()
+    except Exception as exc:
+        heartbeat.stop()
+        if isinstance(exc, ReplicaIdInUse):
+            svc.fatal = str(exc)
+            log_event("replica.refused", None, replica=svc.replica_id, error=svc.fatal)
+        raise
+    svc.heartbeat = heartbeat.start()  # keeps the name while the model loads
+
+
+def _lost_replica_id(svc: Service, message: str) -> None:
+    """Another process took our name while we were paused past the lease: it owns our pending
+    work now, so this one stops (called from the heartbeat thread)."""
+    svc.fatal = message
+    log_event("replica.name_taken", None, replica=svc.replica_id, error=message)
+    if svc.worker is not None:
+        svc.worker.abandon()
+    if svc.on_fatal is not None:
+        svc.on_fatal()
+
+
 async def stop_worker(svc: Service) -> None:
     """Stop the worker: interrupt the batch, release unfinished jobs, drop the heartbeat."""
     if svc.startup_task is not None and not svc.startup_task.done():
@@ -219,6 +270,8 @@ async def stop_worker(svc: Service) -> None:
         svc.worker.request_stop()
     if svc.worker_task is not None:
         await asyncio.gather(svc.worker_task, return_exceptions=True)
+    elif svc.heartbeat is not None:  # claimed, but the worker never ran: give the name back
+        await asyncio.to_thread(svc.heartbeat.stop, True)
     svc.ready = False
 
 
@@ -662,4 +715,4 @@ def create_app(
     return app
 
 
-__all__ = ["ApiError", "Service", "create_app", "stop_worker"]
+__all__ = ["ApiError", "Service", "claim_replica_id", "create_app", "stop_worker"]
