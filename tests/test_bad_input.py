@@ -208,7 +208,7 @@ def test_oversized_body(server: GeneratorProcess, http: httpx.Client, queue_stay
 
 
 @pytest.mark.parametrize("weights, meta, words", [
-    (pickle.dumps({"fc.weight": [1.0, 2.0]}), CLASSIFIER_META, "pickle"),
+    (pickle.dumps({"fc.weight": [1.0, 2.0]}), CLASSIFIER_META, "weights: this is a pickle"),
     (None, CLASSIFIER_META, "zip"),
     (b"\x00\x01 definitely not tensors", CLASSIFIER_META, "not a safetensors file"),
     ("wrong", CLASSIFIER_META, "weights do not match simple_cnn"),
@@ -228,6 +228,18 @@ def test_bad_classifier_upload(
     response = http.post("/v1/classifiers", files=files, data={"metadata": metadata})
     assert response.status_code == 422, response.text
     assert words in response.json()["error"]["message"]
+
+
+def test_safetensors_upload_whose_first_byte_is_0x80_is_accepted(http: httpx.Client) -> None:
+    """resnet50 with 1000 classes has a 28 800-byte header: its first byte is 0x80, pickle's
+    PROTO opcode. It was refused as "looks like a pickle"; the header decides now."""
+    from test_classifiers import weights_with_header_low_byte
+
+    data = weights_with_header_low_byte(0x80)
+    files = {"weights": ("c.safetensors", data, "application/octet-stream")}
+    response = http.post("/v1/classifiers", files=files, data={"metadata": _json(CLASSIFIER_META)})
+    assert response.status_code == 200, response.text
+    assert response.json()["ref"].startswith("sha256:")
 
 
 def test_classifier_upload_is_idempotent(http: httpx.Client, classifier_ref: str) -> None:

@@ -14,10 +14,12 @@ import asyncio
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from actgen_shared import codecs
 from actgen_shared.keys import Keys
 from actgen_shared.schemas import ClassifierMeta, ClassifierRef
 
@@ -28,7 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REF_PREFIX = "sha256:"
 DEFAULT_CACHE_SIZE = 4
-_PICKLE_MAGIC = b"\x80"  # pickle protocol 2+ opcode PROTO
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip checkpoints
 
 
@@ -52,20 +53,28 @@ def _hex(ref: str) -> str:
     return ref[len(REF_PREFIX):]
 
 
+def _looks_like_pickle(data: bytes) -> bool:
+    """PROTO opcode with a protocol 2-5: only asked once the bytes failed to parse as safetensors."""
+    return len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
+
+
 def read_state_dict(weights: bytes) -> dict[str, Any]:
-    """safetensors bytes -> tensors; pickles and torch zip checkpoints are refused unread."""
+    """safetensors bytes -> tensors; anything else is refused unread (never unpickled).
+
+    Recognised by parsing the safetensors header (codecs.safetensors_header); only bytes that
+    fail it are named (zip, pickle) to say what they are.
+    """
     from safetensors.torch import load
 
-    if weights.startswith(_ZIP_MAGIC):
-        raise ClassifierError(
-            "weights", "this is a zip (torch.save) checkpoint; only safetensors is accepted "
-            "(save it with safetensors.torch.save_file)",
-        )
-    if weights.startswith(_PICKLE_MAGIC):
-        raise ClassifierError(
-            "weights", "this looks like a pickle; only safetensors is accepted "
-            "(save it with safetensors.torch.save_file)",
-        )
+    try:
+        codecs.safetensors_header(weights)
+    except codecs.DecodeError as exc:
+        hint = "only safetensors is accepted (save it with safetensors.torch.save_file)"
+        if weights.startswith(_ZIP_MAGIC):
+            raise ClassifierError("weights", f"this is a zip (torch.save) checkpoint; {hint}") from None
+        if _looks_like_pickle(weights):
+            raise ClassifierError("weights", f"this is a pickle; {hint}") from None
+        raise ClassifierError("weights", f"not a safetensors file ({exc}); {hint}") from None
     try:
         tensors = load(weights)
     except Exception as exc:
