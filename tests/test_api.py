@@ -222,3 +222,20 @@ def test_async_client(server: GeneratorProcess) -> None:
             assert err.value.status == 404 and err.value.code == "not_found"
 
     asyncio.run(go())
+
+
+def test_public_docs_open_the_docs_only(redis_url: str, key_prefix: str) -> None:
+    """ACTGEN_PUBLIC_DOCS=1 opens /docs, /redoc and /openapi.json; everything else keeps its 401."""
+    from starlette.testclient import TestClient
+
+    from actgen_generator.api import create_app
+    from actgen_shared.settings import Settings
+
+    for public in (True, False):
+        settings = Settings(redis_url=redis_url, key_prefix=key_prefix, api_key="k", public_docs=public)
+        with TestClient(create_app(settings, worker=False)) as anon:
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert anon.get(path).status_code == (200 if public else 401), (public, path)
+            assert anon.get("/v1/info").status_code == 401
+            assert anon.get("/healthz").status_code == 200
+            assert anon.get("/v1/info", headers={"Authorization": "Bearer k"}).status_code == 200

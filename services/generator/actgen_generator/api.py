@@ -94,8 +94,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class ApiError(StarletteHTTPException):
     """An HTTP error with our own code; the message names the field at fault."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        super().__init__(status_code=status, detail=message)
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code or _STATUS_CODES.get(status, "error")
 
 
@@ -598,6 +599,59 @@ def _format_errors(errors: list[dict[str, Any]], root: str | None = None) -> lis
     return out
 
 
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _bearer_ok(headers: list[tuple[bytes, bytes]], expected: str) -> str | None:
+    """None when the headers carry ``Authorization: Bearer <expected>``, else why not."""
+    value = next((v for k, v in headers if k == b"authorization"), None)
+    if value is None:
+        return "Authorization: a 'Bearer <ACTGEN_API_KEY>' header is required"
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return "Authorization: a 'Bearer <ACTGEN_API_KEY>' header is required"
+    if not hmac.compare_digest(token.strip(), expected.encode("utf-8")):
+        return "Authorization: the bearer token is not the service's API key"
+    return None
+
+
+class ApiKeyAuth:
+    """Bearer-token check before anything of the request is read (ASGI, outermost).
+
+    With ``ACTGEN_API_KEY`` set, every route but /healthz and /readyz needs the token, the docs
+    (/docs, /redoc, /openapi.json) too unless ``ACTGEN_PUBLIC_DOCS=1``. A refusal is a 401 sent
+    without reading the body (FastAPI would parse a JSON body before a dependency runs), and the
+    connection is closed rather than drained.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def is_open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.settings.public_docs and path in DOCS_PATHS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        expected = self.settings.api_key
+        if scope["type"] != "http" or not expected or self.is_open(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        why = _bearer_ok(scope.get("headers", []), expected)
+        if why is None:
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "unauthorized", why, headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
+        )
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    """A receive() for a response sent without reading the request: the client is gone."""
+    return {"type": "http.disconnect"}
+
+
 class BodyTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body: more than {limit} bytes (ACTGEN_MAX_BODY_BYTES)")
@@ -709,6 +763,7 @@ def create_app(
     )
     app.state.service = svc
     app.add_middleware(BodySizeLimit, settings=settings)
+    app.add_middleware(ApiKeyAuth, settings=settings)  # added last: runs first, before any read
     _install_error_handlers(app)
     for router in (health, service_info, classifiers, jobs, runs, banks):
         app.include_router(router)
