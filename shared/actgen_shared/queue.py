@@ -129,14 +129,20 @@ local function finish(job, stats, status, field, value, now, ttl, expire_keys)
 end
 """
 
-# KEYS: idem (or ''), job, jobs stream, stats
-# ARGV: job_id, request json, run_id, epoch, created_at, n_items, idem ttl
+# KEYS: idem (or ''), job, jobs stream, stats, classifier bytes, meta, jobs set (or '' x3)
+# ARGV: job_id, request json, run_id, epoch, created_at, n_items, idem ttl, classifier ttl
+# returns {job id, 1 duplicate | 0 new | 2 classifier unknown}
 _SUBMIT = """
 if KEYS[1] ~= '' then
   local first = redis.call('GET', KEYS[1])
   if first then return {first, 1} end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {ARGV[1], 1} end
+if KEYS[5] ~= '' then  -- the job holds its classifier: known now, and its TTL starts again
+  if redis.call('EXISTS', KEYS[5]) == 0 or redis.call('EXISTS', KEYS[6]) == 0 then return {ARGV[1], 2} end
+  redis.call('SADD', KEYS[7], ARGV[1])
+  for i = 5, 7 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+end
 if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[7]) end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'request', ARGV[2], 'run_id', ARGV[3],
   'epoch', ARGV[4], 'created_at', ARGV[5], 'n_items', ARGV[6], 'deliveries', 0)
@@ -283,7 +289,7 @@ return 1
 """
 
 # KEYS: job, done hash, results stream, then per item: image key, latent key, bank key
-# ARGV: ttl, results maxlen, bank cap, push bank (0/1), job id, epoch, n,
+# ARGV: ttl, results maxlen, bank cap, push bank (0/1), job id, epoch, n, bank ttl,
 #       then per item: index, class_id, guide_id, has latent (0/1), png, latent
 _STORE = (
     _PRELUDE
@@ -293,7 +299,7 @@ if (not status) or is_final(status) then return 0 end
 local ttl, cap, push = ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
 local n, stored = tonumber(ARGV[7]), 0
 for i = 0, n - 1 do
-  local a, k = 8 + i * 6, 4 + i * 3
+  local a, k = 9 + i * 6, 4 + i * 3
   local index, class_id, guide_id, has_latent = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
   if redis.call('HSETNX', KEYS[2], index, '') == 1 then
     redis.call('SET', KEYS[k], ARGV[a + 4], 'EX', ttl)
@@ -304,6 +310,7 @@ for i = 0, n - 1 do
       if push then
         redis.call('LPUSH', KEYS[k + 2], ARGV[a + 5])
         redis.call('LTRIM', KEYS[k + 2], 0, cap - 1)
+        redis.call('EXPIRE', KEYS[k + 2], ARGV[8])
       end
     end
     local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[5],
@@ -408,6 +415,8 @@ class JobQueue:
         self._release = redis.register_script(_RELEASE)
         self._stop = redis.register_script(_STOP)
         self._forget = redis.register_script(_FORGET)
+        self._memory_checked = -1e9
+        self._memory_note: str | None = None
 
     # --- jobs --------------------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -422,12 +431,19 @@ class JobQueue:
         """Queue a job in one atomic step; returns (job id, duplicate).
 
         With ``request.idempotency_key`` set, a resubmit returns the first job's id and
-        ``duplicate=True`` (for ``result_ttl_s``), whatever its body.
+        ``duplicate=True`` (for ``result_ttl_s``), whatever its body. A ``classifier_ref`` must
+        name a stored classifier (LookupError otherwise, e.g. deleted meanwhile); the job is
+        recorded as one of its users and its TTL starts again.
         """
         job_id = job_id or uuid.uuid4().hex
-        idem = self.keys.idempotency(request.idempotency_key) if request.idempotency_key else ""
-        first, duplicate = await self._submit(
-            keys=[idem, self.keys.job(job_id), self.keys.jobs_stream, self.keys.jobs_by_status],
+        k = self.keys
+        idem = k.idempotency(request.idempotency_key) if request.idempotency_key else ""
+        clf = ["", "", ""]
+        if request.classifier_ref:
+            hex_ = request.classifier_ref.removeprefix("sha256:")
+            clf = [k.classifier(hex_), k.classifier_meta(hex_), k.classifier_jobs(hex_)]
+        first, outcome = await self._submit(
+            keys=[idem, k.job(job_id), k.jobs_stream, k.jobs_by_status, *clf],
             args=[
                 job_id,
                 request.model_dump_json(),
@@ -436,9 +452,30 @@ class JobQueue:
                 repr(time.time()),
                 len(request.items),
                 self.settings.result_ttl_s,
+                self.settings.classifier_ttl_s,
             ],
         )
-        return _s(first) or job_id, bool(int(duplicate))
+        if int(outcome) == 2:
+            raise LookupError(f"classifier_ref: {request.classifier_ref} is not known (deleted or expired)")
+        return _s(first) or job_id, bool(int(outcome))
+
+    async def memory_pressure(self) -> str | None:
+        """Why Redis is too full to take more work (used_memory at or over ``redis_memory_high``
+        of maxmemory), or None. Cached for a second: submit asks on every request."""
+        now = time.monotonic()
+        if now - self._memory_checked < 1.0:
+            return self._memory_note
+        info = await self.redis.info("memory")
+        used, cap = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        note = None
+        if cap > 0 and used >= self.settings.redis_memory_high * cap:
+            note = (
+                f"Redis memory is near its cap: used_memory {used} bytes of maxmemory {cap} "
+                f"({used / cap:.0%}, limit ACTGEN_REDIS_MEMORY_HIGH={self.settings.redis_memory_high:g}); "
+                "finished results must expire or be deleted first"
+            )
+        self._memory_checked, self._memory_note = now, note
+        return note
 
     async def state(self, job_id: str) -> JobState | None:
         """What GET /v1/jobs/{id} shows; None for an unknown (or expired) job."""
@@ -589,6 +626,7 @@ class JobQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, latent)
             pipe.ltrim(key, 0, (cap or self.settings.bank_cap) - 1)
+            pipe.expire(key, self.settings.bank_ttl_s)
             await pipe.execute()
 
     async def clear_bank(self, bank_key: str) -> int:
@@ -813,6 +851,7 @@ class Consumer:
         args: list[object] = [
             q.settings.result_ttl_s, q.settings.results_stream_maxlen, max(1, bank_cap),
             1 if req.memory_bank_key else 0, delivery.job_id, req.epoch, len(items),
+            q.settings.bank_ttl_s,
         ]
         bank = req.memory_bank_key or ""
         for item in items:

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actgen_generator.classifiers import ClassifierCache, ClassifierError, ClassifierStore
+from actgen_generator.classifiers import ClassifierCache, ClassifierError, ClassifierInUse, ClassifierStore
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import EchoSampler, Worker
@@ -174,7 +174,7 @@ async def _start_worker(svc: Service) -> None:
             from actgen_generator.sampler import GuidedSampler
 
             loaded = await asyncio.to_thread(load_pipeline, svc.model, svc.device, svc.dtype)
-            sampler = GuidedSampler(loaded)
+            sampler = GuidedSampler(loaded, prompt_cache_size=settings.prompt_cache_size)
             svc.model_id, svc.device = loaded.model_id, str(loaded.device)
             svc.dtype = str(loaded.dtype).removeprefix("torch.")
             svc.native_size = int(loaded.native_size)
@@ -215,7 +215,9 @@ def _lifespan(svc: Service):  # type: ignore[no-untyped-def]
         svc.redis = redis_client(svc.settings.redis_url)
         svc.queue = JobQueue(svc.redis, svc.settings)
         await svc.queue.ensure_group()
-        svc.classifiers = ClassifierStore(svc.redis, svc.settings.keys, svc.settings.max_classifier_bytes)
+        svc.classifiers = ClassifierStore(
+            svc.redis, svc.settings.keys, svc.settings.max_classifier_bytes, svc.settings.classifier_ttl_s
+        )
         if svc.run_worker:
             await asyncio.to_thread(claim_replica_id, svc)
             svc.startup_task = asyncio.create_task(_start_worker(svc))
@@ -336,8 +338,11 @@ async def readyz(svc: ServiceDep) -> Response:
         return error_response(503, "unavailable", "the pipeline is still loading")
     try:
         await svc.redis.ping()
+        full = await svc.queue.memory_pressure() if svc.queue is not None else None
     except Exception as exc:
         return error_response(503, "unavailable", f"Redis does not answer: {exc}")
+    if full:
+        return error_response(503, "unavailable", full)
     return JSONResponse({"status": "ready", "replica_id": svc.replica_id})
 
 
@@ -379,6 +384,7 @@ async def upload_classifier(
         meta = ClassifierMeta.model_validate_json(metadata)
     except ValidationError as exc:
         raise ApiError(422, "; ".join(_format_errors(exc.errors(), root="metadata"))) from None
+    await _refuse_when_full(svc)
     data = await weights.read(svc.settings.max_classifier_bytes + 1)
     if len(data) > svc.settings.max_classifier_bytes:
         raise ApiError(413, f"weights: more than {svc.settings.max_classifier_bytes} bytes")
@@ -388,6 +394,29 @@ async def upload_classifier(
         raise ApiError(422, str(exc)) from None
     log_event("classifier.stored", None, ref=ref.ref, architecture=meta.architecture)
     return ref
+
+
+@classifiers.delete("/{ref}", status_code=204, response_class=Response,
+                    responses={409: {"model": ErrorBody}}, summary="delete an uploaded classifier")
+async def delete_classifier(
+    svc: ServiceDep, queue: QueueDep, ref: Annotated[str, Path(pattern=CLASSIFIER_REF_PATTERN)]
+) -> Response:
+    """Refused (409) while a queued or running job uses it; the trainer deletes its previous
+    epoch's classifier once that epoch's job has finished. Unused ones also expire
+    (ACTGEN_CLASSIFIER_TTL_S)."""
+    assert svc.classifiers is not None
+    try:
+        deleted = await svc.classifiers.delete(ref, queue.keys.job)
+    except ClassifierInUse as exc:
+        shown = ", ".join(exc.job_ids[:5]) + (" ..." if len(exc.job_ids) > 5 else "")
+        raise ApiError(
+            409, f"classifier_ref: {ref} is used by {len(exc.job_ids)} queued or running "
+            f"job(s) ({shown}); delete it once they have finished",
+        ) from None
+    if not deleted:
+        raise ApiError(404, f"classifier_ref {ref} is not known to this service")
+    log_event("classifier.deleted", None, ref=ref, replica=svc.replica_id)
+    return Response(status_code=204)
 
 
 @classifiers.get("/{ref}", response_model=ClassifierRef)
@@ -446,13 +475,24 @@ async def validate_job(svc: Service, job: JobRequest) -> JobRequest:
 
 @jobs.post("", status_code=202, response_model=JobAccepted, summary="submit a job")
 async def submit_job(job: JobRequest, svc: ServiceDep, queue: QueueDep) -> JobAccepted:
+    await _refuse_when_full(svc)
     job = await validate_job(svc, job)
-    job_id, duplicate = await queue.submit(job)
+    try:
+        job_id, duplicate = await queue.submit(job)
+    except LookupError as exc:  # its classifier was deleted between validation and submit
+        raise ApiError(422, str(exc)) from None
     log_event(
         "job.duplicate" if duplicate else "job.queued", job_id, replica=svc.replica_id,
         run_id=job.run_id, epoch=job.epoch, items=len(job.items), mode=job.options.mode.value,
     )
     return JobAccepted(job_id=job_id, status_url=f"/v1/jobs/{job_id}", duplicate=duplicate)
+
+
+async def _refuse_when_full(svc: Service) -> None:
+    """503 while Redis is near its memory cap (it runs with noeviction: a write would fail)."""
+    full = await svc.queue.memory_pressure() if svc.queue is not None else None
+    if full:
+        raise ApiError(503, full, headers={"Retry-After": "30"})
 
 
 async def _state(queue: JobQueue, job_id: str) -> JobState:

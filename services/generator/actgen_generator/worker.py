@@ -130,6 +130,7 @@ class Worker:
         self.active: dict[str, ActiveJob] = {}
         self._stop = threading.Event()  # set from a signal handler or the loop; read by the sampler thread
         self._abandoned = False
+        self._next_touch = 0.0
         self._cancelled: set[str] = set()
         self._lost: set[str] = set()  # job ids another consumer took from us during this batch
         self._fresh: set[str] = set()  # started since the last batch
@@ -165,6 +166,7 @@ class Worker:
             while not self.stopping:
                 try:
                     self._drop_lost()
+                    await self._touch_classifiers()
                     await self._complete_finished()
                     await self._admit_waiting()
                     await self._fill()
@@ -203,6 +205,16 @@ class Worker:
             await self.consumer.stop()
         except Exception as exc:
             log_event("worker.stop_failed", replica=self.name, error=str(exc))
+
+    async def _touch_classifiers(self) -> None:
+        """Keep the classifiers of running jobs from expiring (at most once a minute)."""
+        now = time.monotonic()
+        if self.classifiers is None or now < self._next_touch:
+            return
+        self._next_touch = now + min(60.0, self.settings.classifier_ttl_s / 4)
+        refs = {j.request.classifier_ref for j in self.active.values() if j.request.classifier_ref}
+        if refs:
+            await self.classifiers.store.touch(*sorted(refs))
 
     def _tracked(self) -> dict[str, float]:
         """Entry id -> time it was handed to us, for every delivery this worker holds."""
@@ -293,6 +305,7 @@ class Worker:
                 if self.classifiers is None:
                     raise RuntimeError("this replica has no classifier cache")
                 job.classifier = await self.classifiers.get(request.classifier_ref or "")
+                await self.classifiers.store.touch(request.classifier_ref or "")  # in use: TTL again
         except REDIS_DOWN:
             raise  # not started here yet: the delivery stays in ``admitting`` and is retried
         except Exception as exc:
