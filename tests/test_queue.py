@@ -502,3 +502,21 @@ def test_queue_refuses_a_decoding_client(settings: Settings) -> None:
     with pytest.raises(ValueError, match="decode_responses"):
         JobQueue(client, settings)
 
+
+
+async def test_starting_one_delivery_twice_counts_it_once(queue: JobQueue) -> None:
+    """A start whose reply was lost and is sent again (redis-py retries after a dropped
+    connection), or a re-read of our own pending entry, is the same delivery; a new process
+    under the same name starting it is a new one."""
+    job_id, _ = await queue.submit(make_request())
+    c = Consumer(queue, "host-a")
+    [d] = await c.fetch(count=1, block_ms=100)
+    assert await c.start(d) and await c.start(d)
+    state = await queue.state(job_id)
+    assert state is not None and state.deliveries == 1
+    await queue.redis.delete(queue.keys.heartbeat("host-a"))  # the process died; its lease ended
+    restarted = Consumer(queue, "host-a")
+    [again] = await restarted.fetch(count=1, block_ms=100)
+    assert await restarted.start(again)
+    state = await queue.state(job_id)
+    assert state is not None and state.deliveries == 2
