@@ -46,6 +46,7 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     replica_id: str | None = None
+    echo_step_s: float = 0.0  # `serve --sampler echo` only: seconds per step (chaos runs)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -91,6 +92,7 @@ ENV: dict[str, str] = {
     "device": "ACTGEN_DEVICE",
     "dtype": "ACTGEN_DTYPE",
     "replica_id": "ACTGEN_REPLICA_ID",
+    "echo_step_s": "ACTGEN_ECHO_STEP_S",
 }
 
 _TYPES: dict[str, type] = {
@@ -98,7 +100,7 @@ _TYPES: dict[str, type] = {
     "pending_rescan_s": float, "max_deliveries": int, "max_items_per_job": int,
     "max_body_bytes": int, "max_image_side": int, "max_classifier_bytes": int,
     "classifier_ttl_s": int, "max_batch": int, "bank_cap": int, "bank_ttl_s": int,
-    "prompt_cache_size": int, "redis_memory_high": float, "max_wait_s": float,
+    "prompt_cache_size": int, "redis_memory_high": float, "max_wait_s": float, "echo_step_s": float,
 }
 
 

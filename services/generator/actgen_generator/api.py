@@ -165,7 +165,7 @@ async def _start_worker(svc: Service) -> None:
     settings = svc.settings
     try:
         if svc.sampler_kind == "echo":
-            sampler: Any = EchoSampler()
+            sampler: Any = EchoSampler(step_seconds=settings.echo_step_s)
             svc.model_id, svc.device, svc.dtype = "echo (no model)", "cpu", "float32"
             svc.native_size = sampler.native_size
             latent_shape = None

@@ -548,10 +548,12 @@ class EchoSampler:
     that do not need images to be generated. Honours ``on_step`` like the real sampler.
     """
 
-    def __init__(self, native_size: int = 64, latent_channels: int = 4, scale: int = 8) -> None:
+    def __init__(self, native_size: int = 64, latent_channels: int = 4, scale: int = 8,
+                 step_seconds: float = 0.0) -> None:
         self.native_size = native_size
         self.latent_channels = latent_channels
         self.scale = scale
+        self.step_seconds = step_seconds  # > 0: every step takes this long (chaos runs, tests)
 
     def __call__(
         self,
@@ -567,7 +569,12 @@ class EchoSampler:
         from actgen_generator.sampler import Cancelled, SampleOutput
 
         total = options.num_inference_steps
-        if on_step is not None and not on_step(total, total):
+        if self.step_seconds > 0:  # a job that takes time, step by step, like the real sampler
+            for step in range(1, total + 1):
+                time.sleep(self.step_seconds)
+                if on_step is not None and not on_step(step, total):
+                    raise Cancelled("cancelled")
+        elif on_step is not None and not on_step(total, total):
             raise Cancelled("cancelled")
         height = options.height or self.native_size
         width = options.width or self.native_size
