@@ -243,3 +243,75 @@ def test_a_delivery_whose_reply_was_lost_is_found_by_the_periodic_rescan(fast: S
         w.stop()
     assert state.replica == "lost-reply" and state.deliveries == 1
     assert took < 2 * fast.pending_rescan_s + 2, f"found after {took:.1f}s"
+
+
+class PoisonEcho(EchoSampler):
+    """Fails any batch holding an item of class 7 (a bad input, a sampler bug); counts batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+        self.batches.append(len(items))
+        if any(item.class_id == 7 for item in items):
+            raise ValueError("poisoned item of class 7")
+        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+
+
+class SmallMemoryEcho(EchoSampler):
+    """Runs out of memory on batches of more than two items, like a GPU at its limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+        self.batches.append(len(items))
+        if len(items) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+
+
+def _request_classes(run_id: str, classes: list[int]) -> JobRequest:
+    request = _request(run_id, n_items=len(classes))
+    for item, class_id in zip(request.items, classes):
+        item.class_id = class_id
+    return request
+
+
+def test_a_failing_job_fails_alone_not_its_batch(fast: Settings) -> None:
+    """Three compatible jobs share one batch; one of them holds a bad item. The batch fails, the
+    jobs run again one by one, and only the bad one is failed."""
+    jobs = {
+        name: _on_queue(fast, lambda q, c=classes: q.submit(_request_classes("run-poison", c)))[0]
+        for name, classes in {"a": [0, 1], "bad": [7], "c": [2, 3]}.items()
+    }
+    sampler = PoisonEcho()
+    w = WorkerThread(fast, "poison", sampler).start()  # started after the submits: one batch
+    try:
+        final = {
+            name: _wait(lambda j=job_id: (s := _state(fast, j)).status in
+                        (JobStatus.done, JobStatus.failed) and s, f"job {name} to end")
+            for name, job_id in jobs.items()
+        }
+    finally:
+        w.stop()
+    assert sampler.batches[0] == 5  # all three together first
+    assert final["a"].status is JobStatus.done and final["c"].status is JobStatus.done
+    assert final["bad"].status is JobStatus.failed and "poisoned item" in (final["bad"].error or "")
+    assert all(s.deliveries == 1 for s in final.values())
+
+
+def test_out_of_memory_halves_the_batch_and_fails_nothing(fast: Settings) -> None:
+    job_ids = [_on_queue(fast, lambda q: q.submit(_request("run-oom", n_items=3)))[0] for _ in range(2)]
+    sampler = SmallMemoryEcho()
+    w = WorkerThread(fast, "oom", sampler).start()
+    try:
+        states = [_wait(lambda j=j: (s := _state(fast, j)).status is JobStatus.done and s, "done")
+                  for j in job_ids]
+        assert w.worker is not None and w.worker.batch_limit <= 2
+    finally:
+        w.stop()
+    assert sampler.batches[0] == 6 and max(sampler.batches[1:]) <= 3 and sampler.batches[-1] <= 2
+    assert all(s.deliveries == 1 for s in states)

@@ -19,7 +19,10 @@ neither a stalled event loop nor a long batch lets the lease lapse.
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
-  items are stored, fail it with the message when its batch raises, and keep serving.
+  items are stored, and keep serving. A batch that raises fails no job at once: its jobs run
+  again one by one, so only a job that fails alone is failed (with the message); an out-of-memory
+  error halves the batch size instead, and one at a single item is put back on the queue (it
+  counts toward ``max_deliveries``).
 * Heartbeat every ``settings.heartbeat_interval_s`` (from its own thread). On stop (SIGTERM) the running batch is
   interrupted at the next step and every unfinished job is released back to the queue.
 """
@@ -131,6 +134,8 @@ class Worker:
         self._stop = threading.Event()  # set from a signal handler or the loop; read by the sampler thread
         self._abandoned = False
         self._next_touch = 0.0
+        self.batch_limit = settings.max_batch  # halved after an out-of-memory error
+        self._solo: set[str] = set()  # jobs whose shared batch failed: they run alone now
         self._cancelled: set[str] = set()
         self._lost: set[str] = set()  # job ids another consumer took from us during this batch
         self._fresh: set[str] = set()  # started since the last batch
@@ -323,18 +328,44 @@ class Worker:
             await self._complete(job)
 
     def _next_batch(self) -> list[tuple[ActiveJob, int]]:
-        """Up to max_batch pending items of the oldest job and of jobs compatible with it."""
+        """Up to ``batch_limit`` pending items of the oldest job and of jobs compatible with it
+        (a job that must run alone takes no company)."""
         first = next(iter(self.active.values()))
         key = first.batch_key
         batch: list[tuple[ActiveJob, int]] = []
         for job in self.active.values():
-            if job.batch_key != key:
+            if job.batch_key != key or (job is not first and (first.job_id in self._solo
+                                                               or job.job_id in self._solo)):
                 continue
             for index in job.pending:
-                if len(batch) >= self.settings.max_batch:
+                if len(batch) >= self.batch_limit:
                     return batch
                 batch.append((job, index))
         return batch
+
+    async def _batch_failed(self, jobs: list[ActiveJob], batch_items: int, exc: Exception) -> None:
+        """A failing job fails alone: jobs that shared the batch run again one by one; an
+        out-of-memory error halves the batch (at one item, the job goes back on the queue)."""
+        message = f"{type(exc).__name__}: {exc}"
+        if _out_of_memory(exc):
+            if batch_items > 1:
+                self.batch_limit = max(1, min(self.batch_limit, batch_items) // 2)
+                log_event("batch.oom", None, replica=self.name, items=batch_items,
+                          batch_limit=self.batch_limit, error=message)
+                return  # the jobs stay here with their items pending and rerun smaller
+            for job in jobs:
+                await self.consumer.retry(job.delivery, f"out of memory at batch size 1: {message}")
+                self.active.pop(job.job_id, None)
+                self._fetched_at.pop(job.delivery.entry_id, None)
+                log_event("job.requeued", job.job_id, replica=self.name, error=message)
+            return
+        if len(jobs) > 1:
+            self._solo.update(job.job_id for job in jobs)
+            log_event("batch.failed", None, replica=self.name, jobs=[j.job_id for j in jobs],
+                      error=message, next="each job alone")
+            return
+        self._solo.discard(jobs[0].job_id)
+        await self._fail([job.delivery for job in jobs], message)
 
     # --- running a batch ------------------------------------------------------------------
     async def _run_batch(self, batch: list[tuple[ActiveJob, int]]) -> None:
@@ -369,7 +400,7 @@ class Worker:
                     await self._cancel(job)
             return  # stopping: the jobs are released by run(); others stay pending and rerun
         except Exception as exc:
-            await self._fail([job.delivery for job in jobs], f"{type(exc).__name__}: {exc}")
+            await self._batch_failed(jobs, len(batch), exc)
             return
         elapsed = time.perf_counter() - started
         self.metrics.batch_size.observe(len(batch))
@@ -513,6 +544,7 @@ class Worker:
         )
         finished = await self.consumer.complete(job.delivery, result)
         self.active.pop(job.job_id, None)
+        self._solo.discard(job.job_id)
         self._fetched_at.pop(job.delivery.entry_id, None)
         self.metrics.job_events.labels("done").inc()
         log_event(
@@ -523,6 +555,7 @@ class Worker:
     async def _cancel(self, job: ActiveJob) -> None:
         await self.consumer.mark_cancelled(job.delivery)
         self.active.pop(job.job_id, None)
+        self._solo.discard(job.job_id)
         self._fetched_at.pop(job.delivery.entry_id, None)
         self.metrics.job_events.labels("cancelled").inc()
         log_event("job.cancelled", job.job_id, replica=self.name, left=len(job.pending))
@@ -536,9 +569,16 @@ class Worker:
             except Exception as exc:
                 log_event("job.fail_failed", delivery.job_id, replica=self.name, error=str(exc))
             self.active.pop(delivery.job_id, None)
+            self._solo.discard(delivery.job_id)
             self._fetched_at.pop(delivery.entry_id, None)
             self.metrics.job_events.labels("failed").inc()
             log_event("job.failed", delivery.job_id, replica=self.name, error=error)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A (CUDA or CPU) allocation failure: worth retrying with fewer items."""
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc)
 
 
 class EchoSampler:
