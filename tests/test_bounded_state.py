@@ -186,3 +186,59 @@ def test_trainer_deletes_its_previous_classifiers_once_unused() -> None:
     assert client.deleted == ["sha256:e0", "sha256:e1"] and trainer.state.classifiers == ["sha256:e2"]
     retire(trainer)  # type: ignore[arg-type]  # the run is over
     assert trainer.state.classifiers == [] and client.deleted[-1] == "sha256:e2"
+
+
+def test_the_work_of_one_job_and_bank_sample_are_capped(redis_url: str, key_prefix: str) -> None:
+    settings = Settings(redis_url=redis_url, key_prefix=key_prefix, max_job_image_steps=100, bank_cap=64)
+    with TestClient(create_app(settings, worker=False)) as api:
+        ok = api.post("/v1/jobs", json=job_body(new_run_id(), steps=10))  # 2 x 10 x 64x64: tiny
+        assert ok.status_code == 202, ok.text
+        big = api.post("/v1/jobs", json=job_body(new_run_id(), steps=10, options={"height": 2048, "width": 2048}))
+        assert big.status_code == 422
+        message = big.json()["error"]["message"]
+        assert message.startswith("options:") and "ACTGEN_MAX_JOB_IMAGE_STEPS" in message
+        greedy = api.post("/v1/jobs", json=job_body(new_run_id(), options={"bank_sample": 65}))
+        assert greedy.status_code == 422
+        assert greedy.json()["error"]["message"].startswith("options.bank_sample: 65")
+
+
+async def _store_results(settings: Settings, run_id: str, n: int, png_bytes: int) -> None:
+    from actgen_shared.queue import Consumer, JobQueue, StoredItem, connect
+    from actgen_shared.schemas import JobRequest
+
+    client = connect(settings.redis_url or "")
+    try:
+        q = JobQueue(client, settings)
+        await q.ensure_group()
+        guide = codecs.png_to_b64(np.zeros((8, 8, 3), dtype=np.uint8))
+        await q.submit(JobRequest.model_validate({
+            "run_id": run_id, "label_set": "digits", "items": [{"image": guide, "class_id": 0}] * n,
+        }))
+        c = Consumer(q, "results-worker")
+        [d] = await c.fetch(count=1, block_ms=100)
+        assert await c.start(d)
+        items = [StoredItem(index=k, class_id=0, guide_id=None, png=bytes([k]) * png_bytes, latent=None)
+                 for k in range(n)]
+        assert await c.store_items(d, items, bank_cap=1) == n
+    finally:
+        await client.aclose()
+
+
+def test_a_results_page_is_capped_in_bytes_and_the_cursor_loses_nothing(
+    redis_url: str, key_prefix: str
+) -> None:
+    import asyncio
+
+    settings = Settings(redis_url=redis_url, key_prefix=key_prefix, max_results_bytes=25_000)
+    run_id = new_run_id()
+    asyncio.run(_store_results(settings, run_id, n=7, png_bytes=10_000))
+    seen, pages, cursor = [], 0, "0-0"
+    with TestClient(create_app(settings, worker=False)) as api:
+        while True:
+            page = api.get(f"/v1/runs/{run_id}/results", params={"after": cursor, "limit": 1000}).json()
+            if not page["items"]:
+                break
+            assert len(page["items"]) <= 2  # 2 x 10 kB fit in 25 kB, a third does not
+            seen += [item["index"] for item in page["items"]]
+            cursor, pages = page["next"], pages + 1
+    assert seen == list(range(7)) and pages == 4

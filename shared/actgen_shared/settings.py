@@ -32,6 +32,8 @@ class Settings:
     pending_rescan_s: float = 30.0  # a replica re-reads its own pending entries this often
     max_deliveries: int = 3
     max_items_per_job: int = 256
+    max_job_image_steps: int = 25_600  # items x steps x (height x width / 512^2) of one job
+    max_results_bytes: int = 32 * 1024 * 1024  # images in one page of GET /v1/runs/{run}/results
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_side: int = 1024
     max_classifier_bytes: int = 512 * 1024 * 1024
@@ -79,6 +81,8 @@ ENV: dict[str, str] = {
     "pending_rescan_s": "ACTGEN_PENDING_RESCAN_S",
     "max_deliveries": "ACTGEN_MAX_DELIVERIES",
     "max_items_per_job": "ACTGEN_MAX_ITEMS_PER_JOB",
+    "max_job_image_steps": "ACTGEN_MAX_JOB_IMAGE_STEPS",
+    "max_results_bytes": "ACTGEN_MAX_RESULTS_BYTES",
     "max_body_bytes": "ACTGEN_MAX_BODY_BYTES",
     "max_image_side": "ACTGEN_MAX_IMAGE_SIDE",
     "max_classifier_bytes": "ACTGEN_MAX_CLASSIFIER_BYTES",
@@ -98,6 +102,7 @@ ENV: dict[str, str] = {
 _TYPES: dict[str, type] = {
     "public_docs": bool, "result_ttl_s": int, "lease_s": float, "heartbeat_interval_s": float,
     "pending_rescan_s": float, "max_deliveries": int, "max_items_per_job": int,
+    "max_job_image_steps": int, "max_results_bytes": int,
     "max_body_bytes": int, "max_image_side": int, "max_classifier_bytes": int,
     "classifier_ttl_s": int, "max_batch": int, "bank_cap": int, "bank_ttl_s": int,
     "prompt_cache_size": int, "redis_memory_high": float, "max_wait_s": float, "echo_step_s": float,

@@ -64,6 +64,7 @@ from actgen_shared.settings import Settings
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 MAX_RESULTS_LIMIT = 1000
+WORK_UNIT_PIXELS = 512 * 512  # a job's work is counted in image-steps at SD 2.1's native size
 MAX_WAIT_S = 60.0
 REDIS_TIMEOUT_MARGIN_S = 10.0
 MAX_STREAM_PART = 2**64 - 1
@@ -442,6 +443,23 @@ async def validate_job(svc: Service, job: JobRequest) -> JobRequest:
             "per job (ACTGEN_MAX_ITEMS_PER_JOB)",
         )
 
+    opts = job.options
+    pixels = (opts.height or svc.native_size) * (opts.width or svc.native_size)
+    work = len(job.items) * opts.num_inference_steps * pixels / WORK_UNIT_PIXELS
+    if work > settings.max_job_image_steps:
+        raise ApiError(
+            422, f"options: {len(job.items)} items x options.num_inference_steps "
+            f"{opts.num_inference_steps} x {opts.height or svc.native_size}x"
+            f"{opts.width or svc.native_size} px is {work:.0f} image-steps at 512x512, more than "
+            f"the cap of {settings.max_job_image_steps} per job (ACTGEN_MAX_JOB_IMAGE_STEPS): "
+            "split it into smaller jobs",
+        )
+    if opts.bank_sample > settings.bank_cap:
+        raise ApiError(
+            422, f"options.bank_sample: {opts.bank_sample} is more than a memory bank keeps per "
+            f"class ({settings.bank_cap}, ACTGEN_BANK_CAP)",
+        )
+
     def decode_all() -> None:
         for k, item in enumerate(job.items):
             try:
@@ -584,15 +602,20 @@ async def run_results(
     wait = min(wait, svc.settings.max_wait_s)  # the page may come back empty: ask again
     entries, next_cursor = await queue.read_results(run_id, _check_cursor(after), limit, wait)
     images = await asyncio.gather(*(queue.get_bytes(e.get("image_key", "")) for e in entries))
-    items = [
-        ResultItem(
-            id=e["id"], job_id=e["job_id"], index=int(e["index"]), epoch=int(e.get("epoch") or 0),
-            class_id=int(e["class_id"]), guide_id=e.get("guide_id") or None,
-            image=codecs.b64encode(image), latent_key=e.get("latent_key") or None,
-        )
-        for e, image in zip(entries, images)
-        if image is not None  # expired blobs are skipped; the cursor still moves past them
-    ]
+    items: list[ResultItem] = []
+    size = 0
+    for e, image in zip(entries, images):
+        if image is not None:  # expired blobs are skipped; the cursor still moves past them
+            size += len(image)
+            if items and size > svc.settings.max_results_bytes:  # page full: the rest come next
+                next_cursor = items[-1].id
+                break
+            items.append(ResultItem(
+                id=e["id"], job_id=e["job_id"], index=int(e["index"]), epoch=int(e.get("epoch") or 0),
+                class_id=int(e["class_id"]), guide_id=e.get("guide_id") or None,
+                image=codecs.b64encode(image), latent_key=e.get("latent_key") or None,
+            ))
+        next_cursor = e["id"]
     return ResultsPage(items=items, next=next_cursor)
 
 
