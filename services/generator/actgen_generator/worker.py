@@ -23,8 +23,8 @@ neither a stalled event loop nor a long batch lets the lease lapse.
   again one by one, so only a job that fails alone is failed (with the message); an out-of-memory
   error halves the batch size instead, and one at a single item is put back on the queue (it
   counts toward ``max_deliveries``).
-* Heartbeat every ``settings.heartbeat_interval_s`` (from its own thread). On stop (SIGTERM) the running batch is
-  interrupted at the next step and every unfinished job is released back to the queue.
+* Heartbeat every ``settings.heartbeat_interval_s``, from its own thread. On stop (SIGTERM) the
+  running batch is interrupted at the next step and every unfinished job is released.
 """
 
 from __future__ import annotations
