@@ -148,8 +148,9 @@ def test_sigstop_past_the_lease_job_is_reclaimed_and_finished_once(redis_url: st
                 lambda: (s := client.status(job_id)).status is JobStatus.running and s.progress.step >= 1 and s,
                 "the job to run",
             )
-            paused = procs[first.replica]
-            other_id = next(name for name in procs if name != first.replica)
+        paused = procs[first.replica]
+        other_id = next(name for name in procs if name != first.replica)
+        with GeneratorClient(procs[other_id].url) as client:  # the paused one answers nothing
             assert paused.process is not None
             paused.process.send_signal(signal.SIGSTOP)
             try:
