@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo serve bench ablation up down compose-gpus clean
+.PHONY: setup test demo serve bench ablation chaos up down compose-gpus clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools.
 $(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
@@ -35,6 +35,10 @@ bench: setup
 ABLATION_ARGS ?=
 ablation: setup
 	$(VENV)/bin/actgen-trainer ablate $(ABLATION_ARGS)
+
+CHAOS_MINUTES ?= 10
+chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after
+	$(PY) bench/chaos.py --minutes $(CHAOS_MINUTES) --out runs/chaos.json
 
 up:  # GPU machine; on a laptop: docker compose --profile cpu up -d
 	docker compose up -d

@@ -29,7 +29,7 @@ def render(num_gpus: int, first_port: int = 8001) -> str:
             "    environment:",
             f"      ACTGEN_REPLICA_ID: generator-gpu{gpu}",
             "    ports: !override",
-            f'      - "{first_port + gpu - 1}:8000"',
+            f'      - "${{ACTGEN_BIND:-127.0.0.1}}:{first_port + gpu - 1}:8000"',
             "    deploy:",
             "      resources:",
             "        reservations:",

@@ -71,12 +71,14 @@ def key_prefix_for(redis_url: str) -> Iterator[str]:
 
 
 def replica(
-    redis_url: str, prefix: str, replica_id: str, env: Mapping[str, str] | None = None,
+    redis_url: str, prefix: str, replica_id: str | None, env: Mapping[str, str] | None = None,
     extra_args: list[str] | None = None,
 ) -> GeneratorProcess:
+    """A replica process; ``replica_id`` None: the replica's own unique default."""
+    ids = {"ACTGEN_REPLICA_ID": replica_id} if replica_id else {}
     return GeneratorProcess(
         redis_url=redis_url,
-        env={"ACTGEN_KEY_PREFIX": prefix, "ACTGEN_REPLICA_ID": replica_id, **(env or {})},
+        env={"ACTGEN_KEY_PREFIX": prefix, **ids, **(env or {})},
         extra_args=extra_args or [],
     )
 

@@ -247,3 +247,20 @@ def test_memory_bank_is_live_and_per_job(client: GeneratorClient) -> None:
     assert [len(s) for s in contrastive_steps(second)] == [2] and min(contrastive_steps(second)[0]) > 0
     other = run(f"other-{new_run_id()}", n_items=1, seed=2)  # same request, an empty bank of its own
     assert contrastive_steps(other) == [[]]  # no entries: no gradient step at all
+
+
+def test_public_docs_open_the_docs_only(redis_url: str, key_prefix: str) -> None:
+    """ACTGEN_PUBLIC_DOCS=1 opens /docs, /redoc and /openapi.json; everything else keeps its 401."""
+    from starlette.testclient import TestClient
+
+    from actgen_generator.api import create_app
+    from actgen_shared.settings import Settings
+
+    for public in (True, False):
+        settings = Settings(redis_url=redis_url, key_prefix=key_prefix, api_key="k", public_docs=public)
+        with TestClient(create_app(settings, worker=False)) as anon:
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert anon.get(path).status_code == (200 if public else 401), (public, path)
+            assert anon.get("/v1/info").status_code == 401
+            assert anon.get("/healthz").status_code == 200
+            assert anon.get("/v1/info", headers={"Authorization": "Bearer k"}).status_code == 200

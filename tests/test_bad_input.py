@@ -191,6 +191,42 @@ def test_auth(server: GeneratorProcess, queue_stays_empty: None, headers: dict, 
         assert anon.get("/readyz").status_code == 200
 
 
+def test_auth_comes_before_the_body(server: GeneratorProcess, queue_stays_empty: None) -> None:
+    """Without the token, broken JSON is a 401 (not a 422: the body was never parsed)."""
+    with httpx.Client(base_url=server.url) as anon:
+        response = anon.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_large_body_without_token_is_refused_unread(server: GeneratorProcess, queue_stays_empty: None) -> None:
+    """The client announces a body just under the cap and sends 10 bytes of it: the 401 comes
+    back anyway, so the server did not wait for (or read) the body."""
+    import socket
+
+    declared = MAX_BODY - 1000
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {declared}\r\n\r\n".encode() + b'{"run_id":'
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed without a response"
+            reply += chunk
+    status_line = reply.split(b"\r\n", 1)[0]
+    assert b" 401 " in status_line, reply[:300]
+    assert b"connection: close" in reply.lower()
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_docs_are_closed_without_the_token(server: GeneratorProcess, http: httpx.Client, path: str) -> None:
+    with httpx.Client(base_url=server.url) as anon:
+        assert anon.get(path).status_code == 401
+    assert http.get(path).status_code == 200
+
+
 def test_oversized_body(server: GeneratorProcess, http: httpx.Client, queue_stays_empty: None) -> None:
     big = job_body("r")
     big["items"][0]["guide_id"] = "x" * 200
@@ -210,7 +246,7 @@ def test_oversized_body(server: GeneratorProcess, http: httpx.Client, queue_stay
 
 
 @pytest.mark.parametrize("weights, meta, words", [
-    (pickle.dumps({"fc.weight": [1.0, 2.0]}), CLASSIFIER_META, "pickle"),
+    (pickle.dumps({"fc.weight": [1.0, 2.0]}), CLASSIFIER_META, "weights: this is a pickle"),
     (None, CLASSIFIER_META, "zip"),
     (b"\x00\x01 definitely not tensors", CLASSIFIER_META, "not a safetensors file"),
     ("wrong", CLASSIFIER_META, "weights do not match simple_cnn"),
@@ -230,6 +266,18 @@ def test_bad_classifier_upload(
     response = http.post("/v1/classifiers", files=files, data={"metadata": metadata})
     assert response.status_code == 422, response.text
     assert words in response.json()["error"]["message"]
+
+
+def test_safetensors_upload_whose_first_byte_is_0x80_is_accepted(http: httpx.Client) -> None:
+    """resnet50 with 1000 classes has a 28 800-byte header: its first byte is 0x80, pickle's
+    PROTO opcode. It was refused as "looks like a pickle"; the header decides now."""
+    from test_classifiers import weights_with_header_low_byte
+
+    data = weights_with_header_low_byte(0x80)
+    files = {"weights": ("c.safetensors", data, "application/octet-stream")}
+    response = http.post("/v1/classifiers", files=files, data={"metadata": _json(CLASSIFIER_META)})
+    assert response.status_code == 200, response.text
+    assert response.json()["ref"].startswith("sha256:")
 
 
 def test_classifier_upload_is_idempotent(http: httpx.Client, classifier_ref: str) -> None:

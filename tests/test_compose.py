@@ -48,6 +48,21 @@ def test_redis_persists_with_aof_and_is_never_published(compose: dict) -> None:
     assert redis["healthcheck"]["test"][-1] == "ping"
 
 
+def test_redis_has_a_memory_cap_and_never_evicts(compose: dict) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert command[command.index("--maxmemory") + 1].startswith("${ACTGEN_REDIS_MAXMEMORY:-")
+
+
+def test_api_needs_a_key_and_listens_on_loopback_unless_told(compose: dict) -> None:
+    for name in ("generator", "generator-cpu", "trainer"):
+        env = compose["services"][name]["environment"]
+        assert env["ACTGEN_API_KEY"].startswith("${ACTGEN_API_KEY:?"), name  # refuse to start without
+    for name in ("generator", "generator-cpu"):
+        [port] = compose["services"][name]["ports"]
+        assert port.startswith("${ACTGEN_BIND:-127.0.0.1}:"), port
+
+
 def test_gpu_generator_reserves_its_own_device_and_waits_for_redis(compose: dict) -> None:
     gen = compose["services"]["generator"]
     devices = gen["deploy"]["resources"]["reservations"]["devices"]
@@ -98,7 +113,8 @@ def test_gpu_override_pins_replica_i_to_gpu_i(gpus: int) -> None:
         device = svc["deploy"]["resources"]["reservations"]["devices"][0]
         assert device["device_ids"] == [str(i)]
         assert svc["environment"]["ACTGEN_REPLICA_ID"] == f"generator-gpu{i}"
-        ports.add(svc["ports"][0].split(":")[0])
+        assert svc["ports"][0].startswith("${ACTGEN_BIND:-127.0.0.1}:")
+        ports.add(svc["ports"][0].split(":")[-2])
     assert len(ports) == gpus - 1, "host ports must not collide"
 
 

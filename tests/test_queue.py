@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from actgen_shared import codecs
-from actgen_shared.queue import Consumer, Delivery, JobQueue, StoredItem, connect
+from actgen_shared.queue import Consumer, Delivery, JobQueue, ReplicaIdInUse, StoredItem, connect
 from actgen_shared.schemas import ItemResult, JobRequest, JobResult, JobStatus, Mode
 from actgen_shared.settings import Settings
 
@@ -200,9 +200,23 @@ async def test_restarted_consumer_rereads_its_own_pending_entries_first(queue: J
     first, _ = await queue.submit(make_request())
     [got] = await Consumer(queue, "host-gpu0").fetch(count=1, block_ms=100)
     await queue.submit(make_request())
-    # the process restarts under the same stable name, before its lease runs out
+    # the process dies and its lease runs out; it restarts under the same configured name
+    await queue.redis.delete(queue.keys.heartbeat("host-gpu0"))
     [again] = await Consumer(queue, "host-gpu0").fetch(count=1, block_ms=100)
     assert again.job_id == first and again.entry_id == got.entry_id
+
+
+async def test_a_second_process_under_a_live_name_is_refused(queue: JobQueue) -> None:
+    """Two processes must never share a consumer name: the second one's heartbeat is refused
+    while the first one's lives, and the first one's is never overwritten."""
+    a, twin = Consumer(queue, "host-gpu0"), Consumer(queue, "host-gpu0")
+    assert a.token != twin.token
+    await a.heartbeat()
+    with pytest.raises(ReplicaIdInUse, match="host-gpu0"):
+        await twin.heartbeat()
+    with pytest.raises(ReplicaIdInUse):
+        await twin.fetch(count=1, block_ms=0)
+    assert await queue.redis.get(queue.keys.heartbeat("host-gpu0")) == a.token.encode()
 
 
 # --- exactly-once effects -----------------------------------------------------------------------
@@ -488,3 +502,21 @@ def test_queue_refuses_a_decoding_client(settings: Settings) -> None:
     with pytest.raises(ValueError, match="decode_responses"):
         JobQueue(client, settings)
 
+
+
+async def test_starting_one_delivery_twice_counts_it_once(queue: JobQueue) -> None:
+    """A start whose reply was lost and is sent again (redis-py retries after a dropped
+    connection), or a re-read of our own pending entry, is the same delivery; a new process
+    under the same name starting it is a new one."""
+    job_id, _ = await queue.submit(make_request())
+    c = Consumer(queue, "host-a")
+    [d] = await c.fetch(count=1, block_ms=100)
+    assert await c.start(d) and await c.start(d)
+    state = await queue.state(job_id)
+    assert state is not None and state.deliveries == 1
+    await queue.redis.delete(queue.keys.heartbeat("host-a"))  # the process died; its lease ended
+    restarted = Consumer(queue, "host-a")
+    [again] = await restarted.fetch(count=1, block_ms=100)
+    assert await restarted.start(again)
+    state = await queue.state(job_id)
+    assert state is not None and state.deliveries == 2

@@ -31,6 +31,8 @@ def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
     # jobs after epochs 0 and 1 only (the first half), one per epoch, with adv_prob 0.5*e/E
     assert [r["posted"] for r in rows] == [2, 2, 0, 0]
     assert [j["epoch"] for j in trainer.state.jobs] == [0, 1]
+    assert trainer.state.classifiers == []  # uploaded for epoch 1's job, deleted when the run ended
+    assert client.memory_bank(trainer.state.run_id).counts == {}  # the run's bank went with it
     for job in trainer.state.jobs:
         state = client.status(job["job_id"])
         assert state.status.value == "done" and state.run_id == trainer.state.run_id

@@ -190,6 +190,15 @@ class GeneratorClient:
         response = self._request("POST", "/v1/classifiers", files=files, data=data)
         return ClassifierRef.model_validate(response.json())
 
+    def delete_classifier(self, ref: str) -> bool:
+        """Delete an uploaded classifier: True deleted, False unknown (already gone);
+        GeneratorError 409 while a queued or running job uses it."""
+        response = self._http.request("DELETE", f"/v1/classifiers/{ref}")
+        if response.status_code == 404:
+            return False
+        _raise_for(response)
+        return True
+
     def memory_bank(self, key: str) -> MemoryBankInfo:
         return MemoryBankInfo.model_validate(self._request("GET", f"/v1/memory-banks/{key}").json())
 
@@ -293,6 +302,14 @@ class AsyncGeneratorClient:
         files, data = _classifier_files(weights, meta)
         response = await self._request("POST", "/v1/classifiers", files=files, data=data)
         return ClassifierRef.model_validate(response.json())
+
+    async def delete_classifier(self, ref: str) -> bool:
+        """As :meth:`GeneratorClient.delete_classifier`."""
+        response = await self._http.request("DELETE", f"/v1/classifiers/{ref}")
+        if response.status_code == 404:
+            return False
+        _raise_for(response)
+        return True
 
     async def memory_bank(self, key: str) -> MemoryBankInfo:
         response = await self._request("GET", f"/v1/memory-banks/{key}")

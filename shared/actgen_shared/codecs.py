@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 
 import numpy as np
 from PIL import Image
@@ -79,9 +80,40 @@ def tensors_encode(tensors: dict[str, np.ndarray], metadata: dict[str, str] | No
     return _st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit on the JSON header
+
+
+def safetensors_header(data: bytes) -> dict[str, object]:
+    """The JSON header of safetensors bytes, checked; DecodeError saying what is wrong.
+
+    The format is an 8-byte little-endian header length N, then N bytes of a JSON object
+    (name -> dtype, shape, data_offsets; optional ``__metadata__``), then the tensor data.
+    This is how safetensors is recognised: by parsing that header, never by looking at a first
+    byte (N's low byte can be anything, 0x80 included, which is also pickle's first byte).
+    """
+    if len(data) < 8:
+        raise DecodeError(f"{len(data)} bytes, too short for the 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or n > min(SAFETENSORS_MAX_HEADER, len(data) - 8):
+        raise DecodeError(f"header length {n} does not fit a file of {len(data)} bytes")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError(f"the header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise DecodeError("the header is not a JSON object")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise DecodeError(f"header entry {name!r} lacks dtype, shape or data_offsets")
+    return header
+
+
 def tensors_decode(data: bytes) -> dict[str, np.ndarray]:
     """safetensors bytes -> named arrays; anything else raises DecodeError."""
     try:
+        safetensors_header(data)
         return _st_load(data)
     except Exception as exc:
         raise DecodeError(f"not a safetensors file: {exc}") from None

@@ -94,3 +94,8 @@ class Keys:
     def classifier_meta(self, sha256_hex: str) -> str:
         """JSON metadata of an uploaded classifier."""
         return f"{self.prefix}clf:{sha256_hex}:meta"
+
+    def classifier_jobs(self, sha256_hex: str) -> str:
+        """Set of the ids of jobs submitted with this classifier (a delete refuses while one of
+        them is queued or running)."""
+        return f"{self.prefix}clf:{sha256_hex}:jobs"

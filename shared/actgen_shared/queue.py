@@ -31,10 +31,14 @@ latents are binary. ``connect`` makes a suitable client.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -125,14 +129,20 @@ local function finish(job, stats, status, field, value, now, ttl, expire_keys)
 end
 """
 
-# KEYS: idem (or ''), job, jobs stream, stats
-# ARGV: job_id, request json, run_id, epoch, created_at, n_items, idem ttl
+# KEYS: idem (or ''), job, jobs stream, stats, classifier bytes, meta, jobs set (or '' x3)
+# ARGV: job_id, request json, run_id, epoch, created_at, n_items, idem ttl, classifier ttl
+# returns {job id, 1 duplicate | 0 new | 2 classifier unknown}
 _SUBMIT = """
 if KEYS[1] ~= '' then
   local first = redis.call('GET', KEYS[1])
   if first then return {first, 1} end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {ARGV[1], 1} end
+if KEYS[5] ~= '' then  -- the job holds its classifier: known now, and its TTL starts again
+  if redis.call('EXISTS', KEYS[5]) == 0 or redis.call('EXISTS', KEYS[6]) == 0 then return {ARGV[1], 2} end
+  redis.call('SADD', KEYS[7], ARGV[1])
+  for i = 5, 7 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+end
 if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[7]) end
 redis.call('HSET', KEYS[2], 'status', 'queued', 'request', ARGV[2], 'run_id', ARGV[3],
   'epoch', ARGV[4], 'created_at', ARGV[5], 'n_items', ARGV[6], 'deliveries', 0)
@@ -158,17 +168,41 @@ return status
 """
 )
 
-# KEYS: hb key, jobs stream ; ARGV: group, consumer, lease ms
+# Say "alive" under our name, only while the name is ours (its key is absent or holds our token).
+# KEYS: hb key, jobs stream ; ARGV: group, consumer, lease ms, token
+# returns {-1, holder} when another process holds the name; {1, 0} when the pending list could
+# not be read; else {1, 1, entry ids still pending for us...} (their idle time reset)
 _HEARTBEAT = """
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[4] then return {-1, holder} end
+redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[3])
 local ok, pending = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[1], '-', '+', 10000, ARGV[2])
-if not ok then return 0 end
-local n = 0
+if not ok then return {1, 0} end
+local out = {1, 1}
 for _, p in ipairs(pending) do
   redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[2], 0, p[1], 'JUSTID')
-  n = n + 1
+  table.insert(out, p[1])
 end
-return n
+return out
+"""
+
+# Graceful stop: drop our heartbeat (if it is still ours) and, with nothing pending, our name
+# in the group. KEYS: hb key, jobs stream ; ARGV: group, consumer, token
+_STOP = """
+if redis.call('GET', KEYS[1]) == ARGV[3] then redis.call('DEL', KEYS[1]) end
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[1], '-', '+', 1, ARGV[2])
+if ok and #pending == 0 then pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[2], ARGV[1], ARGV[2]) end
+return 1
+"""
+
+# Forget a consumer that is gone: no heartbeat and nothing pending (unique replica ids would
+# otherwise pile up in the group). KEYS: hb key, jobs stream ; ARGV: group, consumer
+_FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local pending = redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[1], ARGV[2])
+return 1
 """
 
 # Take the entries of one consumer, only if its heartbeat has expired.
@@ -223,8 +257,9 @@ return {'ok', tostring(d), redis.call('HGET', KEYS[1], 'request')}
 """
 )
 
-# KEYS: job, stats, jobs stream, cancel, done, progress ; ARGV: group, entry, consumer, now, ttl
-# returns 1 started, 0 not (final or cancelled: acked)
+# KEYS: job, stats, jobs stream, cancel, done, progress ; ARGV: group, entry, consumer, now, ttl, token
+# returns 1 started, 0 not (final or cancelled: acked). Starting the same delivery twice in one
+# process (a retried call whose reply was lost, a re-read pending entry) counts it once.
 _START = (
     _PRELUDE
     + """
@@ -235,8 +270,10 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   ack(KEYS[3], ARGV[1], ARGV[2])
   return 0
 end
+local start_id = ARGV[6] .. ' ' .. ARGV[2]
+if status == 'running' and redis.call('HGET', KEYS[1], 'start_id') == start_id then return 1 end
 if status ~= 'running' then set_status(KEYS[1], KEYS[2], status, 'running') end
-redis.call('HSET', KEYS[1], 'started_at', ARGV[4], 'replica', ARGV[3])
+redis.call('HSET', KEYS[1], 'started_at', ARGV[4], 'replica', ARGV[3], 'start_id', start_id)
 redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 return 1
 """
@@ -252,7 +289,7 @@ return 1
 """
 
 # KEYS: job, done hash, results stream, then per item: image key, latent key, bank key
-# ARGV: ttl, results maxlen, bank cap, push bank (0/1), job id, epoch, n,
+# ARGV: ttl, results maxlen, bank cap, push bank (0/1), job id, epoch, n, bank ttl,
 #       then per item: index, class_id, guide_id, has latent (0/1), png, latent
 _STORE = (
     _PRELUDE
@@ -262,7 +299,7 @@ if (not status) or is_final(status) then return 0 end
 local ttl, cap, push = ARGV[1], tonumber(ARGV[3]), ARGV[4] == '1'
 local n, stored = tonumber(ARGV[7]), 0
 for i = 0, n - 1 do
-  local a, k = 8 + i * 6, 4 + i * 3
+  local a, k = 9 + i * 6, 4 + i * 3
   local index, class_id, guide_id, has_latent = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
   if redis.call('HSETNX', KEYS[2], index, '') == 1 then
     redis.call('SET', KEYS[k], ARGV[a + 4], 'EX', ttl)
@@ -273,6 +310,7 @@ for i = 0, n - 1 do
       if push then
         redis.call('LPUSH', KEYS[k + 2], ARGV[a + 5])
         redis.call('LTRIM', KEYS[k + 2], 0, cap - 1)
+        redis.call('EXPIRE', KEYS[k + 2], ARGV[8])
       end
     end
     local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'job_id', ARGV[5],
@@ -289,10 +327,16 @@ return stored
 )
 
 # KEYS: job, stats, jobs stream, done, progress, cancel
-# ARGV: group, entry, status, field, value, now, ttl ; returns 1 if this call finished the job
+# ARGV: group, entry, status, field, value, now, ttl, consumer
+# returns 1 if this call finished the job, 0 if it was final already, -1 if the entry is no longer
+# ours (our lease lapsed and another consumer took it: only the owner may finish a job)
 _FINISH = (
     _PRELUDE
     + """
+if ARGV[2] ~= '' and ARGV[8] ~= '' then
+  local mine = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[8])
+  if #mine == 0 then return -1 end
+end
 local n = finish(KEYS[1], KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
   {KEYS[1], KEYS[4], KEYS[5], KEYS[6]})
 ack(KEYS[3], ARGV[1], ARGV[2])
@@ -369,6 +413,10 @@ class JobQueue:
         self._store = redis.register_script(_STORE)
         self._finish = redis.register_script(_FINISH)
         self._release = redis.register_script(_RELEASE)
+        self._stop = redis.register_script(_STOP)
+        self._forget = redis.register_script(_FORGET)
+        self._memory_checked = -1e9
+        self._memory_note: str | None = None
 
     # --- jobs --------------------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -383,12 +431,19 @@ class JobQueue:
         """Queue a job in one atomic step; returns (job id, duplicate).
 
         With ``request.idempotency_key`` set, a resubmit returns the first job's id and
-        ``duplicate=True`` (for ``result_ttl_s``), whatever its body.
+        ``duplicate=True`` (for ``result_ttl_s``), whatever its body. A ``classifier_ref`` must
+        name a stored classifier (LookupError otherwise, e.g. deleted meanwhile); the job is
+        recorded as one of its users and its TTL starts again.
         """
         job_id = job_id or uuid.uuid4().hex
-        idem = self.keys.idempotency(request.idempotency_key) if request.idempotency_key else ""
-        first, duplicate = await self._submit(
-            keys=[idem, self.keys.job(job_id), self.keys.jobs_stream, self.keys.jobs_by_status],
+        k = self.keys
+        idem = k.idempotency(request.idempotency_key) if request.idempotency_key else ""
+        clf = ["", "", ""]
+        if request.classifier_ref:
+            hex_ = request.classifier_ref.removeprefix("sha256:")
+            clf = [k.classifier(hex_), k.classifier_meta(hex_), k.classifier_jobs(hex_)]
+        first, outcome = await self._submit(
+            keys=[idem, k.job(job_id), k.jobs_stream, k.jobs_by_status, *clf],
             args=[
                 job_id,
                 request.model_dump_json(),
@@ -397,9 +452,30 @@ class JobQueue:
                 repr(time.time()),
                 len(request.items),
                 self.settings.result_ttl_s,
+                self.settings.classifier_ttl_s,
             ],
         )
-        return _s(first) or job_id, bool(int(duplicate))
+        if int(outcome) == 2:
+            raise LookupError(f"classifier_ref: {request.classifier_ref} is not known (deleted or expired)")
+        return _s(first) or job_id, bool(int(outcome))
+
+    async def memory_pressure(self) -> str | None:
+        """Why Redis is too full to take more work (used_memory at or over ``redis_memory_high``
+        of maxmemory), or None. Cached for a second: submit asks on every request."""
+        now = time.monotonic()
+        if now - self._memory_checked < 1.0:
+            return self._memory_note
+        info = await self.redis.info("memory")
+        used, cap = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        note = None
+        if cap > 0 and used >= self.settings.redis_memory_high * cap:
+            note = (
+                f"Redis memory is near its cap: used_memory {used} bytes of maxmemory {cap} "
+                f"({used / cap:.0%}, limit ACTGEN_REDIS_MEMORY_HIGH={self.settings.redis_memory_high:g}); "
+                "finished results must expire or be deleted first"
+            )
+        self._memory_checked, self._memory_note = now, note
+        return note
 
     async def state(self, job_id: str) -> JobState | None:
         """What GET /v1/jobs/{id} shows; None for an unknown (or expired) job."""
@@ -550,6 +626,7 @@ class JobQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, latent)
             pipe.ltrim(key, 0, (cap or self.settings.bank_cap) - 1)
+            pipe.expire(key, self.settings.bank_ttl_s)
             await pipe.execute()
 
     async def clear_bank(self, bank_key: str) -> int:
@@ -561,13 +638,41 @@ class JobQueue:
         return sum(counts.values())
 
 
-class Consumer:
-    """One worker's end of the queue, under a stable consumer name (e.g. ``host-gpu0``)."""
+class ReplicaIdInUse(RuntimeError):
+    """Another live process holds this consumer name (its heartbeat key has another token)."""
 
-    def __init__(self, queue: JobQueue, name: str) -> None:
+
+def _in_use_message(name: str, holder: str, ttl_ms: int | None, lease_s: float) -> str:
+    left = f"{ttl_ms / 1000:.1f} s" if ttl_ms and ttl_ms > 0 else f"up to {lease_s:g} s"
+    return (
+        f"replica id {name!r} is in use: a live replica ({holder}) holds its heartbeat "
+        f"(lease ends in {left}). Give this replica another ACTGEN_REPLICA_ID, or unset it "
+        "for a unique default, or wait until the other one has stopped."
+    )
+
+
+def new_token(name: str) -> str:
+    """A token unique to one process's use of a consumer name: ``name/host:pid/random``."""
+    return f"{name}/{socket.gethostname()}:{os.getpid()}/{uuid.uuid4().hex[:12]}"
+
+
+class Consumer:
+    """One worker's end of the queue, under a consumer name no other live process shares.
+
+    Every entry XREADGROUP (or a reclaim) hands us is tracked in ``unadmitted`` from the moment
+    the reply arrives until it is handed to the caller as a :class:`Delivery` (or found final);
+    a Redis error in between leaves it there for the next fetch. Our own pending list is also
+    re-read every ``settings.pending_rescan_s``, so an entry we were given but never saw (a reply
+    lost to a dropped connection) is picked up while we live, not only at the next start.
+    """
+
+    def __init__(self, queue: JobQueue, name: str, token: str | None = None) -> None:
         self.queue = queue
         self.name = name
+        self.token = token or new_token(name)
+        self.unadmitted: dict[str, tuple[str, str]] = {}  # entry id -> (job id, reclaim note)
         self._pending_cursor: str | None = "0"  # re-read our own pending entries from here
+        self._next_rescan = time.monotonic() + queue.settings.pending_rescan_s
         self._group_ready = False
 
     @property
@@ -579,55 +684,97 @@ class Consumer:
         k = self._k
         return [k.job_done_items(job_id), k.job_progress(job_id), k.cancel(job_id)]
 
-    async def heartbeat(self) -> None:
-        """Say "alive": refresh the heartbeat key and the idle time of our pending entries."""
-        q = self.queue
-        await q._heartbeat(
-            keys=[self._k.heartbeat(self.name), self._k.jobs_stream],
-            args=[q.group, self.name, max(1, int(q.settings.lease_s * 1000))],
-        )
+    async def heartbeat(self) -> set[str] | None:
+        """Say "alive": refresh the heartbeat key and the idle time of our pending entries.
 
-    async def fetch(self, count: int, block_ms: int) -> list[Delivery]:
-        """Up to ``count`` jobs to run: our own pending ones (first call), then those of dead
-        consumers, then new ones (waiting up to ``block_ms``; 0 or less: no wait)."""
+        Returns the entry ids still pending for us (None when they could not be read);
+        ReplicaIdInUse when another process holds our name.
+        """
+        q = self.queue
+        reply = await q._heartbeat(
+            keys=[self._k.heartbeat(self.name), self._k.jobs_stream],
+            args=[q.group, self.name, max(1, int(q.settings.lease_s * 1000)), self.token],
+        )
+        return _owned(self.name, reply, q.settings.lease_s)
+
+    async def fetch(self, count: int, block_ms: int, tracked: Collection[str] = ()) -> list[Delivery]:
+        """Up to ``count`` jobs to run: entries fetched earlier but not yet handed over, our own
+        pending ones (at the first call and every ``pending_rescan_s``), then those of dead
+        consumers, then new ones (waiting up to ``block_ms``; 0 or less: no wait).
+
+        ``tracked``: entry ids the caller holds already (skipped when our pending list is re-read).
+        """
         try:
-            return await self._fetch(count, block_ms)
+            return await self._fetch(count, block_ms, tracked)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.queue.ensure_group()  # Redis lost the group (flushed): make it again
             self._pending_cursor = "0"
-            return await self._fetch(count, block_ms)
+            self.unadmitted.clear()
+            return await self._fetch(count, block_ms, tracked)
 
-    async def _fetch(self, count: int, block_ms: int) -> list[Delivery]:
+    async def _fetch(self, count: int, block_ms: int, tracked: Collection[str]) -> list[Delivery]:
         q, k = self.queue, self._k
         count = max(1, count)
         if not self._group_ready:
             await q.ensure_group()
             self._group_ready = True
         await self.heartbeat()
-        candidates: list[tuple[str, str, str]] = []  # (entry id, job id, reclaim note)
-        if self._pending_cursor is not None:  # after a restart: our own unfinished entries first
-            reply = await q.redis.xreadgroup(
-                q.group, self.name, {k.jobs_stream: self._pending_cursor}, count=count
-            )
-            own = _stream_entries(reply)
-            candidates += [(e, f.get("job_id", ""), "") for e, f in own]
-            self._pending_cursor = own[-1][0] if len(own) >= count else None
-        if len(candidates) < count:
-            candidates += await self._reclaim(count - len(candidates))
-        if not candidates:
+        now = time.monotonic()
+        if now >= self._next_rescan:
+            self._next_rescan = now + q.settings.pending_rescan_s
+            self._pending_cursor = "0"
+            await self._forget_gone_consumers()
+        if self._pending_cursor is not None:  # our own unfinished entries first
+            await self._read_own(count, tracked)
+        if len(self.unadmitted) < count:
+            for entry_id, job_id, note in await self._reclaim(count - len(self.unadmitted)):
+                self.unadmitted[entry_id] = (job_id, note)
+        if not self.unadmitted:
             reply = await q.redis.xreadgroup(
                 q.group, self.name, {k.jobs_stream: ">"}, count=count,
                 block=block_ms if block_ms > 0 else None,
             )
-            candidates += [(e, f.get("job_id", ""), "") for e, f in _stream_entries(reply)]
+            for entry_id, fields in _stream_entries(reply):
+                self.unadmitted[entry_id] = (fields.get("job_id", ""), "")
         deliveries = []
-        for entry_id, job_id, note in candidates:
-            delivery = await self._admit(entry_id, job_id, note)
+        for entry_id in list(self.unadmitted)[:count]:
+            job_id, note = self.unadmitted[entry_id]
+            delivery = await self._admit(entry_id, job_id, note)  # a Redis error: stays unadmitted
+            self.unadmitted.pop(entry_id, None)
             if delivery is not None:
                 deliveries.append(delivery)
         return deliveries
+
+    async def _read_own(self, count: int, tracked: Collection[str]) -> None:
+        """Our pending entries from the cursor, those the caller does not hold, into ``unadmitted``."""
+        q, k = self.queue, self._k
+        page = max(count, 100)
+        while self._pending_cursor is not None and len(self.unadmitted) < count:
+            reply = await q.redis.xreadgroup(
+                q.group, self.name, {k.jobs_stream: self._pending_cursor}, count=page
+            )
+            own = _stream_entries(reply)
+            for entry_id, fields in own:
+                if entry_id not in tracked and entry_id not in self.unadmitted:
+                    self.unadmitted[entry_id] = (fields.get("job_id", ""), "")
+            self._pending_cursor = own[-1][0] if len(own) >= page else None
+
+    async def _forget_gone_consumers(self) -> None:
+        """Drop group members with no heartbeat and nothing pending (stopped or reclaimed)."""
+        q, k = self.queue, self._k
+        try:
+            consumers = await q.redis.xinfo_consumers(k.jobs_stream, q.group)
+        except ResponseError:
+            return
+        for info in consumers:
+            other = _s(info.get("name")) or ""
+            if other == self.name or int(info.get("pending") or 0) > 0:
+                continue
+            if int(info.get("idle") or 0) < q.settings.lease_s * 1000:
+                continue
+            await q._forget(keys=[k.heartbeat(other), k.jobs_stream], args=[q.group, other])
 
     async def _reclaim(self, count: int) -> list[tuple[str, str, str]]:
         """Entries of consumers whose heartbeat has expired, claimed for us."""
@@ -674,7 +821,8 @@ class Consumer:
         started = await q._start(
             keys=[k.job(job_id), k.jobs_by_status, k.jobs_stream, k.cancel(job_id),
                   k.job_done_items(job_id), k.job_progress(job_id)],
-            args=[q.group, delivery.entry_id, self.name, repr(time.time()), q.settings.result_ttl_s],
+            args=[q.group, delivery.entry_id, self.name, repr(time.time()), q.settings.result_ttl_s,
+                  self.token],
         )
         return bool(int(started))
 
@@ -703,6 +851,7 @@ class Consumer:
         args: list[object] = [
             q.settings.result_ttl_s, q.settings.results_stream_maxlen, max(1, bank_cap),
             1 if req.memory_bank_key else 0, delivery.job_id, req.epoch, len(items),
+            q.settings.bank_ttl_s,
         ]
         bank = req.memory_bank_key or ""
         for item in items:
@@ -717,22 +866,27 @@ class Consumer:
             ]
         return int(await q._store(keys=keys, args=args))
 
-    async def _finish(self, delivery: Delivery, status: JobStatus, field: str, value: str) -> bool:
+    async def _finish(self, delivery: Delivery, status: JobStatus, field: str, value: str) -> int:
         q, k, job_id = self.queue, self._k, delivery.job_id
         n = await q._finish(
             keys=[k.job(job_id), k.jobs_by_status, k.jobs_stream, *self._job_keys(job_id)],
             args=[q.group, delivery.entry_id, status.value, field, value, repr(time.time()),
-                  q.settings.result_ttl_s],
+                  q.settings.result_ttl_s, self.name],
         )
-        return bool(int(n))
+        return int(n)
 
     async def complete(self, delivery: Delivery, result: JobResult) -> bool:
-        """Mark done with its result and ack, atomically; True if this call finished the job."""
-        return await self._finish(delivery, JobStatus.done, "result", result.model_dump_json())
+        """Mark done with its result and ack, atomically; True if this call finished the job.
 
-    async def fail(self, delivery: Delivery, error: str) -> None:
-        """Mark failed with the error and ack (a failure is final; use ``retry`` to run it again)."""
-        await self._finish(delivery, JobStatus.failed, "error", error)
+        False when it was final already, or when the entry is no longer ours (our lease lapsed
+        and another consumer owns the job now: only it may finish the job)."""
+        return await self._finish(delivery, JobStatus.done, "result", result.model_dump_json()) == 1
+
+    async def fail(self, delivery: Delivery, error: str) -> bool:
+        """Mark failed with the error and ack (a failure is final; use ``retry`` to run it again).
+
+        Does nothing to a job whose entry is no longer ours; True if this call failed the job."""
+        return await self._finish(delivery, JobStatus.failed, "error", error) == 1
 
     async def mark_cancelled(self, delivery: Delivery) -> None:
         await self._finish(delivery, JobStatus.cancelled, "", "")
@@ -757,12 +911,132 @@ class Consumer:
         await self._put_back(delivery, counts=True, note=error)
 
     async def stop(self) -> None:
-        """Delete our heartbeat key (call after releasing or finishing our work)."""
-        await self.queue.redis.delete(self._k.heartbeat(self.name))
+        """Delete our heartbeat key if it is still ours, and our name in the group if nothing is
+        pending under it (call after releasing or finishing our work)."""
+        q = self.queue
+        await q._stop(keys=[self._k.heartbeat(self.name), self._k.jobs_stream],
+                      args=[q.group, self.name, self.token])
+
+
+def _owned(name: str, reply: list, lease_s: float) -> set[str] | None:
+    """The heartbeat script's reply -> our pending entry ids (None: unknown); raises on a twin."""
+    if int(reply[0]) == -1:
+        raise ReplicaIdInUse(_in_use_message(name, _s(reply[1]) or "?", None, lease_s))
+    if int(reply[1]) == 0:
+        return None
+    return {_s(e) or "" for e in reply[2:]}
+
+
+class Heartbeat:
+    """A consumer's heartbeat, beaten from a thread of its own over its own (sync) connection.
+
+    Neither a stalled event loop nor a long GPU batch can let the lease lapse while the process
+    lives. Each beat also reads which entries are still pending for us: ``lost(tracked)`` says
+    which of the caller's deliveries another consumer has taken (after a pause past the lease,
+    say), so the caller stops working on them. When another process holds our name,
+    ``on_conflict`` is called (from the thread) with the message.
+    """
+
+    def __init__(
+        self, url: str, settings: Settings, name: str, token: str,
+        on_conflict: Callable[[str], None] | None = None,
+    ) -> None:
+        import redis as sync_redis
+
+        self.settings = settings
+        self.name = name
+        self.token = token
+        self.on_conflict = on_conflict
+        timeout = max(0.5, min(settings.heartbeat_interval_s, settings.lease_s / 3))
+        self._redis = sync_redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False,
+        )
+        self._script = self._redis.register_script(_HEARTBEAT)
+        self._keys = [settings.keys.heartbeat(name), settings.keys.jobs_stream]
+        self._lock = threading.Lock()
+        self._owned: set[str] | None = None
+        self._owned_since = 0.0  # monotonic time at which the last good pending read began
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.beats = 0
+        self.failures = 0
+
+    def claim(self) -> None:
+        """Take the name at start: ReplicaIdInUse when a live heartbeat holds it."""
+        lease_ms = max(1, int(self.settings.lease_s * 1000))
+        key = self._keys[0]
+        if not self._redis.set(key, self.token, nx=True, px=lease_ms):
+            holder = self._redis.get(key)
+            if holder is not None and _s(holder) != self.token:
+                raise ReplicaIdInUse(
+                    _in_use_message(self.name, _s(holder) or "?", self._redis.pttl(key), self.settings.lease_s)
+                )
+            self._redis.set(key, self.token, px=lease_ms)
+
+    def beat(self) -> bool:
+        """One beat; False when Redis did not answer or the name is taken."""
+        began = time.monotonic()
+        try:
+            reply = self._script(
+                keys=self._keys,
+                args=[CONSUMER_GROUP, self.name, max(1, int(self.settings.lease_s * 1000)), self.token],
+            )
+            owned = _owned(self.name, reply, self.settings.lease_s)
+        except ReplicaIdInUse as exc:
+            self.failures += 1
+            if self.on_conflict is not None:
+                self.on_conflict(str(exc))
+            return False
+        except Exception:
+            self.failures += 1
+            return False
+        with self._lock:
+            if owned is not None:
+                self._owned, self._owned_since = owned, began
+            self.beats += 1
+        return True
+
+    def lost(self, tracked: Mapping[str, float]) -> set[str]:
+        """Of ``tracked`` (entry id -> monotonic time it was fetched), those no longer ours."""
+        with self._lock:
+            owned, since = self._owned, self._owned_since
+        if owned is None:
+            return set()
+        return {e for e, fetched in tracked.items() if fetched < since and e not in owned}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.beat()
+            self._stop.wait(self.settings.heartbeat_interval_s)
+
+    def start(self) -> "Heartbeat":
+        """Start beating (once; later calls do nothing)."""
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, release: bool = False) -> None:
+        """Stop beating; ``release``: also drop the heartbeat key now if it is still ours (a
+        replica that never started its worker; a worker's own stop does this after releasing)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if release:
+            try:
+                self._redis.register_script(_STOP)(
+                    keys=self._keys, args=[CONSUMER_GROUP, self.name, self.token]
+                )
+            except Exception:
+                pass  # the key expires with the lease anyway
+        self._redis.close()
 
 
 __all__ = [
     "Consumer",
+    "Heartbeat",
+    "ReplicaIdInUse",
     "Delivery",
     "JobQueue",
     "StoredItem",

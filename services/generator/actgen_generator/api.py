@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import random
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,12 +30,20 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actgen_generator.classifiers import ClassifierCache, ClassifierError, ClassifierStore
+from actgen_generator.classifiers import ClassifierCache, ClassifierError, ClassifierInUse, ClassifierStore
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import EchoSampler, Worker
 from actgen_shared import __version__, codecs
-from actgen_shared.queue import REDIS_DOWN, JobQueue, connect, validate_cursor
+from actgen_shared.queue import (
+    REDIS_DOWN,
+    Heartbeat,
+    JobQueue,
+    ReplicaIdInUse,
+    connect,
+    new_token,
+    validate_cursor,
+)
 from actgen_shared.schemas import (
     BANK_KEY_PATTERN,
     CLASSIFIER_REF_PATTERN,
@@ -54,6 +64,7 @@ from actgen_shared.settings import Settings
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 MAX_RESULTS_LIMIT = 1000
+WORK_UNIT_PIXELS = 512 * 512  # a job's work is counted in image-steps at SD 2.1's native size
 MAX_WAIT_S = 60.0
 REDIS_TIMEOUT_MARGIN_S = 10.0
 MAX_STREAM_PART = 2**64 - 1
@@ -84,8 +95,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class ApiError(StarletteHTTPException):
     """An HTTP error with our own code; the message names the field at fault."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        super().__init__(status_code=status, detail=message)
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code or _STATUS_CODES.get(status, "error")
 
 
@@ -117,6 +129,7 @@ class Service:
     ready: bool = False
     fatal: str | None = None
     worker: Worker | None = None
+    heartbeat: Heartbeat | None = None
     worker_task: asyncio.Task | None = None
     startup_task: asyncio.Task | None = None
     on_fatal: Callable[[], None] | None = None  # the CLI stops the server: a replica that cannot load exits
@@ -131,15 +144,21 @@ def resolve_device(device: str | None) -> str:
 
 
 def default_replica_id(device: str | None, run_worker: bool) -> str:
-    """``{hostname}-{device}``: stable across restarts of the same replica, as the queue needs."""
+    """``{hostname}-{device}-{pid}-{random}``: no two processes share it, on one host or many.
+
+    Two replicas under one consumer name would share one heartbeat, so neither's jobs could be
+    reclaimed when it dies. A replica that restarts under a new name leaves its old entries to
+    be reclaimed once the old lease ends; set ACTGEN_REPLICA_ID for a name that survives restarts.
+    """
     host = socket.gethostname()
+    suffix = f"{os.getpid()}-{secrets.token_hex(3)}"
     if not run_worker:
-        return f"{host}-api"
+        return f"{host}-api-{suffix}"
     import torch
 
     dev = torch.device(resolve_device(device))
     tag = f"gpu{dev.index or 0}" if dev.type == "cuda" else dev.type
-    return f"{host}-{tag}"
+    return f"{host}-{tag}-{suffix}"
 
 
 async def _start_worker(svc: Service) -> None:
@@ -147,7 +166,7 @@ async def _start_worker(svc: Service) -> None:
     settings = svc.settings
     try:
         if svc.sampler_kind == "echo":
-            sampler: Any = EchoSampler()
+            sampler: Any = EchoSampler(step_seconds=settings.echo_step_s)
             svc.model_id, svc.device, svc.dtype = "echo (no model)", "cpu", "float32"
             svc.native_size = sampler.native_size
             latent_shape = None
@@ -156,7 +175,7 @@ async def _start_worker(svc: Service) -> None:
             from actgen_generator.sampler import GuidedSampler
 
             loaded = await asyncio.to_thread(load_pipeline, svc.model, svc.device, svc.dtype)
-            sampler = GuidedSampler(loaded)
+            sampler = GuidedSampler(loaded, prompt_cache_size=settings.prompt_cache_size)
             svc.model_id, svc.device = loaded.model_id, str(loaded.device)
             svc.dtype = str(loaded.dtype).removeprefix("torch.")
             svc.native_size = int(loaded.native_size)
@@ -171,7 +190,7 @@ async def _start_worker(svc: Service) -> None:
         cache = ClassifierCache(svc.classifiers, svc.device or "cpu")
         svc.worker = Worker(
             svc.queue, svc.replica_id, sampler, settings, svc.metrics, classifiers=cache,
-            latent_shape=latent_shape, native_size=svc.native_size,
+            latent_shape=latent_shape, native_size=svc.native_size, heartbeat=svc.heartbeat,
         )
         svc.worker_task = asyncio.create_task(svc.worker.run())
         svc.ready = True
@@ -197,8 +216,11 @@ def _lifespan(svc: Service):  # type: ignore[no-untyped-def]
         svc.redis = redis_client(svc.settings.redis_url)
         svc.queue = JobQueue(svc.redis, svc.settings)
         await svc.queue.ensure_group()
-        svc.classifiers = ClassifierStore(svc.redis, svc.settings.keys, svc.settings.max_classifier_bytes)
+        svc.classifiers = ClassifierStore(
+            svc.redis, svc.settings.keys, svc.settings.max_classifier_bytes, svc.settings.classifier_ttl_s
+        )
         if svc.run_worker:
+            await asyncio.to_thread(claim_replica_id, svc)
             svc.startup_task = asyncio.create_task(_start_worker(svc))
         else:
             svc.ready = True
@@ -211,6 +233,39 @@ def _lifespan(svc: Service):  # type: ignore[no-untyped-def]
     return lifespan
 
 
+def claim_replica_id(svc: Service) -> None:
+    """Take the replica's consumer name before anything else (blocking): a name that a live
+    replica holds (its heartbeat has not expired) raises ReplicaIdInUse, and this one does not
+    start. The CLI calls it before the server starts; the lifespan when nobody did."""
+    if svc.heartbeat is not None or not svc.run_worker:
+        return
+    assert svc.settings.redis_url
+    heartbeat = Heartbeat(
+        svc.settings.redis_url, svc.settings, svc.replica_id, new_token(svc.replica_id),
+        on_conflict=lambda message: _lost_replica_id(svc, message),
+    )
+    try:
+        heartbeat.claim()
+    except Exception as exc:
+        heartbeat.stop()
+        if isinstance(exc, ReplicaIdInUse):
+            svc.fatal = str(exc)
+            log_event("replica.refused", None, replica=svc.replica_id, error=svc.fatal)
+        raise
+    svc.heartbeat = heartbeat.start()  # keeps the name while the model loads
+
+
+def _lost_replica_id(svc: Service, message: str) -> None:
+    """Another process took our name while we were paused past the lease: it owns our pending
+    work now, so this one stops (called from the heartbeat thread)."""
+    svc.fatal = message
+    log_event("replica.name_taken", None, replica=svc.replica_id, error=message)
+    if svc.worker is not None:
+        svc.worker.abandon()
+    if svc.on_fatal is not None:
+        svc.on_fatal()
+
+
 async def stop_worker(svc: Service) -> None:
     """Stop the worker: interrupt the batch, release unfinished jobs, drop the heartbeat."""
     if svc.startup_task is not None and not svc.startup_task.done():
@@ -219,6 +274,8 @@ async def stop_worker(svc: Service) -> None:
         svc.worker.request_stop()
     if svc.worker_task is not None:
         await asyncio.gather(svc.worker_task, return_exceptions=True)
+    elif svc.heartbeat is not None:  # claimed, but the worker never ran: give the name back
+        await asyncio.to_thread(svc.heartbeat.stop, True)
     svc.ready = False
 
 
@@ -282,8 +339,11 @@ async def readyz(svc: ServiceDep) -> Response:
         return error_response(503, "unavailable", "the pipeline is still loading")
     try:
         await svc.redis.ping()
+        full = await svc.queue.memory_pressure() if svc.queue is not None else None
     except Exception as exc:
         return error_response(503, "unavailable", f"Redis does not answer: {exc}")
+    if full:
+        return error_response(503, "unavailable", full)
     return JSONResponse({"status": "ready", "replica_id": svc.replica_id})
 
 
@@ -325,6 +385,7 @@ async def upload_classifier(
         meta = ClassifierMeta.model_validate_json(metadata)
     except ValidationError as exc:
         raise ApiError(422, "; ".join(_format_errors(exc.errors(), root="metadata"))) from None
+    await _refuse_when_full(svc)
     data = await weights.read(svc.settings.max_classifier_bytes + 1)
     if len(data) > svc.settings.max_classifier_bytes:
         raise ApiError(413, f"weights: more than {svc.settings.max_classifier_bytes} bytes")
@@ -334,6 +395,29 @@ async def upload_classifier(
         raise ApiError(422, str(exc)) from None
     log_event("classifier.stored", None, ref=ref.ref, architecture=meta.architecture)
     return ref
+
+
+@classifiers.delete("/{ref}", status_code=204, response_class=Response,
+                    responses={409: {"model": ErrorBody}}, summary="delete an uploaded classifier")
+async def delete_classifier(
+    svc: ServiceDep, queue: QueueDep, ref: Annotated[str, Path(pattern=CLASSIFIER_REF_PATTERN)]
+) -> Response:
+    """Refused (409) while a queued or running job uses it; the trainer deletes its previous
+    epoch's classifier once that epoch's job has finished. Unused ones also expire
+    (ACTGEN_CLASSIFIER_TTL_S)."""
+    assert svc.classifiers is not None
+    try:
+        deleted = await svc.classifiers.delete(ref, queue.keys.job)
+    except ClassifierInUse as exc:
+        shown = ", ".join(exc.job_ids[:5]) + (" ..." if len(exc.job_ids) > 5 else "")
+        raise ApiError(
+            409, f"classifier_ref: {ref} is used by {len(exc.job_ids)} queued or running "
+            f"job(s) ({shown}); delete it once they have finished",
+        ) from None
+    if not deleted:
+        raise ApiError(404, f"classifier_ref {ref} is not known to this service")
+    log_event("classifier.deleted", None, ref=ref, replica=svc.replica_id)
+    return Response(status_code=204)
 
 
 @classifiers.get("/{ref}", response_model=ClassifierRef)
@@ -357,6 +441,23 @@ async def validate_job(svc: Service, job: JobRequest) -> JobRequest:
         raise ApiError(
             422, f"items: {len(job.items)} items, more than the cap of {settings.max_items_per_job} "
             "per job (ACTGEN_MAX_ITEMS_PER_JOB)",
+        )
+
+    opts = job.options
+    pixels = (opts.height or svc.native_size) * (opts.width or svc.native_size)
+    work = len(job.items) * opts.num_inference_steps * pixels / WORK_UNIT_PIXELS
+    if work > settings.max_job_image_steps:
+        raise ApiError(
+            422, f"options: {len(job.items)} items x options.num_inference_steps "
+            f"{opts.num_inference_steps} x {opts.height or svc.native_size}x"
+            f"{opts.width or svc.native_size} px is {work:.0f} image-steps at 512x512, more than "
+            f"the cap of {settings.max_job_image_steps} per job (ACTGEN_MAX_JOB_IMAGE_STEPS): "
+            "split it into smaller jobs",
+        )
+    if opts.bank_sample > settings.bank_cap:
+        raise ApiError(
+            422, f"options.bank_sample: {opts.bank_sample} is more than a memory bank keeps per "
+            f"class ({settings.bank_cap}, ACTGEN_BANK_CAP)",
         )
 
     def decode_all() -> None:
@@ -392,13 +493,24 @@ async def validate_job(svc: Service, job: JobRequest) -> JobRequest:
 
 @jobs.post("", status_code=202, response_model=JobAccepted, summary="submit a job")
 async def submit_job(job: JobRequest, svc: ServiceDep, queue: QueueDep) -> JobAccepted:
+    await _refuse_when_full(svc)
     job = await validate_job(svc, job)
-    job_id, duplicate = await queue.submit(job)
+    try:
+        job_id, duplicate = await queue.submit(job)
+    except LookupError as exc:  # its classifier was deleted between validation and submit
+        raise ApiError(422, str(exc)) from None
     log_event(
         "job.duplicate" if duplicate else "job.queued", job_id, replica=svc.replica_id,
         run_id=job.run_id, epoch=job.epoch, items=len(job.items), mode=job.options.mode.value,
     )
     return JobAccepted(job_id=job_id, status_url=f"/v1/jobs/{job_id}", duplicate=duplicate)
+
+
+async def _refuse_when_full(svc: Service) -> None:
+    """503 while Redis is near its memory cap (it runs with noeviction: a write would fail)."""
+    full = await svc.queue.memory_pressure() if svc.queue is not None else None
+    if full:
+        raise ApiError(503, full, headers={"Retry-After": "30"})
 
 
 async def _state(queue: JobQueue, job_id: str) -> JobState:
@@ -490,15 +602,20 @@ async def run_results(
     wait = min(wait, svc.settings.max_wait_s)  # the page may come back empty: ask again
     entries, next_cursor = await queue.read_results(run_id, _check_cursor(after), limit, wait)
     images = await asyncio.gather(*(queue.get_bytes(e.get("image_key", "")) for e in entries))
-    items = [
-        ResultItem(
-            id=e["id"], job_id=e["job_id"], index=int(e["index"]), epoch=int(e.get("epoch") or 0),
-            class_id=int(e["class_id"]), guide_id=e.get("guide_id") or None,
-            image=codecs.b64encode(image), latent_key=e.get("latent_key") or None,
-        )
-        for e, image in zip(entries, images)
-        if image is not None  # expired blobs are skipped; the cursor still moves past them
-    ]
+    items: list[ResultItem] = []
+    size = 0
+    for e, image in zip(entries, images):
+        if image is not None:  # expired blobs are skipped; the cursor still moves past them
+            size += len(image)
+            if items and size > svc.settings.max_results_bytes:  # page full: the rest come next
+                next_cursor = items[-1].id
+                break
+            items.append(ResultItem(
+                id=e["id"], job_id=e["job_id"], index=int(e["index"]), epoch=int(e.get("epoch") or 0),
+                class_id=int(e["class_id"]), guide_id=e.get("guide_id") or None,
+                image=codecs.b64encode(image), latent_key=e.get("latent_key") or None,
+            ))
+        next_cursor = e["id"]
     return ResultsPage(items=items, next=next_cursor)
 
 
@@ -543,6 +660,59 @@ def _format_errors(errors: list[dict[str, Any]], root: str | None = None) -> lis
     if len(errors) > 10:
         out.append(f"... and {len(errors) - 10} more")
     return out
+
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _bearer_ok(headers: list[tuple[bytes, bytes]], expected: str) -> str | None:
+    """None when the headers carry ``Authorization: Bearer <expected>``, else why not."""
+    value = next((v for k, v in headers if k == b"authorization"), None)
+    if value is None:
+        return "Authorization: a 'Bearer <ACTGEN_API_KEY>' header is required"
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return "Authorization: a 'Bearer <ACTGEN_API_KEY>' header is required"
+    if not hmac.compare_digest(token.strip(), expected.encode("utf-8")):
+        return "Authorization: the bearer token is not the service's API key"
+    return None
+
+
+class ApiKeyAuth:
+    """Bearer-token check before anything of the request is read (ASGI, outermost).
+
+    With ``ACTGEN_API_KEY`` set, every route but /healthz and /readyz needs the token, the docs
+    (/docs, /redoc, /openapi.json) too unless ``ACTGEN_PUBLIC_DOCS=1``. A refusal is a 401 sent
+    without reading the body (FastAPI would parse a JSON body before a dependency runs), and the
+    connection is closed rather than drained.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def is_open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.settings.public_docs and path in DOCS_PATHS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        expected = self.settings.api_key
+        if scope["type"] != "http" or not expected or self.is_open(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        why = _bearer_ok(scope.get("headers", []), expected)
+        if why is None:
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "unauthorized", why, headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
+        )
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    """A receive() for a response sent without reading the request: the client is gone."""
+    return {"type": "http.disconnect"}
 
 
 class BodyTooLarge(ApiError):
@@ -656,10 +826,11 @@ def create_app(
     )
     app.state.service = svc
     app.add_middleware(BodySizeLimit, settings=settings)
+    app.add_middleware(ApiKeyAuth, settings=settings)  # added last: runs first, before any read
     _install_error_handlers(app)
     for router in (health, service_info, classifiers, jobs, runs, banks):
         app.include_router(router)
     return app
 
 
-__all__ = ["ApiError", "Service", "create_app", "stop_worker"]
+__all__ = ["ApiError", "Service", "claim_replica_id", "create_app", "stop_worker"]

@@ -14,10 +14,12 @@ import asyncio
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from actgen_shared import codecs
 from actgen_shared.keys import Keys
 from actgen_shared.schemas import ClassifierMeta, ClassifierRef
 
@@ -28,7 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REF_PREFIX = "sha256:"
 DEFAULT_CACHE_SIZE = 4
-_PICKLE_MAGIC = b"\x80"  # pickle protocol 2+ opcode PROTO
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip checkpoints
 
 
@@ -52,20 +53,28 @@ def _hex(ref: str) -> str:
     return ref[len(REF_PREFIX):]
 
 
+def _looks_like_pickle(data: bytes) -> bool:
+    """PROTO opcode with a protocol 2-5: only asked once the bytes failed to parse as safetensors."""
+    return len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
+
+
 def read_state_dict(weights: bytes) -> dict[str, Any]:
-    """safetensors bytes -> tensors; pickles and torch zip checkpoints are refused unread."""
+    """safetensors bytes -> tensors; anything else is refused unread (never unpickled).
+
+    Recognised by parsing the safetensors header (codecs.safetensors_header); only bytes that
+    fail it are named (zip, pickle) to say what they are.
+    """
     from safetensors.torch import load
 
-    if weights.startswith(_ZIP_MAGIC):
-        raise ClassifierError(
-            "weights", "this is a zip (torch.save) checkpoint; only safetensors is accepted "
-            "(save it with safetensors.torch.save_file)",
-        )
-    if weights.startswith(_PICKLE_MAGIC):
-        raise ClassifierError(
-            "weights", "this looks like a pickle; only safetensors is accepted "
-            "(save it with safetensors.torch.save_file)",
-        )
+    try:
+        codecs.safetensors_header(weights)
+    except codecs.DecodeError as exc:
+        hint = "only safetensors is accepted (save it with safetensors.torch.save_file)"
+        if weights.startswith(_ZIP_MAGIC):
+            raise ClassifierError("weights", f"this is a zip (torch.save) checkpoint; {hint}") from None
+        if _looks_like_pickle(weights):
+            raise ClassifierError("weights", f"this is a pickle; {hint}") from None
+        raise ClassifierError("weights", f"not a safetensors file ({exc}); {hint}") from None
     try:
         tensors = load(weights)
     except Exception as exc:
@@ -91,13 +100,49 @@ def build_checked(weights: bytes, meta: ClassifierMeta) -> "nn.Module":
         raise ClassifierError("weights", str(exc)) from None
 
 
-class ClassifierStore:
-    """Classifier checkpoints in Redis under ``clf:{sha256}`` (bytes) and ``clf:{sha256}:meta``."""
+# Delete a classifier unless a queued or running job uses it.
+# KEYS: bytes, meta, jobs set, then the job hash of each member ; ARGV: the members' job ids
+# returns {'deleted'} | {'gone'} | {'changed'} (the set moved: read it again) | {'busy', ids...}
+_DELETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[3])
+  return {'gone'}
+end
+if redis.call('SCARD', KEYS[3]) ~= #ARGV then return {'changed'} end
+local busy = {'busy'}
+for i, id in ipairs(ARGV) do
+  local status = redis.call('HGET', KEYS[3 + i], 'status')
+  if status == 'queued' or status == 'running' then table.insert(busy, id)
+  else redis.call('SREM', KEYS[3], id) end
+end
+if #busy > 1 then return busy end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return {'deleted'}
+"""
 
-    def __init__(self, redis: Redis, keys: Keys, max_bytes: int) -> None:
+
+class ClassifierInUse(Exception):
+    """A delete refused: queued or running jobs still use the classifier (their ids)."""
+
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__(f"{len(job_ids)} queued or running jobs use it")
+        self.job_ids = job_ids
+
+
+class ClassifierStore:
+    """Classifier checkpoints in Redis under ``clf:{sha256}`` (bytes) and ``clf:{sha256}:meta``.
+
+    Bounded: both keys expire ``ttl_s`` after the last upload, submit or start that used them
+    (submit and the worker refresh it while a job holds the classifier), and a client deletes
+    what it no longer needs (a delete is refused while a queued or running job uses it).
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, max_bytes: int, ttl_s: int = 3 * 24 * 3600) -> None:
         self.redis = redis
         self.keys = keys
         self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._delete = redis.register_script(_DELETE)
 
     async def put(self, weights: bytes, meta: ClassifierMeta) -> ClassifierRef:
         """Validate and store an upload; uploading the same thing again returns the same ref."""
@@ -107,12 +152,14 @@ class ClassifierStore:
             raise ClassifierError("weights", "empty file")
         ref = classifier_ref(weights, meta)
         hex_ = _hex(ref)
-        if not await self.redis.exists(self.keys.classifier_meta(hex_)):
+        if await self.redis.exists(self.keys.classifier_meta(hex_), self.keys.classifier(hex_)) < 2:
             await asyncio.to_thread(build_checked, weights, meta)
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(self.keys.classifier(hex_), weights)
-                pipe.set(self.keys.classifier_meta(hex_), meta.model_dump_json())
+                pipe.set(self.keys.classifier(hex_), weights, ex=self.ttl_s)
+                pipe.set(self.keys.classifier_meta(hex_), meta.model_dump_json(), ex=self.ttl_s)
                 await pipe.execute()
+        else:
+            await self.touch(ref)
         return ClassifierRef(ref=ref, architecture=meta.architecture, num_classes=meta.num_classes)
 
     async def meta(self, ref: str) -> ClassifierMeta | None:
@@ -121,6 +168,33 @@ class ClassifierStore:
 
     async def weights(self, ref: str) -> bytes | None:
         return await self.redis.get(self.keys.classifier(_hex(ref)))
+
+    async def touch(self, *refs: str) -> None:
+        """Start the TTL of these classifiers again (they are in use)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ref in refs:
+                hex_ = _hex(ref)
+                for key in (self.keys.classifier(hex_), self.keys.classifier_meta(hex_),
+                            self.keys.classifier_jobs(hex_)):
+                    pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+
+    async def delete(self, ref: str, job_key: Callable[[str], str]) -> bool:
+        """Delete a classifier; False if it was not there, ClassifierInUse while jobs use it.
+
+        ``job_key``: job id -> its hash key (jobs that are final or gone no longer count).
+        """
+        hex_ = _hex(ref)
+        base = [self.keys.classifier(hex_), self.keys.classifier_meta(hex_), self.keys.classifier_jobs(hex_)]
+        for _ in range(10):  # the set moved under us (a submit): read it again
+            members = sorted(m.decode() for m in await self.redis.smembers(base[2]))
+            reply = await self._delete(keys=base + [job_key(m) for m in members], args=members)
+            outcome = reply[0].decode()
+            if outcome == "busy":
+                raise ClassifierInUse([r.decode() for r in reply[1:]])
+            if outcome != "changed":
+                return outcome == "deleted"
+        raise ClassifierInUse(["(busy: jobs keep being submitted with it)"])
 
 
 class ClassifierCache:

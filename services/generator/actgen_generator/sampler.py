@@ -8,6 +8,7 @@ so a batch of 8 gives the same images as 8 batches of 1.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -196,8 +197,9 @@ class _Draw:
 class GuidedSampler:
     """Samples batches with the modes of the paper: random, ig, aig, actgen."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, prompt_cache_size: int = 1024) -> None:
         self.model = model
+        self.prompt_cache_size = max(1, prompt_cache_size)  # embeddings kept, least recently used out
         pipe = model.pipe
         self.unet, self.vae = pipe.unet, pipe.vae
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
@@ -208,7 +210,7 @@ class GuidedSampler:
         if self.device.type == "cuda":  # graph memory of the gradient steps (only active with grad)
             self.unet.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
-        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     # ------------------------------------------------------------------ the step loop
     def __call__(
@@ -413,15 +415,21 @@ class GuidedSampler:
     @torch.no_grad()
     def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
+        batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in {item.class_name for item in items} | {""}:
-            if name not in self._prompts:
+            entry = self._prompts.get(name)
+            if entry is None:
                 prompt = PROMPT_TEMPLATE.format(name) if name else ""
                 embeds, _ = self.model.pipe.encode_prompt(prompt, self.device, 1, False)
                 weights = class_token_weights(self.tokenizer, name) if name else None
-                self._prompts[name] = (embeds[0].float(), weights)
-        cond = torch.stack([self._prompts[item.class_name][0] for item in items])
-        weights = torch.stack([self._prompts[item.class_name][1] for item in items]).to(self.device)
-        uncond = self._prompts[""][0].expand_as(cond)
+                entry = (embeds[0].float(), weights)
+            batch[name] = self._prompts[name] = entry
+            self._prompts.move_to_end(name)
+        while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per class name seen
+            self._prompts.popitem(last=False)
+        cond = torch.stack([batch[item.class_name][0] for item in items])
+        weights = torch.stack([batch[item.class_name][1] for item in items]).to(self.device)
+        uncond = batch[""][0].expand_as(cond)
         return uncond, cond, weights
 
     @torch.no_grad()

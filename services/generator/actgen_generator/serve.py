@@ -16,7 +16,8 @@ from types import FrameType
 import uvicorn
 
 from actgen_generator import events
-from actgen_generator.api import SAMPLERS, Service, create_app
+from actgen_generator.api import SAMPLERS, Service, claim_replica_id, create_app
+from actgen_shared.queue import ReplicaIdInUse
 from actgen_shared.settings import Settings
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -55,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype,
         )
         svc: Service = app.state.service
+        try:
+            claim_replica_id(svc)  # before the port opens: a name in use is refused, clearly
+        except ReplicaIdInUse as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",

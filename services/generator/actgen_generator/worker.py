@@ -1,10 +1,16 @@
 """The worker loop of a replica: Redis stream -> batches -> sampler -> stored results.
 
 It runs as a task in the API's event loop; the sampler call itself runs in a thread
-(``asyncio.to_thread``) so the API keeps answering while the model works.
+(``asyncio.to_thread``) so the API keeps answering while the model works. The heartbeat runs in
+a thread of its own with its own Redis connection (:class:`actgen_shared.queue.Heartbeat`), so
+neither a stalled event loop nor a long batch lets the lease lapse.
 
-* Fetch jobs (own pending entries first after a restart, then those of dead consumers, then
-  new ones), start them, skip items already stored by an earlier delivery.
+* Fetch jobs (own pending entries first after a restart and every ``pending_rescan_s``, then
+  those of dead consumers, then new ones), start them, skip items already stored by an earlier
+  delivery. A fetched delivery is held in ``admitting`` until it is started: a Redis error
+  while starting it leaves it there to be retried, never forgotten.
+* A job another consumer took from us (our lease lapsed: the process was paused, say) is
+  dropped at the next step; only the owner of an entry can finish its job.
 * Batch pending items of compatible jobs, up to ``settings.max_batch``, into one sampler
   call. Compatible means the same options apart from the seed (so also the same mode, steps
   and size: ``GenerationOptions.batch_signature``), the same classifier and the same bank.
@@ -14,14 +20,18 @@ It runs as a task in the API's event loop; the sampler call itself runs in a thr
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
-  items are stored, fail it with the message when its batch raises, and keep serving.
-* Heartbeat every ``settings.heartbeat_interval_s``. On stop (SIGTERM) the running batch is
-  interrupted at the next step and every unfinished job is released back to the queue.
+  items are stored, and keep serving. A batch that raises fails no job at once: its jobs run
+  again one by one, so only a job that fails alone is failed (with the message); an out-of-memory
+  error halves the batch size instead, and one at a single item is put back on the queue (it
+  counts toward ``max_deliveries``).
+* Heartbeat every ``settings.heartbeat_interval_s``, from its own thread. On stop (SIGTERM) the
+  running batch is interrupted at the next step and every unfinished job is released.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +45,7 @@ from actgen_generator import memory_bank
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_shared import codecs
-from actgen_shared.queue import REDIS_DOWN, Consumer, Delivery, JobQueue, StoredItem
+from actgen_shared.queue import REDIS_DOWN, Consumer, Delivery, Heartbeat, JobQueue, StoredItem
 from actgen_shared.schemas import GenerationOptions, ItemResult, JobRequest, JobResult, Mode
 from actgen_shared.seeds import derive_seed, item_seed
 from actgen_shared.settings import Settings
@@ -108,10 +118,12 @@ class Worker:
         classifiers: "ClassifierCache | None" = None,
         latent_shape: LatentShape | None = None,
         native_size: int = 512,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.queue = queue
         self.name = name
-        self.consumer = Consumer(queue, name)
+        self.heartbeat = heartbeat  # None: beaten from the loop (in-process tests only)
+        self.consumer = Consumer(queue, name, token=heartbeat.token if heartbeat else None)
         self.sampler = sampler
         self.settings = settings
         self.metrics = metrics
@@ -120,12 +132,25 @@ class Worker:
         self.native_size = native_size
         self.active: dict[str, ActiveJob] = {}
         self._stop = threading.Event()  # set from a signal handler or the loop; read by the sampler thread
+        self._abandoned = False
+        self._next_touch = 0.0
+        self.batch_limit = settings.max_batch  # halved after an out-of-memory error
+        self._solo: set[str] = set()  # jobs whose shared batch failed: they run alone now
         self._cancelled: set[str] = set()
+        self._lost: set[str] = set()  # job ids another consumer took from us during this batch
         self._fresh: set[str] = set()  # started since the last batch
+        self.admitting: dict[str, Delivery] = {}  # entry id -> fetched, not started yet
+        self._fetched_at: dict[str, float] = {}  # entry id -> monotonic time it was handed to us
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_stop(self) -> None:
         """Ask the loop to stop: the running batch ends at its next step (thread-safe)."""
+        self._stop.set()
+
+    def abandon(self) -> None:
+        """Stop without handing anything back: another process took our consumer name, so the
+        entries pending under it are its own now (thread-safe)."""
+        self._abandoned = True
         self._stop.set()
 
     @property
@@ -134,12 +159,21 @@ class Worker:
 
     async def run(self) -> None:
         """The loop; returns after :meth:`request_stop`, with unfinished jobs released."""
-        heartbeat = asyncio.create_task(self._heartbeat())
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+            heartbeat = None
+        else:
+            heartbeat = asyncio.create_task(self._heartbeat())
         log_event("worker.started", replica=self.name)
         try:
+            # the sampler module imports torch and diffusers: never on the loop (an 8 s stall)
+            await asyncio.to_thread(importlib.import_module, "actgen_generator.sampler")
             while not self.stopping:
                 try:
+                    self._drop_lost()
+                    await self._touch_classifiers()
                     await self._complete_finished()
+                    await self._admit_waiting()
                     await self._fill()
                     if self.active and not self.stopping:
                         await self._run_batch(self._next_batch())
@@ -150,22 +184,67 @@ class Worker:
                     await asyncio.sleep(ERROR_BACKOFF_S)
         finally:
             self._stop.set()
-            heartbeat.cancel()
+            if heartbeat is not None:
+                heartbeat.cancel()
             await self._release_all()
+            if self.heartbeat is not None:
+                await asyncio.to_thread(self.heartbeat.stop)
             log_event("worker.stopped", replica=self.name)
 
     async def _release_all(self) -> None:
-        for job in list(self.active.values()):
+        if self._abandoned:
+            log_event("worker.abandoned", replica=self.name, jobs=len(self.active) + len(self.admitting))
+            self.active.clear()
+            self.admitting.clear()
+            return
+        held = [job.delivery for job in self.active.values()] + list(self.admitting.values())
+        for delivery in held:
             try:
-                await self.consumer.release(job.delivery)
-                log_event("job.released", job.job_id, replica=self.name)
+                await self.consumer.release(delivery)
+                log_event("job.released", delivery.job_id, replica=self.name)
             except Exception as exc:
-                log_event("job.release_failed", job.job_id, replica=self.name, error=str(exc))
+                log_event("job.release_failed", delivery.job_id, replica=self.name, error=str(exc))
         self.active.clear()
+        self.admitting.clear()
         try:
             await self.consumer.stop()
         except Exception as exc:
             log_event("worker.stop_failed", replica=self.name, error=str(exc))
+
+    async def _touch_classifiers(self) -> None:
+        """Keep the classifiers of running jobs from expiring (at most once a minute)."""
+        now = time.monotonic()
+        if self.classifiers is None or now < self._next_touch:
+            return
+        self._next_touch = now + min(60.0, self.settings.classifier_ttl_s / 4)
+        refs = {j.request.classifier_ref for j in self.active.values() if j.request.classifier_ref}
+        if refs:
+            await self.classifiers.store.touch(*sorted(refs))
+
+    def _tracked(self) -> dict[str, float]:
+        """Entry id -> time it was handed to us, for every delivery this worker holds."""
+        entries = [job.delivery.entry_id for job in self.active.values()] + list(self.admitting)
+        return {e: self._fetched_at.get(e, time.monotonic()) for e in entries}
+
+    def _drop_lost(self) -> set[str]:
+        """Forget the deliveries another consumer has taken from us (our lease lapsed while this
+        process was paused): they are its jobs now. Returns their job ids."""
+        if self.heartbeat is None:
+            return set()
+        lost = self.heartbeat.lost(self._tracked())
+        job_ids = set()
+        for job in [j for j in self.active.values() if j.delivery.entry_id in lost]:
+            self.active.pop(job.job_id, None)
+            job_ids.add(job.job_id)
+        for entry_id in [e for e in self.admitting if e in lost]:
+            job_ids.add(self.admitting.pop(entry_id).job_id)
+        for entry_id in lost:
+            self._fetched_at.pop(entry_id, None)
+        for job_id in job_ids:
+            self.metrics.job_events.labels("lost").inc()
+            log_event("job.lost", job_id, replica=self.name,
+                      reason="another consumer took it after our lease lapsed")
+        return job_ids
 
     async def _heartbeat(self) -> None:
         while True:
@@ -180,21 +259,32 @@ class Worker:
     # --- taking jobs ----------------------------------------------------------------------
     async def _fill(self) -> None:
         """Take more jobs while fewer than a batch of items is pending here."""
-        pending = sum(len(job.pending) for job in self.active.values())
+        pending = sum(len(job.pending) for job in self.active.values()) + len(self.admitting)
         if pending >= self.settings.max_batch:
             return
         block_ms = 0 if self.active else FETCH_BLOCK_MS
-        deliveries = await self.consumer.fetch(self.settings.max_batch - pending, block_ms)
-        for delivery in deliveries:
+        deliveries = await self.consumer.fetch(
+            self.settings.max_batch - pending, block_ms, tracked=self._tracked()
+        )
+        now = time.monotonic()
+        for delivery in deliveries:  # held from here until started, whatever fails meanwhile
+            self.admitting[delivery.entry_id] = delivery
+            self._fetched_at[delivery.entry_id] = now
+        await self._admit_waiting()
+
+    async def _admit_waiting(self) -> None:
+        """Start the fetched deliveries; one that meets a Redis error stays for the next round."""
+        for entry_id, delivery in list(self.admitting.items()):
             if self.stopping:
-                await self.consumer.release(delivery)
-                continue
-            await self._admit(delivery)
+                return  # run() releases them
+            await self._admit(delivery)  # REDIS_DOWN propagates: run() backs off, then retries
+            self.admitting.pop(entry_id, None)
 
     async def _admit(self, delivery: Delivery) -> None:
         job_id, request = delivery.job_id, delivery.request
         if not await self.consumer.start(delivery):
             log_event("job.skipped", job_id, replica=self.name, reason="cancelled or final")
+            self._fetched_at.pop(delivery.entry_id, None)
             return
         try:
             done = await self.consumer.done_items(job_id)
@@ -207,6 +297,9 @@ class Worker:
                 if self.classifiers is None:
                     raise RuntimeError("this replica has no classifier cache")
                 job.classifier = await self.classifiers.get(request.classifier_ref or "")
+                await self.classifiers.store.touch(request.classifier_ref or "")  # in use: TTL again
+        except REDIS_DOWN:
+            raise  # not started here yet: the delivery stays in ``admitting`` and is retried
         except Exception as exc:
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
             return
@@ -222,18 +315,44 @@ class Worker:
             await self._complete(job)
 
     def _next_batch(self) -> list[tuple[ActiveJob, int]]:
-        """Up to max_batch pending items of the oldest job and of jobs compatible with it."""
+        """Up to ``batch_limit`` pending items of the oldest job and of jobs compatible with it
+        (a job that must run alone takes no company)."""
         first = next(iter(self.active.values()))
         key = first.batch_key
         batch: list[tuple[ActiveJob, int]] = []
         for job in self.active.values():
-            if job.batch_key != key:
+            if job.batch_key != key or (job is not first and (first.job_id in self._solo
+                                                               or job.job_id in self._solo)):
                 continue
             for index in job.pending:
-                if len(batch) >= self.settings.max_batch:
+                if len(batch) >= self.batch_limit:
                     return batch
                 batch.append((job, index))
         return batch
+
+    async def _batch_failed(self, jobs: list[ActiveJob], batch_items: int, exc: Exception) -> None:
+        """A failing job fails alone: jobs that shared the batch run again one by one; an
+        out-of-memory error halves the batch (at one item, the job goes back on the queue)."""
+        message = f"{type(exc).__name__}: {exc}"
+        if _out_of_memory(exc):
+            if batch_items > 1:
+                self.batch_limit = max(1, min(self.batch_limit, batch_items) // 2)
+                log_event("batch.oom", None, replica=self.name, items=batch_items,
+                          batch_limit=self.batch_limit, error=message)
+                return  # the jobs stay here with their items pending and rerun smaller
+            for job in jobs:
+                await self.consumer.retry(job.delivery, f"out of memory at batch size 1: {message}")
+                self.active.pop(job.job_id, None)
+                self._fetched_at.pop(job.delivery.entry_id, None)
+                log_event("job.requeued", job.job_id, replica=self.name, error=message)
+            return
+        if len(jobs) > 1:
+            self._solo.update(job.job_id for job in jobs)
+            log_event("batch.failed", None, replica=self.name, jobs=[j.job_id for j in jobs],
+                      error=message, next="each job alone")
+            return
+        self._solo.discard(jobs[0].job_id)
+        await self._fail([job.delivery for job in jobs], message)
 
     # --- running a batch ------------------------------------------------------------------
     async def _run_batch(self, batch: list[tuple[ActiveJob, int]]) -> None:
@@ -252,6 +371,7 @@ class Worker:
         jobs = [job for job in jobs if job.job_id in self.active]
         banks = {job.job_id: await self._read_bank(job, [k for j, k in batch if j is job]) for job in jobs}
         self._cancelled = set()
+        self._lost = set()
         on_step = self._step_callback([job.job_id for job in jobs], asyncio.get_running_loop())
         started = time.perf_counter()
         try:
@@ -260,11 +380,11 @@ class Worker:
             )
         except Cancelled:
             for job in jobs:
-                if job.job_id in self._cancelled:
+                if job.job_id in self._cancelled and job.job_id in self.active:
                     await self._cancel(job)
             return  # stopping: the jobs are released by run(); others stay pending and rerun
         except Exception as exc:
-            await self._fail([job.delivery for job in jobs], f"{type(exc).__name__}: {exc}")
+            await self._batch_failed(jobs, len(batch), exc)
             return
         elapsed = time.perf_counter() - started
         self.metrics.batch_size.observe(len(batch))
@@ -349,7 +469,7 @@ class Worker:
             now = time.perf_counter()
             self.metrics.step_seconds.observe(now - last[0])
             last[0] = now
-            if self._stop.is_set() or self._cancelled:
+            if self._stop.is_set() or self._cancelled or self._lost:
                 return False
             future = inflight[0]
             if future is None or future.done() or step >= total:
@@ -361,8 +481,11 @@ class Worker:
         return on_step
 
     async def _after_step(self, job_ids: list[str], step: int, total: int) -> None:
+        self._lost |= self._drop_lost() & set(job_ids)  # taken from us: stop the batch
         try:
             for job_id in job_ids:
+                if job_id not in self.active:
+                    continue
                 await self.consumer.progress(job_id, step, total)
                 if await self.queue.is_cancel_requested(job_id):
                     self._cancelled.add(job_id)
@@ -423,6 +546,8 @@ class Worker:
         )
         finished = await self.consumer.complete(job.delivery, result)
         self.active.pop(job.job_id, None)
+        self._solo.discard(job.job_id)
+        self._fetched_at.pop(job.delivery.entry_id, None)
         self.metrics.job_events.labels("done").inc()
         log_event(
             "job.done", job.job_id, replica=self.name, items=len(records), finished_here=finished,
@@ -432,6 +557,8 @@ class Worker:
     async def _cancel(self, job: ActiveJob) -> None:
         await self.consumer.mark_cancelled(job.delivery)
         self.active.pop(job.job_id, None)
+        self._solo.discard(job.job_id)
+        self._fetched_at.pop(job.delivery.entry_id, None)
         self.metrics.job_events.labels("cancelled").inc()
         log_event("job.cancelled", job.job_id, replica=self.name, left=len(job.pending))
 
@@ -444,8 +571,16 @@ class Worker:
             except Exception as exc:
                 log_event("job.fail_failed", delivery.job_id, replica=self.name, error=str(exc))
             self.active.pop(delivery.job_id, None)
+            self._solo.discard(delivery.job_id)
+            self._fetched_at.pop(delivery.entry_id, None)
             self.metrics.job_events.labels("failed").inc()
             log_event("job.failed", delivery.job_id, replica=self.name, error=error)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A (CUDA or CPU) allocation failure: worth retrying with fewer items."""
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc)
 
 
 class EchoSampler:
@@ -455,10 +590,12 @@ class EchoSampler:
     that do not need images to be generated. Honours ``on_step`` like the real sampler.
     """
 
-    def __init__(self, native_size: int = 64, latent_channels: int = 4, scale: int = 8) -> None:
+    def __init__(self, native_size: int = 64, latent_channels: int = 4, scale: int = 8,
+                 step_seconds: float = 0.0) -> None:
         self.native_size = native_size
         self.latent_channels = latent_channels
         self.scale = scale
+        self.step_seconds = step_seconds  # > 0: every step takes this long (chaos runs, tests)
 
     def __call__(
         self,
@@ -473,7 +610,12 @@ class EchoSampler:
         from actgen_generator.sampler import Cancelled, SampleOutput
 
         total = options.num_inference_steps
-        if on_step is not None and not on_step(total, total):
+        if self.step_seconds > 0:  # a job that takes time, step by step, like the real sampler
+            for step in range(1, total + 1):
+                time.sleep(self.step_seconds)
+                if on_step is not None and not on_step(step, total):
+                    raise Cancelled("cancelled")
+        elif on_step is not None and not on_step(total, total):
             raise Cancelled("cancelled")
         height = options.height or self.native_size
         width = options.width or self.native_size

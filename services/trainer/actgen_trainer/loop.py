@@ -208,6 +208,7 @@ class _State:
     jobs: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     val_merged: bool = False
+    classifiers: list[str] = field(default_factory=list)  # uploaded refs not yet deleted
 
 
 class Trainer:
@@ -308,7 +309,7 @@ class Trainer:
         state = _State(
             run_id=ckpt["run_id"], epoch=ckpt["epoch"], cursor=ckpt["cursor"],
             pending=ckpt["pending"], jobs=ckpt["jobs"], metrics=ckpt["metrics"],
-            val_merged=ckpt["val_merged"],
+            val_merged=ckpt["val_merged"], classifiers=list(ckpt.get("classifiers", [])),
         )
         if self.dist.main:
             _write_jsonl(self.run_dir / METRICS_NAME, state.metrics)
@@ -328,6 +329,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "generated": self.generated.state(), "cursor": s.cursor, "pending": s.pending,
                 "jobs": s.jobs, "metrics": s.metrics, "val_merged": s.val_merged,
+                "classifiers": s.classifiers,
             },
         )
 
@@ -364,6 +366,8 @@ class Trainer:
                 log.info("stopping after epoch %d as asked", epoch)
                 break
         bar.close()
+        if self.client is not None and self.dist.main and self.state.epoch >= epochs:
+            self._end_of_run()
         self._record_jobs()
         summary = self._summary()
         if self.dist.main:
@@ -529,6 +533,7 @@ class Trainer:
         if options.mode is Mode.actgen and options.adv_prob > 0:
             weights, meta = classifier_payload(self.model, cfg, self.num_classes)
             classifier_ref = self.client.upload_classifier(weights, meta).ref
+            self._retire_classifiers(keep=classifier_ref)
         names: dict[str, Any] = (
             {"label_set": gen.label_set} if gen.label_set else {"class_names": self.classes}
         )
@@ -541,6 +546,35 @@ class Trainer:
         log.info("epoch %d: posted %d hard samples as job %s%s", epoch, len(items),
                  accepted.job_id, " (already posted)" if accepted.duplicate else "")
         return accepted.job_id
+
+    def _end_of_run(self) -> None:
+        """The run is over: none of its classifiers is needed, nor (once no job of it is left
+        to run) its memory bank. What cannot be deleted now expires on the generator."""
+        self._retire_classifiers()
+        clear = getattr(self.client, "clear_memory_bank", None)
+        if clear is not None and not self.state.pending:
+            try:
+                clear(self.state.run_id)
+            except Exception as exc:
+                log.info("memory bank %s left to expire: %s", self.state.run_id, exc)
+
+    def _retire_classifiers(self, keep: str | None = None) -> None:
+        """Delete the classifiers this run uploaded before (one per generation epoch, ~94 MB each
+        for a CIFAR ResNet-50) except ``keep``. The generator refuses (409) while a job still
+        uses one: it stays listed and is tried again after the next upload (or expires)."""
+        s = self.state
+        if keep is not None and keep not in s.classifiers:
+            s.classifiers.append(keep)
+        delete = getattr(self.client, "delete_classifier", None)
+        if delete is None:
+            return
+        for ref in [r for r in s.classifiers if r != keep]:
+            try:
+                delete(ref)
+            except Exception as exc:  # in use (409) or unreachable: later
+                log.info("classifier %s kept for now: %s", ref, exc)
+                continue
+            s.classifiers.remove(ref)
 
     def _fold(self, epoch: int) -> int:
         """Fold every finished item after the cursor into the generated set (rank 0 reads)."""

@@ -1,0 +1,317 @@
+"""Liveness of a worker on a real redis-server, in-process (DESIGN.md section 4).
+
+* The heartbeat is beaten from a thread of its own: a worker whose event loop is blocked for
+  longer than the lease keeps its job, and the job is computed once.
+* No delivery a live worker forgets: a Redis error between fetch and start, or an XREADGROUP
+  reply that never reached it, and the job is still done by that worker, in bounded time.
+
+Each worker runs in a thread with its own event loop (as a replica process would), so one can
+be stalled while the other keeps fetching. Waits poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from actgen_generator.metrics import Metrics
+from actgen_generator.worker import EchoSampler, Worker
+from actgen_shared import codecs
+from actgen_shared.queue import Heartbeat, JobQueue, connect, new_token
+from actgen_shared.schemas import JobRequest, JobState, JobStatus
+from actgen_shared.settings import Settings
+
+T = TypeVar("T")
+GUARD_S = 60.0
+
+
+def _request(run_id: str, n_items: int = 2) -> JobRequest:
+    guide = codecs.png_to_b64(np.full((8, 8, 3), 127, dtype=np.uint8))
+    return JobRequest.model_validate({
+        "run_id": run_id, "label_set": "digits",
+        "items": [{"image": guide, "class_id": k % 10} for k in range(n_items)],
+        "options": {"mode": "random", "num_inference_steps": 3, "grad_steps": 0, "height": 64,
+                    "width": 64, "seed": 1},
+    })
+
+
+def _on_queue(settings: Settings, fn: Callable[[JobQueue], Awaitable[T]]) -> T:
+    async def main() -> T:
+        client = connect(settings.redis_url or "")
+        try:
+            return await fn(JobQueue(client, settings))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def _state(settings: Settings, job_id: str) -> JobState:
+    state = _on_queue(settings, lambda q: q.state(job_id))
+    assert state is not None
+    return state
+
+
+def _wait(predicate: Callable[[], Any], what: str, timeout_s: float = GUARD_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class SlowEcho(EchoSampler):
+    """EchoSampler that takes ``seconds`` per batch (counts its calls)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.items = 0
+
+    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+        time.sleep(self.seconds)
+        self.items += len(items)
+        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+
+
+class WorkerThread:
+    """A worker with its own event loop in a thread; ``threaded_heartbeat`` False beats from the loop."""
+
+    def __init__(self, settings: Settings, name: str, sampler: Any, threaded_heartbeat: bool = True) -> None:
+        self.settings, self.name, self.sampler = settings, name, sampler
+        self.threaded_heartbeat = threaded_heartbeat
+        self.worker: Worker | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.started_jobs = 0
+
+    async def _main(self) -> None:
+        client = connect(self.settings.redis_url or "")
+        queue = JobQueue(client, self.settings)
+        await queue.ensure_group()
+        heartbeat = None
+        if self.threaded_heartbeat:
+            heartbeat = Heartbeat(self.settings.redis_url or "", self.settings, self.name, new_token(self.name))
+            heartbeat.claim()
+        self.worker = Worker(queue, self.name, self.sampler, self.settings, Metrics(), heartbeat=heartbeat)
+        self.loop = asyncio.get_running_loop()
+        self._ready.set()
+        try:
+            await self.worker.run()
+        finally:
+            await client.aclose()
+
+    def start(self) -> "WorkerThread":
+        self._thread.start()
+        assert self._ready.wait(30)
+        return self
+
+    def stall(self, seconds: float) -> None:
+        """Block this worker's event loop (as a long synchronous call on it would)."""
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(time.sleep, seconds)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.request_stop()
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, lease_s=1.5, heartbeat_interval_s=0.3, pending_rescan_s=1.0)
+
+
+def _stalled_loop_run(settings: Settings, threaded: bool) -> JobState:
+    """Worker a takes a job, its event loop stalls for 3 leases, worker b keeps fetching."""
+    a = WorkerThread(settings, "stall-a", SlowEcho(1.0), threaded_heartbeat=threaded).start()
+    try:
+        job_id, _ = _on_queue(settings, lambda q: q.submit(_request("run-stall")))
+        _wait(lambda: _state(settings, job_id).status is JobStatus.running, "a to start the job")
+        b = WorkerThread(settings, "stall-b", EchoSampler()).start()
+        try:
+            a.stall(3 * settings.lease_s)
+            state = _wait(lambda: (s := _state(settings, job_id)).status is JobStatus.done and s, "done")
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+    results = _on_queue(settings, lambda q: q.redis.xlen(q.keys.run_results("run-stall")))
+    assert results == 2  # each item once in the run's results, however often it was computed
+    return state
+
+
+def test_a_stalled_event_loop_keeps_its_lease_and_its_job(fast: Settings) -> None:
+    state = _stalled_loop_run(fast, threaded=True)
+    assert state.replica == "stall-a" and state.deliveries == 1
+    assert state.result is not None and state.result.replica == "stall-a"
+
+
+def test_a_heartbeat_on_the_event_loop_would_lapse_in_the_same_stall(fast: Settings) -> None:
+    """The same run with the heartbeat beaten from the loop (the old design): b reclaims the job
+    and it is computed twice. Shows the test above would catch a regression."""
+    state = _stalled_loop_run(fast, threaded=False)
+    assert state.deliveries == 2 and state.replica == "stall-b"
+
+
+def test_redis_error_between_fetch_and_start_does_not_drop_the_delivery(fast: Settings) -> None:
+    w = WorkerThread(fast, "flaky-start", EchoSampler())
+    failures = []
+    w.start()
+    assert w.worker is not None
+    real_start = w.worker.consumer.start
+
+    async def flaky_start(delivery):  # type: ignore[no-untyped-def]
+        if not failures:
+            failures.append(delivery.job_id)
+            raise RedisConnectionError("injected: connection lost between fetch and start")
+        return await real_start(delivery)
+
+    w.worker.consumer.start = flaky_start  # type: ignore[method-assign]
+    try:
+        job_id, _ = _on_queue(fast, lambda q: q.submit(_request("run-flaky")))
+        began = time.monotonic()
+        state = _wait(lambda: (s := _state(fast, job_id)).status is JobStatus.done and s, "done", 20)
+        took = time.monotonic() - began
+    finally:
+        w.stop()
+    assert failures == [job_id]
+    assert state.replica == "flaky-start" and state.deliveries == 1
+    assert took < 10, f"done {took:.1f}s after submit"
+
+
+def test_admit_step_failing_keeps_the_entry_for_the_next_fetch(fast: Settings) -> None:
+    """The Redis error hits the queue's own admit step (right after XREADGROUP returned)."""
+    w = WorkerThread(fast, "flaky-admit", EchoSampler())
+    failures = []
+    w.start()
+    assert w.worker is not None
+    consumer = w.worker.consumer
+    real_admit = consumer._admit
+
+    async def flaky_admit(entry_id, job_id, note):  # type: ignore[no-untyped-def]
+        if not failures:
+            failures.append(job_id)
+            raise RedisConnectionError("injected: connection lost after XREADGROUP")
+        return await real_admit(entry_id, job_id, note)
+
+    consumer._admit = flaky_admit  # type: ignore[method-assign]
+    try:
+        job_id, _ = _on_queue(fast, lambda q: q.submit(_request("run-flaky-admit")))
+        state = _wait(lambda: (s := _state(fast, job_id)).status is JobStatus.done and s, "done", 20)
+    finally:
+        w.stop()
+    assert failures == [job_id] and state.deliveries == 1 and state.replica == "flaky-admit"
+
+
+def test_a_delivery_whose_reply_was_lost_is_found_by_the_periodic_rescan(fast: Settings) -> None:
+    """XREADGROUP handed the entry to our name but the reply never reached us (redis-py retries a
+    command after a dropped connection, and the retry finds nothing new): only re-reading our
+    own pending list, while we live, finds it."""
+    w = WorkerThread(fast, "lost-reply", EchoSampler()).start()
+    assert w.worker is not None
+    redis_client = w.worker.queue.redis
+    real_read = redis_client.xreadgroup
+    swallowed: list[object] = []
+
+    async def lossy_read(group, consumer, streams, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reply = await real_read(group, consumer, streams, *args, **kwargs)
+        if reply and not swallowed and list(streams.values()) == [">"]:
+            swallowed.append(reply)
+            return []  # delivered by Redis, lost on the way back
+        return reply
+
+    redis_client.xreadgroup = lossy_read  # type: ignore[method-assign]
+    try:
+        job_id, _ = _on_queue(fast, lambda q: q.submit(_request("run-lost-reply")))
+        _wait(lambda: swallowed, "the reply to be lost")
+        began = time.monotonic()
+        state = _wait(lambda: (s := _state(fast, job_id)).status is JobStatus.done and s, "done", 20)
+        took = time.monotonic() - began
+    finally:
+        w.stop()
+    assert state.replica == "lost-reply" and state.deliveries == 1
+    assert took < 2 * fast.pending_rescan_s + 2, f"found after {took:.1f}s"
+
+
+class PoisonEcho(EchoSampler):
+    """Fails any batch holding an item of class 7 (a bad input, a sampler bug); counts batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+        self.batches.append(len(items))
+        if any(item.class_id == 7 for item in items):
+            raise ValueError("poisoned item of class 7")
+        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+
+
+class SmallMemoryEcho(EchoSampler):
+    """Runs out of memory on batches of more than two items, like a GPU at its limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+        self.batches.append(len(items))
+        if len(items) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+
+
+def _request_classes(run_id: str, classes: list[int]) -> JobRequest:
+    request = _request(run_id, n_items=len(classes))
+    for item, class_id in zip(request.items, classes):
+        item.class_id = class_id
+    return request
+
+
+def test_a_failing_job_fails_alone_not_its_batch(fast: Settings) -> None:
+    """Three compatible jobs share one batch; one of them holds a bad item. The batch fails, the
+    jobs run again one by one, and only the bad one is failed."""
+    jobs = {
+        name: _on_queue(fast, lambda q, c=classes: q.submit(_request_classes("run-poison", c)))[0]
+        for name, classes in {"a": [0, 1], "bad": [7], "c": [2, 3]}.items()
+    }
+    sampler = PoisonEcho()
+    w = WorkerThread(fast, "poison", sampler).start()  # started after the submits: one batch
+    try:
+        final = {
+            name: _wait(lambda j=job_id: (s := _state(fast, j)).status in
+                        (JobStatus.done, JobStatus.failed) and s, f"job {name} to end")
+            for name, job_id in jobs.items()
+        }
+    finally:
+        w.stop()
+    assert sampler.batches[0] == 5  # all three together first
+    assert final["a"].status is JobStatus.done and final["c"].status is JobStatus.done
+    assert final["bad"].status is JobStatus.failed and "poisoned item" in (final["bad"].error or "")
+    assert all(s.deliveries == 1 for s in final.values())
+
+
+def test_out_of_memory_halves_the_batch_and_fails_nothing(fast: Settings) -> None:
+    job_ids = [_on_queue(fast, lambda q: q.submit(_request("run-oom", n_items=3)))[0] for _ in range(2)]
+    sampler = SmallMemoryEcho()
+    w = WorkerThread(fast, "oom", sampler).start()
+    try:
+        states = [_wait(lambda j=j: (s := _state(fast, j)).status is JobStatus.done and s, "done")
+                  for j in job_ids]
+        assert w.worker is not None and w.worker.batch_limit <= 2
+    finally:
+        w.stop()
+    assert sampler.batches[0] == 6 and max(sampler.batches[1:]) <= 3 and sampler.batches[-1] <= 2
+    assert all(s.deliveries == 1 for s in states)
