@@ -44,11 +44,12 @@ def body(**overrides: object) -> dict:
 # --- schemas ------------------------------------------------------------------------------------
 
 
-def test_options_defaults_are_the_papers() -> None:
+def test_options_defaults_are_the_papers_but_the_measured_step() -> None:
     o = GenerationOptions()
     assert o.mode is Mode.actgen
     assert (o.num_inference_steps, o.guidance_scale, o.image_guidance_strength) == (40, 15.0, 12.5)
-    assert (o.grad_steps, o.lr, o.contrastive_margin, o.bank_sample) == (10, 0.05, 200.0, 1024)
+    assert (o.grad_steps, o.lr, o.contrastive_margin, o.bank_sample) == (10, 0.01, 200.0, 1024)
+    assert (o.grad_norm, o.update_uncond) == ("token", True)  # the released code's eq. 11
     assert (o.adv_weight, o.adv_prob, o.seed, o.return_latents) == (0.1, 0.0, None, True)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from actgen_shared.schemas import GenerationOptions
 from actgen_trainer.config import Config, ConfigError, TrainMode, load_config
 from actgen_trainer.demo import _in_repo
 from actgen_trainer.loop import Trainer
@@ -55,12 +56,11 @@ ARMS: dict[str, list[str]] = {
     "aig+contrastive": ["generation.mode=actgen", "generation.guidance=contrastive"],
     "aig+adversarial": ["generation.mode=actgen", "generation.guidance=adversarial"],
     "actgen": ["generation.mode=actgen", "generation.guidance=both"],
-    # eq. 11 as the paper's text reads (the global norm, c alone) instead of the released code's
-    "actgen-global": ["generation.mode=actgen", "generation.guidance=both",
+    # the released code's eq. 11 exactly (the token norm on [uncond, c], nu 0.05): too far on this model
+    "actgen-nu0.05": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.05"],
+    # eq. 11 as the paper's text reads it (the global norm, c alone, nu 0.05)
+    "actgen-global": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.05",
                       "generation.options.grad_norm=global", "generation.options.update_uncond=false"],
-    # the released code's norm with a smaller step: where the faithfulness / diversity trade-off turns
-    "actgen-lr0.02": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.02"],
-    "actgen-lr0.01": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.01"],
     # the released train.py's schedule: adv_prob 0.5 by mid-training, plain-SD items early on
     "actgen-authors": ["generation.mode=actgen", "generation.guidance=both",
                        "generation.adv_schedule=authors"],
@@ -137,6 +137,8 @@ def fingerprint(cfg: Config, model: str, threads: int) -> str:
         tree.pop(key)
     for key in _NOT_FINGERPRINTED_GENERATION:
         tree["generation"].pop(key)
+    # the options every job gets, defaults resolved: a changed default makes the cell stale
+    tree["generation_options"] = GenerationOptions.model_validate(cfg.generation.options).model_dump(mode="json")
     tree["generator_model"] = Path(model).name
     tree["torch_threads"] = threads
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
