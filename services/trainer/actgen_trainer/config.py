@@ -129,6 +129,24 @@ class GenerationConfig(_Section):
     api_key: str | None = None
     request_timeout_s: float = Field(120.0, gt=0)
     wait_timeout_s: float = Field(3600.0, gt=0, description="--sync: give up on a job after this")
+    max_inflight: int | None = Field(
+        2, ge=1, description="backpressure: at most this many unfinished jobs per rank; an epoch "
+        "that would exceed it posts nothing (counted as skipped_backpressure); null: no limit",
+    )
+    final_wait_s: float = Field(
+        300.0, ge=0, description="at mid-training (end of generation), wait at most this long "
+        "for the jobs still out, so the second half trains on what was asked for",
+    )
+    retries: int = Field(
+        5, ge=0, description="submit / classifier upload / results read: retries on 5xx and "
+        "connection errors (the idempotency key makes a resubmit safe)",
+    )
+    retry_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles per retry")
+    retry_backoff_max_s: float = Field(30.0, gt=0, description="cap of one retry delay")
+    max_items_per_job: int | None = Field(
+        None, ge=1, description="split an epoch's items into jobs of at most this many; null: "
+        "learnt from the generator's 422 (ACTGEN_MAX_ITEMS_PER_JOB)",
+    )
     label_set: Literal["cifar10", "cifar100", "imagenet", "digits"] | None = Field(
         None, description="bundled class names for prompts; None: the dataset's own names"
     )
