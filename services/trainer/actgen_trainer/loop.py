@@ -823,7 +823,7 @@ class Trainer:
         dropped: list[str] = []
         if self.dist.main:
             try:
-                dropped = self._failed_jobs()
+                dropped = self._ended_jobs()
             except Exception as exc:
                 if not _transient(exc):
                     raise
@@ -866,14 +866,20 @@ class Trainer:
             if job["folded"] >= job["items"]:
                 del s.pending[item.job_id]
 
-    def _failed_jobs(self) -> list[str]:
-        """Pending jobs that failed or were cancelled: they will never deliver (rank 0 asks)."""
+    def _ended_jobs(self) -> list[str]:
+        """Pending jobs that have ended (rank 0 asks): they are no longer out.
+
+        A failed or cancelled job will never deliver; a done job's items are all in the
+        results stream already (result and ack are one step), so they fold in regardless.
+        """
         assert self.client is not None
         out = []
         for job_id in list(self.state.pending):
             state = self.client.status(job_id)
             if state.status.value in ("failed", "cancelled"):
                 log.warning("job %s %s: %s", job_id, state.status.value, state.error)
+                out.append(job_id)
+            elif state.status.value == "done":
                 out.append(job_id)
         return out
 
