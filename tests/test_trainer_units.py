@@ -119,10 +119,13 @@ def test_focal_and_weighted_ce_follow_their_formulas() -> None:
 
 
 def test_cosine_with_warmup() -> None:
-    assert lr_factor(0, 10, 2) == pytest.approx(1 / 3)
+    # per iteration: t is the fractional epoch
+    assert lr_factor(0, 10, 2) == pytest.approx(0.0)
+    assert lr_factor(0.5, 10, 2) == pytest.approx(0.25)
     assert lr_factor(2, 10, 2) == pytest.approx(1.0)
     assert lr_factor(6, 10, 2) == pytest.approx(0.5)
     assert lr_factor(0, 10, 0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 0) == pytest.approx(0.0)
 
 
 def test_classifier_payload_is_safetensors_the_generator_can_load() -> None:

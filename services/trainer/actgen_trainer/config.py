@@ -92,11 +92,15 @@ class OptimConfig(_Section):
     """Optimizer, schedule and loss (Tables 5, 6 and 12)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, description="learning rate for a global batch of lr_batch")
+    lr_batch: int = Field(
+        256, ge=1, description="the global batch lr is stated for; the run scales lr linearly "
+        "by (train.batch_size x processes) / lr_batch (Goyal et al.)",
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: float = Field(0, ge=0, description="linear warmup, per iteration, then cosine")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     loss: Literal["ce", "focal", "weighted_ce"] = "ce"
     focal_gamma: float = Field(2.0, ge=0)
@@ -119,6 +123,11 @@ class GenerationConfig(_Section):
     guidance: Guidance = Field(Guidance.both, description="actgen mode: which gradient guidance")
     adv_schedule: AdvSchedule = Field(AdvSchedule.paper, description="paper or authors (see AdvSchedule)")
     images_per_epoch: int = Field(64, ge=1, description="hard samples posted per epoch (per rank)")
+    budget: float | None = Field(
+        None, gt=0, le=10, description="images to generate as a fraction of the training set "
+        "(0.10: the paper's ImageNet 10 %), spread evenly over the generation epochs and the "
+        "ranks; overrides images_per_epoch when set",
+    )
     selection: Literal["misclassified", "threshold", "lowest_confidence"] = "misclassified"
     threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")
     generate_fraction: float = Field(

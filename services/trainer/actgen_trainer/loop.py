@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -62,6 +63,7 @@ from actgen_trainer.data import (
 )
 from actgen_trainer.models import (
     Loss,
+    scaled_lr,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -263,6 +265,19 @@ def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
     return out
 
 
+def images_per_rank_epoch(cfg: Config, train_size: int, world: int) -> int:
+    """Hard samples each rank posts per generation epoch.
+
+    ``generation.budget`` (a fraction of the ``train_size`` images, e.g. 0.10) is spread evenly
+    over the generation epochs and the ranks, rounded up; without it, ``images_per_epoch``.
+    """
+    budget = cfg.generation.budget
+    if budget is None:
+        return cfg.generation.images_per_epoch
+    total = max(1, round(budget * train_size))
+    return max(1, math.ceil(total / (cfg.generation_epochs * world)))
+
+
 def idempotency_key(run_id: str, epoch: int, rank: int) -> str:
     """One job per (run, epoch, rank): a resumed trainer that re-posts gets the same job."""
     return f"{run_id}:epoch{epoch}:rank{rank}"
@@ -346,8 +361,11 @@ class Trainer:
             np.random.seed(seed)
             torch.manual_seed(seed)
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs)
+        global_batch = cfg.train.batch_size * self.dist.world
+        self.optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs, global_batch)
+        self.images_per_epoch = images_per_rank_epoch(
+            cfg, len(self.split.train) + len(self.split.val), self.dist.world)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.loss_fn = Loss(cfg.optim)
@@ -460,7 +478,8 @@ class Trainer:
         info = {
             "run_id": self.state.run_id, "classes": self.classes, "mode": self.mode.value,
             "epochs": self.cfg.train.epochs, "generation_epochs": self.cfg.generation_epochs,
-            "images_per_epoch": self.cfg.generation.images_per_epoch,
+            "images_per_epoch": self.images_per_epoch * self.dist.world,
+            "budget": self.cfg.generation.budget,
             "sync": self.cfg.generation.sync, "dataset": self.cfg.data.dataset,
             "architecture": self.cfg.model.architecture, "seed": self.cfg.seed,
             "world_size": self.dist.world, "max_inflight": self.cfg.generation.max_inflight,
@@ -505,7 +524,7 @@ class Trainer:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         cfg, s = self.cfg, self.state
         generating = self.mode is not TrainMode.real
-        row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+        row: dict[str, Any] = {"epoch": epoch, "lr": self.scheduler.lr_at(epoch)}
 
         t0 = time.perf_counter()
         folded = 0
@@ -523,7 +542,6 @@ class Trainer:
 
         t0 = time.perf_counter()
         train_loss, train_acc, train_size = self._train_epoch(epoch, train_idx)
-        self.scheduler.step()
         row["seconds_train"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -574,8 +592,11 @@ class Trainer:
         )
         self.model.train()
         total_loss, correct, seen = 0.0, 0, 0
-        for images, labels in _tqdm(loader, self.progress and self.dist.main, leave=False,
-                                    desc=f"epoch {epoch}", unit="batch"):
+        steps = max(len(loader), 1)
+        for step, (images, labels) in enumerate(_tqdm(loader, self.progress and self.dist.main,
+                                                      leave=False, desc=f"epoch {epoch}",
+                                                      unit="batch")):
+            self.scheduler.set(epoch + (step + 0.5) / steps)  # per-iteration warmup and cosine
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, enabled=self.amp):
@@ -641,7 +662,7 @@ class Trainer:
         )
         hard = hard_indices(probs, targets, gen.selection, gen.threshold)
         rng = np.random.default_rng([cfg.seed, epoch, rank])
-        chosen = sample_hard(hard, gen.images_per_epoch, rng)
+        chosen = sample_hard(hard, self.images_per_epoch, rng)
         val_correct, val_count, n_hard = self.dist.sum(
             float((probs.argmax(1) == targets).sum()), float(len(targets)), float(len(hard)))
         out: dict[str, Any] = {
