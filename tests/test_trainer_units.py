@@ -221,3 +221,14 @@ def test_job_options_run_every_row_of_table_4_and_both_schedules() -> None:
     assert opts(12, "generation.mode=random") == {"mode": "random", "adv_prob": 0.0}
     with pytest.raises(ConfigError, match="generation.guidance"):
         load_config(None, ["generation.guidance=gradient"])
+
+
+def test_cli_takes_the_generator_url_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compose's trainer: a command override without --generator-url still finds the generator."""
+    monkeypatch.setenv(cli.GENERATOR_URL_ENV, "http://127.0.0.1:9")
+    code = cli.main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+                     "--set", f"output_dir={tmp_path}"])
+    assert code == 2
+    assert "http://127.0.0.1:9" in capsys.readouterr().err
