@@ -15,7 +15,14 @@ import torch
 from actgen_shared.architectures import build_classifier, load_classifier
 from actgen_trainer.config import ConfigError, load_config
 from actgen_trainer.loop import images_per_rank_epoch
-from actgen_trainer.models import Loss, build_model, build_optimizer, build_scheduler, scaled_lr
+from actgen_trainer.models import (
+    Loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    classifier_payload,
+    scaled_lr,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -82,3 +89,26 @@ def test_vgg16_has_the_authors_head_and_the_generator_rebuilds_it() -> None:
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize("architecture", ["vit_small_patch16_224", "resnet152"])
+def test_table5_classifiers_are_allow_listed_and_the_generator_rebuilds_them(
+    architecture: str, one_torch_thread: None
+) -> None:
+    """Trainer and generator read the same allow-list; an upload rebuilds from safetensors only."""
+    from actgen_generator.classifiers import build_checked
+
+    cfg = load_config(REPO / "configs" / "imagenet_vit_s16.yaml",
+                      [f"model.architecture={architecture}", "data.image_size=224"])
+    model = build_model(cfg, 5)
+    weights, meta = classifier_payload(model, cfg, 5)
+    rebuilt = build_checked(weights, meta)
+    x = torch.randn(1, 3, 224, 224)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model(x), atol=1e-5)
+
+
+def test_a_timm_name_outside_the_allow_list_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="model.architecture"):
+        load_config(None, ["model.architecture=vit_huge_patch14_224"])

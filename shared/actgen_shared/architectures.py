@@ -1,5 +1,8 @@
 """The fixed registry of classifier architectures, shared by the trainer and the generator.
 
+It is the allow-list: hand-written CIFAR nets, torchvision's ResNets, and a few timm models by name
+(ViT-S/16 and DeiT-S of the paper's Table 5), nothing else.
+
 The generator rebuilds an uploaded classifier from its architecture name and safetensors
 weights, so only names in this registry can be loaded: no code ever comes from a request.
 torch is imported lazily so that ``actgen_shared`` stays light for plain clients.
@@ -77,12 +80,38 @@ def _imagenet_resnet50(num_classes: int) -> "nn.Module":
     return resnet50(weights=None, num_classes=num_classes)
 
 
+def _imagenet_resnet152(num_classes: int) -> "nn.Module":
+    from torchvision.models import resnet152
+
+    return resnet152(weights=None, num_classes=num_classes)
+
+
+# timm models by their timm names: only these, never a name from a request.
+TIMM_ARCHITECTURES = ("vit_small_patch16_224", "deit_small_patch16_224")
+
+
+def _timm(name: str) -> Callable[[int], "nn.Module"]:
+    """A factory for one allow-listed timm model, randomly initialised (no weight download)."""
+
+    def factory(num_classes: int) -> "nn.Module":
+        try:
+            import timm
+        except ImportError:  # a ValueError: the generator answers 4xx, never 500
+            raise ValueError(f"architecture {name!r} needs the timm package (pip install timm)") from None
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+    factory.__doc__ = f"timm's {name}, randomly initialised."
+    return factory
+
+
 ARCHITECTURES: dict[str, Callable[[int], "nn.Module"]] = {
     "simple_cnn": _simple_cnn,
     "cifar_resnet18": lambda n: _cifar_resnet(18, n),
     "cifar_resnet50": lambda n: _cifar_resnet(50, n),
     "cifar_vgg16": _cifar_vgg16,
     "resnet50": _imagenet_resnet50,
+    "resnet152": _imagenet_resnet152,
+    **{name: _timm(name) for name in TIMM_ARCHITECTURES},
 }
 
 
