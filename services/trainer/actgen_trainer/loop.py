@@ -612,6 +612,12 @@ class Trainer:
         total_loss, correct, seen = self.dist.sum(total_loss, correct, seen)
         return total_loss / max(seen, 1), correct / max(seen, 1), len(dataset)
 
+    @property
+    def _net(self) -> torch.nn.Module:
+        """The bare network, for evaluation: it needs none of DDP's machinery, and the ranks'
+        shards may differ by a batch, so nothing per batch may be a collective."""
+        return self.model.module if hasattr(self.model, "module") else self.model
+
     def _loader(self, dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.cfg.train.eval_batch_size, shuffle=False,
                           num_workers=self.cfg.data.num_workers)
@@ -620,7 +626,7 @@ class Trainer:
         """Each rank scores its shard of the test set; the counts are summed."""
         correct, count = 0.0, 0.0
         if len(self.test_set):
-            probs, targets = predict(self.model, self._loader(self.test_set), self.device, self.amp)
+            probs, targets = predict(self._net, self._loader(self.test_set), self.device, self.amp)
             correct, count = float((probs.argmax(1) == targets).sum()), float(len(targets))
         correct, count = self.dist.sum(correct, count)
         return correct / max(count, 1.0)
@@ -657,7 +663,7 @@ class Trainer:
         val_idx = self.split.val[rank :: self.dist.world]
         t0 = time.perf_counter()
         probs, targets = predict(
-            self.model, self._loader(Subset(self.train_source, val_idx, self.eval_tf)),
+            self._net, self._loader(Subset(self.train_source, val_idx, self.eval_tf)),
             self.device, self.amp,
         )
         hard = hard_indices(probs, targets, gen.selection, gen.threshold)
