@@ -112,3 +112,22 @@ def test_table5_classifiers_are_allow_listed_and_the_generator_rebuilds_them(
 def test_a_timm_name_outside_the_allow_list_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="model.architecture"):
         load_config(None, ["model.architecture=vit_huge_patch14_224"])
+
+
+def test_vit_recipe_trains_on_randaugment_and_random_erasing() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from actgen_trainer.data import transforms_for
+
+    cfg = load_config(REPO / "configs" / "imagenet_vit_s16.yaml", ["data.image_size=64"])
+    train = transforms_for(cfg.data, train=True)
+    names = repr(train)
+    assert "RandAugment" in names and "RandomErasing(p=0.25" in names
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), dtype=np.uint8))
+    assert tuple(train(image).shape) == (3, 64, 64)
+    assert tuple(transforms_for(cfg.data, train=False)(image).shape) == (3, 64, 64)
+    with pytest.raises(ConfigError, match="data.randaugment"):
+        load_config(None, ["data.randaugment=rand-m9"])  # digits: augment is not imagenet
+    with pytest.raises(ConfigError, match="data.randaugment"):
+        load_config(None, ["data.augment=imagenet", "data.randaugment=autoaug"])

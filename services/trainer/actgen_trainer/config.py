@@ -71,9 +71,25 @@ class DataConfig(_Section):
     train_subset: int | None = Field(None, ge=1, description="use only this many train images")
     test_subset: int | None = Field(None, ge=1, description="use only this many test images")
     augment: Literal["none", "crop", "crop_flip", "imagenet"] = "crop_flip"
+    randaugment: str | None = Field(
+        None, description="augment=imagenet: timm's RandAugment policy, e.g. rand-m9-mstd0.5-inc1",
+    )
+    random_erasing: float = Field(
+        0.0, ge=0, le=1, description="augment=imagenet: probability of timm's random erasing",
+    )
     num_workers: int = Field(0, ge=0)
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+
+    @model_validator(mode="after")
+    def _timm_augment(self) -> "DataConfig":
+        if (self.randaugment or self.random_erasing) and self.augment != "imagenet":
+            raise ValueError("data.randaugment / data.random_erasing need data.augment=imagenet")
+        if self.randaugment is not None and not self.randaugment.startswith("rand-"):
+            raise ValueError(f"data.randaugment {self.randaugment!r} is not a timm RandAugment "
+                             "policy (rand-m<magnitude>[-n<ops>][-mstd<std>]...)")
+        return self
 
 
 class ModelConfig(_Section):
