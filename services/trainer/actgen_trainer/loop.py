@@ -49,7 +49,13 @@ from actgen_shared.schemas import (
 )
 from actgen_shared.seeds import derive_seed
 
-from actgen_trainer.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from actgen_trainer.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from actgen_trainer.config import AdvSchedule, Config, Guidance, TrainMode
 from actgen_trainer.data import (
     DataError,
@@ -63,12 +69,12 @@ from actgen_trainer.data import (
 )
 from actgen_trainer.models import (
     Loss,
-    scaled_lr,
     build_model,
     build_optimizer,
     build_scheduler,
     classifier_payload,
     predict,
+    scaled_lr,
 )
 from actgen_trainer.report import delivery_counts, write_report
 from actgen_trainer.selection import hard_indices, sample_hard
