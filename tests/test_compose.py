@@ -144,3 +144,31 @@ def test_compose_config_accepts_the_file() -> None:
             [*cli, "--profile", profile, "config", "--quiet"], cwd=ROOT, capture_output=True, text=True
         )
         assert proc.returncode == 0, proc.stderr
+
+
+def test_trainer_gets_a_gpu_shared_memory_and_the_generator_url_from_its_environment(
+    compose: dict,
+) -> None:
+    trainer = compose["services"]["trainer"]
+    device = trainer["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert trainer["shm_size"].endswith("gb}")
+    assert trainer["environment"]["ACTGEN_GENERATOR_URL"].endswith("http://generator:8000}")
+    # every trainer command in the README keeps the URL: no override, or one read from the env
+    readme = (ROOT / "README.md").read_text()
+    for line in readme.splitlines():
+        if "--profile train run" in line and "trainer train" in line:
+            assert "--generator-url" in line or "ACTGEN_GENERATOR_URL" in readme
+        if "--profile train run" in line:
+            assert "run --rm trainer" in line  # the service's volumes and environment stay
+
+
+def test_model_cache_volume_is_owned_by_the_images_user() -> None:
+    dockerfile = (ROOT / "services" / "generator" / "Dockerfile").read_text()
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    assert "hf-cache:/cache/huggingface" in compose_text
+    run = next(line for line in dockerfile.replace("\\\n", " ").splitlines()
+               if "useradd" in line)
+    assert "/cache/huggingface" in run and "chown -R actgen" in run
+    user = [line for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert user == ["USER actgen"]

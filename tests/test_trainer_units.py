@@ -119,10 +119,13 @@ def test_focal_and_weighted_ce_follow_their_formulas() -> None:
 
 
 def test_cosine_with_warmup() -> None:
-    assert lr_factor(0, 10, 2) == pytest.approx(1 / 3)
+    # per iteration: t is the fractional epoch
+    assert lr_factor(0, 10, 2) == pytest.approx(0.0)
+    assert lr_factor(0.5, 10, 2) == pytest.approx(0.25)
     assert lr_factor(2, 10, 2) == pytest.approx(1.0)
     assert lr_factor(6, 10, 2) == pytest.approx(0.5)
     assert lr_factor(0, 10, 0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 0) == pytest.approx(0.0)
 
 
 def test_classifier_payload_is_safetensors_the_generator_can_load() -> None:
@@ -218,3 +221,14 @@ def test_job_options_run_every_row_of_table_4_and_both_schedules() -> None:
     assert opts(12, "generation.mode=random") == {"mode": "random", "adv_prob": 0.0}
     with pytest.raises(ConfigError, match="generation.guidance"):
         load_config(None, ["generation.guidance=gradient"])
+
+
+def test_cli_takes_the_generator_url_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compose's trainer: a command override without --generator-url still finds the generator."""
+    monkeypatch.setenv(cli.GENERATOR_URL_ENV, "http://127.0.0.1:9")
+    code = cli.main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+                     "--set", f"output_dir={tmp_path}"])
+    assert code == 2
+    assert "http://127.0.0.1:9" in capsys.readouterr().err

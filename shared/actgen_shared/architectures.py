@@ -1,5 +1,8 @@
 """The fixed registry of classifier architectures, shared by the trainer and the generator.
 
+It is the allow-list: hand-written CIFAR nets, torchvision's ResNets, and a few timm models by name
+(ViT-S/16 and DeiT-S of the paper's Table 5), nothing else.
+
 The generator rebuilds an uploaded classifier from its architecture name and safetensors
 weights, so only names in this registry can be loaded: no code ever comes from a request.
 torch is imported lazily so that ``actgen_shared`` stays light for plain clients.
@@ -54,7 +57,7 @@ def _cifar_resnet(depth: int, num_classes: int) -> "nn.Module":
 
 
 def _cifar_vgg16(num_classes: int) -> "nn.Module":
-    """VGG-16 with batch norm for 32x32 inputs (the usual CIFAR variant)."""
+    """VGG-16 with batch norm for 32x32 inputs, with the authors' head: 512 -> 512 -> classes."""
     from torch import nn
 
     plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -66,7 +69,9 @@ def _cifar_vgg16(num_classes: int) -> "nn.Module":
         else:
             layers.append(_conv_bn(channels, int(entry)))
             channels = int(entry)
-    return nn.Sequential(*layers, nn.Flatten(), nn.Dropout(0.5), nn.Linear(512, num_classes))
+    head = [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers, *head)
 
 
 def _imagenet_resnet50(num_classes: int) -> "nn.Module":
@@ -75,12 +80,38 @@ def _imagenet_resnet50(num_classes: int) -> "nn.Module":
     return resnet50(weights=None, num_classes=num_classes)
 
 
+def _imagenet_resnet152(num_classes: int) -> "nn.Module":
+    from torchvision.models import resnet152
+
+    return resnet152(weights=None, num_classes=num_classes)
+
+
+# timm models by their timm names: only these, never a name from a request.
+TIMM_ARCHITECTURES = ("vit_small_patch16_224", "deit_small_patch16_224")
+
+
+def _timm(name: str) -> Callable[[int], "nn.Module"]:
+    """A factory for one allow-listed timm model, randomly initialised (no weight download)."""
+
+    def factory(num_classes: int) -> "nn.Module":
+        try:
+            import timm
+        except ImportError:  # a ValueError: the generator answers 4xx, never 500
+            raise ValueError(f"architecture {name!r} needs the timm package (pip install timm)") from None
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+    factory.__doc__ = f"timm's {name}, randomly initialised."
+    return factory
+
+
 ARCHITECTURES: dict[str, Callable[[int], "nn.Module"]] = {
     "simple_cnn": _simple_cnn,
     "cifar_resnet18": lambda n: _cifar_resnet(18, n),
     "cifar_resnet50": lambda n: _cifar_resnet(50, n),
     "cifar_vgg16": _cifar_vgg16,
     "resnet50": _imagenet_resnet50,
+    "resnet152": _imagenet_resnet152,
+    **{name: _timm(name) for name in TIMM_ARCHITECTURES},
 }
 
 

@@ -18,6 +18,9 @@ from actgen_trainer.data import DataError
 from actgen_trainer.loop import GeneratorUnavailable
 
 
+GENERATOR_URL_ENV = "ACTGEN_GENERATOR_URL"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actgen-trainer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value, dotted keys: --set train.epochs=10")
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     train.add_argument("--sync", action="store_true", help="wait for every job (the paper's code)")
-    train.add_argument("--generator-url", help="generator API base URL (else generation.generator_url)")
+    train.add_argument("--generator-url", default=os.environ.get(GENERATOR_URL_ENV) or None,
+                       help=f"generator API base URL (else ${GENERATOR_URL_ENV}, else "
+                            "generation.generator_url)")
     train.add_argument("--stop-after-epoch", type=int, default=None,
                        help="stop cleanly after this epoch (0-based); --resume continues")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")

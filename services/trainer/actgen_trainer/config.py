@@ -71,9 +71,25 @@ class DataConfig(_Section):
     train_subset: int | None = Field(None, ge=1, description="use only this many train images")
     test_subset: int | None = Field(None, ge=1, description="use only this many test images")
     augment: Literal["none", "crop", "crop_flip", "imagenet"] = "crop_flip"
+    randaugment: str | None = Field(
+        None, description="augment=imagenet: timm's RandAugment policy, e.g. rand-m9-mstd0.5-inc1",
+    )
+    random_erasing: float = Field(
+        0.0, ge=0, le=1, description="augment=imagenet: probability of timm's random erasing",
+    )
     num_workers: int = Field(0, ge=0)
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+
+    @model_validator(mode="after")
+    def _timm_augment(self) -> "DataConfig":
+        if (self.randaugment or self.random_erasing) and self.augment != "imagenet":
+            raise ValueError("data.randaugment / data.random_erasing need data.augment=imagenet")
+        if self.randaugment is not None and not self.randaugment.startswith("rand-"):
+            raise ValueError(f"data.randaugment {self.randaugment!r} is not a timm RandAugment "
+                             "policy (rand-m<magnitude>[-n<ops>][-mstd<std>]...)")
+        return self
 
 
 class ModelConfig(_Section):
@@ -92,11 +108,15 @@ class OptimConfig(_Section):
     """Optimizer, schedule and loss (Tables 5, 6 and 12)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, description="learning rate for a global batch of lr_batch")
+    lr_batch: int = Field(
+        256, ge=1, description="the global batch lr is stated for; the run scales lr linearly "
+        "by (train.batch_size x processes) / lr_batch (Goyal et al.)",
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: float = Field(0, ge=0, description="linear warmup, per iteration, then cosine")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     loss: Literal["ce", "focal", "weighted_ce"] = "ce"
     focal_gamma: float = Field(2.0, ge=0)
@@ -119,6 +139,11 @@ class GenerationConfig(_Section):
     guidance: Guidance = Field(Guidance.both, description="actgen mode: which gradient guidance")
     adv_schedule: AdvSchedule = Field(AdvSchedule.paper, description="paper or authors (see AdvSchedule)")
     images_per_epoch: int = Field(64, ge=1, description="hard samples posted per epoch (per rank)")
+    budget: float | None = Field(
+        None, gt=0, le=10, description="images to generate as a fraction of the training set "
+        "(0.10: the paper's ImageNet 10 %), spread evenly over the generation epochs and the "
+        "ranks; overrides images_per_epoch when set",
+    )
     selection: Literal["misclassified", "threshold", "lowest_confidence"] = "misclassified"
     threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")
     generate_fraction: float = Field(
@@ -129,6 +154,24 @@ class GenerationConfig(_Section):
     api_key: str | None = None
     request_timeout_s: float = Field(120.0, gt=0)
     wait_timeout_s: float = Field(3600.0, gt=0, description="--sync: give up on a job after this")
+    max_inflight: int | None = Field(
+        2, ge=1, description="backpressure: at most this many unfinished jobs per rank; an epoch "
+        "that would exceed it posts nothing (counted as skipped_backpressure); null: no limit",
+    )
+    final_wait_s: float = Field(
+        300.0, ge=0, description="at mid-training (end of generation), wait at most this long "
+        "for the jobs still out, so the second half trains on what was asked for",
+    )
+    retries: int = Field(
+        5, ge=0, description="submit / classifier upload / results read: retries on 5xx and "
+        "connection errors (the idempotency key makes a resubmit safe)",
+    )
+    retry_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles per retry")
+    retry_backoff_max_s: float = Field(30.0, gt=0, description="cap of one retry delay")
+    max_items_per_job: int | None = Field(
+        None, ge=1, description="split an epoch's items into jobs of at most this many; null: "
+        "learnt from the generator's 422 (ACTGEN_MAX_ITEMS_PER_JOB)",
+    )
     label_set: Literal["cifar10", "cifar100", "imagenet", "digits"] | None = Field(
         None, description="bundled class names for prompts; None: the dataset's own names"
     )

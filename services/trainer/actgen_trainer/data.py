@@ -150,10 +150,21 @@ def partition(n: int, val_size: float, seed: int, subset: int | None = None) -> 
 
 
 def transforms_for(cfg: DataConfig, train: bool):  # -> torchvision transform
-    """The recipe's augmentations (crop+flip for CIFAR, random-resized crop for ImageNet)."""
+    """The recipe's augmentations (crop+flip for CIFAR, random-resized crop for ImageNet).
+
+    ImageNet with ``randaugment`` or ``random_erasing``: timm's training transform (the DeiT /
+    ViT recipe of Table 5), which draws from Python's and torch's RNGs, seeded per rank.
+    """
     from torchvision import transforms as T
 
     size = cfg.image_size
+    if train and cfg.augment == "imagenet" and (cfg.randaugment or cfg.random_erasing):
+        from timm.data import create_transform
+
+        return create_transform(
+            size, is_training=True, auto_augment=cfg.randaugment, re_prob=cfg.random_erasing,
+            interpolation="bicubic", mean=tuple(cfg.mean), std=tuple(cfg.std),
+        )
     ops: list = []
     if cfg.augment == "imagenet":
         ops += (

@@ -24,8 +24,17 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     return build_classifier(cfg.model.architecture, num_classes)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (CIFAR, ImageNet ResNet) or AdamW (ViT); no weight decay on norms/biases."""
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The linear scaling rule: ``optim.lr`` is stated for ``optim.lr_batch`` images per step."""
+    return cfg.lr * global_batch / cfg.lr_batch
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """SGD with momentum (CIFAR, ImageNet ResNet) or AdamW (ViT); no weight decay on norms/biases.
+
+    ``lr``: the learning rate for the actual global batch (``scaled_lr``); default ``cfg.lr``.
+    """
+    lr = cfg.lr if lr is None else lr
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -36,25 +45,58 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
-def lr_factor(epoch: int, epochs: int, warmup_epochs: int) -> float:
-    """Linear warmup over ``warmup_epochs``, then cosine decay to zero at ``epochs``."""
-    if epoch < warmup_epochs:
-        return (epoch + 1) / (warmup_epochs + 1)
-    span = max(1, epochs - warmup_epochs)
-    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+def lr_factor(t: float, epochs: int, warmup_epochs: float) -> float:
+    """At ``t`` epochs into training (fractional: per iteration), the multiplier of the base lr.
+
+    Linear warmup from 0 to 1 over ``warmup_epochs``, then cosine decay to zero at ``epochs``.
+    """
+    if t < warmup_epochs:
+        return t / warmup_epochs
+    span = max(1e-9, epochs - warmup_epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warmup_epochs) / span)))
+
+
+class LRSchedule:
+    """Per-iteration warmup + cosine (timm's/torch's shape, in closed form).
+
+    The lr is a pure function of the fractional epoch, so it stays right while the training set
+    grows (generated images change the iterations per epoch) and a resume needs no state.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, epochs: int,
+                 warmup_epochs: float) -> None:
+        self.optimizer = optimizer
+        self.base_lr = base_lr
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+
+    def lr_at(self, t: float) -> float:
+        return self.base_lr * lr_factor(t, self.epochs, self.warmup_epochs)
+
+    def set(self, t: float) -> float:
+        """Set every group's lr for the step at fractional epoch ``t``; returns it."""
+        lr = self.lr_at(t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, float]:
+        return {"base_lr": self.base_lr, "epochs": self.epochs, "warmup_epochs": self.warmup_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: the schedule is recomputed from the config (kept for the format)."""
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per epoch (the training set grows as generated images arrive)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, epochs, cfg.warmup_epochs)
-    )
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, global_batch: int | None = None
+) -> LRSchedule:
+    """The recipe's schedule on the linearly scaled lr (``global_batch`` None: ``lr_batch``)."""
+    base = scaled_lr(cfg, global_batch if global_batch is not None else cfg.lr_batch)
+    return LRSchedule(optimizer, base, epochs, cfg.warmup_epochs)
 
 
 class Loss(nn.Module):

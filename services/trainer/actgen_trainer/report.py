@@ -30,6 +30,33 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def delivery_counts(
+    jobs: list[dict[str, Any]], records: list[dict[str, Any]], metrics: list[dict[str, Any]] = ()
+) -> dict[str, int]:
+    """Images asked for, and how they arrived: on time, late, or never.
+
+    On time: folded in by the end of the epoch after the one that asked (first trained on by
+    epoch e + 2). Late: folded in after that (the final wait included). Never: the rest (jobs
+    that failed, were cancelled, or were still running when the run ended). Epochs that posted
+    nothing because of backpressure are counted apart (``skipped_backpressure``).
+    """
+    epoch_of = {job["job_id"]: job["epoch"] for job in jobs}
+    on_time = late = 0
+    for r in records:
+        if r["job_id"] not in epoch_of:
+            continue
+        if r["folded_before_epoch"] <= epoch_of[r["job_id"]] + 2:
+            on_time += 1
+        else:
+            late += 1
+    asked = sum(int(job["items"]) for job in jobs)
+    return {
+        "asked": asked, "on_time": on_time, "late": late, "never": asked - on_time - late,
+        "skipped_backpressure": sum(int(m.get("skipped_backpressure") or 0) for m in metrics),
+        "wait_timeouts": sum(int(m.get("wait_timeouts") or 0) for m in metrics),
+    }
+
+
 def _pyplot():
     """pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
@@ -178,6 +205,7 @@ def write_report(run_dir: str | Path) -> Path:
     classes = info["classes"]
 
     job_rows, overall = _throughput(jobs)
+    delivery = delivery_counts(jobs, records, metrics)
     training = sum(m["seconds_train"] + m["seconds_eval"] + m.get("seconds_eval_val", 0.0)
                    for m in metrics)
     talking = sum(m["seconds_fold"] + m["seconds_post"] for m in metrics)
@@ -192,6 +220,12 @@ def write_report(run_dir: str | Path) -> Path:
         "epochs run": f"{len(metrics)} / {info['epochs']}",
         "final test accuracy": f"{final:.2%}", "best test accuracy": f"{best:.2%}",
         "images generated (folded in)": len(records),
+        "images asked for": delivery["asked"],
+        "arrived on time (by the end of the next epoch)": delivery["on_time"],
+        "arrived late": delivery["late"],
+        "never arrived": delivery["never"],
+        "posts skipped (generator lagging, max_inflight)": delivery["skipped_backpressure"],
+        "--sync waits that timed out": delivery["wait_timeouts"],
         "seconds training": f"{training:.1f}",
         "seconds posting + folding": f"{talking:.1f}",
         "seconds waiting for the generator": f"{waiting:.1f}",
