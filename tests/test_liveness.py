@@ -78,10 +78,10 @@ class SlowEcho(EchoSampler):
         self.seconds = seconds
         self.items = 0
 
-    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+    def __call__(self, items, options, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
         time.sleep(self.seconds)
         self.items += len(items)
-        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+        return super().__call__(items, options, classifier=classifier, on_step=on_step)
 
 
 class WorkerThread:
@@ -252,11 +252,11 @@ class PoisonEcho(EchoSampler):
         super().__init__()
         self.batches: list[int] = []
 
-    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+    def __call__(self, items, options, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
         self.batches.append(len(items))
         if any(item.class_id == 7 for item in items):
             raise ValueError("poisoned item of class 7")
-        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+        return super().__call__(items, options, classifier=classifier, on_step=on_step)
 
 
 class SmallMemoryEcho(EchoSampler):
@@ -266,11 +266,11 @@ class SmallMemoryEcho(EchoSampler):
         super().__init__()
         self.batches: list[int] = []
 
-    def __call__(self, items, options, banks=None, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+    def __call__(self, items, options, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
         self.batches.append(len(items))
         if len(items) > 2:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().__call__(items, options, banks=banks, classifier=classifier, on_step=on_step)
+        return super().__call__(items, options, classifier=classifier, on_step=on_step)
 
 
 def _request_classes(run_id: str, classes: list[int]) -> JobRequest:
