@@ -17,7 +17,8 @@ import pytest
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from actgen_generator.model_eval import ReferenceClassifier, grey_features, mean_pairwise_distance
+from actgen_generator.model_eval import mean_pairwise_distance
+from actgen_shared.digits import ReferenceClassifier, grey_features
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_generator.tiny_training import load_digits_split

@@ -24,14 +24,14 @@ import numpy as np
 
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
-from actgen_generator.tiny_training import DigitsSplit, load_digits_split
+from actgen_generator.tiny_training import load_digits_split
+from actgen_shared.digits import FEATURE_SIDE, ReferenceClassifier
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode
 
 # Done-when figures of the tiny digits model (issue 7); the check fails below them.
 MIN_RANDOM_ACCURACY = 0.5
 MIN_AIG_FAITHFULNESS = 0.8
-FEATURE_SIDE = 8  # the digits' own resolution: the classifier sees 8x8 grey levels
 EVAL_STEPS = 20
 BATCH = 100
 
@@ -79,28 +79,6 @@ class EvalReport:
             f"{self.n_diversity_guides} guides; > 0 {mark(self.diversity > 0)})",
             f"{'PASS' if self.passed else 'FAIL'} in {self.seconds:.0f} s",
         ])
-
-
-def grey_features(images: np.ndarray, side: int = FEATURE_SIDE) -> np.ndarray:
-    """uint8 N x H x W x 3 -> N x side*side grey levels in [0, 1], by area averaging (H, W multiples of side)."""
-    grey = images.astype(np.float32).mean(-1) / 255.0
-    n, h, w = grey.shape
-    if h % side or w % side:
-        raise ValueError(f"images of {h}x{w} px do not divide into {side}x{side} cells")
-    return grey.reshape(n, side, h // side, side, w // side).mean((2, 4)).reshape(n, side * side)
-
-
-class ReferenceClassifier:
-    """An RBF SVM on 8x8 grey levels, trained on the real digits train split."""
-
-    def __init__(self, split: DigitsSplit) -> None:
-        from sklearn.svm import SVC  # installed with the digits data set (load_digits_split)
-
-        self.model = SVC(C=10.0, gamma="scale")
-        self.model.fit(grey_features(split.train_images), split.train_labels)
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.model.predict(grey_features(images))
 
 
 def mean_pairwise_distance(groups: list[np.ndarray]) -> float:

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from actgen_shared.digits import ReferenceClassifier as DigitsReference
+from actgen_shared.digits import load_digits_split
 from actgen_shared.schemas import GenerationOptions
 from actgen_trainer.config import Config, ConfigError, TrainMode, load_config
 from actgen_trainer.demo import _in_repo
@@ -78,7 +80,6 @@ RESULTS_NAME = "results.json"
 TABLE_NAME = "table.md"
 PAGE_NAME = "index.html"
 EXAMPLES_PER_CELL = 6
-REFERENCE_SIDE = 8  # the digits' own resolution: the reference classifier sees 8x8 grey levels
 # Cell settings that do not change what a cell computes (so they do not make its result stale).
 _NOT_FINGERPRINTED = ("output_dir", "run_name")
 _NOT_FINGERPRINTED_GENERATION = ("generator_url", "api_key", "request_timeout_s", "wait_timeout_s")
@@ -179,30 +180,14 @@ def paired_difference(arm: dict[int, float], base: dict[int, float], level: floa
 
 
 # ----------------------------------------------------------------------- diagnostics
-def grey_features(images: np.ndarray, side: int = REFERENCE_SIDE) -> np.ndarray:
-    """uint8 N x H x W x 3 -> N x side*side grey levels in [0, 1], by area averaging."""
-    grey = images.astype(np.float32).mean(-1) / 255.0
-    n, h, w = grey.shape
-    if h % side or w % side:
-        raise ValueError(f"images of {h}x{w} px do not divide into {side}x{side} cells")
-    return grey.reshape(n, side, h // side, side, w // side).mean((2, 4)).reshape(n, side * side)
-
-
-class ReferenceClassifier:
-    """An RBF SVM on 8x8 grey levels of the real digits training split; never sees a generated image."""
+class ReferenceClassifier(DigitsReference):
+    """The digits reference, with its own score on the real test split and the real diversity."""
 
     def __init__(self, image_size: int) -> None:
-        from sklearn.svm import SVC
-
-        from actgen_shared.digits import load_digits_split
-
         split = load_digits_split(image_size)
-        self.model = SVC(C=10.0, gamma="scale").fit(grey_features(split.train_images), split.train_labels)
+        super().__init__(split)
         self.test_accuracy = float(np.mean(self.predict(split.test_images) == split.test_labels))
         self.real_diversity = class_diversity(split.train_images, split.train_labels)
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.model.predict(grey_features(images))
 
 
 def class_diversity(images: np.ndarray, labels: np.ndarray) -> float | None:
