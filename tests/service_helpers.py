@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -99,3 +100,14 @@ CLASSIFIER_META = {
     "architecture": "simple_cnn", "num_classes": 10, "input_size": 32,
     "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
 }
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout_s: float, every_s: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned), failing after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every_s)

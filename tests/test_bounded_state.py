@@ -74,27 +74,36 @@ def test_classifier_expires_unless_used_and_is_deleted_once_unused(
         r.close()
 
 
-async def _store_bank(settings: Settings, n: int, cap: int) -> None:
-    from actgen_shared.queue import Consumer, JobQueue, StoredItem, connect
+async def _store_job(settings: Settings, body: dict, items: list, bank_cap: int) -> None:
+    """Submit ``body``, take it as one consumer would and store ``items`` (StoredItem) for it."""
+    from actgen_shared.queue import Consumer, JobQueue, connect
     from actgen_shared.schemas import JobRequest
 
     client = connect(settings.redis_url or "")
     try:
         q = JobQueue(client, settings)
         await q.ensure_group()
-        guide = codecs.png_to_b64(np.zeros((8, 8, 3), dtype=np.uint8))
-        await q.submit(JobRequest.model_validate({
-            "run_id": "run-bank", "label_set": "digits", "memory_bank_key": "bank-a",
-            "items": [{"image": guide, "class_id": 0} for _ in range(n)],
-        }))
-        c = Consumer(q, "bank-worker")
+        await q.submit(JobRequest.model_validate(body))
+        c = Consumer(q, "test-worker")
         [d] = await c.fetch(count=1, block_ms=100)
         assert await c.start(d)
-        latent = codecs.latent_encode(np.zeros((4, 2, 2), dtype=np.float32))
-        items = [StoredItem(index=k, class_id=0, guide_id=None, png=b"png", latent=latent) for k in range(n)]
-        assert await c.store_items(d, items, bank_cap=cap) == n
+        assert await c.store_items(d, items, bank_cap=bank_cap) == len(items)
     finally:
         await client.aclose()
+
+
+def _guides(n: int) -> list[dict]:
+    guide = codecs.png_to_b64(np.zeros((8, 8, 3), dtype=np.uint8))
+    return [{"image": guide, "class_id": 0} for _ in range(n)]
+
+
+async def _store_bank(settings: Settings, n: int, cap: int) -> None:
+    from actgen_shared.queue import StoredItem
+
+    latent = codecs.latent_encode(np.zeros((4, 2, 2), dtype=np.float32))
+    items = [StoredItem(index=k, class_id=0, guide_id=None, png=b"png", latent=latent) for k in range(n)]
+    body = {"run_id": "run-bank", "label_set": "digits", "memory_bank_key": "bank-a", "items": _guides(n)}
+    await _store_job(settings, body, items, bank_cap=cap)
 
 
 def test_memory_bank_is_capped_per_class_and_expires(settings: Settings) -> None:
@@ -203,25 +212,11 @@ def test_the_work_of_one_job_and_bank_sample_are_capped(redis_url: str, key_pref
 
 
 async def _store_results(settings: Settings, run_id: str, n: int, png_bytes: int) -> None:
-    from actgen_shared.queue import Consumer, JobQueue, StoredItem, connect
-    from actgen_shared.schemas import JobRequest
+    from actgen_shared.queue import StoredItem
 
-    client = connect(settings.redis_url or "")
-    try:
-        q = JobQueue(client, settings)
-        await q.ensure_group()
-        guide = codecs.png_to_b64(np.zeros((8, 8, 3), dtype=np.uint8))
-        await q.submit(JobRequest.model_validate({
-            "run_id": run_id, "label_set": "digits", "items": [{"image": guide, "class_id": 0}] * n,
-        }))
-        c = Consumer(q, "results-worker")
-        [d] = await c.fetch(count=1, block_ms=100)
-        assert await c.start(d)
-        items = [StoredItem(index=k, class_id=0, guide_id=None, png=bytes([k]) * png_bytes, latent=None)
-                 for k in range(n)]
-        assert await c.store_items(d, items, bank_cap=1) == n
-    finally:
-        await client.aclose()
+    items = [StoredItem(index=k, class_id=0, guide_id=None, png=bytes([k]) * png_bytes, latent=None)
+             for k in range(n)]
+    await _store_job(settings, {"run_id": run_id, "label_set": "digits", "items": _guides(n)}, items, 1)
 
 
 def test_a_results_page_is_capped_in_bytes_and_the_cursor_loses_nothing(

@@ -28,6 +28,7 @@ from actgen_shared import codecs
 from actgen_shared.queue import Heartbeat, JobQueue, connect, new_token
 from actgen_shared.schemas import JobRequest, JobState, JobStatus
 from actgen_shared.settings import Settings
+from service_helpers import wait_until
 
 T = TypeVar("T")
 GUARD_S = 60.0
@@ -61,13 +62,7 @@ def _state(settings: Settings, job_id: str) -> JobState:
 
 
 def _wait(predicate: Callable[[], Any], what: str, timeout_s: float = GUARD_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    return wait_until(predicate, what, timeout_s)
 
 
 class SlowEcho(EchoSampler):

@@ -7,7 +7,6 @@ the run's results stream, whatever was recomputed after the reclaim.
 from __future__ import annotations
 
 import signal
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from actgen_shared.keys import CONSUMER_GROUP
 from actgen_shared.launcher import GeneratorProcess, GeneratorStartError
 from actgen_shared.schemas import JobStatus
 from actgen_shared.settings import Settings
-from service_helpers import job_body, key_prefix_for, new_run_id, replica
+from service_helpers import job_body, key_prefix_for, new_run_id, replica, wait_until
 
 pytestmark = pytest.mark.slow
 LEASE = {"ACTGEN_LEASE_S": "2", "ACTGEN_HEARTBEAT_S": "0.5", "ACTGEN_MAX_BATCH": "4"}
@@ -42,13 +41,7 @@ def _start_all(*procs: GeneratorProcess) -> None:
 
 
 def _wait_until(predicate, what: str, timeout_s: float = WAIT_S, every_s: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every_s)
+    return wait_until(predicate, what, timeout_s, every_s)
 
 
 def _replica_id(proc: GeneratorProcess) -> str:
