@@ -126,6 +126,8 @@ class GradientPlan:
     The bank is live (as the released code's, which appends each latent as it is made): an item's
     bank is its job's stored latents of its class, plus the current x0_hat of the other items of
     the same job and class in this batch (detached), so one job's items repel each other too.
+    The padded bank tensor is built once; a step only rewrites the peers' rows (and redraws the
+    stored ones of an item whose bank holds more than N).
     """
 
     rows: torch.Tensor  # (G,) batch positions of the guided items
@@ -138,28 +140,37 @@ class GradientPlan:
     margin: float
     adv_weight: float
     classifier: Classifier | None
+    bank: torch.Tensor  # (G, depth, D): per row min(n, N) stored latents, then its peers
+    valid: torch.Tensor  # (G, depth) 1 where bank holds a real entry
+
+    @classmethod
+    def build(cls, stored: list[torch.Tensor | None], peers: list[torch.Tensor], dim: int,
+              bank_sample: int, device: torch.device, **fields) -> "GradientPlan":
+        """Lay out the bank once: row r holds min(n_r, N) stored latents, then its peers."""
+        kept = [0 if s is None else min(len(s), bank_sample) for s in stored]
+        depth = max(1, max(k + len(p) for k, p in zip(kept, peers)))
+        bank = torch.zeros(len(stored), depth, dim, device=device)
+        valid = torch.zeros(len(stored), depth, device=device)
+        for r, (s, k, p) in enumerate(zip(stored, kept, peers)):
+            if s is not None and len(s) <= bank_sample:
+                bank[r, :k] = s  # no draw needed: the same entries every step
+            valid[r, : k + len(p)] = 1.0
+        return cls(stored=stored, peers=peers, bank_sample=bank_sample, bank=bank, valid=valid, **fields)
 
     def targets(self, x0: torch.Tensor) -> GradientTargets:
-        """This step's targets: up to N stored latents drawn afresh, and the peers' x0_hat now."""
+        """This step's targets: up to N stored latents (drawn afresh when more), the peers' x0_hat now."""
         flat = x0.detach().flatten(1)
-        entries = []
-        for stored, peers, draw in zip(self.stored, self.peers, self.draws):
-            parts = []
+        for r, (stored, peers, draw) in enumerate(zip(self.stored, self.peers, self.draws)):
+            kept = 0
             if stored is not None:
+                kept = min(len(stored), self.bank_sample)
                 if len(stored) > self.bank_sample:
-                    stored = stored[torch.randperm(len(stored), generator=draw)[: self.bank_sample].to(stored.device)]
-                parts.append(stored)
+                    pick = torch.randperm(len(stored), generator=draw)[: self.bank_sample]
+                    self.bank[r, :kept] = stored[pick.to(stored.device)]
             if peers.numel():
-                parts.append(flat[peers])
-            entries.append(torch.cat(parts) if parts else flat[:0])
-        depth = max(1, max(len(e) for e in entries))
-        bank = flat.new_zeros(len(entries), depth, flat.shape[1])
-        valid = flat.new_zeros(len(entries), depth)
-        for r, e in enumerate(entries):
-            bank[r, : len(e)] = e
-            valid[r, : len(e)] = 1.0
+                self.bank[r, kept : kept + len(peers)] = flat[peers]
         return GradientTargets(
-            class_ids=self.class_ids, bank=bank, valid=valid, adversarial=self.adversarial,
+            class_ids=self.class_ids, bank=self.bank, valid=self.valid, adversarial=self.adversarial,
             margin=self.margin, adv_weight=self.adv_weight, classifier=self.classifier,
         )
 
@@ -269,7 +280,7 @@ class GuidedSampler:
             noise_pred = self.predict_noise(x, t, uncond, cond, token_weights, rows, opts.update_uncond)
             eps = cfg_noise(noise_pred.uncond, noise_pred.cond, opts.guidance_scale)  # eq. 4
             x0 = post.predict_x0(x, eps)  # x0_hat
-            if rows is not None and plan is not None:  # gradient guidance, eq. 9-11
+            if rows is not None:  # gradient guidance, eq. 9-11
                 loss = self.guidance_loss(x0[rows], plan.targets(x0))
                 leaves = noise_pred.leaves
                 grads = torch.autograd.grad(loss.total.sum(), leaves, allow_unused=True)
@@ -480,11 +491,11 @@ class GuidedSampler:
         adversarial = torch.tensor([draws[i].adversarial for i in rows], device=self.device)
         if bool(adversarial.any()) and classifier is not None:
             classifier.module.to(self.device).eval()
-        return GradientPlan(
+        return GradientPlan.build(
+            stored, peers, dim=int(np.prod(shape)), bank_sample=opts.bank_sample, device=self.device,
             rows=torch.tensor(rows, device=self.device),
             class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
-            adversarial=adversarial, stored=stored, peers=peers,
-            draws=[draws[i].decisions for i in rows], bank_sample=opts.bank_sample,
+            adversarial=adversarial, draws=[draws[i].decisions for i in rows],
             margin=opts.contrastive_margin, adv_weight=opts.adv_weight, classifier=classifier,
         )
 
