@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo serve bench ablation chaos up down compose-gpus clean
+.PHONY: setup lint test demo serve bench ablation chaos up down compose-gpus clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools.
 $(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
@@ -17,6 +17,11 @@ $(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyprojec
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+lint: setup  # ruff (lint and format) and mypy over the packages, tests and benches
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
