@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test demo serve bench ablation chaos up down compose-gpus clean
+.PHONY: setup lint test demo serve bench ablation chaos up down compose-gpus k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools.
 $(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
@@ -58,3 +58,7 @@ N ?= 1
 compose-gpus:
 	$(PYTHON) deploy/compose_gpus.py $(N) > docker-compose.gpus.yml
 	@echo "wrote docker-compose.gpus.yml: docker compose -f docker-compose.yml -f docker-compose.gpus.yml up -d"
+
+OVERLAY ?= gpu
+k8s-render: setup  # the manifests of deploy/k8s/overlays/$(OVERLAY) as `kubectl kustomize` renders them
+	$(PY) deploy/k8s/render.py overlays/$(OVERLAY)

@@ -1,0 +1,480 @@
+"""deploy/k8s: both overlays rendered offline (deploy/k8s/render.py), every object validated against
+the Kubernetes schemas (kubernetes-validate) or KEDA's CRDs (tests/data/keda), and the properties
+that matter checked against the code they configure: the stream and group names of keys.py, the
+settings' variable names, the SIGTERM release time, Redis's isolation, GPUs and secrets."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from actgen_generator.serve import GRACEFUL_SHUTDOWN_S
+from actgen_shared.keys import CONSUMER_GROUP, Keys
+from actgen_shared.settings import ENV, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+KEDA_CRDS = Path(__file__).resolve().parent / "data" / "keda"
+OVERLAYS = ("cpu", "gpu")
+NAMESPACE = "actgen"
+SECRET = "actgen-secrets"
+# The oldest Kubernetes the manifests claim (NetworkPolicy, batch/v1 Job with the fields used) and
+# the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
+# One guided SD 2.1 denoising step at batch 8 (fp16, with the gradient step's backward) on the
+# slowest GPU the gpu overlay targets, with margin: SIGTERM ends the batch at the next step.
+SLOWEST_STEP_S = 30.0
+
+
+def _load_render() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("actgen_k8s_render", K8S / "render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_render()
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def objects(overlay: str) -> list[dict[str, Any]]:
+    """The overlay rendered once per module; tests read it, none changes it."""
+    return render.render(K8S / "overlays" / overlay)
+
+
+def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def _pod_specs(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for o in objects:
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield o, o["spec"]["template"]["spec"]
+
+
+def _container(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    [container] = [c for c in obj["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# --- schemas ----------------------------------------------------------------------------------
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD schema as the API server's strict field validation reads it: no unknown fields
+    where the schema lists the properties (and does not keep unknown ones)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def _keda_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    schemas = {}
+    for path in sorted(KEDA_CRDS.glob("*.yaml")):
+        [crd] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schemas[(f"{group}/{version['name']}", kind)] = _strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+KEDA_SCHEMAS = _keda_schemas()
+
+
+def test_keda_crds_kept_in_the_tests_name_their_source() -> None:
+    for path in KEDA_CRDS.glob("*.yaml"):
+        assert re.match(r"# KEDA v\d+\.\d+\.\d+ CRD.*github.com/kedacore/keda", path.read_text()), path
+    assert {k for _, k in KEDA_SCHEMAS} == {"ScaledObject", "TriggerAuthentication"}
+
+
+def test_every_object_validates_against_its_schema(objects: list[dict[str, Any]]) -> None:
+    for obj in objects:
+        what = f"{obj['kind']} {obj['metadata']['name']}"
+        keda = KEDA_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+        if keda is not None:
+            jsonschema.Draft7Validator(keda).validate(obj)
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{what} is not valid Kubernetes {version}: {exc}")
+
+
+def test_the_keda_schema_rejects_a_misspelt_field() -> None:
+    """The strict CRD check can fail: a typo in a ScaledObject is caught, not pruned silently."""
+    obj = _one(render.render(K8S / "overlays" / "gpu"), "ScaledObject", "generator-worker")
+    schema = KEDA_SCHEMAS[(obj["apiVersion"], "ScaledObject")]
+    bad = {**obj, "spec": {**obj["spec"], "maxReplicas": 3}}
+    with pytest.raises(jsonschema.ValidationError, match="maxReplicas"):
+        jsonschema.Draft7Validator(schema).validate(bad)
+
+
+def test_every_namespaced_object_lands_in_the_namespace(objects: list[dict[str, Any]]) -> None:
+    for obj in objects:
+        if obj["kind"] == "Namespace":
+            assert obj["metadata"]["name"] == NAMESPACE
+        else:
+            assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']} {obj['metadata']['name']}"
+
+
+# --- autoscaling ------------------------------------------------------------------------------
+
+
+def test_scaledobject_reads_the_real_stream_and_group(objects: list[dict[str, Any]]) -> None:
+    """The names come from keys.py with the default prefix, so they can never drift from the code."""
+    scaled = _one(objects, "ScaledObject", "generator-worker")
+    spec = scaled["spec"]
+    keys = Keys(Settings().key_prefix)
+    assert (
+        spec["scaleTargetRef"]["name"] == _one(objects, "Deployment", "generator-worker")["metadata"]["name"]
+    )
+    assert spec["minReplicaCount"] in (0, 1) and spec["maxReplicaCount"] >= 1
+    redis_service = _one(objects, "Service", "redis")
+    [port] = redis_service["spec"]["ports"]
+    address = f"{redis_service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{port['port']}"
+    triggers = spec["triggers"]
+    assert triggers and all(t["type"] == "redis-streams" for t in triggers)
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert meta["stream"] == keys.jobs_stream
+        assert meta["consumerGroup"] == CONSUMER_GROUP
+        assert meta["address"] == address
+        assert meta.get("databaseIndex", "0") == "0"
+        auth = _one(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        [ref] = auth["spec"]["secretTargetRef"]
+        assert (ref["parameter"], ref["name"], ref["key"]) == ("password", SECRET, "redis-password")
+    [lag] = [t["metadata"] for t in triggers if "lagCount" in t["metadata"]]
+    assert int(lag["lagCount"]) >= 1 and int(lag["activationLagCount"]) == 0
+
+
+def test_pool_scales_to_zero_only_because_the_api_runs_apart(objects: list[dict[str, Any]]) -> None:
+    """A worker pool at zero must still accept the job that wakes it: the Service routes to API
+    pods that are not scaled, and those run without a worker (no GPU, no consumer)."""
+    service = _one(objects, "Service", "generator")
+    api = _one(objects, "Deployment", "generator-api")
+    worker = _one(objects, "Deployment", "generator-worker")
+    selector = service["spec"]["selector"]
+    assert selector.items() <= api["spec"]["template"]["metadata"]["labels"].items()
+    assert not selector.items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    assert api["spec"]["replicas"] >= 1 and "replicas" not in worker["spec"]
+    assert "--no-worker" in _container(api, "api")["command"]
+    assert "--no-worker" not in _container(worker, "worker")["command"]
+    assert "nvidia.com/gpu" not in str(api)
+
+
+# --- the generator pods -----------------------------------------------------------------------
+
+
+def test_worker_grace_period_covers_the_sigterm_release(objects: list[dict[str, Any]]) -> None:
+    """SIGTERM: the batch stops at the next step, held jobs go back to the stream, uvicorn drains
+    for GRACEFUL_SHUTDOWN_S and the heartbeat thread stops (within one interval)."""
+    worker = _one(objects, "Deployment", "generator-worker")
+    release_s = GRACEFUL_SHUTDOWN_S + SLOWEST_STEP_S + Settings().heartbeat_interval_s
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= release_s
+    assert "preStop" not in str(_container(worker, "worker").get("lifecycle", {}))  # SIGTERM at once
+
+
+def test_worker_probes_and_replica_id(objects: list[dict[str, Any]]) -> None:
+    worker = _container(_one(objects, "Deployment", "generator-worker"), "worker")
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert worker[probe]["httpGet"]["port"] in ports
+    env = _env(worker)
+    assert env["ACTGEN_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert float(env["ACTGEN_LEASE_S"]["value"]) > 0
+
+
+def test_generator_env_names_are_the_settings_names(objects: list[dict[str, Any]]) -> None:
+    known = set(ENV.values()) | {"REDIS_PASSWORD", "HF_HOME"}
+    for name in ("generator-api", "generator-worker"):
+        deployment = _one(objects, "Deployment", name)
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            unknown = set(_env(container)) - known
+            assert not unknown, f"{name}: {unknown} are not read by actgen_shared.settings"
+
+
+def test_every_generator_pod_gets_a_gpu_only_in_the_gpu_overlay(
+    overlay: str, objects: list[dict[str, Any]]
+) -> None:
+    worker_obj = _one(objects, "Deployment", "generator-worker")
+    worker = _container(worker_obj, "worker")
+    env = _env(worker)
+    if overlay == "gpu":
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert env["ACTGEN_MODEL"]["value"] == "stabilityai/stable-diffusion-2-1-base"
+        assert "ACTGEN_DEVICE" not in env
+        tolerations = worker_obj["spec"]["template"]["spec"]["tolerations"]
+        assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
+    else:
+        for _, pod in _pod_specs(objects):
+            assert "nvidia.com/gpu" not in str(pod)
+        assert "ACTGEN_MODEL" not in env  # the tiny model
+        assert env["ACTGEN_DEVICE"]["value"] == "cpu"
+
+
+def test_hub_cache_volume_has_one_source(overlay: str, objects: list[dict[str, Any]]) -> None:
+    pod = _one(objects, "Deployment", "generator-worker")["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "hf-cache"]
+    sources = set(volume) - {"name"}
+    assert sources == ({"persistentVolumeClaim"} if overlay == "gpu" else {"emptyDir"})
+    if overlay == "gpu":
+        claim = _one(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert "ReadWriteMany" in claim["spec"]["accessModes"]  # shared by workers on many nodes
+    env = _env(_container(_one(objects, "Deployment", "generator-worker"), "worker"))
+    [mount] = _container(_one(objects, "Deployment", "generator-worker"), "worker")["volumeMounts"]
+    assert mount["mountPath"] == env["HF_HOME"]["value"]
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+
+def _redis_conf(objects: list[dict[str, Any]]) -> dict[str, str]:
+    text = _one(objects, "ConfigMap", "redis-config")["data"]["redis.conf"]
+    lines = [line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return {parts[0]: parts[1] if len(parts) > 1 else "" for parts in lines}
+
+
+def _bytes(quantity: str) -> int:
+    """Redis (``8gb``) and Kubernetes (``12Gi``) memory sizes in bytes."""
+    match = re.fullmatch(r"(\d+)([a-zA-Z]*)", quantity)
+    assert match, quantity
+    units = {"": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def test_redis_persists_with_aof_never_evicts_and_has_a_cap(objects: list[dict[str, Any]]) -> None:
+    conf = _redis_conf(objects)
+    assert conf["appendonly"] == "yes" and conf["appendfsync"] == "everysec"
+    assert conf["maxmemory-policy"] == "noeviction"
+    redis = _one(objects, "StatefulSet", "redis")
+    container = _container(redis, "redis")
+    script = container["args"][0]
+    assert '--maxmemory "$REDIS_MAXMEMORY"' in script
+    cap = _bytes(_env(container)["REDIS_MAXMEMORY"]["value"])
+    assert cap < _bytes(container["resources"]["limits"]["memory"]), (
+        "the limit must leave room above maxmemory"
+    )
+    [claim] = redis["spec"]["volumeClaimTemplates"]
+    data_mount = [m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert [m["mountPath"] for m in data_mount] == [conf["dir"]]
+    assert _bytes(claim["spec"]["resources"]["requests"]["storage"]) >= cap  # the AOF of a full Redis fits
+
+
+def test_redis_is_reachable_only_from_generator_pods_and_keda(objects: list[dict[str, Any]]) -> None:
+    service = _one(objects, "Service", "redis")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert not {"externalIPs", "loadBalancerIP", "externalName"} & set(service["spec"])
+    assert all("nodePort" not in p for p in service["spec"]["ports"])
+    assert not [o for o in objects if o["kind"] in ("Ingress", "Gateway", "HTTPRoute")]
+    redis_labels = _one(objects, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
+    [policy] = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy"
+        and o["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    ]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [6379]
+    same_namespace = [p["podSelector"]["matchLabels"] for p in rule["from"] if "namespaceSelector" not in p]
+    keda = [p for p in rule["from"] if "namespaceSelector" in p]
+    assert len(keda) == 1 and keda[0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "keda"
+    }
+    assert keda[0]["podSelector"]["matchLabels"] == {"app": "keda-operator"}
+    assert all("ipBlock" not in p for p in rule["from"])
+
+    def allowed(pod_labels: dict[str, str]) -> bool:
+        return any(sel.items() <= pod_labels.items() for sel in same_namespace)
+
+    for obj, pod in _pod_specs(objects):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        uses_redis = any("REDIS_URL" in _env(c) for c in pod["containers"])
+        if obj is not _one(objects, "StatefulSet", "redis"):
+            assert allowed(labels) == uses_redis, f"{obj['metadata']['name']}: allowed {allowed(labels)}"
+
+
+def test_generators_reach_redis_by_its_service_with_the_password(objects: list[dict[str, Any]]) -> None:
+    for name in ("generator-api", "generator-worker"):
+        for container in _one(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]:
+            names = [e["name"] for e in container["env"]]
+            url = _env(container)["REDIS_URL"]["value"]
+            assert url == "redis://:$(REDIS_PASSWORD)@redis:6379/0"
+            assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")  # the kubelet expands in order
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+SECRET_LIKE = re.compile(r"KEY|PASSWORD|TOKEN|SECRET|AUTH", re.IGNORECASE)
+
+
+def test_secrets_come_from_the_secret_never_inlined(objects: list[dict[str, Any]]) -> None:
+    assert not [o for o in objects if o["kind"] == "Secret"], "secrets are created by hand, never rendered"
+    seen = 0
+    for obj, pod in _pod_specs(objects):
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                if SECRET_LIKE.search(env["name"]):
+                    assert "value" not in env, f"{obj['metadata']['name']}: {env['name']} is inlined"
+                    ref = env["valueFrom"]["secretKeyRef"]
+                    assert ref["name"] == SECRET and ref["key"] in ("api-key", "redis-password")
+                    seen += 1
+                elif "value" in env:
+                    assert not re.search(r"://[^/$]*:[^@$(]+@", env["value"]), (
+                        f"{env['name']} holds a password"
+                    )
+    assert seen >= 6
+    for config in (o for o in objects if o["kind"] == "ConfigMap"):
+        assert not re.search(r"^\s*requirepass\s", "\n".join(config["data"].values()), re.MULTILINE)
+
+
+# --- trainer ----------------------------------------------------------------------------------
+
+
+def test_trainer_is_a_torchrun_job_on_one_node_against_the_generator_service(
+    overlay: str, objects: list[dict[str, Any]]
+) -> None:
+    job = _one(objects, "Job", "trainer")
+    container = _container(job, "trainer")
+    script = container["args"][0]
+    assert "exec torchrun --standalone --nnodes 1" in script and "-m actgen_trainer.cli train" in script
+    assert '--generator-url "$ACTGEN_GENERATOR_URL"' in script
+    env = _env(container)
+    service = _one(objects, "Service", "generator")
+    [port] = service["spec"]["ports"]
+    assert env["ACTGEN_GENERATOR_URL"]["value"] == f"http://{service['metadata']['name']}:{port['port']}"
+    assert (ROOT / env["ACTGEN_TRAIN_CONFIG"]["value"]).is_file()
+    nproc = int(env["ACTGEN_NPROC"]["value"])
+    gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
+    assert gpus == (nproc if overlay == "gpu" else 0)
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/data", "/runs", "/dev/shm"}
+
+
+# --- the renderer itself ----------------------------------------------------------------------
+
+
+def _write(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d}
+spec:
+  template:
+    spec:
+      containers:
+        - name: c
+          image: registry:5000/team/app:1.0
+          env: [{name: A, value: "1"}, {name: B, value: "2"}]
+      volumes: [{name: v, emptyDir: {}}]
+"""
+
+
+def test_renderer_refuses_a_field_it_does_not_implement(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {"kustomization.yaml": "resources: [d.yaml]\nconfigMapGenerator: []\n", "d.yaml": DEPLOYMENT},
+    )
+    with pytest.raises(render.KustomizeError, match="configMapGenerator not implemented"):
+        render.render(tmp_path)
+    _write(
+        tmp_path,
+        {"kustomization.yaml": "resources: [d.yaml]\nlabels: [{pairs: {a: b}, includeSelectors: true}]\n"},
+    )
+    with pytest.raises(render.KustomizeError, match="includeSelectors: true not implemented"):
+        render.render(tmp_path)
+    patch = "patches: [{target: {kind: Deployment, name: d}, patch: '[{op: move, from: /a, path: /b}]'}]\n"
+    _write(tmp_path, {"kustomization.yaml": "resources: [d.yaml]\n" + patch})
+    with pytest.raises(render.KustomizeError, match="op must be one of add, remove, replace"):
+        render.render(tmp_path)
+    assert render.main([str(tmp_path)], out=lambda _: None) == 2
+
+
+def test_renderer_merges_patches_by_key_and_sets_images(tmp_path: Path) -> None:
+    overlay = """
+resources: [../base]
+namespace: ns
+labels: [{pairs: {team: x}}]
+images: [{name: registry:5000/team/app, newName: example.org/app, newTag: "2.0"}]
+patches:
+  - path: p.yaml
+  - target: {kind: Deployment, name: d}
+    patch: |-
+      - {op: add, path: /spec/replicas, value: 3}
+      - {op: remove, path: /spec/template/spec/containers/0/env/0}
+"""
+    smp = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d}
+spec:
+  template:
+    spec:
+      containers: [{name: c, env: [{name: B, value: "3"}, {name: C, value: "4"}]}]
+      volumes: [{name: v, emptyDir: null, persistentVolumeClaim: {claimName: pvc}}]
+"""
+    _write(
+        tmp_path,
+        {
+            "base/kustomization.yaml": "resources: [d.yaml]\n",
+            "base/d.yaml": DEPLOYMENT,
+            "overlay/kustomization.yaml": overlay,
+            "overlay/p.yaml": smp,
+        },
+    )
+    [d] = render.render(tmp_path / "overlay")
+    pod = d["spec"]["template"]["spec"]
+    assert pod["containers"][0]["env"] == [{"name": "B", "value": "3"}, {"name": "C", "value": "4"}]
+    assert pod["containers"][0]["image"] == "example.org/app:2.0"
+    assert pod["volumes"] == [{"name": "v", "persistentVolumeClaim": {"claimName": "pvc"}}]
+    assert d["spec"]["replicas"] == 3
+    assert d["metadata"]["namespace"] == "ns" and d["metadata"]["labels"] == {"team": "x"}
+
+
+def test_render_entry_point_prints_the_overlay_as_yaml() -> None:
+    chunks: list[str] = []
+    assert render.main(["gpu"], out=chunks.append) == 0
+    docs = [d for d in yaml.safe_load_all("".join(chunks)) if d]
+    assert docs == render.render(K8S / "overlays" / "gpu")
+    assert docs[0]["kind"] == "Namespace"  # kustomize's order: the namespace before what lives in it
