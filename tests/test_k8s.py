@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -432,6 +434,7 @@ def test_renderer_refuses_a_field_it_does_not_implement(tmp_path: Path) -> None:
 
 
 def test_renderer_merges_patches_by_key_and_sets_images(tmp_path: Path) -> None:
+    """Kustomize's semantics (the same case renders identically with kubectl kustomize 5.5)."""
     overlay = """
 resources: [../base]
 namespace: ns
@@ -442,7 +445,7 @@ patches:
   - target: {kind: Deployment, name: d}
     patch: |-
       - {op: add, path: /spec/replicas, value: 3}
-      - {op: remove, path: /spec/template/spec/containers/0/env/0}
+      - {op: remove, path: /spec/template/spec/containers/0/env/2}  # A: after the patch's B, C
 """
     smp = """
 apiVersion: apps/v1
@@ -478,3 +481,13 @@ def test_render_entry_point_prints_the_overlay_as_yaml() -> None:
     docs = [d for d in yaml.safe_load_all("".join(chunks)) if d]
     assert docs == render.render(K8S / "overlays" / "gpu")
     assert docs[0]["kind"] == "Namespace"  # kustomize's order: the namespace before what lives in it
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed here")
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_renderer_writes_what_kubectl_kustomize_writes(name: str) -> None:
+    """Where kubectl is installed (its kustomize runs offline), the two outputs are the same text."""
+    folder = K8S / "overlays" / name
+    theirs = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert theirs.returncode == 0, theirs.stderr
+    assert render.to_yaml(render.render(folder)) == theirs.stdout

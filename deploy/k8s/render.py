@@ -106,9 +106,9 @@ def render(folder: Path) -> list[Resource]:
 
 
 def to_yaml(resources: Iterable[Resource]) -> str:
-    """Multi-document YAML, fields in their written order, multi-line strings as blocks."""
-    return "".join(
-        "---\n" + yaml.dump(r, Dumper=_Dumper, sort_keys=False, default_flow_style=False) for r in resources
+    """Multi-document YAML as kustomize writes it: keys sorted, multi-line strings as blocks."""
+    return "---\n".join(
+        yaml.dump(r, Dumper=_Dumper, sort_keys=True, default_flow_style=False) for r in resources
     )
 
 
@@ -336,14 +336,13 @@ def _merge(base: Any, patch: Any, builtin: bool, where: str, field: str = "") ->
         key = MERGE_KEYS[field]
         if not all(isinstance(item, dict) and key in item for item in base + patch):
             raise KustomizeError(f"{where}: every item of {field} needs its merge key {key!r}")
-        out_list = copy.deepcopy(base)
-        for item in patch:
-            index = next((i for i, old in enumerate(out_list) if old[key] == item[key]), None)
-            if index is None:
-                out_list.append(copy.deepcopy(item))
-            else:
-                out_list[index] = _merge(out_list[index], item, builtin, where)
-        return out_list
+        # kustomize's order: the patch's items first (merged into their namesakes), then the rest
+        merged = [
+            _merge(next((old for old in base if old[key] == item[key]), {}), item, builtin, where)
+            for item in patch
+        ]
+        named = {item[key] for item in patch}
+        return merged + [copy.deepcopy(old) for old in base if old[key] not in named]
     return copy.deepcopy(patch)
 
 
@@ -401,8 +400,16 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+    """Blocks for multi-line strings, double quotes where a plain scalar would read as another
+    type ("8000", "", "true"): kustomize's choices, so the two outputs diff clean."""
+    tag = "tag:yaml.org,2002:str"
+    if "\n" in value:
+        style: str | None = "|"
+    elif value == "" or dumper.resolve(yaml.ScalarNode, value, (True, False)) != tag:
+        style = '"'
+    else:
+        style = None
+    return dumper.represent_scalar(tag, value, style=style)
 
 
 _Dumper.add_representer(str, _str)
