@@ -5,6 +5,7 @@ settings' variable names, the SIGTERM release time, Redis's isolation, GPUs and 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import shutil
@@ -18,8 +19,12 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis
 import yaml
+from service_helpers import job_body, new_run_id, wait_until
+from starlette.testclient import TestClient
 
+from actgen_generator.api import create_app
 from actgen_generator.serve import GRACEFUL_SHUTDOWN_S
 from actgen_shared.keys import CONSUMER_GROUP, Keys
 from actgen_shared.settings import ENV, Settings
@@ -195,6 +200,37 @@ def test_pool_scales_to_zero_only_because_the_api_runs_apart(objects: list[dict[
     assert "--no-worker" in _container(api, "api")["command"]
     assert "--no-worker" not in _container(worker, "worker")["command"]
     assert "nvidia.com/gpu" not in str(api)
+
+
+def test_the_counts_keda_reads_follow_the_jobs(settings: Settings, redis_url: str) -> None:
+    """The premise of the ScaledObject, on a real Redis with the real API and worker: a job sent
+    while no worker runs is lag (what wakes a pool at zero), a running one is pending (what keeps
+    its worker), and a worker stopped mid-job (what SIGTERM runs) puts it back as lag."""
+    scaled = _one(render.render(K8S / "overlays" / "gpu"), "ScaledObject", "generator-worker")
+    groups = {t["metadata"]["consumerGroup"] for t in scaled["spec"]["triggers"]}
+    assert groups == {CONSUMER_GROUP}
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = settings.keys.jobs_stream  # this test's prefix; keys.py builds the name as for the default
+
+    def lag_and_pending() -> tuple[int, int]:
+        [group] = [g for g in r.xinfo_groups(stream) if g["name"] == CONSUMER_GROUP]
+        return int(group["lag"]), int(group["pending"])
+
+    worker_settings = dataclasses.replace(settings, echo_step_s=0.2, replica_id=f"k8s-test-{new_run_id()}")
+    try:
+        with TestClient(create_app(settings, worker=False)) as api:
+            # 500 echo steps of 0.2 s: still running when the worker stops
+            submitted = api.post("/v1/jobs", json=job_body(new_run_id(), steps=500))
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["job_id"]
+            assert lag_and_pending() == (1, 0)
+            with TestClient(create_app(worker_settings, worker=True, sampler="echo")):
+                wait_until(lambda: lag_and_pending() == (0, 1), "the worker to take the job", 30)
+                wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] == "running", "running", 30)
+            assert lag_and_pending() == (1, 0)  # released at once, for another worker
+            assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    finally:
+        r.close()
 
 
 # --- the generator pods -----------------------------------------------------------------------
