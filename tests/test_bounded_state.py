@@ -76,7 +76,8 @@ def test_classifier_expires_unless_used_and_is_deleted_once_unused(
 
 async def _store_job(settings: Settings, body: dict, items: list, bank_cap: int) -> None:
     """Submit ``body``, take it as one consumer would and store ``items`` (StoredItem) for it."""
-    from actgen_shared.queue import Consumer, JobQueue, connect
+    from actgen_shared.consumer import Consumer
+    from actgen_shared.queue import JobQueue, connect
     from actgen_shared.schemas import JobRequest
 
     client = connect(settings.redis_url or "")
@@ -98,7 +99,7 @@ def _guides(n: int) -> list[dict]:
 
 
 async def _store_bank(settings: Settings, n: int, cap: int) -> None:
-    from actgen_shared.queue import StoredItem
+    from actgen_shared.consumer import StoredItem
 
     latent = codecs.latent_encode(np.zeros((4, 2, 2), dtype=np.float32))
     items = [StoredItem(index=k, class_id=0, guide_id=None, png=b"png", latent=latent) for k in range(n)]
@@ -212,7 +213,7 @@ def test_the_work_of_one_job_and_bank_sample_are_capped(redis_url: str, key_pref
 
 
 async def _store_results(settings: Settings, run_id: str, n: int, png_bytes: int) -> None:
-    from actgen_shared.queue import StoredItem
+    from actgen_shared.consumer import StoredItem
 
     items = [StoredItem(index=k, class_id=0, guide_id=None, png=bytes([k]) * png_bytes, latent=None)
              for k in range(n)]

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from actgen_shared import codecs
-from actgen_shared.queue import Consumer, Delivery, JobQueue, ReplicaIdInUse, StoredItem, connect
+from actgen_shared.consumer import Consumer, Delivery, StoredItem
+from actgen_shared.queue import JobQueue, ReplicaIdInUse, connect
 from actgen_shared.schemas import ItemResult, JobRequest, JobResult, JobStatus, Mode
 from actgen_shared.settings import Settings
 
