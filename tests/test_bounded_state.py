@@ -171,7 +171,8 @@ def test_trainer_deletes_its_previous_classifiers_once_unused() -> None:
     """After each upload the trainer deletes the ones before; one still used by a job (409)
     stays listed and is tried again after the next upload."""
     from actgen_shared.client import GeneratorError
-    from actgen_trainer.loop import Trainer, _State
+    from actgen_trainer.checkpoint import State
+    from actgen_trainer.loop import Trainer
 
     class Client:
         def __init__(self) -> None:
@@ -185,7 +186,7 @@ def test_trainer_deletes_its_previous_classifiers_once_unused() -> None:
             return True
 
     client = Client()
-    trainer = SimpleNamespace(state=_State(run_id="r"), client=client)
+    trainer = SimpleNamespace(state=State(run_id="r"), client=client)
     retire = Trainer._retire_classifiers
     retire(trainer, keep="sha256:e0")  # type: ignore[arg-type]
     client.busy = {"sha256:e0"}  # epoch 0's job still runs

@@ -185,7 +185,7 @@ def transforms_for(cfg: DataConfig, train: bool):  # -> torchvision transform
 class Subset(Dataset):
     """Some indices of a source, as (tensor, label, position) through a transform."""
 
-    def __init__(self, source: ImageSource, indices: Sequence[int], transform) -> None:
+    def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray, transform) -> None:
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
@@ -324,7 +324,7 @@ class GeneratedSet(Dataset):
 
 def training_set(
     source: ImageSource, indices: np.ndarray, generated: GeneratedSet, transform
-) -> Dataset:
+) -> ConcatDataset:
     """Real images at ``indices`` plus every generated image so far."""
     generated.transform = transform
     parts: list[Dataset] = [Subset(source, indices, transform)]
