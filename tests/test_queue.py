@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from actgen_shared import codecs
-from actgen_shared.queue import Consumer, Delivery, JobQueue, ReplicaIdInUse, StoredItem, connect
+from actgen_shared.consumer import Consumer, Delivery, StoredItem
+from actgen_shared.queue import JobQueue, ReplicaIdInUse, connect
 from actgen_shared.schemas import ItemResult, JobRequest, JobResult, JobStatus, Mode
 from actgen_shared.settings import Settings
 
@@ -520,3 +521,30 @@ async def test_starting_one_delivery_twice_counts_it_once(queue: JobQueue) -> No
     assert await restarted.start(again)
     state = await queue.state(job_id)
     assert state is not None and state.deliveries == 2
+
+
+def test_every_script_binds_its_keys_and_arguments_to_named_locals_at_its_top() -> None:
+    """KEYS[n] / ARGV[n] only in ``local name = ...`` lines before the script's first step, so
+    a reader never meets a positional index in the logic (the per-item slices of store.lua
+    are taken with unpack, by named counts)."""
+    import dataclasses
+    import itertools
+    import re
+    from importlib import resources
+
+    from actgen_shared.scripts import PRELUDE, Scripts, lua
+
+    folder = resources.files("actgen_shared").joinpath("lua")
+    names = sorted(p.name.removesuffix(".lua") for p in folder.iterdir() if p.name.endswith(".lua"))
+    assert set(names) - {PRELUDE} == {f.name for f in dataclasses.fields(Scripts)}
+    named = r"local \w+ = (tonumber\()?(KEYS|ARGV)\[\d+\]\)?( == '1')?"
+    for name in names:
+        if name == PRELUDE:
+            continue
+        source = lua(name).split("\n")
+        lines = [line for line in source if line.strip() and not line.lstrip().startswith("--")]
+        body = lines[next(i for i, line in enumerate(lines) if "KEYS[" in line or "ARGV[" in line) :]
+        header = list(itertools.takewhile(lambda line: re.fullmatch(named, line) is not None, body))
+        assert header, name
+        rest = "\n".join(body[len(header) :])
+        assert not re.search(r"(KEYS|ARGV)\[", rest), f"{name}.lua indexes KEYS/ARGV past its header"

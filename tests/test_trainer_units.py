@@ -199,7 +199,7 @@ def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path: Path, capsys: pytest
 
 
 def test_job_options_run_every_row_of_table_4_and_both_schedules() -> None:
-    from actgen_trainer.loop import job_options
+    from actgen_trainer.link import job_options
 
     def opts(epoch: int, *sets: str) -> dict:
         return job_options(load_config(None, ["train.epochs=30", *sets]), epoch)
@@ -232,3 +232,69 @@ def test_cli_takes_the_generator_url_from_the_environment(
                      "--set", f"output_dir={tmp_path}"])
     assert code == 2
     assert "http://127.0.0.1:9" in capsys.readouterr().err
+
+
+# --- one definition per fact ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "rank", "expected"),
+    [
+        ("cpu", None, "cpu"),
+        ("cpu", 1, "cpu"),
+        ("cuda", None, "cuda:0"),
+        ("cuda:1", None, "cuda:1"),  # one process keeps the index it was given
+        ("cuda", 1, "cuda:1"),
+        ("cuda:0", 1, "cuda:1"),  # under torchrun every rank has its own GPU, whatever the name
+    ],
+)
+def test_each_rank_gets_its_own_device(name: str, rank: int | None, expected: str) -> None:
+    from actgen_trainer.distributed import device_for
+
+    assert device_for(name, rank) == torch.device(expected)
+
+
+def test_auto_device_is_this_ranks_gpu_or_the_cpu() -> None:
+    from actgen_trainer.distributed import device_for
+
+    expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
+    assert device_for("auto", 1) == expected
+
+
+def test_local_rank_only_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actgen_trainer.distributed import local_rank
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert local_rank() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert local_rank() == 3
+
+
+def test_one_retry_rule_for_the_client_and_the_trainer() -> None:
+    import httpx
+
+    from actgen_shared.client import GeneratorError, is_retryable
+
+    assert all(is_retryable(GeneratorError(s, "x", "y")) for s in (500, 502, 503, 504))
+    assert not any(is_retryable(GeneratorError(s, "x", "y")) for s in (400, 401, 404, 409, 422))
+    assert is_retryable(httpx.ConnectError("refused")) and is_retryable(httpx.ReadTimeout("slow"))
+    assert not is_retryable(ValueError("a bug"))
+
+
+def test_train_modes_are_real_plus_the_generators_modes() -> None:
+    from actgen_shared.schemas import Mode
+    from actgen_trainer.config import TrainMode
+
+    assert TrainMode.real.generator_mode is None
+    assert {m.generator_mode for m in TrainMode if m is not TrainMode.real} == set(Mode)
+
+
+def test_label_sets_come_from_one_table(tmp_path: Path) -> None:
+    from actgen_shared.labels import LABEL_SETS
+    from actgen_shared.schemas import JobRequest
+
+    request_names = JobRequest.model_json_schema()["properties"]["label_set"]["anyOf"][0]["enum"]
+    assert sorted(request_names) == sorted(LABEL_SETS)
+    for name in LABEL_SETS:
+        assert load_config(REPO / "configs" / "demo.yaml", [f"generation.label_set={name}"]).generation.label_set == name
+    with pytest.raises(ConfigError, match="label_set"):
+        load_config(REPO / "configs" / "demo.yaml", ["generation.label_set=mnist"])

@@ -17,6 +17,7 @@ import numpy as np
 
 from actgen_shared import codecs
 from actgen_shared.schemas import (
+    START_CURSOR,
     ClassifierMeta,
     ClassifierRef,
     Info,
@@ -29,7 +30,6 @@ from actgen_shared.schemas import (
 
 DEFAULT_TIMEOUT_S = 30.0
 CONNECT_RETRIES = 2
-START_CURSOR = "0"
 
 
 class GeneratorError(RuntimeError):
@@ -42,14 +42,12 @@ class GeneratorError(RuntimeError):
         self.message = message
 
 
-# A replica that is starting, or whose Redis is restarting, answers 503: worth waiting out.
-RETRYABLE_STATUS = frozenset({502, 503, 504})
-
-
 def is_retryable(exc: BaseException) -> bool:
-    """True for trouble that passes by itself: 502/503/504 and network errors."""
+    """The one retry rule: trouble on the server's side or the network's, which passes by
+    itself (a replica that is starting, or whose Redis is restarting, answers 503), is worth
+    waiting out; a 4xx is the request's fault and is not."""
     if isinstance(exc, GeneratorError):
-        return exc.status in RETRYABLE_STATUS
+        return exc.status >= 500
     return isinstance(exc, httpx.TransportError)
 
 
@@ -168,7 +166,9 @@ class GeneratorClient:
     ) -> ResultsPage:
         """Finished items of a run after ``after``, long-polling up to ``wait_s`` seconds."""
         response = self._request(
-            "GET", f"/v1/runs/{run_id}/results", params=_results_params(after, limit, wait_s),
+            "GET",
+            f"/v1/runs/{run_id}/results",
+            params=_results_params(after, limit, wait_s),
             timeout=self._http.timeout.read + wait_s if self._http.timeout.read else None,
         )
         return ResultsPage.model_validate(response.json())
@@ -183,9 +183,7 @@ class GeneratorClient:
             yield page
 
     # --- classifiers and memory banks ---------------------------------------------------
-    def upload_classifier(
-        self, weights: bytes, meta: ClassifierMeta | Mapping[str, Any]
-    ) -> ClassifierRef:
+    def upload_classifier(self, weights: bytes, meta: ClassifierMeta | Mapping[str, Any]) -> ClassifierRef:
         files, data = _classifier_files(weights, meta)
         response = self._request("POST", "/v1/classifiers", files=files, data=data)
         return ClassifierRef.model_validate(response.json())
@@ -208,7 +206,7 @@ class GeneratorClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "GeneratorClient":
+    def __enter__(self) -> GeneratorClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -283,7 +281,9 @@ class AsyncGeneratorClient:
         self, run_id: str, after: str = START_CURSOR, limit: int = 100, wait_s: float = 0.0
     ) -> ResultsPage:
         response = await self._request(
-            "GET", f"/v1/runs/{run_id}/results", params=_results_params(after, limit, wait_s),
+            "GET",
+            f"/v1/runs/{run_id}/results",
+            params=_results_params(after, limit, wait_s),
             timeout=self._http.timeout.read + wait_s if self._http.timeout.read else None,
         )
         return ResultsPage.model_validate(response.json())
@@ -321,7 +321,7 @@ class AsyncGeneratorClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncGeneratorClient":
+    async def __aenter__(self) -> AsyncGeneratorClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -35,9 +35,6 @@ class Keys:
     def job_image(self, job_id: str, index: int) -> str:
         return f"{self.prefix}job:{job_id}:img:{index}"
 
-    def job_latents(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:latents"
-
     def job_latent(self, job_id: str, index: int) -> str:
         """float16 safetensors bytes of one item's final latent."""
         return f"{self.prefix}job:{job_id}:lat:{index}"
@@ -45,10 +42,6 @@ class Keys:
     def job_done_items(self, job_id: str) -> str:
         """Hash item index -> results-stream id: the dedupe that makes stored results exactly-once."""
         return f"{self.prefix}job:{job_id}:done"
-
-    def job_result(self, job_id: str) -> str:
-        """JSON of the finished job's per-item results (provenance)."""
-        return f"{self.prefix}job:{job_id}:result"
 
     def job_progress(self, job_id: str) -> str:
         """Capped stream of progress events, so a reconnecting client resumes from its id."""
@@ -84,7 +77,7 @@ class Keys:
     def bank_class_id(self, bank_key: str, key: str) -> int | None:
         """The class id of a key matched by ``bank_pattern``, or None when it is not one."""
         head = self.bank(bank_key, 0)[:-1]
-        tail = key[len(head):] if key.startswith(head) else ""
+        tail = key[len(head) :] if key.startswith(head) else ""
         return int(tail) if tail.isdigit() else None
 
     def classifier(self, sha256_hex: str) -> str:

@@ -11,15 +11,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actgen_shared.labels import LABEL_SETS, class_names_for
+from actgen_shared.labels import LABEL_SETS, LabelSetName, class_names_for
 from actgen_shared.seeds import MAX_SEED
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 BANK_KEY_PATTERN = RUN_ID_PATTERN
 CLASSIFIER_REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# where a results (or progress) cursor starts: before the first entry of the stream
+START_CURSOR = "0-0"
 
 
-class Mode(str, Enum):
+class Mode(str, Enum):  # noqa: UP042  (str() stays "Name.member", as before)
     """Generation modes of the paper's ablation (Table 4)."""
 
     random = "random"  # plain SD, prompt only
@@ -28,7 +30,7 @@ class Mode(str, Enum):
     actgen = "actgen"  # aig + gradient guidance (contrastive + adversarial)
 
 
-class JobStatus(str, Enum):
+class JobStatus(str, Enum):  # noqa: UP042  (str() stays "Name.member", as before)
     queued = "queued"
     running = "running"
     done = "done"
@@ -54,11 +56,15 @@ class GenerationOptions(_Strict):
         12.5, ge=-1000.0, le=1000.0, description="i in gamma = 1 - sigmoid(step - i) (eq. 7)"
     )
     grad_steps: int = Field(
-        10, ge=0, le=1000,
+        10,
+        ge=0,
+        le=1000,
         description="gradient guidance on the first steps (the default clamps to num_inference_steps)",
     )
     lr: float = Field(
-        0.01, ge=0.0, le=100.0,
+        0.01,
+        ge=0.0,
+        le=100.0,
         description="nu, step of the normalised update (eq. 11); the paper and its code use 0.05, "
         "0.01 won the digits ablation (README)",
     )
@@ -90,7 +96,7 @@ class GenerationOptions(_Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "GenerationOptions":
+    def _consistent(self) -> GenerationOptions:
         if self.grad_steps > self.num_inference_steps:
             if "grad_steps" in self.model_fields_set:
                 raise ValueError(
@@ -132,22 +138,20 @@ class JobRequest(_Strict):
     class_names: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None, min_length=1, max_length=100_000
     )
-    label_set: Literal["cifar10", "cifar100", "imagenet", "digits"] | None = None
+    label_set: LabelSetName | None = None
     classifier_ref: str | None = Field(None, pattern=CLASSIFIER_REF_PATTERN)
     memory_bank_key: str | None = Field(None, pattern=BANK_KEY_PATTERN)
     options: GenerationOptions = Field(default_factory=GenerationOptions)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobRequest":
+    def _consistent(self) -> JobRequest:
         if (self.class_names is None) == (self.label_set is None):
             raise ValueError("give exactly one of class_names or label_set")
         n = len(self.resolved_class_names())
         for k, item in enumerate(self.items):
             if item.class_id >= n:
-                raise ValueError(
-                    f"items[{k}].class_id {item.class_id} is out of range for {n} classes"
-                )
+                raise ValueError(f"items[{k}].class_id {item.class_id} is out of range for {n} classes")
         if self.options.fewshot_u is not None:
             missing = [k for k, item in enumerate(self.items) if item.confidence is None]
             if missing:
@@ -208,7 +212,6 @@ class JobResult(BaseModel):
     options: GenerationOptions
     classifier_ref: str | None = None
     replica: str | None = None
-    latents_key: str | None = None
 
 
 class JobState(BaseModel):
@@ -253,7 +256,9 @@ class ClassifierMeta(_Strict):
     num_classes: int = Field(..., ge=2, le=100_000)
     input_size: int = Field(..., ge=8, le=1024)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (
+    std: tuple[
+        Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]
+    ] = (
         0.229,
         0.224,
         0.225,

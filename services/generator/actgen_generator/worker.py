@@ -45,7 +45,8 @@ from actgen_generator import memory_bank
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_shared import codecs
-from actgen_shared.queue import REDIS_DOWN, Consumer, Delivery, Heartbeat, JobQueue, StoredItem
+from actgen_shared.consumer import Consumer, Delivery, StoredItem
+from actgen_shared.queue import REDIS_DOWN, Heartbeat, JobQueue
 from actgen_shared.schemas import GenerationOptions, ItemResult, JobRequest, JobResult, Mode
 from actgen_shared.seeds import derive_seed, item_seed
 from actgen_shared.settings import Settings

@@ -1,6 +1,7 @@
-"""The trainer's own checkpoint, written after every epoch, atomically (tmp file + rename).
+"""The trainer's run folder and its checkpoint, written after every epoch, atomically (tmp
+file + rename); ``Checkpoints`` is the Trainer's part that starts, saves and resumes a run.
 
-It holds everything needed to continue bit-for-bit: model, optimizer, scheduler, AMP scaler,
+The checkpoint holds everything needed to continue bit-for-bit: model, optimizer, scheduler, AMP scaler,
 RNG states (python, numpy, torch, CUDA), the generated set's index, the results cursor and the
 jobs still pending. It is our own file, written by torch.save and read back with
 ``weights_only=True``: only tensors and plain containers, so loading runs no pickled code.
@@ -8,15 +9,32 @@ jobs still pending. It is our own file, written by torch.save and read back with
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from actgen_shared.schemas import START_CURSOR
+from actgen_trainer.config import Config
+from actgen_trainer.data import DataError, GeneratedSet
+from actgen_trainer.distributed import Dist, unwrap
+
+if TYPE_CHECKING:
+    from actgen_trainer.models import LRSchedule
+
+log = logging.getLogger("actgen_trainer")
+
 CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+JOBS_NAME = "jobs.jsonl"
+RUN_INFO_NAME = "run.json"
 FORMAT_VERSION = 1
 
 
@@ -83,3 +101,134 @@ def load_checkpoint(run_dir: Path, run_name: str) -> dict[str, Any]:
     if state.get("run_name") != run_name:
         raise CheckpointError(f"{path} belongs to run {state.get('run_name')!r}, not {run_name!r}")
     return state
+
+
+@dataclass
+class State:
+    """Everything besides the torch objects that a checkpoint carries (identical on all ranks)."""
+
+    run_id: str
+    epoch: int = 0  # next epoch to run
+    cursor: str = START_CURSOR
+    # job -> epoch / items / folded / rank: jobs whose items have not all arrived
+    pending: dict[str, dict[str, int]] = field(default_factory=dict)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    val_merged: bool = False
+    classifiers: list[str] = field(default_factory=list)  # uploaded refs not yet deleted
+
+
+class Checkpoints:
+    """The Trainer's run folder and checkpoint: a fresh folder, resume, and the per-epoch save.
+
+    A mixin of :class:`~actgen_trainer.loop.Trainer`, whose attributes it reads.
+    """
+
+    cfg: Config
+    dist: Dist
+    run_dir: Path
+    generated: GeneratedSet
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRSchedule
+    scaler: torch.amp.GradScaler
+    state: State
+
+    # the generator link's (actgen_trainer.link): rebuild the generated set from the stream
+    _refetch: Callable[[list[dict[str, Any]], State], None]
+
+    def _fresh_run_folder(self) -> None:
+        taken = self.dist.broadcast((self.run_dir / CHECKPOINT_NAME).exists())
+        if taken:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run: pass --resume to continue it, or choose "
+                "another run_name / output_dir"
+            )
+        (self.generated.root / GeneratedSet.INDEX).unlink(missing_ok=True)
+        if self.dist.main:
+            for name in (METRICS_NAME, JOBS_NAME):
+                (self.run_dir / name).unlink(missing_ok=True)
+
+    def _restore(self) -> State:
+        """Rank 0 reads the checkpoint and hands it to the others (no shared filesystem)."""
+        ckpt: Any = None
+        error: str | None = None
+        if self.dist.main:
+            try:
+                ckpt = load_checkpoint(self.run_dir, self.cfg.run_name)
+            except CheckpointError as exc:
+                error = str(exc)
+        error = self.dist.broadcast(error)
+        if error is not None:
+            raise CheckpointError(error)
+        ckpt = self.dist.broadcast(ckpt)
+        module = unwrap(self.model)
+        module.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        ranks = ckpt.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.dist.world:
+            set_rng_state(ranks[self.dist.rank])
+        elif self.dist.main:
+            set_rng_state(ckpt["rng"])
+        else:  # resumed with another world size: fresh streams for the new ranks
+            log.warning("checkpoint has no RNG state for rank %d; seeding it anew", self.dist.rank)
+        state = State(
+            run_id=ckpt["run_id"],
+            epoch=ckpt["epoch"],
+            cursor=ckpt["cursor"],
+            pending=ckpt["pending"],
+            jobs=ckpt["jobs"],
+            metrics=ckpt["metrics"],
+            val_merged=ckpt["val_merged"],
+            classifiers=list(ckpt.get("classifiers", [])),
+        )
+        try:
+            self.generated.restore(ckpt["generated"])
+        except DataError:
+            if self.dist.main:
+                raise
+            self._refetch(ckpt["generated"], state)  # another machine: rebuild from the stream
+        if self.dist.main:
+            _write_jsonl(self.run_dir / METRICS_NAME, state.metrics)
+        log.info("resumed %s at epoch %d (cursor %s)", state.run_id, state.epoch, state.cursor)
+        return state
+
+    def _checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; every rank's RNG state goes in it."""
+        rng_ranks = self.dist.gather(rng_state()) if self.dist.world > 1 else None
+        if not self.dist.main:
+            return
+        module = unwrap(self.model)
+        s = self.state
+        payload = {
+            "run_name": self.cfg.run_name,
+            "run_id": s.run_id,
+            "epoch": s.epoch,
+            "model": module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generated": self.generated.state(),
+            "cursor": s.cursor,
+            "pending": s.pending,
+            "jobs": s.jobs,
+            "metrics": s.metrics,
+            "val_merged": s.val_merged,
+            "classifiers": s.classifiers,
+        }
+        if rng_ranks is not None:
+            payload["rng_ranks"] = rng_ranks
+        save_checkpoint(self.run_dir, payload)
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)

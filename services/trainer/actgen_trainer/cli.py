@@ -15,7 +15,7 @@ import sys
 from actgen_trainer.checkpoint import CheckpointError
 from actgen_trainer.config import ConfigError, TrainMode, load_config
 from actgen_trainer.data import DataError
-from actgen_trainer.loop import GeneratorUnavailable
+from actgen_trainer.link import GeneratorUnavailable
 
 
 GENERATOR_URL_ENV = "ACTGEN_GENERATOR_URL"

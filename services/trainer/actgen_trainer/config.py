@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actgen_shared.architectures import ARCHITECTURES
-from actgen_shared.schemas import RUN_ID_PATTERN, GenerationOptions
+from actgen_shared.labels import LabelSetName
+from actgen_shared.schemas import RUN_ID_PATTERN, GenerationOptions, Mode
 
 # GenerationOptions fields the loop fills in per job (Algorithm 1), never from the config.
 LOOP_OWNED_OPTIONS = ("mode", "adv_prob", "seed")
@@ -23,17 +24,27 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
-class TrainMode(str, Enum):
-    """The paper's ablation (Table 4): no generation, or one of the generator's modes."""
+class TrainMode(str, Enum):  # noqa: UP042  (str() stays "Name.member", as before)
+    """The paper's ablation (Table 4): no generation (``real``), or one of the generator's
+    :class:`~actgen_shared.schemas.Mode` (its values; the check below keeps the two in step)."""
 
     real = "real"
-    random = "random"
-    ig = "ig"
-    aig = "aig"
-    actgen = "actgen"
+    random = Mode.random.value
+    ig = Mode.ig.value
+    aig = Mode.aig.value
+    actgen = Mode.actgen.value
+
+    @property
+    def generator_mode(self) -> Mode | None:
+        """The generator's mode for this run, None for ``real``."""
+        return None if self is TrainMode.real else Mode(self.value)
 
 
-class Guidance(str, Enum):
+if {m.value for m in TrainMode} != {TrainMode.real.value, *(m.value for m in Mode)}:
+    raise RuntimeError("TrainMode must be 'real' plus every actgen_shared.schemas.Mode")
+
+
+class Guidance(str, Enum):  # noqa: UP042  (str() stays "Name.member", as before)
     """Which gradient guidance an ``actgen`` run uses (Table 4, rows 3-6)."""
 
     aig = "aig"  # none: attentive image guidance alone
@@ -42,7 +53,7 @@ class Guidance(str, Enum):
     both = "both"  # L_contra + lambda L_adv: ActGen
 
 
-class AdvSchedule(str, Enum):
+class AdvSchedule(str, Enum):  # noqa: UP042  (str() stays "Name.member", as before)
     """How the chance of adversarial guidance grows over the generation epochs.
 
     ``paper``: adv_prob = 0.5 * epoch / epochs (section 4.3). ``authors``: the released code,
@@ -72,23 +83,28 @@ class DataConfig(_Section):
     test_subset: int | None = Field(None, ge=1, description="use only this many test images")
     augment: Literal["none", "crop", "crop_flip", "imagenet"] = "crop_flip"
     randaugment: str | None = Field(
-        None, description="augment=imagenet: timm's RandAugment policy, e.g. rand-m9-mstd0.5-inc1",
+        None,
+        description="augment=imagenet: timm's RandAugment policy, e.g. rand-m9-mstd0.5-inc1",
     )
     random_erasing: float = Field(
-        0.0, ge=0, le=1, description="augment=imagenet: probability of timm's random erasing",
+        0.0,
+        ge=0,
+        le=1,
+        description="augment=imagenet: probability of timm's random erasing",
     )
     num_workers: int = Field(0, ge=0)
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
-
     @model_validator(mode="after")
-    def _timm_augment(self) -> "DataConfig":
+    def _timm_augment(self) -> DataConfig:
         if (self.randaugment or self.random_erasing) and self.augment != "imagenet":
             raise ValueError("data.randaugment / data.random_erasing need data.augment=imagenet")
         if self.randaugment is not None and not self.randaugment.startswith("rand-"):
-            raise ValueError(f"data.randaugment {self.randaugment!r} is not a timm RandAugment "
-                             "policy (rand-m<magnitude>[-n<ops>][-mstd<std>]...)")
+            raise ValueError(
+                f"data.randaugment {self.randaugment!r} is not a timm RandAugment "
+                "policy (rand-m<magnitude>[-n<ops>][-mstd<std>]...)"
+            )
         return self
 
 
@@ -96,7 +112,7 @@ class ModelConfig(_Section):
     architecture: str = "simple_cnn"
 
     @model_validator(mode="after")
-    def _known(self) -> "ModelConfig":
+    def _known(self) -> ModelConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"model.architecture {self.architecture!r} is not one of {sorted(ARCHITECTURES)}"
@@ -110,7 +126,9 @@ class OptimConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, description="learning rate for a global batch of lr_batch")
     lr_batch: int = Field(
-        256, ge=1, description="the global batch lr is stated for; the run scales lr linearly "
+        256,
+        ge=1,
+        description="the global batch lr is stated for; the run scales lr linearly "
         "by (train.batch_size x processes) / lr_batch (Goyal et al.)",
     )
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -140,7 +158,10 @@ class GenerationConfig(_Section):
     adv_schedule: AdvSchedule = Field(AdvSchedule.paper, description="paper or authors (see AdvSchedule)")
     images_per_epoch: int = Field(64, ge=1, description="hard samples posted per epoch (per rank)")
     budget: float | None = Field(
-        None, gt=0, le=10, description="images to generate as a fraction of the training set "
+        None,
+        gt=0,
+        le=10,
+        description="images to generate as a fraction of the training set "
         "(0.10: the paper's ImageNet 10 %), spread evenly over the generation epochs and the "
         "ranks; overrides images_per_epoch when set",
     )
@@ -155,24 +176,32 @@ class GenerationConfig(_Section):
     request_timeout_s: float = Field(120.0, gt=0)
     wait_timeout_s: float = Field(3600.0, gt=0, description="--sync: give up on a job after this")
     max_inflight: int | None = Field(
-        2, ge=1, description="backpressure: at most this many unfinished jobs per rank; an epoch "
+        2,
+        ge=1,
+        description="backpressure: at most this many unfinished jobs per rank; an epoch "
         "that would exceed it posts nothing (counted as skipped_backpressure); null: no limit",
     )
     final_wait_s: float = Field(
-        300.0, ge=0, description="at mid-training (end of generation), wait at most this long "
+        300.0,
+        ge=0,
+        description="at mid-training (end of generation), wait at most this long "
         "for the jobs still out, so the second half trains on what was asked for",
     )
     retries: int = Field(
-        5, ge=0, description="submit / classifier upload / results read: retries on 5xx and "
+        5,
+        ge=0,
+        description="submit / classifier upload / results read: retries on 5xx and "
         "connection errors (the idempotency key makes a resubmit safe)",
     )
     retry_backoff_s: float = Field(0.5, gt=0, description="first retry delay; doubles per retry")
     retry_backoff_max_s: float = Field(30.0, gt=0, description="cap of one retry delay")
     max_items_per_job: int | None = Field(
-        None, ge=1, description="split an epoch's items into jobs of at most this many; null: "
+        None,
+        ge=1,
+        description="split an epoch's items into jobs of at most this many; null: "
         "learnt from the generator's 422 (ACTGEN_MAX_ITEMS_PER_JOB)",
     )
-    label_set: Literal["cifar10", "cifar100", "imagenet", "digits"] | None = Field(
+    label_set: LabelSetName | None = Field(
         None, description="bundled class names for prompts; None: the dataset's own names"
     )
     options: dict[str, Any] = Field(
@@ -180,7 +209,7 @@ class GenerationConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _options_valid(self) -> "GenerationConfig":
+    def _options_valid(self) -> GenerationConfig:
         reserved = sorted(set(self.options) & set(LOOP_OWNED_OPTIONS))
         if reserved:
             raise ValueError(

@@ -47,7 +47,7 @@ class ImageSource(Protocol):
 class ArrayImages:
     """Images held in memory as a uint8 N x H x W x 3 array (digits, CIFAR)."""
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: Sequence[str]) -> None:
+    def __init__(self, images: np.ndarray, targets: Sequence[int] | np.ndarray, classes: Sequence[str]) -> None:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise DataError(f"ArrayImages wants uint8 N x H x W x 3, got {images.dtype} {images.shape}")
         self.images = images
@@ -185,7 +185,7 @@ def transforms_for(cfg: DataConfig, train: bool):  # -> torchvision transform
 class Subset(Dataset):
     """Some indices of a source, as (tensor, label, position) through a transform."""
 
-    def __init__(self, source: ImageSource, indices: Sequence[int], transform) -> None:
+    def __init__(self, source: ImageSource, indices: Sequence[int] | np.ndarray, transform) -> None:
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
@@ -276,7 +276,7 @@ class GeneratedSet(Dataset):
             raise DataError(f"generated item {stream_id} has class {class_id} outside 0..{len(self.classes) - 1}")
         pil = Image.fromarray(image).convert("RGB")
         if pil.size != (self.image_size, self.image_size):
-            pil = pil.resize((self.image_size, self.image_size), Image.BICUBIC)
+            pil = pil.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         data = png_encode(np.asarray(pil, dtype=np.uint8))
         name = f"images/{len(self.records):07d}.png"
         tmp = self.root / f"{name}.tmp"
@@ -324,7 +324,7 @@ class GeneratedSet(Dataset):
 
 def training_set(
     source: ImageSource, indices: np.ndarray, generated: GeneratedSet, transform
-) -> Dataset:
+) -> ConcatDataset:
     """Real images at ``indices`` plus every generated image so far."""
     generated.transform = transform
     parts: list[Dataset] = [Subset(source, indices, transform)]

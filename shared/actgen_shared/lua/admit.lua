@@ -1,0 +1,35 @@
+-- Decide what to do with a fetched entry.
+-- Returns {'gone'} | {'final'} | {'dead', reason} | {'ok', deliveries, request}.
+local job = KEYS[1]
+local stats = KEYS[2]
+local jobs_stream = KEYS[3]
+local dead_stream = KEYS[4]
+local done = KEYS[5]
+local progress = KEYS[6]
+local cancel_flag = KEYS[7]
+local group = ARGV[1]
+local entry = ARGV[2]
+local job_id = ARGV[3]
+local max_deliveries = tonumber(ARGV[4])
+local reclaim_note = ARGV[5]
+local now = ARGV[6]
+local ttl = ARGV[7]
+local dead_maxlen = ARGV[8]
+
+local status = redis.call('HGET', job, 'status')
+if not status then ack(jobs_stream, group, entry); return {'gone'} end
+if is_final(status) then ack(jobs_stream, group, entry); return {'final'} end
+if reclaim_note ~= '' then redis.call('HSET', job, 'last_error', reclaim_note) end
+local d = tonumber(redis.call('HGET', job, 'deliveries') or '0')
+if d >= max_deliveries then
+  local reason = 'started ' .. d .. ' times without finishing (max_deliveries ' .. max_deliveries .. ')'
+  local last = redis.call('HGET', job, 'last_error')
+  if last then reason = reason .. '; last error: ' .. last end
+  redis.call('XADD', dead_stream, 'MAXLEN', '~', dead_maxlen, '*', 'job_id', job_id,
+    'reason', reason, 'deliveries', d, 'replica', redis.call('HGET', job, 'replica') or '',
+    'at', now)
+  finish(job, stats, 'failed', 'error', reason, now, ttl, {job, done, progress, cancel_flag})
+  ack(jobs_stream, group, entry)
+  return {'dead', reason}
+end
+return {'ok', tostring(d), redis.call('HGET', job, 'request')}
