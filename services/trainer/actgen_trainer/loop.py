@@ -67,8 +67,8 @@ from actgen_trainer.data import (
     training_set,
     transforms_for,
 )
+from actgen_trainer.mixing import build_mixing
 from actgen_trainer.models import (
-    Loss,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -375,7 +375,7 @@ class Trainer:
             cfg, len(self.split.train) + len(self.split.val), self.dist.world)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.loss_fn = Loss(cfg.optim)
+        self.mixer, self.loss_fn = build_mixing(cfg, self.num_classes)  # Mixup / CutMix, or None
 
         if resume:
             self.state = self._restore()
@@ -609,9 +609,12 @@ class Trainer:
             self.scheduler.set(epoch + (step + 0.5) / steps)  # per-iteration warmup and cosine
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            targets = labels
+            if self.mixer is not None:  # the whole batch, generated images included; soft targets
+                images, targets = self.mixer(images, labels)
             with torch.autocast(self.device.type, enabled=self.amp):
                 logits = self.model(images)
-                loss = self.loss_fn(logits, labels)
+                loss = self.loss_fn(logits, targets)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
