@@ -209,6 +209,26 @@ class GenerationConfig(_Section):
         return self
 
 
+class TrackingConfig(_Section):
+    """Where the per-epoch metrics go besides metrics.jsonl: TensorBoard, MLflow (actgen_trainer.tracking)."""
+
+    tensorboard: bool = Field(True, description="write run_dir/tensorboard when tensorboard is installed")
+    mlflow: bool = Field(
+        False, description="log metrics, config, report and sample images to MLflow (the [mlflow] extra)"
+    )
+    mlflow_uri: str | None = Field(
+        None, min_length=1, description="tracking server or store URI; null: a file store in run_dir/mlruns",
+    )
+    mlflow_experiment: str = Field("actgen", min_length=1, description="MLflow experiment name")
+    mlflow_samples: int = Field(8, ge=0, description="generated images logged as artifacts at the end")
+
+    @model_validator(mode="after")
+    def _uri_needs_mlflow(self) -> "TrackingConfig":
+        if self.mlflow_uri is not None and not self.mlflow:
+            raise ValueError("tracking.mlflow_uri is set but tracking.mlflow is off")
+        return self
+
+
 class Config(_Section):
     """A whole run."""
 
@@ -220,6 +240,7 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _mixing_needs_ce(self) -> "Config":

@@ -78,6 +78,7 @@ from actgen_trainer.models import (
 )
 from actgen_trainer.report import delivery_counts, write_report
 from actgen_trainer.selection import select_guides
+from actgen_trainer.tracking import Tracking
 
 log = logging.getLogger("actgen_trainer")
 
@@ -334,6 +335,8 @@ class Trainer:
                 ) from None
         self.device = _device(cfg.train.device)
         self.dist = _setup_dist(self.device)
+        # TensorBoard, MLflow (rank 0); a missing extra is named here, before any work
+        self.tracking = Tracking(cfg, main=self.dist.main, broadcast=self.dist.broadcast)
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -383,7 +386,7 @@ class Trainer:
             self._fresh_run_folder()
             run_id = self.dist.broadcast(f"{cfg.run_name}-{os.urandom(4).hex()}")
             self.state = _State(run_id=run_id)
-        self._tb = self._tensorboard()
+        self.tracking.start(self.state.run_id, resume=resume)  # TensorBoard, MLflow (rank 0)
         if self.dist.main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             self._write_run_info()
@@ -494,15 +497,6 @@ class Trainer:
         }
         (self.run_dir / RUN_INFO_NAME).write_text(json.dumps(info, indent=2))
 
-    def _tensorboard(self):
-        if not self.dist.main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional extra
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> Summary:
         cfg = self.cfg
@@ -527,8 +521,9 @@ class Trainer:
         summary = self._summary()
         if self.dist.main:
             summary.report = write_report(self.run_dir)
-        if self._tb is not None:
-            self._tb.close()
+        final = {"final_test_acc": summary.test_acc, "images_generated": summary.images_generated,
+                 **{f"delivery_{k}": v for k, v in summary.delivery.items()}}
+        self.tracking.finish(final, self.generated, complete=self.state.epoch >= epochs)
         return summary
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
@@ -573,10 +568,7 @@ class Trainer:
         s.metrics.append(row)
         if self.dist.main:
             _append_jsonl(self.run_dir / METRICS_NAME, row)
-            if self._tb is not None:
-                for key in ("test_acc", "train_loss", "train_acc", "generated_total", "lr"):
-                    self._tb.add_scalar(key, row[key], epoch)
-                self._tb.flush()
+        self.tracking.log_epoch(epoch, row)
         self._checkpoint()
         return row
 
