@@ -4,6 +4,7 @@ MLflow's own client from the file store the trainer made under its run folder.""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -168,3 +169,41 @@ def test_mlflow_missing_is_a_cli_error_naming_the_extra(
 def test_bad_tracking_config_names_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_config(REPO / "configs" / "demo.yaml", [override])
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_zero_logs_one_run_and_a_bad_server_stops_every_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun, 2 gloo ranks: one MLflow run with the all-reduced metrics; and an MLflow server
+    that cannot be reached ends both ranks at start (none left waiting at a barrier)."""
+    from test_ddp import _env, _torchrun
+
+    cfg = small_config(tmp_path, "generation.mode=real", "train.epochs=1", "tracking.mlflow=true")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    unused = "http://127.0.0.1:9"  # real mode: no generator
+
+    bad = subprocess.run(
+        _torchrun(config_file, unused, "--set", f"tracking.mlflow_uri={unused}"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+    )
+    assert bad.returncode != 0
+    assert "tracking.mlflow_uri: cannot open an MLflow run" in bad.stderr
+    assert not (cfg.run_dir / "metrics.jsonl").exists()
+
+    done = subprocess.run(
+        _torchrun(config_file, unused), capture_output=True, text=True, timeout=180, env=_env()
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    monkeypatch.setenv(FILE_STORE_ENV, "true")  # this process reads the store the ranks wrote
+    store = _store(cfg.run_dir)
+    run = _only_run(store, json.loads((cfg.run_dir / "run.json").read_text())["run_id"])
+    assert run.info.status == "FINISHED"
+    assert _history(store, run.info.run_id, "train_loss") == [
+        (r["epoch"], pytest.approx(r["train_loss"])) for r in rows
+    ]
