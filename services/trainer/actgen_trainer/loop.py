@@ -378,7 +378,7 @@ class Trainer:
             cfg, len(self.split.train) + len(self.split.val), self.dist.world)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.mixer, self.loss_fn = build_mixing(cfg, self.num_classes)  # Mixup / CutMix, or None
+        self.mixer, self.loss_fn = build_mixing(cfg, self.num_classes)  # mixer: None unless Mixup/CutMix
 
         if resume:
             self.state = self._restore()
