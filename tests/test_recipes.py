@@ -15,8 +15,8 @@ import torch
 from actgen_shared.architectures import build_classifier, load_classifier
 from actgen_trainer.config import ConfigError, load_config
 from actgen_trainer.loop import images_per_rank_epoch
+from actgen_trainer.mixing import build_mixing
 from actgen_trainer.models import (
-    Loss,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -40,8 +40,12 @@ def test_config_validates_and_trains_one_step_on_fake_data(path: Path, one_torch
     schedule.set(0.5)
     size = cfg.data.image_size
     images, labels = torch.randn(2, 3, size, size), torch.tensor([0, 1])
+    mixer, loss_fn = build_mixing(cfg, num_classes)  # Mixup / CutMix where the recipe has them
+    targets = labels
+    if mixer is not None:
+        images, targets = mixer(images, labels)
     model.train()
-    loss = Loss(cfg.optim)(model(images), labels)
+    loss = loss_fn(model(images), targets)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

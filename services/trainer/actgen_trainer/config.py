@@ -92,6 +92,19 @@ class DataConfig(_Section):
         le=1,
         description="augment=imagenet: probability of timm's random erasing",
     )
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="Beta(alpha, alpha) of timm's Mixup; 0: off (Table 5's ViT-S/16: 0.2)",
+    )
+    cutmix_alpha: float = Field(
+        0.0, ge=0, description="Beta(alpha, alpha) of timm's CutMix; 0: off (Table 5's ViT-S/16: 1.0)",
+    )
+    mix_prob: float = Field(1.0, ge=0, le=1, description="chance a batch (or element) is mixed at all")
+    mix_switch_prob: float = Field(
+        0.5, ge=0, le=1, description="both on: chance of CutMix rather than Mixup for a batch",
+    )
+    mix_mode: Literal["batch", "pair", "elem"] = Field(
+        "batch", description="one lambda per batch, per pair or per element (timm's modes)",
+    )
     num_workers: int = Field(0, ge=0)
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
@@ -106,6 +119,11 @@ class DataConfig(_Section):
                 "policy (rand-m<magnitude>[-n<ops>][-mstd<std>]...)"
             )
         return self
+
+    @property
+    def mixing(self) -> bool:
+        """Mixup or CutMix is on: every training batch, generated images included, is mixed."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 class ModelConfig(_Section):
@@ -220,6 +238,26 @@ class GenerationConfig(_Section):
         return self
 
 
+class TrackingConfig(_Section):
+    """Where the per-epoch metrics go besides metrics.jsonl: TensorBoard, MLflow (actgen_trainer.tracking)."""
+
+    tensorboard: bool = Field(True, description="write run_dir/tensorboard when tensorboard is installed")
+    mlflow: bool = Field(
+        False, description="log metrics, config, report and sample images to MLflow (the [mlflow] extra)"
+    )
+    mlflow_uri: str | None = Field(
+        None, min_length=1, description="tracking server or store URI; null: a file store in run_dir/mlruns",
+    )
+    mlflow_experiment: str = Field("actgen", min_length=1, description="MLflow experiment name")
+    mlflow_samples: int = Field(8, ge=0, description="generated images logged as artifacts at the end")
+
+    @model_validator(mode="after")
+    def _uri_needs_mlflow(self) -> "TrackingConfig":
+        if self.mlflow_uri is not None and not self.mlflow:
+            raise ValueError("tracking.mlflow_uri is set but tracking.mlflow is off")
+        return self
+
+
 class Config(_Section):
     """A whole run."""
 
@@ -231,6 +269,16 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _mixing_needs_ce(self) -> "Config":
+        if self.data.mixing and self.optim.loss != "ce":
+            raise ValueError(
+                f"optim.loss={self.optim.loss} cannot take the soft targets of data.mixup_alpha / "
+                "data.cutmix_alpha (they train with soft-target cross-entropy): use optim.loss=ce"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

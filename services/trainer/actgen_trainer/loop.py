@@ -56,8 +56,8 @@ from actgen_trainer.data import (
 )
 from actgen_trainer.distributed import device_for, local_rank, rank_seed, setup_dist, unwrap
 from actgen_trainer.link import GeneratorAPI, GeneratorLink, GeneratorUnavailable
+from actgen_trainer.mixing import build_mixing
 from actgen_trainer.models import (
-    Loss,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -66,6 +66,7 @@ from actgen_trainer.models import (
 )
 from actgen_trainer.report import delivery_counts, write_report
 from actgen_trainer.selection import select_guides
+from actgen_trainer.tracking import Tracking
 
 log = logging.getLogger("actgen_trainer")
 
@@ -138,6 +139,8 @@ class Trainer(Checkpoints, GeneratorLink):
                 ) from None
         self.device = device_for(cfg.train.device, local_rank())
         self.dist = setup_dist(self.device)
+        # TensorBoard, MLflow (rank 0); a missing extra is named here, before any work
+        self.tracking = Tracking(cfg, main=self.dist.main, broadcast=self.dist.broadcast)
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -177,7 +180,7 @@ class Trainer(Checkpoints, GeneratorLink):
         )
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.loss_fn = Loss(cfg.optim)
+        self.mixer, self.loss_fn = build_mixing(cfg, self.num_classes)  # mixer: None unless Mixup/CutMix
 
         if resume:
             self.state = self._restore()
@@ -185,7 +188,7 @@ class Trainer(Checkpoints, GeneratorLink):
             self._fresh_run_folder()
             run_id = self.dist.broadcast(f"{cfg.run_name}-{os.urandom(4).hex()}")
             self.state = State(run_id=run_id)
-        self._tb = self._tensorboard()
+        self.tracking.start(self.state.run_id, resume=resume)  # TensorBoard, MLflow (rank 0)
         if self.dist.main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             self._write_run_info()
@@ -207,15 +210,6 @@ class Trainer(Checkpoints, GeneratorLink):
             "max_inflight": self.cfg.generation.max_inflight,
         }
         (self.run_dir / RUN_INFO_NAME).write_text(json.dumps(info, indent=2))
-
-    def _tensorboard(self):
-        if not self.dist.main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional extra
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> Summary:
@@ -246,8 +240,9 @@ class Trainer(Checkpoints, GeneratorLink):
         summary = self._summary()
         if self.dist.main:
             summary.report = write_report(self.run_dir)
-        if self._tb is not None:
-            self._tb.close()
+        final = {"final_test_acc": summary.test_acc, "images_generated": summary.images_generated,
+                 **{f"delivery_{k}": v for k, v in summary.delivery.items()}}
+        self.tracking.finish(final, self.generated, complete=self.state.epoch >= epochs)
         return summary
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
@@ -294,10 +289,7 @@ class Trainer(Checkpoints, GeneratorLink):
         s.metrics.append(row)
         if self.dist.main:
             _append_jsonl(self.run_dir / METRICS_NAME, row)
-            if self._tb is not None:
-                for key in ("test_acc", "train_loss", "train_acc", "generated_total", "lr"):
-                    self._tb.add_scalar(key, row[key], epoch)
-                self._tb.flush()
+        self.tracking.log_epoch(epoch, row)
         self._checkpoint()
         return row
 
@@ -335,9 +327,12 @@ class Trainer(Checkpoints, GeneratorLink):
             self.scheduler.set(epoch + (step + 0.5) / steps)  # per-iteration warmup and cosine
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            targets = labels
+            if self.mixer is not None:  # the whole batch, generated images included; soft targets
+                images, targets = self.mixer(images, labels)
             with torch.autocast(self.device.type, enabled=self.amp):
                 logits = self.model(images)
-                loss = self.loss_fn(logits, labels)
+                loss = self.loss_fn(logits, targets)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
