@@ -12,7 +12,6 @@ be stalled while the other keeps fetching. Waits poll with a deadline.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -125,7 +124,7 @@ class WorkerThread:
 
 @pytest.fixture
 def fast(settings: Settings) -> Settings:
-    return dataclasses.replace(settings, lease_s=1.5, heartbeat_interval_s=0.3, pending_rescan_s=1.0)
+    return settings.model_copy(update={"lease_s": 1.5, "heartbeat_interval_s": 0.3, "pending_rescan_s": 1.0})
 
 
 def _stalled_loop_run(settings: Settings, threaded: bool) -> JobState:

@@ -8,7 +8,6 @@ interrupted at the next step and unfinished jobs go back to the queue), then uvi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 from types import FrameType
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis().start()
-        settings = dataclasses.replace(settings, redis_url=embedded.url)
+        settings = settings.model_copy(update={"redis_url": embedded.url})
         print(f"embedded Redis at {embedded.url}", flush=True)
     try:
         app = create_app(
