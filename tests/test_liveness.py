@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from actgen_generator.echo import EchoSampler
 from actgen_generator.metrics import Metrics
-from actgen_generator.worker import EchoSampler, Worker
+from actgen_generator.worker import Worker
 from actgen_shared import codecs
 from actgen_shared.queue import Heartbeat, JobQueue, connect, new_token
 from actgen_shared.schemas import JobRequest, JobState, JobStatus

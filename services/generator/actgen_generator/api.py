@@ -33,7 +33,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actgen_generator.classifiers import ClassifierCache, ClassifierError, ClassifierInUse, ClassifierStore
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
-from actgen_generator.worker import EchoSampler, Worker
+from actgen_generator.echo import EchoSampler
+from actgen_generator.worker import Worker
 from actgen_shared import __version__, codecs
 from actgen_shared.queue import (
     REDIS_DOWN,
@@ -169,7 +170,6 @@ async def _start_worker(svc: Service) -> None:
             sampler: Any = EchoSampler(step_seconds=settings.echo_step_s)
             svc.model_id, svc.device, svc.dtype = "echo (no model)", "cpu", "float32"
             svc.native_size = sampler.native_size
-            latent_shape = None
         else:
             from actgen_generator.pipeline import load_pipeline
             from actgen_generator.sampler import GuidedSampler
@@ -179,18 +179,12 @@ async def _start_worker(svc: Service) -> None:
             svc.model_id, svc.device = loaded.model_id, str(loaded.device)
             svc.dtype = str(loaded.dtype).removeprefix("torch.")
             svc.native_size = int(loaded.native_size)
-            channels = int(loaded.pipe.unet.config.in_channels)
-            scale = int(getattr(loaded.pipe, "vae_scale_factor", 8))
-            native = svc.native_size
-
-            def latent_shape(options: GenerationOptions) -> tuple[int, int, int]:
-                return (channels, (options.height or native) // scale, (options.width or native) // scale)
 
         assert svc.queue is not None and svc.classifiers is not None
         cache = ClassifierCache(svc.classifiers, svc.device or "cpu")
         svc.worker = Worker(
             svc.queue, svc.replica_id, sampler, settings, svc.metrics, classifiers=cache,
-            latent_shape=latent_shape, native_size=svc.native_size, heartbeat=svc.heartbeat,
+            heartbeat=svc.heartbeat,
         )
         svc.worker_task = asyncio.create_task(svc.worker.run())
         svc.ready = True
