@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
 DECISION_SEED_OFFSET = 0x9E3779B97F4A7C15
 
 StepCallback = Callable[[int, int], bool]  # (step, total) -> False to stop the batch
-LatentShape = Callable[[GenerationOptions], tuple[int, int, int]]
 
 
 @dataclass
@@ -177,7 +176,6 @@ __all__ = [
     "Cancelled",
     "Classifier",
     "ItemDraw",
-    "LatentShape",
     "SampleItem",
     "SampleOutput",
     "Sampler",
