@@ -87,16 +87,13 @@ def test_the_echo_sampler_records_what_the_real_one_would() -> None:
     assert {tuple(o.latent.shape) for o in outputs} == {echo.latent_shape(FEWSHOT)} == {(4, 8, 12)}
 
 
-def test_the_workers_two_record_sites_agree(settings) -> None:
+def test_the_workers_two_record_sites_agree() -> None:
     """A worker writes an item's record from the sampler's output, or (when an earlier delivery
     stored the item) redraws it: both must say the same, plain draws and few-shot strength included."""
-    import asyncio
-
     from service_helpers import job_body, new_run_id
 
-    from actgen_generator.metrics import Metrics
-    from actgen_generator.worker import ActiveJob, Worker
-    from actgen_shared.queue import Delivery, JobQueue, connect
+    from actgen_generator.batch import ActiveJob, compute_batch
+    from actgen_shared.queue import Delivery
     from actgen_shared.schemas import JobRequest
 
     body = job_body(
@@ -108,22 +105,12 @@ def test_the_workers_two_record_sites_agree(settings) -> None:
     for k, item in enumerate(body["items"]):
         item["confidence"] = (k + 1) / (N_ITEMS + 1)
     request = JobRequest.model_validate(body)
-    client = connect(settings.redis_url)
-    try:
-        worker = Worker(
-            JobQueue(client, settings), "records", EchoSampler(native_size=32), settings, Metrics()
-        )
-        job = ActiveJob(
-            Delivery("0-1", "job-records", 1, request),
-            request.resolved_class_names(),
-            pending=list(range(N_ITEMS)),
-        )
-        done = worker._compute(
-            [(job, k) for k in range(N_ITEMS)], request.options, {}, None, lambda s, t: True
-        )
-    finally:
-        asyncio.run(client.aclose())
+    job = ActiveJob(
+        Delivery("0-1", "job-records", 1, request), request.resolved_class_names(), list(range(N_ITEMS))
+    )
+    echo = EchoSampler(native_size=32)
+    done = compute_batch(echo, [(job, k) for k in range(N_ITEMS)], {}, lambda step, total: True, 1024)
     made = [record for record, _ in done]
-    assert made == [worker._fallback_record(job, k) for k in range(N_ITEMS)]
+    assert made == [job.record_of(k, echo.native_size) for k in range(N_ITEMS)]
     assert {r.mode for r in made} == {Mode.random, Mode.ig}
     assert {(r.width, r.height) for r in made} == {(96, request.options.height)}

@@ -233,6 +233,6 @@ class ClassifierCache:
         for param in module.parameters():
             param.requires_grad_(False)
         return Classifier(
-            module=module, input_size=meta.input_size, mean=tuple(meta.mean), std=tuple(meta.std),
+            module=module, input_size=meta.input_size, mean=meta.mean, std=meta.std,
             ref=ref,
         )

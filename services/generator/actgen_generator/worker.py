@@ -12,11 +12,8 @@ neither a stalled event loop nor a long batch lets the lease lapse.
 * A job another consumer took from us (our lease lapsed: the process was paused, say) is
   dropped at the next step; only the owner of an entry can finish its job.
 * Batch pending items of compatible jobs, up to ``settings.max_batch``, into one sampler
-  call. Compatible means the same options apart from the seed (so also the same mode, steps
-  and size: ``GenerationOptions.batch_signature``), the same classifier and the same bank.
-  Item ``k`` of a job always uses seed ``item_seed(options.seed, k)``, whichever batch it
-  runs in. Each item contrasts with its own job's memory bank, read when its batch starts
-  (the bank is live), never with another job's.
+  call (batch.py: which items share a batch, and the thread work of one). Each item contrasts
+  with its own job's memory bank, read when its batch starts (the bank is live).
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
@@ -33,39 +30,23 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-import numpy as np
 from redis.exceptions import RedisError
 
 from actgen_generator import memory_bank
+from actgen_generator.batch import ActiveJob, Bank, compute_batch, next_batch, out_of_memory
 from actgen_generator.classifiers import ClassifierCache
-from actgen_generator.contract import (
-    Cancelled,
-    Classifier,
-    SampleItem,
-    Sampler,
-    StepCallback,
-    item_draw,
-    item_record,
-)
+from actgen_generator.contract import Cancelled, Sampler, StepCallback
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
-from actgen_shared import codecs
 from actgen_shared.queue import REDIS_DOWN, Consumer, Delivery, Heartbeat, JobQueue, StoredItem
-from actgen_shared.schemas import GenerationOptions, ItemResult, JobRequest, JobResult, Mode
-from actgen_shared.seeds import derive_seed, item_seed
+from actgen_shared.schemas import ItemResult, JobResult, Mode
+from actgen_shared.seeds import derive_seed
 from actgen_shared.settings import Settings
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 FETCH_BLOCK_MS = 500  # how long an idle worker waits on the stream before looking again
 ERROR_BACKOFF_S = 0.5
-Bank = Mapping[int, "torch.Tensor"]  # class id -> (N, C, h, w) latents of one job's memory bank
 
 
 def raise_if_outage(exc: RedisError) -> None:
@@ -78,36 +59,6 @@ def raise_if_outage(exc: RedisError) -> None:
     """
     if isinstance(exc, REDIS_DOWN):
         raise exc
-
-
-@dataclass
-class ActiveJob:
-    """A started job on this replica and what is left of it."""
-
-    delivery: Delivery
-    class_names: list[str]
-    pending: list[int]
-    classifier: Classifier | None = None
-    records: dict[int, ItemResult] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def job_id(self) -> str:
-        return self.delivery.job_id
-
-    @property
-    def request(self) -> JobRequest:
-        return self.delivery.request
-
-    @property
-    def batch_key(self) -> tuple[tuple[object, ...], str, str | None, str | None]:
-        req = self.request
-        return (
-            req.options.batch_signature(),
-            req.options.model_dump_json(exclude={"seed"}),
-            req.classifier_ref if req.needs_classifier else None,
-            req.memory_bank_key,
-        )
 
 
 class Worker:
@@ -194,7 +145,7 @@ class Worker:
         await self._admit_waiting()
         await self._fill()
         if self.active and not self.stopping:
-            await self._run_batch(self._next_batch())
+            await self._run_batch(next_batch(self.active.values(), self._solo, self.batch_limit))
 
     async def _release_all(self) -> None:
         if self._abandoned:
@@ -328,28 +279,11 @@ class Worker:
         if not job.pending:  # everything was stored by an earlier delivery
             await self._complete(job)
 
-    def _next_batch(self) -> list[tuple[ActiveJob, int]]:
-        """Up to ``batch_limit`` pending items of the oldest job and of jobs compatible with it
-        (a job that must run alone takes no company)."""
-        first = next(iter(self.active.values()))
-        key = first.batch_key
-        batch: list[tuple[ActiveJob, int]] = []
-        for job in self.active.values():
-            if job.batch_key != key or (
-                job is not first and (first.job_id in self._solo or job.job_id in self._solo)
-            ):
-                continue
-            for index in job.pending:
-                if len(batch) >= self.batch_limit:
-                    return batch
-                batch.append((job, index))
-        return batch
-
     async def _batch_failed(self, jobs: list[ActiveJob], batch_items: int, exc: Exception) -> None:
         """A failing job fails alone: jobs that shared the batch run again one by one; an
         out-of-memory error halves the batch (at one item, the job goes back on the queue)."""
         message = f"{type(exc).__name__}: {exc}"
-        if _out_of_memory(exc):
+        if out_of_memory(exc):
             if batch_items > 1:
                 self.batch_limit = max(1, min(self.batch_limit, batch_items) // 2)
                 log_event(
@@ -402,7 +336,7 @@ class Worker:
         started = time.perf_counter()
         try:
             done = await asyncio.to_thread(
-                self._compute, batch, jobs[0].request.options, banks, jobs[0].classifier, on_step
+                compute_batch, self.sampler, batch, banks, on_step, self.settings.max_image_side
             )
         except Cancelled:
             for job in jobs:
@@ -447,49 +381,6 @@ class Worker:
             seed=derive_seed(options.seed or 0, min(indices)),
             shape=self.sampler.latent_shape(options),
         )
-
-    def _compute(
-        self,
-        batch: list[tuple[ActiveJob, int]],
-        options: GenerationOptions,
-        banks: Mapping[str, Bank],
-        classifier: Classifier | None,
-        on_step: StepCallback,
-    ) -> list[tuple[ItemResult, StoredItem]]:
-        """The batch's thread work in one hop: decode guides, sample, encode PNGs and latents."""
-        items = []
-        for job, index in batch:
-            item = job.request.items[index]
-            items.append(
-                SampleItem(
-                    guide=codecs.image_from_b64(item.image, max_side=self.settings.max_image_side),
-                    class_id=item.class_id,
-                    class_name=job.class_names[item.class_id],
-                    seed=item_seed(job.request.options.seed or 0, index),
-                    guide_id=item.guide_id,
-                    confidence=item.confidence,
-                    bank=banks.get(job.job_id, {}).get(item.class_id),  # this job's bank only
-                    bank_group=job.job_id,
-                )
-            )
-        outputs = self.sampler(items, options, classifier=classifier, on_step=on_step)
-        if len(outputs) != len(batch):
-            raise RuntimeError(f"sampler returned {len(outputs)} outputs for {len(batch)} items")
-        done = []
-        for (job, index), output in zip(batch, outputs, strict=True):
-            request, item = job.request, job.request.items[index]
-            latent = None
-            if (request.options.return_latents or request.memory_bank_key) and output.latent is not None:
-                latent = codecs.latent_encode(output.latent.detach().float().cpu().numpy())
-            stored = StoredItem(
-                index=index,
-                class_id=item.class_id,
-                guide_id=item.guide_id,
-                png=codecs.png_encode(np.ascontiguousarray(output.image)),
-                latent=latent,
-            )
-            done.append((output.record.model_copy(update={"index": index}), stored))
-        return done
 
     def _step_callback(self, job_ids: list[str], loop: asyncio.AbstractEventLoop) -> StepCallback:
         """on_step for the sampler thread: records step time, posts progress, reads cancels.
@@ -557,26 +448,12 @@ class Worker:
             await self._complete(job)
 
     # --- finishing ------------------------------------------------------------------------
-    def _fallback_record(self, job: ActiveJob, index: int) -> ItemResult:
-        """Provenance of an item stored by an earlier delivery of the job (on another replica):
-        the same record the sampler wrote, its decisions redrawn from the item's seed (its
-        gradient-step losses are not known here)."""
-        options, item = job.request.options, job.request.items[index]
-        seed = item_seed(options.seed or 0, index)
-        return item_record(
-            index=index,
-            class_id=item.class_id,
-            class_name=job.class_names[item.class_id],
-            guide_id=item.guide_id,
-            seed=seed,
-            options=options,
-            draw=item_draw(seed, item.confidence, options),
-            native_size=self.sampler.native_size,
-        )
-
     async def _complete(self, job: ActiveJob) -> None:
         request = job.request
-        records = [job.records.get(k) or self._fallback_record(job, k) for k in range(len(request.items))]
+        records = [
+            job.records.get(k) or job.record_of(k, self.sampler.native_size)
+            for k in range(len(request.items))
+        ]
         result = JobResult(
             items=records, options=request.options, classifier_ref=request.classifier_ref, replica=self.name
         )
@@ -616,10 +493,4 @@ class Worker:
             log_event("job.failed", delivery.job_id, replica=self.name, error=error)
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """A (CUDA or CPU) allocation failure: worth retrying with fewer items."""
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc)
-
-
-__all__ = ["ActiveJob", "Worker", "raise_if_outage"]
+__all__ = ["Worker", "raise_if_outage"]
