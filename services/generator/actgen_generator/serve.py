@@ -32,7 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="diffusers model id or folder (default: ACTGEN_MODEL, else the tiny model)",
     )
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: ACTGEN_DEVICE or auto)"
+        "--device",
+        default=None,
+        help="auto, cpu, cuda, cuda:1 ... (default: ACTGEN_DEVICE, else auto: CUDA when present)",
     )
     parser.add_argument(
         "--dtype",
