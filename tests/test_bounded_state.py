@@ -4,7 +4,6 @@ cap makes submit and /readyz answer 503. Real redis-server; the API in-process."
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -110,7 +109,7 @@ async def _store_bank(settings: Settings, n: int, cap: int) -> None:
 def test_memory_bank_is_capped_per_class_and_expires(settings: Settings) -> None:
     import asyncio
 
-    settings = dataclasses.replace(settings, bank_ttl_s=TTL)
+    settings = settings.model_copy(update={"bank_ttl_s": TTL})
     asyncio.run(_store_bank(settings, n=5, cap=3))
     r = redis.Redis.from_url(settings.redis_url or "")
     try:

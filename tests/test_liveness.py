@@ -12,7 +12,6 @@ be stalled while the other keeps fetching. Waits poll with a deadline.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,8 +21,9 @@ import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from actgen_generator.echo import EchoSampler
 from actgen_generator.metrics import Metrics
-from actgen_generator.worker import EchoSampler, Worker
+from actgen_generator.worker import Worker
 from actgen_shared import codecs
 from actgen_shared.queue import Heartbeat, JobQueue, connect, new_token
 from actgen_shared.schemas import JobRequest, JobState, JobStatus
@@ -125,7 +125,7 @@ class WorkerThread:
 
 @pytest.fixture
 def fast(settings: Settings) -> Settings:
-    return dataclasses.replace(settings, lease_s=1.5, heartbeat_interval_s=0.3, pending_rescan_s=1.0)
+    return settings.model_copy(update={"lease_s": 1.5, "heartbeat_interval_s": 0.3, "pending_rescan_s": 1.0})
 
 
 def _stalled_loop_run(settings: Settings, threaded: bool) -> JobState:

@@ -17,11 +17,11 @@ import pytest
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from actgen_generator.model_eval import mean_pairwise_distance
+from actgen_generator.devtools.model_eval import mean_pairwise_distance
 from actgen_shared.digits import ReferenceClassifier, grey_features
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
-from actgen_generator.tiny_training import load_digits_split
+from actgen_generator.devtools.tiny_training import load_digits_split
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode
 

@@ -286,6 +286,11 @@ class Info(BaseModel):
     native_size: int
     defaults: GenerationOptions
     label_sets: list[str] = Field(default_factory=lambda: sorted(LABEL_SETS))
+    # the per-job caps, so a client splits its work before a 422 (None: a server too old to say)
+    max_items_per_job: int | None = Field(None, description="items in one job (ACTGEN_MAX_ITEMS_PER_JOB)")
+    max_job_image_steps: int | None = Field(
+        None, description="items x steps x (height x width / 512^2) of one job (ACTGEN_MAX_JOB_IMAGE_STEPS)"
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from actgen_generator.contract import Classifier
 from actgen_shared import codecs
 from actgen_shared.keys import Keys
 from actgen_shared.schemas import ClassifierMeta, ClassifierRef
@@ -26,7 +27,6 @@ from actgen_shared.schemas import ClassifierMeta, ClassifierRef
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from actgen_generator.sampler import Classifier
 
 REF_PREFIX = "sha256:"
 DEFAULT_CACHE_SIZE = 4
@@ -84,7 +84,7 @@ def read_state_dict(weights: bytes) -> dict[str, Any]:
     return tensors
 
 
-def build_checked(weights: bytes, meta: ClassifierMeta) -> "nn.Module":
+def build_checked(weights: bytes, meta: ClassifierMeta) -> nn.Module:
     """The classifier rebuilt from the registry with the weights loaded strictly (eval mode)."""
     from actgen_shared.architectures import ARCHITECTURES, load_classifier
 
@@ -208,11 +208,11 @@ class ClassifierCache:
         self.store = store
         self.device = device
         self.size = size
-        self._cache: OrderedDict[str, "Classifier"] = OrderedDict()
+        self._cache: OrderedDict[str, Classifier] = OrderedDict()
         self._lock = asyncio.Lock()
         self.loads = 0
 
-    async def get(self, ref: str) -> "Classifier":
+    async def get(self, ref: str) -> Classifier:
         async with self._lock:
             if ref in self._cache:
                 self._cache.move_to_end(ref)
@@ -228,13 +228,11 @@ class ClassifierCache:
                 self._cache.popitem(last=False)
             return classifier
 
-    def _load(self, ref: str, weights: bytes, meta: ClassifierMeta) -> "Classifier":
-        from actgen_generator.sampler import Classifier
-
+    def _load(self, ref: str, weights: bytes, meta: ClassifierMeta) -> Classifier:
         module = build_checked(weights, meta).to(self.device)
         for param in module.parameters():
             param.requires_grad_(False)
         return Classifier(
-            module=module, input_size=meta.input_size, mean=tuple(meta.mean), std=tuple(meta.std),
+            module=module, input_size=meta.input_size, mean=meta.mean, std=meta.std,
             ref=ref,
         )

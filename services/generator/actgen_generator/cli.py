@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from actgen_generator import model_eval, serve, tiny_model, tiny_training
+from actgen_generator import serve, tiny_model
+from actgen_generator.devtools import model_eval, tiny_training
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from actgen_generator.devices import resolve_device
 from actgen_generator.tiny_model import (
     SD21_SCHEDULER,
     TINY_MODEL_VERSION,
@@ -39,13 +40,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     native_size: int  # px: unet sample size times the VAE's scale factor
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """``None``/"auto": CUDA when available, else the CPU."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:

@@ -24,6 +24,17 @@ from actgen_generator.attention import (
     normalize_mask,
     upsample_mask,
 )
+from actgen_generator.contract import (
+    Cancelled,
+    Classifier,
+    ItemDraw,
+    SampleItem,
+    SampleOutput,
+    decision_stream,
+    draw_decisions,
+    item_record,
+    latent_shape,
+)
 from actgen_generator.guidance import (
     PosteriorStep,
     adversarial_loss,
@@ -36,7 +47,7 @@ from actgen_generator.guidance import (
     normalized_update,
 )
 from actgen_generator.pipeline import LoadedModel
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, ItemResult, Mode
+from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode
 
 __all__ = [
     "Cancelled",
@@ -47,43 +58,6 @@ __all__ = [
     "fewshot_strength",
     "with_banks",
 ]
-
-# Decisions (plain draw, adversarial draw, bank order) use a second stream derived from the
-# seed, so the noise of a seed is the same in every mode and with or without a memory bank.
-DECISION_SEED_OFFSET = 0x9E3779B97F4A7C15
-
-
-@dataclass
-class SampleItem:
-    """One hard sample to imitate."""
-
-    guide: np.ndarray  # uint8 HxWx3 guide image (any size; resized to generation size)
-    class_id: int
-    class_name: str
-    seed: int  # per-item seed: fixes all of this item's noise
-    guide_id: str | None = None
-    confidence: float | None = None
-    bank: torch.Tensor | None = None  # (N, C, h, w) latents of this class in this item's job's memory bank
-    bank_group: str | None = None  # same group and class in one batch: each counts in the other's bank
-
-
-@dataclass
-class Classifier:
-    """The trainer's current classifier, for the adversarial loss (eq. 10)."""
-
-    module: torch.nn.Module
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    ref: str | None = None
-
-
-@dataclass
-class SampleOutput:
-    image: np.ndarray  # uint8 HxWx3 at options.output_size if set, else generation size
-    latent: torch.Tensor  # final latent (C, h, w), float32, cpu
-    record: ItemResult  # provenance, with grad_records per gradient step
-
 
 def with_banks(items: list[SampleItem], banks: Mapping[int, torch.Tensor],
                group: str | None = None) -> list[SampleItem]:
@@ -96,10 +70,6 @@ def with_banks(items: list[SampleItem], banks: Mapping[int, torch.Tensor],
         if group is not None:
             item.bank_group = group
     return items
-
-
-class Cancelled(Exception):
-    """``on_step`` asked to stop between two denoising steps."""
 
 
 @dataclass
@@ -199,10 +169,20 @@ class _Draw:
     """An item's random decisions and noise generator."""
 
     noise: torch.Generator
-    decisions: torch.Generator
-    plain: bool
-    adversarial: bool
-    strength: float
+    decisions: torch.Generator  # read on by the per-step bank draws
+    decided: ItemDraw
+
+    @property
+    def plain(self) -> bool:
+        return self.decided.plain
+
+    @property
+    def adversarial(self) -> bool:
+        return self.decided.adversarial
+
+    @property
+    def strength(self) -> float:
+        return self.decided.strength
 
 
 class GuidedSampler:
@@ -222,6 +202,13 @@ class GuidedSampler:
             self.unet.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
         self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def native_size(self) -> int:
+        return int(self.model.native_size)
+
+    def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
+        return latent_shape(options, self.native_size, int(self.unet.config.in_channels), self.vae_scale_factor)
 
     # ------------------------------------------------------------------ the step loop
     def __call__(
@@ -316,13 +303,10 @@ class GuidedSampler:
             SampleOutput(
                 image=images[i],
                 latent=x[i].detach().float().cpu(),
-                record=ItemResult(
+                record=item_record(
                     index=i, class_id=item.class_id, class_name=item.class_name,
-                    guide_id=item.guide_id, seed=item.seed,
-                    mode=Mode.random if draws[i].plain else mode,
-                    adversarial=draws[i].adversarial,
-                    image_guidance_strength=draws[i].strength,
-                    grad_records=records[i], width=width, height=height,
+                    guide_id=item.guide_id, seed=item.seed, options=opts, draw=draws[i].decided,
+                    native_size=self.native_size, grad_records=records[i],
                 ),
             )
             for i, item in enumerate(items)
@@ -407,16 +391,8 @@ class GuidedSampler:
     # ------------------------------------------------------------------ per-job preparation
     def _draw(self, item: SampleItem, opts: GenerationOptions) -> _Draw:
         noise = torch.Generator().manual_seed(item.seed)
-        decisions = torch.Generator().manual_seed((item.seed + DECISION_SEED_OFFSET) % 2**64)
-        plain = bool(torch.rand((), generator=decisions) < opts.plain_prob)
-        adversarial = bool(torch.rand((), generator=decisions) < opts.adv_prob)
-        adversarial = adversarial and opts.mode is Mode.actgen and not plain and opts.grad_steps > 0
-        strength = opts.image_guidance_strength
-        if opts.fewshot_u is not None:
-            if item.confidence is None:
-                raise ValueError("options.fewshot_u needs a confidence on every item")
-            strength = fewshot_strength(item.confidence, opts.fewshot_u)
-        return _Draw(noise, decisions, plain, adversarial, strength)
+        decisions = decision_stream(item.seed)
+        return _Draw(noise, decisions, draw_decisions(decisions, item.confidence, opts))
 
     def _randn(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         """One standard-normal draw per item from its own (CPU) generator: batch-independent."""

@@ -8,7 +8,6 @@ interrupted at the next step and unfinished jobs go back to the queue), then uvi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import signal
 import sys
 from types import FrameType
@@ -23,19 +22,35 @@ from actgen_shared.settings import Settings
 GRACEFUL_SHUTDOWN_S = 5
 
 
-def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("serve", help="run a generator replica (REST API + worker)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
-    parser.add_argument("--model", default=None,
-                        help="diffusers model id or folder (default: ACTGEN_MODEL, else the tiny model)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: ACTGEN_DEVICE or auto)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="weights dtype (default: ACTGEN_DTYPE or the pipeline's choice)")
-    parser.add_argument("--no-worker", action="store_true",
-                        help="API only: accept and serve jobs, never run them")
-    parser.add_argument("--sampler", default="guided", choices=SAMPLERS,
-                        help="'echo' returns guides without a model (to measure service overhead)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="diffusers model id or folder (default: ACTGEN_MODEL, else the tiny model)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="auto, cpu, cuda, cuda:1 ... (default: ACTGEN_DEVICE, else auto: CUDA when present)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="weights dtype (default: ACTGEN_DTYPE or the pipeline's choice)",
+    )
+    parser.add_argument(
+        "--no-worker", action="store_true", help="API only: accept and serve jobs, never run them"
+    )
+    parser.add_argument(
+        "--sampler",
+        default="guided",
+        choices=SAMPLERS,
+        help="'echo' returns guides without a model (to measure service overhead)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     parser.set_defaults(func=run)
 
@@ -48,12 +63,16 @@ def run(args: argparse.Namespace) -> int:
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis().start()
-        settings = dataclasses.replace(settings, redis_url=embedded.url)
+        settings = settings.model_copy(update={"redis_url": embedded.url})
         print(f"embedded Redis at {embedded.url}", flush=True)
     try:
         app = create_app(
-            settings, worker=not args.no_worker, sampler=args.sampler, model=args.model,
-            device=args.device, dtype=args.dtype,
+            settings,
+            worker=not args.no_worker,
+            sampler=args.sampler,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
         )
         svc: Service = app.state.service
         try:
@@ -62,8 +81,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            lifespan="on",
         )
         server = _Server(config, svc)
         # uvicorn re-raises the signal after its graceful shutdown: make that a clean exit 0

@@ -194,11 +194,21 @@ def tiny_fingerprint(seed: int = 0) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _fingerprint_at(folder: Path) -> str | None:
+    """The fingerprint of the complete tiny model in ``folder``, None when there is none."""
+    try:
+        meta = json.loads((folder / "actgen_tiny.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("fingerprint") if (folder / "model_index.json").is_file() else None
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline to ``out_dir`` in diffusers format and return the folder.
 
     Written to a temporary sibling and renamed into place, so a reader never sees half a model
-    and two processes building at once both end with a complete folder.
+    and two processes building at once both end with a complete folder (the second keeps the
+    first's identical one rather than deleting it under a process loading it).
     """
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +220,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
             json.dumps({"version": TINY_MODEL_VERSION, "seed": seed,
                         "fingerprint": tiny_fingerprint(seed)}, indent=2) + "\n"
         )
+        if _fingerprint_at(out) == tiny_fingerprint(seed):  # another process just built the same
+            shutil.rmtree(tmp)  # model: keep its folder (it may be loading from it right now)
+            return out
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -12,11 +12,8 @@ neither a stalled event loop nor a long batch lets the lease lapse.
 * A job another consumer took from us (our lease lapsed: the process was paused, say) is
   dropped at the next step; only the owner of an entry can finish its job.
 * Batch pending items of compatible jobs, up to ``settings.max_batch``, into one sampler
-  call. Compatible means the same options apart from the seed (so also the same mode, steps
-  and size: ``GenerationOptions.batch_signature``), the same classifier and the same bank.
-  Item ``k`` of a job always uses seed ``item_seed(options.seed, k)``, whichever batch it
-  runs in. Each item contrasts with its own job's memory bank, read when its batch starts
-  (the bank is live), never with another job's.
+  call (batch.py: which items share a batch, and the thread work of one). Each item contrasts
+  with its own job's memory bank, read when its batch starts (the bank is live).
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
@@ -31,79 +28,38 @@ neither a stalled event loop nor a long batch lets the lease lapse.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+from redis.exceptions import RedisError
 
 from actgen_generator import memory_bank
+from actgen_generator.batch import ActiveJob, Bank, compute_batch, next_batch, out_of_memory
+from actgen_generator.classifiers import ClassifierCache
+from actgen_generator.contract import Cancelled, Sampler, StepCallback
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
-from actgen_shared import codecs
 from actgen_shared.consumer import Consumer, Delivery, StoredItem
 from actgen_shared.queue import REDIS_DOWN, Heartbeat, JobQueue
-from actgen_shared.schemas import GenerationOptions, ItemResult, JobRequest, JobResult, Mode
-from actgen_shared.seeds import derive_seed, item_seed
+from actgen_shared.schemas import ItemResult, JobResult, Mode
+from actgen_shared.seeds import derive_seed
 from actgen_shared.settings import Settings
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from actgen_generator.classifiers import ClassifierCache
-    from actgen_generator.sampler import Classifier, SampleItem, SampleOutput
 
 FETCH_BLOCK_MS = 500  # how long an idle worker waits on the stream before looking again
 ERROR_BACKOFF_S = 0.5
 
 
-class Sampler(Protocol):
-    """What the worker needs of a sampler: ``GuidedSampler`` or :class:`EchoSampler`."""
+def raise_if_outage(exc: RedisError) -> None:
+    """What a Redis error means to the worker, decided here once for every call site.
 
-    def __call__(
-        self,
-        items: Sequence["SampleItem"],
-        options: GenerationOptions,
-        classifier: "Classifier | None" = None,
-        on_step: Callable[[int, int], bool] | None = None,
-    ) -> list["SampleOutput"]: ...
-
-
-LatentShape = Callable[[GenerationOptions], tuple[int, int, int]]
-
-
-@dataclass
-class ActiveJob:
-    """A started job on this replica and what is left of it."""
-
-    delivery: Delivery
-    class_names: list[str]
-    pending: list[int]
-    classifier: Any = None
-    records: dict[int, ItemResult] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def job_id(self) -> str:
-        return self.delivery.job_id
-
-    @property
-    def request(self) -> JobRequest:
-        return self.delivery.request
-
-    @property
-    def batch_key(self) -> tuple:
-        req = self.request
-        return (
-            req.options.batch_signature(),
-            req.options.model_dump_json(exclude={"seed"}),
-            req.classifier_ref if req.needs_classifier else None,
-            req.memory_bank_key,
-        )
+    Down, restarting or timing out (``REDIS_DOWN``) is an outage: it is re-raised, the loop
+    backs off and retries with every job kept (nothing is failed for it). Any other Redis error
+    (a refused write, a script error) returns, and the caller treats it as that operation's
+    failure (failing the job, or logging what was best effort).
+    """
+    if isinstance(exc, REDIS_DOWN):
+        raise exc
 
 
 class Worker:
@@ -116,9 +72,7 @@ class Worker:
         sampler: Sampler,
         settings: Settings,
         metrics: Metrics,
-        classifiers: "ClassifierCache | None" = None,
-        latent_shape: LatentShape | None = None,
-        native_size: int = 512,
+        classifiers: ClassifierCache | None = None,
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.queue = queue
@@ -129,8 +83,6 @@ class Worker:
         self.settings = settings
         self.metrics = metrics
         self.classifiers = classifiers
-        self.latent_shape = latent_shape
-        self.native_size = native_size
         self.active: dict[str, ActiveJob] = {}
         self._stop = threading.Event()  # set from a signal handler or the loop; read by the sampler thread
         self._abandoned = False
@@ -167,20 +119,14 @@ class Worker:
             heartbeat = asyncio.create_task(self._heartbeat())
         log_event("worker.started", replica=self.name)
         try:
-            # the sampler module imports torch and diffusers: never on the loop (an 8 s stall)
-            await asyncio.to_thread(importlib.import_module, "actgen_generator.sampler")
             while not self.stopping:
                 try:
-                    self._drop_lost()
-                    await self._touch_classifiers()
-                    await self._complete_finished()
-                    await self._admit_waiting()
-                    await self._fill()
-                    if self.active and not self.stopping:
-                        await self._run_batch(self._next_batch())
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # Redis hiccup or a bug: log, back off, keep serving
+                    await self._round()
+                except RedisError as exc:  # an outage (raise_if_outage) or a refusal: wait, retry
+                    event = "worker.redis_down" if isinstance(exc, REDIS_DOWN) else "worker.redis_error"
+                    log_event(event, replica=self.name, error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(ERROR_BACKOFF_S)
+                except Exception as exc:  # a bug: log it and keep serving the other jobs
                     log_event("worker.error", replica=self.name, error=f"{type(exc).__name__}: {exc}")
                     await asyncio.sleep(ERROR_BACKOFF_S)
         finally:
@@ -191,6 +137,16 @@ class Worker:
             if self.heartbeat is not None:
                 await asyncio.to_thread(self.heartbeat.stop)
             log_event("worker.stopped", replica=self.name)
+
+    async def _round(self) -> None:
+        """One turn of the batch loop: drop lost jobs, finish, take more, run one batch."""
+        self._drop_lost()
+        await self._touch_classifiers()
+        await self._complete_finished()
+        await self._admit_waiting()
+        await self._fill()
+        if self.active and not self.stopping:
+            await self._run_batch(next_batch(self.active.values(), self._solo, self.batch_limit))
 
     async def _release_all(self) -> None:
         if self._abandoned:
@@ -203,13 +159,13 @@ class Worker:
             try:
                 await self.consumer.release(delivery)
                 log_event("job.released", delivery.job_id, replica=self.name)
-            except Exception as exc:
+            except RedisError as exc:  # outage or not: the job comes back once our lease ends
                 log_event("job.release_failed", delivery.job_id, replica=self.name, error=str(exc))
         self.active.clear()
         self.admitting.clear()
         try:
             await self.consumer.stop()
-        except Exception as exc:
+        except RedisError as exc:
             log_event("worker.stop_failed", replica=self.name, error=str(exc))
 
     async def _touch_classifiers(self) -> None:
@@ -243,17 +199,19 @@ class Worker:
             self._fetched_at.pop(entry_id, None)
         for job_id in job_ids:
             self.metrics.job_events.labels("lost").inc()
-            log_event("job.lost", job_id, replica=self.name,
-                      reason="another consumer took it after our lease lapsed")
+            log_event(
+                "job.lost",
+                job_id,
+                replica=self.name,
+                reason="another consumer took it after our lease lapsed",
+            )
         return job_ids
 
     async def _heartbeat(self) -> None:
         while True:
             try:
                 await self.consumer.heartbeat()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except RedisError as exc:  # beat again next time; the lease outlasts a few misses
                 log_event("worker.heartbeat_failed", replica=self.name, error=str(exc))
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
@@ -278,7 +236,7 @@ class Worker:
         for entry_id, delivery in list(self.admitting.items()):
             if self.stopping:
                 return  # run() releases them
-            await self._admit(delivery)  # REDIS_DOWN propagates: run() backs off, then retries
+            await self._admit(delivery)  # an outage propagates: run() backs off, then retries
             self.admitting.pop(entry_id, None)
 
     async def _admit(self, delivery: Delivery) -> None:
@@ -299,14 +257,21 @@ class Worker:
                     raise RuntimeError("this replica has no classifier cache")
                 job.classifier = await self.classifiers.get(request.classifier_ref or "")
                 await self.classifiers.store.touch(request.classifier_ref or "")  # in use: TTL again
-        except REDIS_DOWN:
-            raise  # not started here yet: the delivery stays in ``admitting`` and is retried
-        except Exception as exc:
+        except RedisError as exc:
+            raise_if_outage(exc)  # an outage: not started yet, stays in ``admitting``, retried
+            await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
+            return
+        except (ValueError, RuntimeError) as exc:  # the classifier does not load (ClassifierError)
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
             return
         log_event(
-            "job.started", job_id, replica=self.name, run_id=request.run_id,
-            items=len(request.items), already_done=len(done), delivery=delivery.deliveries,
+            "job.started",
+            job_id,
+            replica=self.name,
+            run_id=request.run_id,
+            items=len(request.items),
+            already_done=len(done),
+            delivery=delivery.deliveries,
             mode=request.options.mode.value,
         )
         self.metrics.job_events.labels("started").inc()
@@ -315,31 +280,21 @@ class Worker:
         if not job.pending:  # everything was stored by an earlier delivery
             await self._complete(job)
 
-    def _next_batch(self) -> list[tuple[ActiveJob, int]]:
-        """Up to ``batch_limit`` pending items of the oldest job and of jobs compatible with it
-        (a job that must run alone takes no company)."""
-        first = next(iter(self.active.values()))
-        key = first.batch_key
-        batch: list[tuple[ActiveJob, int]] = []
-        for job in self.active.values():
-            if job.batch_key != key or (job is not first and (first.job_id in self._solo
-                                                               or job.job_id in self._solo)):
-                continue
-            for index in job.pending:
-                if len(batch) >= self.batch_limit:
-                    return batch
-                batch.append((job, index))
-        return batch
-
     async def _batch_failed(self, jobs: list[ActiveJob], batch_items: int, exc: Exception) -> None:
         """A failing job fails alone: jobs that shared the batch run again one by one; an
         out-of-memory error halves the batch (at one item, the job goes back on the queue)."""
         message = f"{type(exc).__name__}: {exc}"
-        if _out_of_memory(exc):
+        if out_of_memory(exc):
             if batch_items > 1:
                 self.batch_limit = max(1, min(self.batch_limit, batch_items) // 2)
-                log_event("batch.oom", None, replica=self.name, items=batch_items,
-                          batch_limit=self.batch_limit, error=message)
+                log_event(
+                    "batch.oom",
+                    None,
+                    replica=self.name,
+                    items=batch_items,
+                    batch_limit=self.batch_limit,
+                    error=message,
+                )
                 return  # the jobs stay here with their items pending and rerun smaller
             for job in jobs:
                 await self.consumer.retry(job.delivery, f"out of memory at batch size 1: {message}")
@@ -349,16 +304,21 @@ class Worker:
             return
         if len(jobs) > 1:
             self._solo.update(job.job_id for job in jobs)
-            log_event("batch.failed", None, replica=self.name, jobs=[j.job_id for j in jobs],
-                      error=message, next="each job alone")
+            log_event(
+                "batch.failed",
+                None,
+                replica=self.name,
+                jobs=[j.job_id for j in jobs],
+                error=message,
+                next="each job alone",
+            )
             return
         self._solo.discard(jobs[0].job_id)
         await self._fail([job.delivery for job in jobs], message)
 
     # --- running a batch ------------------------------------------------------------------
     async def _run_batch(self, batch: list[tuple[ActiveJob, int]]) -> None:
-        from actgen_generator.sampler import Cancelled
-
+        """Run one batch through the sampler (in a thread) and store what it made."""
         jobs = list({id(job): job for job, _ in batch}.values())
         for job in jobs:  # cancelled while waiting here: do not spend a batch on it
             if job.job_id in self._fresh:
@@ -377,86 +337,53 @@ class Worker:
         started = time.perf_counter()
         try:
             done = await asyncio.to_thread(
-                self._compute, batch, jobs[0].request.options, banks, jobs[0].classifier, on_step
+                compute_batch, self.sampler, batch, banks, on_step, self.settings.max_image_side
             )
         except Cancelled:
             for job in jobs:
                 if job.job_id in self._cancelled and job.job_id in self.active:
                     await self._cancel(job)
             return  # stopping: the jobs are released by run(); others stay pending and rerun
-        except Exception as exc:
+        except Exception as exc:  # whatever the sampler raises fails its job (alone), never the loop
             await self._batch_failed(jobs, len(batch), exc)
             return
         elapsed = time.perf_counter() - started
         self.metrics.batch_size.observe(len(batch))
         self.metrics.record_items(len(batch))
         log_event(
-            "batch.done", None, replica=self.name, items=len(batch), jobs=[j.job_id for j in jobs],
+            "batch.done",
+            None,
+            replica=self.name,
+            items=len(batch),
+            jobs=[j.job_id for j in jobs],
             seconds=round(elapsed, 4),
         )
         await self._store(batch, done)
 
-    async def _read_bank(self, job: ActiveJob, indices: list[int]) -> dict[int, Any]:
+    async def _read_bank(self, job: ActiveJob, indices: list[int]) -> Bank:
         """The job's memory bank for the classes of this batch's items, read now (DESIGN 5.7).
 
         Read per batch, not per job, so a latent stored a moment ago (by this job's earlier
         batch or by the run's previous job) already counts: the bank is live.
         """
         request, options = job.request, job.request.options
-        if not (options.mode is Mode.actgen and request.memory_bank_key
-                and options.bank_sample > 0 and options.grad_steps > 0):
+        if not (
+            options.mode is Mode.actgen
+            and request.memory_bank_key
+            and options.bank_sample > 0
+            and options.grad_steps > 0
+        ):
             return {}
         return await memory_bank.sample_banks(
-            self.queue, request.memory_bank_key, {request.items[k].class_id for k in indices},
-            options.bank_sample, seed=derive_seed(options.seed or 0, min(indices)),
-            shape=self.latent_shape(options) if self.latent_shape else None,
+            self.queue,
+            request.memory_bank_key,
+            {request.items[k].class_id for k in indices},
+            options.bank_sample,
+            seed=derive_seed(options.seed or 0, min(indices)),
+            shape=self.sampler.latent_shape(options),
         )
 
-    def _compute(
-        self,
-        batch: list[tuple[ActiveJob, int]],
-        options: GenerationOptions,
-        banks: Mapping[str, Mapping[int, Any]],
-        classifier: Any,
-        on_step: Callable[[int, int], bool],
-    ) -> list[tuple[ItemResult, StoredItem]]:
-        """The batch's thread work in one hop: decode guides, sample, encode PNGs and latents."""
-        from actgen_generator.sampler import SampleItem
-
-        items = []
-        for job, index in batch:
-            item = job.request.items[index]
-            items.append(
-                SampleItem(
-                    guide=codecs.image_from_b64(item.image, max_side=self.settings.max_image_side),
-                    class_id=item.class_id,
-                    class_name=job.class_names[item.class_id],
-                    seed=item_seed(job.request.options.seed or 0, index),
-                    guide_id=item.guide_id,
-                    confidence=item.confidence,
-                    bank=banks.get(job.job_id, {}).get(item.class_id),  # this job's bank only
-                    bank_group=job.job_id,
-                )
-            )
-        outputs = self.sampler(items, options, classifier=classifier, on_step=on_step)
-        if len(outputs) != len(batch):
-            raise RuntimeError(f"sampler returned {len(outputs)} outputs for {len(batch)} items")
-        done = []
-        for (job, index), output in zip(batch, outputs):
-            request, item = job.request, job.request.items[index]
-            latent = None
-            if (request.options.return_latents or request.memory_bank_key) and output.latent is not None:
-                latent = codecs.latent_encode(output.latent.detach().float().cpu().numpy())
-            stored = StoredItem(
-                index=index, class_id=item.class_id, guide_id=item.guide_id,
-                png=codecs.png_encode(np.ascontiguousarray(output.image)), latent=latent,
-            )
-            done.append((output.record.model_copy(update={"index": index}), stored))
-        return done
-
-    def _step_callback(
-        self, job_ids: list[str], loop: asyncio.AbstractEventLoop
-    ) -> Callable[[int, int], bool]:
+    def _step_callback(self, job_ids: list[str], loop: asyncio.AbstractEventLoop) -> StepCallback:
         """on_step for the sampler thread: records step time, posts progress, reads cancels.
 
         Progress and the cancel check run on the event loop; the sampler never waits for
@@ -464,7 +391,7 @@ class Worker:
         step n stops the batch at step n+1.
         """
         last = [time.perf_counter()]
-        inflight: list[Future | None] = [None]
+        inflight: list[Future[None] | None] = [None]
 
         def on_step(step: int, total: int) -> bool:
             now = time.perf_counter()
@@ -474,9 +401,7 @@ class Worker:
                 return False
             future = inflight[0]
             if future is None or future.done() or step >= total:
-                inflight[0] = asyncio.run_coroutine_threadsafe(
-                    self._after_step(job_ids, step, total), loop
-                )
+                inflight[0] = asyncio.run_coroutine_threadsafe(self._after_step(job_ids, step, total), loop)
             return True
 
         return on_step
@@ -490,26 +415,26 @@ class Worker:
                 await self.consumer.progress(job_id, step, total)
                 if await self.queue.is_cancel_requested(job_id):
                     self._cancelled.add(job_id)
-        except Exception as exc:  # progress is best effort; the batch goes on
+        except RedisError as exc:  # progress is best effort, outage or not: the batch goes on
             log_event("job.progress_failed", None, replica=self.name, error=str(exc))
 
     async def _store(
         self, batch: list[tuple[ActiveJob, int]], done: list[tuple[ItemResult, StoredItem]]
     ) -> None:
         per_job: dict[str, list[tuple[ItemResult, StoredItem]]] = {}
-        for (job, _), result in zip(batch, done):
+        for (job, _), result in zip(batch, done, strict=True):
             per_job.setdefault(job.job_id, []).append(result)
         for job_id, results in per_job.items():
-            job = self.active.get(job_id)
-            if job is None:
+            held = self.active.get(job_id)
+            if held is None:
                 continue
+            job = held
             try:
                 await self.consumer.store_items(
                     job.delivery, [stored for _, stored in results], self.settings.bank_cap
                 )
-            except REDIS_DOWN:
-                raise  # the job stays here with its items pending: run() backs off and reruns them
-            except Exception as exc:
+            except RedisError as exc:
+                raise_if_outage(exc)  # an outage: the job stays with its items pending, rerun later
                 await self._fail([job.delivery], f"storing results: {type(exc).__name__}: {exc}")
                 continue
             for record, stored in results:
@@ -524,26 +449,14 @@ class Worker:
             await self._complete(job)
 
     # --- finishing ------------------------------------------------------------------------
-    def _fallback_record(self, job: ActiveJob, index: int) -> ItemResult:
-        """Provenance of an item stored by an earlier delivery of the job (on another replica)."""
-        options, item = job.request.options, job.request.items[index]
-        return ItemResult(
-            index=index, class_id=item.class_id, class_name=job.class_names[item.class_id],
-            guide_id=item.guide_id, seed=item_seed(options.seed or 0, index), mode=options.mode,
-            image_guidance_strength=options.image_guidance_strength,
-            width=options.output_size or options.width or self.native_size,
-            height=options.output_size or options.height or self.native_size,
-        )
-
     async def _complete(self, job: ActiveJob) -> None:
         request = job.request
         records = [
-            job.records.get(k) or self._fallback_record(job, k) for k in range(len(request.items))
+            job.records.get(k) or job.record_of(k, self.sampler.native_size)
+            for k in range(len(request.items))
         ]
         result = JobResult(
-            items=records, options=request.options,
-            classifier_ref=request.classifier_ref, replica=self.name,
-            latents_key=None,
+            items=records, options=request.options, classifier_ref=request.classifier_ref, replica=self.name
         )
         finished = await self.consumer.complete(job.delivery, result)
         self.active.pop(job.job_id, None)
@@ -551,7 +464,11 @@ class Worker:
         self._fetched_at.pop(job.delivery.entry_id, None)
         self.metrics.job_events.labels("done").inc()
         log_event(
-            "job.done", job.job_id, replica=self.name, items=len(records), finished_here=finished,
+            "job.done",
+            job.job_id,
+            replica=self.name,
+            items=len(records),
+            finished_here=finished,
             seconds=round(time.monotonic() - job.started, 4),
         )
 
@@ -567,9 +484,8 @@ class Worker:
         for delivery in deliveries:
             try:
                 await self.consumer.fail(delivery, error)
-            except REDIS_DOWN:
-                raise  # not recorded as failed: keep the job, so it is not left leased to nobody
-            except Exception as exc:
+            except RedisError as exc:
+                raise_if_outage(exc)  # not recorded as failed: keep the job, not leased to nobody
                 log_event("job.fail_failed", delivery.job_id, replica=self.name, error=str(exc))
             self.active.pop(delivery.job_id, None)
             self._solo.discard(delivery.job_id)
@@ -578,59 +494,4 @@ class Worker:
             log_event("job.failed", delivery.job_id, replica=self.name, error=error)
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """A (CUDA or CPU) allocation failure: worth retrying with fewer items."""
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc)
-
-
-class EchoSampler:
-    """A sampler without a model: each guide comes back resized, latents are zeros.
-
-    For measuring what the service itself adds (REST + Redis + worker) and for API tests
-    that do not need images to be generated. Honours ``on_step`` like the real sampler.
-    """
-
-    def __init__(self, native_size: int = 64, latent_channels: int = 4, scale: int = 8,
-                 step_seconds: float = 0.0) -> None:
-        self.native_size = native_size
-        self.latent_channels = latent_channels
-        self.scale = scale
-        self.step_seconds = step_seconds  # > 0: every step takes this long (chaos runs, tests)
-
-    def __call__(
-        self,
-        items: Sequence["SampleItem"],
-        options: GenerationOptions,
-        classifier: "Classifier | None" = None,
-        on_step: Callable[[int, int], bool] | None = None,
-    ) -> list["SampleOutput"]:
-        import torch
-        from PIL import Image
-
-        from actgen_generator.sampler import Cancelled, SampleOutput
-
-        total = options.num_inference_steps
-        if self.step_seconds > 0:  # a job that takes time, step by step, like the real sampler
-            for step in range(1, total + 1):
-                time.sleep(self.step_seconds)
-                if on_step is not None and not on_step(step, total):
-                    raise Cancelled("cancelled")
-        elif on_step is not None and not on_step(total, total):
-            raise Cancelled("cancelled")
-        height = options.height or self.native_size
-        width = options.width or self.native_size
-        out_h = out_w = options.output_size or 0
-        outputs = []
-        for position, item in enumerate(items):
-            size = (out_w or width, out_h or height)
-            image = np.asarray(Image.fromarray(item.guide).resize(size), dtype=np.uint8)
-            latent = torch.zeros(self.latent_channels, height // self.scale, width // self.scale)
-            record = ItemResult(
-                index=position, class_id=item.class_id, class_name=item.class_name,
-                guide_id=item.guide_id, seed=item.seed, mode=options.mode,
-                image_guidance_strength=options.image_guidance_strength,
-                width=size[0], height=size[1],
-            )
-            outputs.append(SampleOutput(image=image, latent=latent, record=record))
-        return outputs
+__all__ = ["Worker", "raise_if_outage"]

@@ -24,7 +24,7 @@ import numpy as np
 
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
-from actgen_generator.tiny_training import load_digits_split
+from actgen_generator.devtools.tiny_training import load_digits_split
 from actgen_shared.digits import FEATURE_SIDE, ReferenceClassifier
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode

@@ -1,0 +1,208 @@
+"""A replica's life: what it holds (:class:`Service`), its name, loading the model, the worker.
+
+The lifespan opens Redis and the queue; unless the replica is API-only it claims its consumer
+name, then loads the sampler in a thread and starts the worker loop as a task of the event loop.
+A replica that cannot load, or whose name another process takes, is fatal: /readyz says why and
+the CLI stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from actgen_generator.classifiers import ClassifierCache, ClassifierStore
+from actgen_generator.contract import Sampler
+from actgen_generator.events import log_event
+from actgen_generator.metrics import Metrics
+from actgen_generator.worker import Worker
+from actgen_shared.queue import Heartbeat, JobQueue, ReplicaIdInUse, connect, new_token
+from actgen_shared.settings import Settings
+
+SAMPLERS = ("guided", "echo")
+MAX_WAIT_S = 60.0  # longest long-poll a request may ask for (ACTGEN_MAX_WAIT_S may cut it shorter)
+REDIS_TIMEOUT_MARGIN_S = 10.0
+
+
+@dataclass
+class Service:
+    """What one replica holds: Redis, the queue, caches, and (when enabled) the worker."""
+
+    settings: Settings
+    run_worker: bool = True
+    sampler_kind: str = "guided"
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    replica_id: str = ""
+    metrics: Metrics = field(default_factory=Metrics)
+    redis: aioredis.Redis | None = None  # these three from the lifespan on
+    queue: JobQueue | None = None
+    classifiers: ClassifierStore | None = None
+    model_id: str = "(not loaded)"
+    native_size: int = 512
+    ready: bool = False
+    fatal: str | None = None
+    worker: Worker | None = None
+    heartbeat: Heartbeat | None = None
+    worker_task: asyncio.Task[None] | None = None
+    startup_task: asyncio.Task[None] | None = None
+    on_fatal: Callable[[], None] | None = None  # the CLI stops the server: a replica that cannot load exits
+
+
+def default_replica_id(device: str | None, run_worker: bool) -> str:
+    """``{hostname}-{device}-{pid}-{random}``: no two processes share it, on one host or many.
+
+    Two replicas under one consumer name would share one heartbeat, so neither's jobs could be
+    reclaimed when it dies. A replica that restarts under a new name leaves its old entries to
+    be reclaimed once the old lease ends; set ACTGEN_REPLICA_ID for a name that survives restarts.
+    """
+    host = socket.gethostname()
+    suffix = f"{os.getpid()}-{secrets.token_hex(3)}"
+    if not run_worker:
+        return f"{host}-api-{suffix}"
+    from actgen_generator.devices import device_tag, resolve_device  # torch: worker replicas only
+
+    return f"{host}-{device_tag(resolve_device(device))}-{suffix}"
+
+
+def load_sampler(svc: Service) -> tuple[Sampler, str, str, str]:
+    """The replica's sampler and (model id, device, dtype) it reports; blocking (run in a thread)."""
+    if svc.sampler_kind == "echo":
+        from actgen_generator.echo import EchoSampler  # imported here: torch, off the event loop
+
+        return EchoSampler(step_seconds=svc.settings.echo_step_s), "echo (no model)", "cpu", "float32"
+    from actgen_generator.pipeline import load_pipeline  # diffusers: seconds to import
+    from actgen_generator.sampler import GuidedSampler
+
+    loaded = load_pipeline(svc.model, svc.device, svc.dtype)
+    sampler = GuidedSampler(loaded, prompt_cache_size=svc.settings.prompt_cache_size)
+    return sampler, loaded.model_id, str(loaded.device), str(loaded.dtype).removeprefix("torch.")
+
+
+async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierStore) -> None:
+    """Load the sampler (in a thread), then start the worker loop; failures are fatal."""
+    try:
+        sampler, svc.model_id, device, svc.dtype = await asyncio.to_thread(load_sampler, svc)
+        svc.device, svc.native_size = device, sampler.native_size
+        svc.worker = Worker(
+            queue,
+            svc.replica_id,
+            sampler,
+            svc.settings,
+            svc.metrics,
+            classifiers=ClassifierCache(classifiers, device),
+            heartbeat=svc.heartbeat,
+        )
+        svc.worker_task = asyncio.create_task(svc.worker.run())
+        svc.ready = True
+        log_event("replica.ready", None, replica=svc.replica_id, model=svc.model_id, device=svc.device)
+    except Exception as exc:  # anything that stops the model loading stops the replica, with its reason
+        svc.fatal = f"could not load the model: {type(exc).__name__}: {exc}"
+        log_event("replica.fatal", None, replica=svc.replica_id, error=svc.fatal)
+        if svc.on_fatal is not None:
+            svc.on_fatal()
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """The queue's kind of client, with a socket timeout longer than the longest long-poll
+    (redis-py's default of 5 s would cut a blocking XREAD of /v1/runs/{run}/results short)."""
+    return connect(url, socket_timeout=MAX_WAIT_S + REDIS_TIMEOUT_MARGIN_S)
+
+
+def lifespan(svc: Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: Redis and the queue, then the name and the worker (unless API-only)."""
+
+    @asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        if not svc.settings.redis_url:
+            raise RuntimeError("Settings.redis_url is not set (the CLI starts an embedded Redis)")
+        svc.redis = client = redis_client(svc.settings.redis_url)
+        svc.queue = queue = JobQueue(client, svc.settings)
+        await queue.ensure_group()
+        svc.classifiers = classifiers = ClassifierStore(
+            client, svc.settings.keys, svc.settings.max_classifier_bytes, svc.settings.classifier_ttl_s
+        )
+        if svc.run_worker:
+            await asyncio.to_thread(claim_replica_id, svc)
+            svc.startup_task = asyncio.create_task(start_worker(svc, queue, classifiers))
+        else:
+            svc.ready = True
+        try:
+            yield
+        finally:
+            await stop_worker(svc)
+            await client.aclose()
+
+    return run
+
+
+def claim_replica_id(svc: Service) -> None:
+    """Take the replica's consumer name before anything else (blocking): a name that a live
+    replica holds (its heartbeat has not expired) raises ReplicaIdInUse, and this one does not
+    start. The CLI calls it before the server starts; the lifespan when nobody did."""
+    if svc.heartbeat is not None or not svc.run_worker:
+        return
+    if not svc.settings.redis_url:
+        raise RuntimeError("Settings.redis_url is not set (the CLI starts an embedded Redis)")
+    heartbeat = Heartbeat(
+        svc.settings.redis_url,
+        svc.settings,
+        svc.replica_id,
+        new_token(svc.replica_id),
+        on_conflict=lambda message: _lost_replica_id(svc, message),
+    )
+    try:
+        heartbeat.claim()
+    except ReplicaIdInUse as exc:
+        heartbeat.stop()
+        svc.fatal = str(exc)
+        log_event("replica.refused", None, replica=svc.replica_id, error=svc.fatal)
+        raise
+    except BaseException:
+        heartbeat.stop()
+        raise
+    svc.heartbeat = heartbeat.start()  # keeps the name while the model loads
+
+
+def _lost_replica_id(svc: Service, message: str) -> None:
+    """Another process took our name while we were paused past the lease: it owns our pending
+    work now, so this one stops (called from the heartbeat thread)."""
+    svc.fatal = message
+    log_event("replica.name_taken", None, replica=svc.replica_id, error=message)
+    if svc.worker is not None:
+        svc.worker.abandon()
+    if svc.on_fatal is not None:
+        svc.on_fatal()
+
+
+async def stop_worker(svc: Service) -> None:
+    """Stop the worker: interrupt the batch, release unfinished jobs, drop the heartbeat."""
+    if svc.startup_task is not None and not svc.startup_task.done():
+        svc.startup_task.cancel()
+    if svc.worker is not None:
+        svc.worker.request_stop()
+    if svc.worker_task is not None:
+        await asyncio.gather(svc.worker_task, return_exceptions=True)
+    elif svc.heartbeat is not None:  # claimed, but the worker never ran: give the name back
+        await asyncio.to_thread(svc.heartbeat.stop, True)
+    svc.ready = False
+
+
+__all__ = [
+    "MAX_WAIT_S",
+    "SAMPLERS",
+    "Service",
+    "claim_replica_id",
+    "default_replica_id",
+    "lifespan",
+    "stop_worker",
+]

@@ -1,0 +1,117 @@
+"""ASGI middleware that acts before a request's body is read: the API key and the body size cap."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from actgen_generator.api.errors import ApiError, error_response
+from actgen_shared.settings import Settings
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+CLASSIFIER_FORM_SLACK = 1 << 20  # multipart framing and metadata around a classifier's weights
+MISSING_TOKEN = "Authorization: a 'Bearer <ACTGEN_API_KEY>' header is required"
+WRONG_TOKEN = "Authorization: the bearer token is not the service's API key"
+
+
+def bearer_problem(headers: list[tuple[bytes, bytes]], expected: str) -> str | None:
+    """None when the headers carry ``Authorization: Bearer <expected>``, else why not."""
+    value = next((v for k, v in headers if k == b"authorization"), None)
+    if value is None:
+        return MISSING_TOKEN
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return MISSING_TOKEN
+    if not hmac.compare_digest(token.strip(), expected.encode("utf-8")):
+        return WRONG_TOKEN
+    return None
+
+
+class ApiKeyAuth:
+    """Bearer-token check before anything of the request is read (ASGI, outermost).
+
+    With ``ACTGEN_API_KEY`` set, every route but /healthz and /readyz needs the token, the docs
+    (/docs, /redoc, /openapi.json) too unless ``ACTGEN_PUBLIC_DOCS=1``. A refusal is a 401 sent
+    without reading the body (FastAPI would parse a JSON body before a dependency runs), and the
+    connection is closed rather than drained.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def is_open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.settings.public_docs and path in DOCS_PATHS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        expected = self.settings.api_key
+        if scope["type"] != "http" or not expected or self.is_open(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        why = bearer_problem(scope.get("headers", []), expected)
+        if why is None:
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "unauthorized", why, headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
+        )
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    """A receive() for a response sent without reading the request: the client is gone."""
+    return {"type": "http.disconnect"}
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body: more than {limit} bytes (ACTGEN_MAX_BODY_BYTES)")
+
+
+class BodySizeLimit:
+    """Refuse bodies over the cap with 413: by Content-Length at once, else while streaming."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def limit_for(self, path: str) -> int:
+        if path.startswith("/v1/classifiers"):
+            return self.settings.max_classifier_bytes + CLASSIFIER_FORM_SLACK
+        return self.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope.get("path", ""))
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await error_response(400, "bad_request", "Content-Length is not a number")(
+                        scope, receive, send
+                    )
+                    return
+                if length > limit:
+                    message = str(BodyTooLarge(limit).detail)
+                    await error_response(413, "payload_too_large", message)(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+__all__ = ["ApiKeyAuth", "BodySizeLimit", "BodyTooLarge", "MISSING_TOKEN", "WRONG_TOKEN"]

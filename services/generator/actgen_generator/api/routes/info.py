@@ -1,0 +1,28 @@
+"""GET /v1/info: what this replica runs and the caps a client splits its work by."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from actgen_generator.api.deps import AUTHED, ServiceDep
+from actgen_shared import __version__
+from actgen_shared.schemas import ErrorBody, GenerationOptions, Info
+
+router = APIRouter(tags=["service"], dependencies=AUTHED, responses={401: {"model": ErrorBody}})
+
+
+@router.get("/v1/info", response_model=Info)
+async def info(svc: ServiceDep) -> Info:
+    settings = svc.settings
+    return Info(
+        model=svc.model_id,
+        device=svc.device or "none",
+        dtype=svc.dtype or "none",
+        replica_id=svc.replica_id,
+        version=__version__,
+        max_batch=settings.max_batch,
+        native_size=svc.native_size,
+        defaults=GenerationOptions(),
+        max_items_per_job=settings.max_items_per_job,
+        max_job_image_steps=settings.max_job_image_steps,
+    )

@@ -1,0 +1,150 @@
+"""One sampler batch: the jobs a replica runs, which of their items share a batch, and the work
+done in the sampler's thread (decode the guides, sample, encode PNGs and latents).
+
+No Redis here: the worker (worker.py) fetches, stores and finishes; this module only decides
+and computes. Compatible jobs share a batch: the same options apart from the seed (so also the
+same mode, steps and size), the same classifier and the same bank. Item ``k`` of a job always
+uses seed ``item_seed(options.seed, k)``, whichever batch it runs in, and contrasts with its own
+job's memory bank, never with another job's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from actgen_generator.contract import Classifier, SampleItem, Sampler, StepCallback, item_draw, item_record
+from actgen_shared import codecs
+from actgen_shared.consumer import Delivery, StoredItem
+from actgen_shared.schemas import ItemResult, JobRequest
+from actgen_shared.seeds import item_seed
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Bank = Mapping[int, "torch.Tensor"]  # class id -> (N, C, h, w) latents of one job's memory bank
+BatchKey = tuple[tuple[object, ...], str, str | None, str | None]
+
+
+@dataclass
+class ActiveJob:
+    """A started job on this replica and what is left of it."""
+
+    delivery: Delivery
+    class_names: list[str]
+    pending: list[int]
+    classifier: Classifier | None = None
+    records: dict[int, ItemResult] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def job_id(self) -> str:
+        return self.delivery.job_id
+
+    @property
+    def request(self) -> JobRequest:
+        return self.delivery.request
+
+    @property
+    def batch_key(self) -> BatchKey:
+        req = self.request
+        return (
+            req.options.batch_signature(),
+            req.options.model_dump_json(exclude={"seed"}),
+            req.classifier_ref if req.needs_classifier else None,
+            req.memory_bank_key,
+        )
+
+    def record_of(self, index: int, native_size: int) -> ItemResult:
+        """Item ``index``'s record as the sampler wrote it, for an item an earlier delivery of the
+        job stored (maybe on another replica): its decisions redrawn from its seed; its
+        gradient-step losses are known only to the sampler that ran it."""
+        options, item = self.request.options, self.request.items[index]
+        seed = item_seed(options.seed or 0, index)
+        return item_record(
+            index=index,
+            class_id=item.class_id,
+            class_name=self.class_names[item.class_id],
+            guide_id=item.guide_id,
+            seed=seed,
+            options=options,
+            draw=item_draw(seed, item.confidence, options),
+            native_size=native_size,
+        )
+
+
+def next_batch(active: Iterable[ActiveJob], solo: Collection[str], limit: int) -> list[tuple[ActiveJob, int]]:
+    """Up to ``limit`` pending items of the oldest job and of jobs compatible with it (a job in
+    ``solo``, whose shared batch failed, takes no company)."""
+    jobs = list(active)
+    first = jobs[0]
+    key = first.batch_key
+    batch: list[tuple[ActiveJob, int]] = []
+    for job in jobs:
+        if job.batch_key != key or (job is not first and (first.job_id in solo or job.job_id in solo)):
+            continue
+        for index in job.pending:
+            if len(batch) >= limit:
+                return batch
+            batch.append((job, index))
+    return batch
+
+
+def compute_batch(
+    sampler: Sampler,
+    batch: list[tuple[ActiveJob, int]],
+    banks: Mapping[str, Bank],
+    on_step: StepCallback,
+    max_image_side: int,
+) -> list[tuple[ItemResult, StoredItem]]:
+    """The batch's thread work in one hop: decode guides, sample, encode PNGs and latents.
+
+    The jobs of a batch share their options (but the seed) and classifier: the first job's are used.
+    """
+    first = batch[0][0]
+    items = []
+    for job, index in batch:
+        item = job.request.items[index]
+        items.append(
+            SampleItem(
+                guide=codecs.image_from_b64(item.image, max_side=max_image_side),
+                class_id=item.class_id,
+                class_name=job.class_names[item.class_id],
+                seed=item_seed(job.request.options.seed or 0, index),
+                guide_id=item.guide_id,
+                confidence=item.confidence,
+                bank=banks.get(job.job_id, {}).get(item.class_id),  # this job's bank only
+                bank_group=job.job_id,
+            )
+        )
+    outputs = sampler(items, first.request.options, classifier=first.classifier, on_step=on_step)
+    if len(outputs) != len(batch):
+        raise RuntimeError(f"sampler returned {len(outputs)} outputs for {len(batch)} items")
+    done = []
+    for (job, index), output in zip(batch, outputs, strict=True):
+        request, item = job.request, job.request.items[index]
+        latent = None
+        if (request.options.return_latents or request.memory_bank_key) and output.latent is not None:
+            latent = codecs.latent_encode(output.latent.detach().float().cpu().numpy())
+        stored = StoredItem(
+            index=index,
+            class_id=item.class_id,
+            guide_id=item.guide_id,
+            png=codecs.png_encode(np.ascontiguousarray(output.image)),
+            latent=latent,
+        )
+        done.append((output.record.model_copy(update={"index": index}), stored))
+    return done
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A (CUDA or CPU) allocation failure: worth retrying with fewer items."""
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc)
+
+
+__all__ = ["ActiveJob", "Bank", "compute_batch", "next_batch", "out_of_memory"]
