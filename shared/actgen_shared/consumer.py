@@ -7,6 +7,7 @@ queue's public handles (``JobQueue.scripts``).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ class StoredItem:
     latent: bytes | None  # float16 safetensors bytes (codecs.latent_encode), also pushed to the bank
 
 
+@dataclass(frozen=True)
+class Started:
+    """A job this consumer now runs: the indices of its items already stored (by an earlier
+    delivery), which the worker skips."""
+
+    done: frozenset[int]
+
+
 class Consumer:
     """One worker's end of the queue, under a consumer name no other live process shares.
 
@@ -58,6 +67,8 @@ class Consumer:
         self.unadmitted: dict[str, tuple[str, str]] = {}  # entry id -> (job id, reclaim note)
         self._pending_cursor: str | None = START_CURSOR  # re-read our own pending entries from here
         self._next_rescan = time.monotonic() + queue.settings.pending_rescan_s
+        self._next_beat = 0.0  # fetch beats when this comes (a bare consumer has no heartbeat thread)
+        self._next_reclaim = 0.0  # and looks for dead consumers' entries when this comes
         self._group_ready = False
 
     @property
@@ -105,15 +116,19 @@ class Consumer:
         if not self._group_ready:
             await q.ensure_group()
             self._group_ready = True
-        await self.heartbeat()
         now = time.monotonic()
+        if now >= self._next_beat:  # a live replica's heartbeat thread beats too; this covers a bare consumer
+            self._next_beat = now + q.settings.heartbeat_interval_s
+            await self.heartbeat()
         if now >= self._next_rescan:
             self._next_rescan = now + q.settings.pending_rescan_s
             self._pending_cursor = START_CURSOR
             await self._forget_gone_consumers()
         if self._pending_cursor is not None:  # our own unfinished entries first
             await self._read_own(count, tracked)
-        if len(self.unadmitted) < count:
+        if len(self.unadmitted) < count and now >= self._next_reclaim:
+            # a dead consumer's entries become ours only after its lease: no need to look each round
+            self._next_reclaim = now + min(q.settings.heartbeat_interval_s, q.settings.lease_s / 4)
             for entry_id, job_id, note in await self._reclaim(count - len(self.unadmitted)):
                 self.unadmitted[entry_id] = (job_id, note)
         if not self.unadmitted:
@@ -126,13 +141,21 @@ class Consumer:
             )
             for entry_id, fields in stream_entries(reply):
                 self.unadmitted[entry_id] = (fields.get("job_id", ""), "")
+        entries = list(self.unadmitted)[:count]
+        replies = await asyncio.gather(
+            *(self._admit(entry_id, *self.unadmitted[entry_id]) for entry_id in entries),
+            return_exceptions=True,
+        )
         deliveries = []
-        for entry_id in list(self.unadmitted)[:count]:
-            job_id, note = self.unadmitted[entry_id]
-            delivery = await self._admit(entry_id, job_id, note)  # a Redis error: stays unadmitted
+        for entry_id, reply in zip(entries, replies, strict=True):
+            if isinstance(reply, BaseException):
+                continue  # a Redis error: stays unadmitted for the next fetch
             self.unadmitted.pop(entry_id, None)
-            if delivery is not None:
-                deliveries.append(delivery)
+            if reply is not None:
+                deliveries.append(reply)
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        if errors and not deliveries:
+            raise errors[0]
         return deliveries
 
     async def _read_own(self, count: int, tracked: Collection[str]) -> None:
@@ -216,8 +239,9 @@ class Consumer:
             return None
         return Delivery(entry_id=entry_id, job_id=job_id, deliveries=int(reply[1]) + 1, request=request)
 
-    async def start(self, delivery: Delivery) -> bool:
-        """Mark the job running on this consumer; False (and acked) if it was cancelled or is final."""
+    async def start(self, delivery: Delivery) -> Started | None:
+        """Mark the job running on this consumer, and say which of its items an earlier delivery
+        stored; None (and acked) if it was cancelled or is final."""
         q, k, job_id = self.queue, self._k, delivery.job_id
         started = await q.scripts.start(
             keys=[
@@ -237,7 +261,9 @@ class Consumer:
                 self.token,
             ],
         )
-        return bool(int(started))
+        if not isinstance(started, list):
+            return None
+        return Started(done=frozenset(int(i) for i in started[1:]))
 
     async def progress(self, job_id: str, step: int, total: int) -> None:
         q = self.queue
@@ -349,4 +375,4 @@ class Consumer:
         )
 
 
-__all__ = ["Consumer", "Delivery", "StoredItem"]
+__all__ = ["Consumer", "Delivery", "Started", "StoredItem"]

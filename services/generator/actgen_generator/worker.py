@@ -58,8 +58,13 @@ def raise_if_outage(exc: RedisError) -> None:
     (a refused write, a script error) returns, and the caller treats it as that operation's
     failure (failing the job, or logging what was best effort).
     """
-    if isinstance(exc, REDIS_DOWN):
+    if is_outage(exc):
         raise exc
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Redis down, restarting or timing out: keep every job and retry after a back-off."""
+    return isinstance(exc, REDIS_DOWN)
 
 
 class Worker:
@@ -232,25 +237,37 @@ class Worker:
         await self._admit_waiting()
 
     async def _admit_waiting(self) -> None:
-        """Start the fetched deliveries; one that meets a Redis error stays for the next round."""
-        for entry_id, delivery in list(self.admitting.items()):
-            if self.stopping:
-                return  # run() releases them
-            await self._admit(delivery)  # an outage propagates: run() backs off, then retries
+        """Start the fetched deliveries (their round trips at once, activated in fetch order);
+        one that meets a Redis outage stays for the next round, and the outage propagates."""
+        if self.stopping or not self.admitting:
+            return  # run() releases them
+        waiting = list(self.admitting.items())
+        outcomes = await asyncio.gather(*(self._admit(d) for _, d in waiting), return_exceptions=True)
+        error: BaseException | None = None
+        for (entry_id, _), outcome in zip(waiting, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                error = error or outcome  # not started yet: stays in ``admitting``, retried
+                continue
             self.admitting.pop(entry_id, None)
+            if outcome is not None:
+                await self._activate(outcome)
+        if error is not None:
+            raise error  # run() backs off, then retries
 
-    async def _admit(self, delivery: Delivery) -> None:
+    async def _admit(self, delivery: Delivery) -> ActiveJob | None:
+        """Mark one delivery running and load what it needs; None when it does not run here."""
         job_id, request = delivery.job_id, delivery.request
-        if not await self.consumer.start(delivery):
+        started = await self.consumer.start(delivery)
+        if started is None:
             log_event("job.skipped", job_id, replica=self.name, reason="cancelled or final")
             self._fetched_at.pop(delivery.entry_id, None)
-            return
+            return None
         try:
-            done = await self.consumer.done_items(job_id)
             job = ActiveJob(
                 delivery=delivery,
                 class_names=request.resolved_class_names(),
-                pending=[k for k in range(len(request.items)) if k not in done],
+                # stored by an earlier delivery: not made again
+                pending=[k for k in range(len(request.items)) if k not in started.done],
             )
             if request.needs_classifier:
                 if self.classifiers is None:
@@ -260,23 +277,27 @@ class Worker:
         except RedisError as exc:
             raise_if_outage(exc)  # an outage: not started yet, stays in ``admitting``, retried
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
-            return
+            return None
         except (ValueError, RuntimeError) as exc:  # the classifier does not load (ClassifierError)
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
-            return
+            return None
+        return job
+
+    async def _activate(self, job: ActiveJob) -> None:
+        request = job.request
         log_event(
             "job.started",
-            job_id,
+            job.job_id,
             replica=self.name,
             run_id=request.run_id,
             items=len(request.items),
-            already_done=len(done),
-            delivery=delivery.deliveries,
+            already_done=len(request.items) - len(job.pending),
+            delivery=job.delivery.deliveries,
             mode=request.options.mode.value,
         )
         self.metrics.job_events.labels("started").inc()
-        self.active[job_id] = job
-        self._fresh.add(job_id)
+        self.active[job.job_id] = job
+        self._fresh.add(job.job_id)
         if not job.pending:  # everything was stored by an earlier delivery
             await self._complete(job)
 
@@ -400,7 +421,8 @@ class Worker:
             if self._stop.is_set() or self._cancelled or self._lost:
                 return False
             future = inflight[0]
-            if future is None or future.done() or step >= total:
+            # the last step posts nothing: the batch is stored and its jobs completed next
+            if step < total and (future is None or future.done()):
                 inflight[0] = asyncio.run_coroutine_threadsafe(self._after_step(job_ids, step, total), loop)
             return True
 
@@ -421,32 +443,44 @@ class Worker:
     async def _store(
         self, batch: list[tuple[ActiveJob, int]], done: list[tuple[ItemResult, StoredItem]]
     ) -> None:
+        """Store each job's new items (one atomic step per job, the jobs at once), then complete
+        the jobs that have all their items."""
         per_job: dict[str, list[tuple[ItemResult, StoredItem]]] = {}
         for (job, _), result in zip(batch, done, strict=True):
             per_job.setdefault(job.job_id, []).append(result)
-        for job_id, results in per_job.items():
-            held = self.active.get(job_id)
-            if held is None:
+        stores = [(job, per_job[job_id]) for job_id in per_job if (job := self.active.get(job_id))]
+        outcomes = await asyncio.gather(
+            *(
+                self.consumer.store_items(job.delivery, [s for _, s in results], self.settings.bank_cap)
+                for job, results in stores
+            ),
+            return_exceptions=True,
+        )
+        outage: BaseException | None = None
+        for (job, results), outcome in zip(stores, outcomes, strict=True):
+            if is_outage(outcome):  # the job stays with its items pending, rerun later
+                outage = outage or outcome
                 continue
-            job = held
-            try:
-                await self.consumer.store_items(
-                    job.delivery, [stored for _, stored in results], self.settings.bank_cap
-                )
-            except RedisError as exc:
-                raise_if_outage(exc)  # an outage: the job stays with its items pending, rerun later
-                await self._fail([job.delivery], f"storing results: {type(exc).__name__}: {exc}")
+            if isinstance(outcome, RedisError):
+                await self._fail([job.delivery], f"storing results: {type(outcome).__name__}: {outcome}")
                 continue
+            if isinstance(outcome, BaseException):
+                raise outcome
             for record, stored in results:
                 job.records[stored.index] = record
             finished = {stored.index for _, stored in results}
             job.pending = [k for k in job.pending if k not in finished]
+        if outage is not None:
+            raise outage
         await self._complete_finished()
 
     async def _complete_finished(self) -> None:
         """Complete every job whose items are all stored (again after a Redis outage cut it short)."""
-        for job in [job for job in self.active.values() if not job.pending]:
-            await self._complete(job)
+        finished = [job for job in self.active.values() if not job.pending]
+        outcomes = await asyncio.gather(*(self._complete(job) for job in finished), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the others completed; this one is completed again next round
 
     # --- finishing ------------------------------------------------------------------------
     async def _complete(self, job: ActiveJob) -> None:

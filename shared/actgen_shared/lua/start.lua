@@ -1,4 +1,6 @@
--- Mark a job running on this consumer. Returns 1 started, 0 not (final or cancelled: acked).
+-- Mark a job running on this consumer. Returns {1, done item indices...} when started (so the
+-- worker learns what an earlier delivery stored without another round trip), 0 when not
+-- (final or cancelled: acked).
 -- Starting the same delivery twice in one process (a retried call whose reply was lost, a
 -- re-read pending entry) counts it once.
 local job = KEYS[1]
@@ -22,8 +24,10 @@ if redis.call('EXISTS', cancel_flag) == 1 then
   return 0
 end
 local start_id = token .. ' ' .. entry
-if status == 'running' and redis.call('HGET', job, 'start_id') == start_id then return 1 end
+if status == 'running' and redis.call('HGET', job, 'start_id') == start_id then
+  return {1, unpack(redis.call('HKEYS', done))}
+end
 if status ~= 'running' then set_status(job, stats, status, 'running') end
 redis.call('HSET', job, 'started_at', now, 'replica', consumer, 'start_id', start_id)
 redis.call('HINCRBY', job, 'deliveries', 1)
-return 1
+return {1, unpack(redis.call('HKEYS', done))}

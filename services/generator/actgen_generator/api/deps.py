@@ -19,7 +19,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 STARTING = "the service is starting: no Redis connection yet"
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # dependencies are ``async def``: FastAPI runs a plain ``def`` one in a thread, a hop per request
     service: Service = request.app.state.service
     return service
 
@@ -43,13 +44,13 @@ async def require_api_key(
         raise ApiError(401, WRONG_TOKEN)
 
 
-def get_queue(svc: ServiceDep) -> JobQueue:
+async def get_queue(svc: ServiceDep) -> JobQueue:
     if svc.queue is None:
         raise ApiError(503, STARTING)
     return svc.queue
 
 
-def get_classifiers(svc: ServiceDep) -> ClassifierStore:
+async def get_classifiers(svc: ServiceDep) -> ClassifierStore:
     if svc.classifiers is None:
         raise ApiError(503, STARTING)
     return svc.classifiers
