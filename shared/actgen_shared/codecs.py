@@ -36,12 +36,17 @@ def b64decode(text: str) -> bytes:
         raise DecodeError(f"not valid base64: {exc}") from None
 
 
+# zlib level 1, not Pillow's 6: a 512 px photo encodes in half the time (35 vs 69 ms on a 2-core
+# CPU) for a file 6 % larger; the worker encodes every image between two batches.
+PNG_COMPRESS_LEVEL = 1
+
+
 def png_encode(image: np.ndarray) -> bytes:
     """uint8 array HxWx3 (or HxW) -> PNG bytes."""
     if image.dtype != np.uint8:
         raise ValueError(f"png_encode wants uint8, got {image.dtype}")
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
