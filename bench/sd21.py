@@ -10,7 +10,7 @@
 
 Variants: ``full`` (decode x0_hat at full size for eq. 10, today's default), ``clfsize``
 (``GuidedSampler(adv_decode="classifier")``: decode a latent shrunk to the classifier's input)
-and ``channels_last`` (UNet and VAE in channels-last memory). ``clfsize`` also reports how far
+and, when asked for, ``channels_last`` (UNet and VAE in channels-last memory). ``clfsize`` also reports how far
 its classifier probabilities and pixels are from the full decode's on the same x0_hat.
 """
 
@@ -36,7 +36,7 @@ CLASSIFIER_FRACTION = 224 / 512  # the paper's classifier input over its generat
 ADV_PROB = 1.0  # every guided item decodes and classifies: the overhead's upper end
 TARGET_SD21 = 1.2
 BANK_PER_CLASS = 16
-VARIANTS = ("full", "clfsize", "channels_last")
+VARIANTS = ("full", "clfsize")  # "channels_last" too with run_cpu(variants=...)
 
 
 @dataclass
