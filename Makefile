@@ -32,8 +32,10 @@ demo: setup
 serve: setup
 	$(VENV)/bin/actgen-generator serve --host 127.0.0.1 --port 8000
 
+# bench: every section (about 15 min on a 2-core CPU); BENCH_ARGS="--only sd21cpu,scaling" picks sections.
+BENCH_ARGS ?=
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # ablation: every arm x 5 seeds on the low-data digits (resumable; ends with its wall time).
 # ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds.

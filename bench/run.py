@@ -1,15 +1,22 @@
-"""``make bench``: what guidance and batching cost in the sampler, and what the service adds.
+"""``make bench``: what guidance and batching cost, what the service adds, how it scales.
 
-Sampler (issue 3): seconds per image for ``random`` and ``actgen`` at batch 1 and 8 with the same
-steps (40; actgen: grad_steps 10, memory bank filled, adv_prob 0.5, a ``simple_cnn`` classifier),
-``guidance_overhead_ratio`` = actgen / random at batch 8, ``batch_speedup`` = actgen images/s at
-batch 8 / batch 1, peak memory. On the tiny model on the CPU, and on SD 2.1's architecture
-(random weights, 512 px, fp16) when a GPU is present. Modes are interleaved over the repeats and
-each figure is the fastest repeat (as ``timeit`` does: other load only ever adds time); medians
-and process CPU seconds are kept beside them.
+Sections (``--only a,b`` or ``BENCH_ARGS="--only a,b"`` picks some; each is merged into
+``bench/results.json`` as soon as it finishes, with its target and the machine):
 
-Writes ``bench/results.json`` (merged into what is there) and prints a table. A bench is not a
-test: nothing here asserts a time.
+* ``tiny`` (results key ``sampler_cpu``, issue 3): seconds per image for ``random`` and ``actgen``
+  at batch 1 and 8 on the tiny model, 40 steps (actgen: grad_steps 10, memory bank filled,
+  adv_prob 0.5, a ``simple_cnn`` classifier), ``guidance_overhead_ratio`` (batch 8),
+  ``batch_speedup``, peak RSS. Target ratio <= 1.3.
+* ``sd21cpu`` (``sd21_cpu``): SD 2.1's architecture (random weights, built locally) at 128 px on
+  the CPU, per cut (bench/sd21.py). Target ratio <= 1.2.
+* ``sd21gpu`` (``sd21_gpu``): the same at 512 px, fp16 and bf16, batch 1/4/8, when CUDA is there.
+* ``service`` (bench/service.py): service overhead ratio and no-op latency per job.
+* ``scaling`` (bench/scaling.py): throughput of 1, 2, 4, 8 echo replicas on one Redis.
+* ``stall`` (``python -m actgen_trainer.bench``): non-blocking training's total time / real-only.
+
+Modes are interleaved over the repeats and each time is the fastest repeat (as ``timeit`` does:
+other load only ever adds time); medians are kept beside them. A bench is not a test: nothing
+here asserts a time.
 """
 
 from __future__ import annotations
@@ -123,43 +130,118 @@ def _table(name: str, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("tiny", "sd21cpu", "sd21gpu", "service", "scaling", "stall")
+
+
+def _sections(only: str | None, skip: set[str]) -> list[str]:
+    """The sections to run, in order: ``--only a,b`` or all; an unknown name is an error naming it."""
+    chosen = [s.strip() for s in only.split(",") if s.strip()] if only else list(SECTIONS)
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    return [s for s in SECTIONS if s in chosen and s not in skip]
+
+
+def _stall(repeats: int) -> dict[str, Any]:
+    """``actgen_trainer.bench`` in its own process (it pins its cores), its summary read back."""
+    import subprocess
+
+    out = ROOT / "runs" / "bench-overlap.json"
+    subprocess.run([sys.executable, "-m", "actgen_trainer.bench", "--repeats", str(repeats), "--out", str(out)],
+                   check=True, cwd=ROOT)
+    summary = json.loads(out.read_text())
+    return {k: v for k, v in summary.items() if k not in ("rounds", "slow_runs")}
+
+
+def _stall_table(r: dict[str, Any]) -> str:
+    lines = [f"stall: non-blocking training / real-only total time, median of {r['setup']['repeats']} interleaved "
+             f"rounds, trainer cores {r['setup']['trainer_cores']}, generator cores {r['setup']['generator_cores']}",
+             f"  generator keeps up ({r['setup']['fast_steps']} steps): {r['total_ratio_nonblocking']:.3f} "
+             f"(rounds {', '.join(f'{x:.3f}' for x in r['total_ratio_nonblocking_rounds'])}); "
+             f"target <= {r['target_total_ratio']}"]
+    for name, s in r["slow"].items():
+        d = s["delivery"]
+        lines.append(f"  generator cannot keep up ({r['setup']['slow_steps']} steps), {name}: {s['total_ratio']:.3f}; "
+                     f"asked {d['asked']}, on time {d['on_time']}, late {d['late']}, never {d['never']}, "
+                     f"epochs skipped (max_inflight) {d['skipped_backpressure']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per figure (median)")
+    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY"),
+                        help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-service", action="store_true", help="do not run bench/service.py")
-    parser.add_argument("--skip-gpu", action="store_true", help="CPU tiny model only")
+    parser.add_argument("--skip-gpu", action="store_true", help="no GPU section even when CUDA is present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    skip = {"service"} if args.skip_service else set()
+    if args.skip_gpu or not torch.cuda.is_available():
+        skip.add("sd21gpu")
+    sections = _sections(args.only, skip)
 
-    from actgen_generator.pipeline import CACHE_ENV, load_pipeline, sd21_architecture_pipeline
+    from actgen_generator.pipeline import CACHE_ENV, load_pipeline
 
-    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "torch": torch.__version__, "processor": platform.processor() or platform.machine()}
     tables = []
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ[CACHE_ENV] = tmp  # a fresh tiny model, reported under its own id
-        tiny = load_pipeline(None, device="cpu")
-        results["sampler_cpu"] = {**bench_sampler(tiny, args.repeats), "host": machine}
-        tables.append(_table("sampler, CPU", results["sampler_cpu"]))
-    if torch.cuda.is_available() and not args.skip_gpu:
-        sd = sd21_architecture_pipeline("cuda", torch.float16)
-        results["sampler_gpu"] = bench_sampler(sd, max(1, args.repeats - 1))
-        tables.append(_table("sampler, GPU", results["sampler_gpu"]))
-    if not args.skip_service and (ROOT / "bench" / "service.py").is_file():
-        import bench.service
 
-        results["service"] = bench.service.run()
-        tables.append("service: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in results["service"].items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_out, args.out)
-    print("\n\n".join(tables))
+    def save(name: str, value: dict[str, Any]) -> None:
+        """Merge one section into the results file now, so a later section's failure keeps it."""
+        results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        results[name] = {**value, "host": machine, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = args.out.with_name(args.out.name + ".tmp")
+        tmp_out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_out, args.out)
+
+    for section in sections:
+        started = time.perf_counter()
+        print(f"[bench] {section} ...", flush=True)
+        if section == "tiny":
+            with tempfile.TemporaryDirectory() as tmp:
+                os.environ[CACHE_ENV] = tmp  # a fresh tiny model, reported under its own id
+                tiny = load_pipeline(None, device="cpu")
+                result = bench_sampler(tiny, args.repeats)
+            save("sampler_cpu", result)
+            tables.append(_table("sampler, CPU", result))
+        elif section == "sd21cpu":
+            import bench.sd21
+
+            result = bench.sd21.run_cpu(repeats=max(1, args.repeats - 1))
+            save("sd21_cpu", result)
+            tables.append(bench.sd21.table("SD 2.1 architecture, CPU", result))
+        elif section == "sd21gpu":
+            import bench.sd21
+
+            result = bench.sd21.run_gpu(repeats=max(1, args.repeats - 1))
+            save("sd21_gpu", result)
+            tables.extend(bench.sd21.table(f"SD 2.1 architecture, {result['gpu']}, {dtype}", r)
+                          for dtype, r in result["dtypes"].items())
+        elif section == "service":
+            import bench.service
+
+            result = bench.service.run()
+            save("service", result)
+            tables.append("service: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in result.items()))
+        elif section == "scaling":
+            import bench.scaling
+
+            result = bench.scaling.run()
+            save("scaling", result)
+            tables.append(bench.scaling.table(result))
+        elif section == "stall":
+            result = _stall(args.repeats)
+            save("stall", result)
+            tables.append(_stall_table(result))
+        print(tables[-1], flush=True)
+        print(f"[bench] {section}: {time.perf_counter() - started:.0f} s", flush=True)
+    print("\n" + "\n\n".join(tables))
     print(f"\nwritten to {args.out}")
     return 0
 

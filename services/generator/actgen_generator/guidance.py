@@ -129,6 +129,18 @@ def classifier_input(images: torch.Tensor, size: int, mean: tuple[float, float, 
     return (x - m) / s
 
 
+def classifier_size_latents(latents: torch.Tensor, input_size: int, vae_scale_factor: int) -> torch.Tensor:
+    """Shrink latents so that their decode is about the classifier's input size (eq. 10's cheap decode).
+
+    ``ceil(input_size / vae_scale_factor)`` on a side, bilinear with antialiasing; latents already
+    that small or smaller are returned as they are.
+    """
+    side = max(1, math.ceil(input_size / vae_scale_factor))
+    if side >= min(latents.shape[-2:]):
+        return latents
+    return F.interpolate(latents, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
 def normalized_update(embeds: torch.Tensor, grad: torch.Tensor, lr: float,
                       norm: Literal["token", "global"] = "token") -> torch.Tensor:
     """Eq. 11 per item: e - nu * grad / ||grad||, for embeddings shaped (batch, tokens, D).

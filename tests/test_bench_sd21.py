@@ -1,0 +1,162 @@
+"""The guidance-overhead bench's code path (bench/sd21.py) and the sampler's classifier-size decode.
+
+The GPU section of ``make bench`` (SD 2.1 architecture, 512 px, fp16/bf16) cannot run here; these
+run the same functions on the CPU with the tiny model and check what they report, never a time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actgen_generator.sampler import Classifier, GuidedSampler, SampleItem, with_banks
+from actgen_shared.architectures import build_classifier
+from actgen_shared.labels import CIFAR10
+from actgen_shared.schemas import GenerationOptions, Mode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import sd21  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _classifier(size: int) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(build_classifier("simple_cnn", 10).eval(), size, (0.5,) * 3, (0.5,) * 3)
+
+
+def _items(n: int) -> list[SampleItem]:
+    rng = np.random.default_rng(0)
+    return [
+        SampleItem(
+            guide=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            class_id=i % 10,
+            class_name=CIFAR10[i % 10],
+            seed=10 + i,
+        )
+        for i in range(n)
+    ]
+
+
+ALL_ADVERSARIAL = GenerationOptions(
+    mode=Mode.actgen, num_inference_steps=3, grad_steps=2, adv_prob=1.0, bank_sample=0
+)
+
+
+def test_classifier_size_decode_is_the_full_decode_when_the_classifier_is_as_large(sampler) -> None:
+    """adv_decode='classifier' with a classifier input of the full size changes nothing, bit for bit."""
+    classifier = _classifier(sampler.model.native_size)
+    full = sampler(_items(2), ALL_ADVERSARIAL, classifier=classifier)
+    sampler.adv_decode = "classifier"
+    try:
+        same = sampler(_items(2), ALL_ADVERSARIAL, classifier=classifier)
+    finally:
+        sampler.adv_decode = "full"
+    for a, b in zip(full, same, strict=True):
+        assert torch.equal(a.latent, b.latent)
+        assert a.record == b.record
+
+
+def test_classifier_size_decode_decodes_a_smaller_latent_and_still_guides(sampler) -> None:
+    """With an 8 px classifier the decode gets a 4x4 latent (8 px / VAE scale 2), not 16x16."""
+    classifier = _classifier(8)
+    seen: list[tuple[int, ...]] = []
+    hook = sampler.model.pipe.vae.decoder.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape)
+    )
+    try:
+        full = sampler(_items(2), ALL_ADVERSARIAL, classifier=classifier)
+        n_full = len(seen)
+        sampler.adv_decode = "classifier"
+        small = sampler(_items(2), ALL_ADVERSARIAL, classifier=classifier)
+    finally:
+        sampler.adv_decode = "full"
+        hook.remove()
+    latent = sampler.model.native_size // sampler.vae_scale_factor
+    assert {tuple(s[-2:]) for s in seen[:n_full]} == {(latent, latent)}
+    # the guided steps' decodes are 4x4; the final decode of the images stays full size
+    assert [tuple(s[-2:]) for s in seen[n_full:]] == [(4, 4), (4, 4), (latent, latent)]
+    assert all(o.image.shape == (sampler.model.native_size,) * 2 + (3,) for o in small)
+    assert all(len(o.record.grad_records) == 2 and o.record.adversarial for o in small)
+    assert not torch.equal(full[0].latent, small[0].latent)  # a different (approximate) gradient
+
+
+def test_unknown_adv_decode_is_refused(sampler) -> None:
+    with pytest.raises(ValueError, match="adv_decode"):  # refused before it touches the UNet
+        GuidedSampler(sampler.model, adv_decode="half")  # type: ignore[arg-type]
+
+
+def test_bench_model_reports_every_field_for_the_gpu_table(sampler) -> None:
+    """bench_model, the GPU section's function, at tiny size on the CPU: the fields the README reads."""
+    setup = sd21.Setup(size=sampler.model.native_size, batches=(1, 2), steps=3, grad_steps=2, repeats=1)
+    r = sd21.bench_model(sampler.model, setup, ("full", "clfsize"), sampler=sampler)
+    assert r["batches"] == [1, 2] and r["device"] == "cpu"
+    for variant in ("full", "clfsize"):
+        v = r["variants"][variant]
+        assert set(v["seconds_per_image"]) == {"random_b1", "actgen_b1", "random_b2", "actgen_b2"}
+        assert all(s > 0 for s in v["seconds_per_image"].values())
+        assert v["guidance_overhead_ratio"] == pytest.approx(
+            v["seconds_per_image"]["actgen_b2"] / v["seconds_per_image"]["random_b2"]
+        )
+        assert set(v["images_per_second"]) == {"b1", "b2"}
+        assert set(v["peak_memory_mb"]) == {"random_b1", "actgen_b1", "random_b2", "actgen_b2"}
+    parts = r["guided_step_s"]["full"]
+    assert set(parts) == {
+        "unet_forward",
+        "decode_forward",
+        "classifier_forward",
+        "classifier_backward",
+        "decode_backward",
+        "unet_backward",
+        "guided_step",
+    }
+    assert parts["guided_step"] == pytest.approx(sum(v for k, v in parts.items() if k != "guided_step"))
+    assert "guidance_overhead_ratio" in sd21.table("tiny", r) or "ratio" in sd21.table("tiny", r)
+
+
+def test_guided_step_split_gives_the_samplers_gradient(sampler) -> None:
+    """The staged backward of the split (classifier, decode, UNet) is the sampler's one autograd.grad."""
+    classifier = _classifier(sampler.model.native_size)
+    items = with_banks(_items(2), {c: torch.randn(3, 4, 16, 16) for c in range(10)})
+    opts = GenerationOptions(mode=Mode.actgen, num_inference_steps=3, grad_steps=1, adv_prob=1.0)
+    captured: list[torch.Tensor] = []
+    original = torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        grads = original(outputs, inputs, *args, **kwargs)
+        captured.append(grads[0])
+        return grads
+
+    torch.autograd.grad = spy  # type: ignore[assignment]
+    try:
+        sd21.guided_step_split(sampler, items, opts, classifier)
+        staged = captured[-1]
+        captured.clear()
+        draws = [sampler._draw(item, opts) for item in items]
+        uncond, cond, weights = sampler._encode_prompts(items)
+        plan = sampler._gradient_plan(items, draws, opts, classifier, (4, 16, 16))
+        from diffusers import DDPMScheduler
+
+        from actgen_generator.guidance import PosteriorStep, cfg_noise
+
+        scheduler = DDPMScheduler.from_config(sampler.model.pipe.scheduler.config)
+        scheduler.set_timesteps(3)
+        t = scheduler.timesteps[0]
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        sampler.recorder.begin_step(2, (16, 16), sampler.device)
+        pred = sampler.predict_noise(x, t, uncond, cond, weights, plan.rows, opts.update_uncond)
+        x0 = PosteriorStep.at(scheduler, t).predict_x0(
+            x, cfg_noise(pred.uncond, pred.cond, opts.guidance_scale)
+        )
+        loss = sampler.guidance_loss(x0[plan.rows], plan.targets(x0))
+        (direct,) = original(loss.total.sum(), pred.leaves[:1], retain_graph=True)
+        sampler.recorder.step_maps()
+    finally:
+        torch.autograd.grad = original  # type: ignore[assignment]
+    assert direct.abs().sum() > 0
+    torch.testing.assert_close(staged, direct, rtol=1e-4, atol=1e-6)
