@@ -310,3 +310,34 @@ def test_out_of_memory_halves_the_batch_and_fails_nothing(fast: Settings) -> Non
         w.stop()
     assert sampler.batches[0] == 6 and max(sampler.batches[1:]) <= 3 and sampler.batches[-1] <= 2
     assert all(s.deliveries == 1 for s in states)
+
+
+def _pending_per_consumer(settings: Settings) -> dict[str, int]:
+    async def read(q: JobQueue) -> dict[str, int]:
+        summary = await q.redis.xpending(q.keys.jobs_stream, q.group)
+        return {str(c["name"], "utf-8") if isinstance(c["name"], bytes) else c["name"]: int(c["pending"])
+                for c in summary.get("consumers") or []}
+
+    return _on_queue(settings, read)
+
+
+def test_a_replica_takes_one_batch_of_jobs_not_what_idle_replicas_could_run(fast: Settings) -> None:
+    """fetch counts jobs and a batch counts items: with jobs of a whole batch each, a replica
+    holds one job while it runs it, and a second replica takes the next one meanwhile (it used
+    to take max_batch jobs at once, leaving the others idle with jobs waiting)."""
+    settings = fast.model_copy(update={"max_batch": 4})
+    job_ids = [_on_queue(settings, lambda q, k=k: q.submit(_request(f"run-fair-{k}", n_items=4)))[0]
+               for k in range(4)]
+    a = WorkerThread(settings, "fair-a", SlowEcho(8.0)).start()
+    b: WorkerThread | None = None
+    try:
+        _wait(lambda: _state(settings, job_ids[0]).status is JobStatus.running, "a to start the first job")
+        assert _pending_per_consumer(settings) == {"fair-a": 1}  # a sleeps in its batch: it fetches no more
+        b = WorkerThread(settings, "fair-b", SlowEcho(8.0)).start()
+        _wait(lambda: _pending_per_consumer(settings).get("fair-b") == 1, "b to take the second job")
+        assert _pending_per_consumer(settings) == {"fair-a": 1, "fair-b": 1}
+        assert [_state(settings, j).status for j in job_ids[2:]] == [JobStatus.queued] * 2
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()

@@ -97,6 +97,7 @@ class Worker:
         self._cancelled: set[str] = set()
         self._lost: set[str] = set()  # job ids another consumer took from us during this batch
         self._fresh: set[str] = set()  # started since the last batch
+        self._items_per_job = self.settings.max_batch  # of the last job started (none yet: a whole batch)
         self.admitting: dict[str, Delivery] = {}  # entry id -> fetched, not started yet
         self._fetched_at: dict[str, float] = {}  # entry id -> monotonic time it was handed to us
 
@@ -227,9 +228,10 @@ class Worker:
         if pending >= self.settings.max_batch:
             return
         block_ms = 0 if self.active else FETCH_BLOCK_MS
-        deliveries = await self.consumer.fetch(
-            self.settings.max_batch - pending, block_ms, tracked=self._tracked()
-        )
+        # fetch counts jobs, a batch counts items: take as many jobs as the last job's size says
+        # fit (one while it is unknown), so one replica does not hoard what idle ones could run
+        jobs = max(1, (self.settings.max_batch - pending) // self._items_per_job)
+        deliveries = await self.consumer.fetch(jobs, block_ms, tracked=self._tracked())
         now = time.monotonic()
         for delivery in deliveries:  # held from here until started, whatever fails meanwhile
             self.admitting[delivery.entry_id] = delivery
@@ -296,6 +298,7 @@ class Worker:
             mode=request.options.mode.value,
         )
         self.metrics.job_events.labels("started").inc()
+        self._items_per_job = max(1, len(request.items))
         self.active[job.job_id] = job
         self._fresh.add(job.job_id)
         if not job.pending:  # everything was stored by an earlier delivery
