@@ -183,5 +183,24 @@ def run(seconds: float = LOAD_SECONDS) -> dict[str, Any]:
     }
 
 
+def table(r: dict[str, Any]) -> str:
+    lat, floor = r["noop_latency_ms"], r["redis_cycle_ms"]
+    split = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in lat["split_median_ms"].items())
+    lines = [
+        f"no-op job through one echo replica: median {lat['median']:.2f} ms, p99 {lat['p99']:.2f} ms "
+        f"(targets <= {lat['target_median']:g} / <= {lat['target_p99']:g}); one Redis Streams cycle "
+        f"{floor['median']:.2f} ms",
+        f"  where it goes (medians, ms): {split}",
+        f"  {'clients':>8}{'jobs/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'replica CPU ms/job':>20}{'client CPU ms/job':>19}",
+    ]
+    lines += [
+        f"  {t['clients']:>8}{t['jobs_s']:>9.1f}{t['p50_ms']:>9.2f}{t['p99_ms']:>9.2f}"
+        f"{t['replica_cpu_ms_per_job']:>20.2f}{t['client_cpu_ms_per_job']:>19.2f}"
+        for t in r["noop_throughput"]
+    ]
+    lines.append(f"  target >= {r['noop_throughput_target_jobs_s']:g} jobs/s")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(json.dumps(run(), indent=2))

@@ -10,7 +10,8 @@ Sections (``--only a,b`` or ``BENCH_ARGS="--only a,b"`` picks some; each is merg
 * ``sd21cpu`` (``sd21_cpu``): SD 2.1's architecture (random weights, built locally) at 128 px on
   the CPU, per cut (bench/sd21.py). Target ratio <= 1.2.
 * ``sd21gpu`` (``sd21_gpu``): the same at 512 px, fp16 and bf16, batch 1/4/8, when CUDA is there.
-* ``service`` (bench/service.py): service overhead ratio and no-op latency per job.
+* ``service`` (bench/service.py): a tiny-model job through REST + Redis + worker / in-process.
+* ``noop`` (bench/noop.py): the service's own cost per job: latency, where it goes, jobs/s.
 * ``scaling`` (bench/scaling.py): throughput of 1, 2, 4, 8 echo replicas on one Redis.
 * ``stall`` (``python -m actgen_trainer.bench``): non-blocking training's total time / real-only.
 
@@ -130,7 +131,7 @@ def _table(name: str, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("tiny", "sd21cpu", "sd21gpu", "service", "scaling", "stall")
+SECTIONS = ("tiny", "sd21cpu", "sd21gpu", "service", "noop", "scaling", "stall")
 
 
 def _sections(only: str | None, skip: set[str]) -> list[str]:
@@ -173,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--skip-service", action="store_true", help="do not run bench/service.py")
+    parser.add_argument("--skip-service", action="store_true", help="do not run the service sections (service, noop)")
     parser.add_argument("--skip-gpu", action="store_true", help="no GPU section even when CUDA is present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    skip = {"service"} if args.skip_service else set()
+    skip = {"service", "noop"} if args.skip_service else set()
     if args.skip_gpu or not torch.cuda.is_available():
         skip.add("sd21gpu")
     sections = _sections(args.only, skip)
@@ -229,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             save("service", result)
             tables.append("service: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in result.items()))
+        elif section == "noop":
+            import bench.noop
+
+            result = bench.noop.run()
+            save("noop", result)
+            tables.append(bench.noop.table(result))
         elif section == "scaling":
             import bench.scaling
 
