@@ -112,6 +112,8 @@ def test_an_epoch_above_the_item_cap_is_split_into_several_jobs(
     cfg = small_config(tmp_path, "train.epochs=2", "generation.sync=true",
                        "generation.images_per_epoch=5")
     trainer = Trainer(cfg, client=client, progress=False)
+    assert trainer._item_cap == ITEM_CAP  # /v1/info says the cap: jobs are split before posting
+    trainer._item_cap = None  # as with a generator that does not say it: learnt from the 422
     summary = trainer.run()
     jobs = trainer.state.jobs
     assert [j["items"] for j in jobs] == [3, 2] and {j["epoch"] for j in jobs} == {0}

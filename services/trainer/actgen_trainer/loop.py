@@ -131,12 +131,14 @@ class Trainer(Checkpoints, GeneratorLink):
             if client is None:
                 raise ValueError(f"generation.mode={self.mode.value} needs a generator client")
             try:
-                client.info()
+                info = client.info()
             except Exception as exc:  # fail fast on a wrong URL or key, before any training
                 raise GeneratorUnavailable(
                     f"generator at {cfg.generation.generator_url} did not answer /v1/info: {exc} "
                     "(start one with `actgen-generator serve`, or pass --generator-url)"
                 ) from None
+            if info.max_items_per_job is not None:  # split to the generator's cap before a 422 says it
+                self._item_cap = min(self._item_cap or info.max_items_per_job, info.max_items_per_job)
         self.device = device_for(cfg.train.device, local_rank())
         self.dist = setup_dist(self.device)
         # TensorBoard, MLflow (rank 0); a missing extra is named here, before any work
