@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -94,7 +95,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def _vocabulary_text() -> list[str]:
@@ -109,7 +110,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encode one word: merge the best-ranked adjacent pair until none applies."""
     symbols = list(symbols)
     while len(symbols) > 1:
-        ranked = [(ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in ranks]
+        ranked = [(ranks[p], i) for i, p in enumerate(pairwise(symbols)) if p in ranks]
         if not ranked:
             break
         _, i = min(ranked)

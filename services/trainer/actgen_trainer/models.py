@@ -16,7 +16,6 @@ from torch.nn import functional as F
 
 from actgen_shared.architectures import build_classifier
 from actgen_shared.schemas import ClassifierMeta
-
 from actgen_trainer.config import Config, OptimConfig
 
 
@@ -36,7 +35,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
     """
     lr = cfg.lr if lr is None else lr
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 else decay).append(param)

@@ -85,7 +85,7 @@ def _accuracy_plot(metrics: list[dict[str, Any]], generation_epochs: int) -> byt
     ax.plot(epochs, [m["train_acc"] for m in metrics], marker=".", alpha=0.6, label="train")
     val = [(m["epoch"], m["val_acc"]) for m in metrics if m.get("val_acc") is not None]
     if val:
-        ax.plot(*zip(*val), marker="x", alpha=0.6, label="validation slice")
+        ax.plot(*zip(*val, strict=True), marker="x", alpha=0.6, label="validation slice")
     ax.axvline(generation_epochs - 0.5, color="grey", linestyle="--", linewidth=1)
     ax.text(generation_epochs - 0.45, 0.02, "slice merged", color="grey", fontsize=8,
             transform=ax.get_xaxis_transform())

@@ -265,8 +265,8 @@ def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, ids: tor
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, model in zip(emas, models):
-                for e, p in zip(ema.parameters(), model.parameters()):
+            for ema, model in zip(emas, models, strict=True):
+                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
                     e.lerp_(p, 1.0 - decay)
         value = float(loss.detach())
         running = value if math.isnan(running) else 0.98 * running + 0.02 * value
