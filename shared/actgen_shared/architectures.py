@@ -64,12 +64,12 @@ def _cifar_vgg16(num_classes: int) -> nn.Module:
     plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
     layers: list[nn.Module] = []
     channels = 3
-    for entry in plan:
-        if entry == "M":
-            layers.append(nn.MaxPool2d(2))
+    for entry in plan:  # a width is a conv-bn-relu, "M" a 2x2 max-pool
+        if isinstance(entry, int):
+            layers.append(_conv_bn(channels, entry))
+            channels = entry
         else:
-            layers.append(_conv_bn(channels, int(entry)))
-            channels = int(entry)
+            layers.append(nn.MaxPool2d(2))
     head = [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(512, num_classes)]
     return nn.Sequential(*layers, *head)

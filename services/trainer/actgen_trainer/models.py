@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from actgen_shared.architectures import build_classifier
 from actgen_shared.schemas import ClassifierMeta
 from actgen_trainer.config import Config, OptimConfig
+from actgen_trainer.distributed import unwrap
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -34,7 +35,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
     ``lr``: the learning rate for the actual global batch (``scaled_lr``); default ``cfg.lr``.
     """
     lr = cfg.lr if lr is None else lr
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if not param.requires_grad:
             continue
@@ -126,7 +128,7 @@ def classifier_payload(
     model: nn.Module, cfg: Config, num_classes: int
 ) -> tuple[bytes, ClassifierMeta]:
     """The classifier as the generator wants it: safetensors bytes + metadata (never a pickle)."""
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = ClassifierMeta(
         architecture=cfg.model.architecture,

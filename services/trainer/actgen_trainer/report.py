@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def _data_uri(png: bytes) -> str:
 
 
 def delivery_counts(
-    jobs: list[dict[str, Any]], records: list[dict[str, Any]], metrics: list[dict[str, Any]] = ()
+    jobs: list[dict[str, Any]], records: list[dict[str, Any]], metrics: Sequence[dict[str, Any]] = ()
 ) -> dict[str, int]:
     """Images asked for, and how they arrived: on time, late, or never.
 

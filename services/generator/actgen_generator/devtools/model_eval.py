@@ -93,7 +93,7 @@ def mean_pairwise_distance(groups: list[np.ndarray]) -> float:
 
 
 def _generate(sampler: GuidedSampler, items: list[SampleItem], options: GenerationOptions) -> np.ndarray:
-    images = []
+    images: list[np.ndarray] = []
     for i in range(0, len(items), BATCH):
         images.extend(out.image for out in sampler(items[i : i + BATCH], options))
     return np.stack(images)
