@@ -10,11 +10,6 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image
-
-from actgen_generator.tiny_model import TINY_UNET, TINY_VAE
-from actgen_shared.client import AsyncGeneratorClient, GeneratorClient, GeneratorError
-from actgen_shared.launcher import GeneratorProcess
-from actgen_shared.schemas import JobStatus
 from service_helpers import (
     CLASSIFIER_META,
     SIZE,
@@ -24,6 +19,11 @@ from service_helpers import (
     new_run_id,
     replica,
 )
+
+from actgen_generator.tiny_model import TINY_UNET, TINY_VAE
+from actgen_shared.client import AsyncGeneratorClient, GeneratorClient, GeneratorError
+from actgen_shared.launcher import GeneratorProcess
+from actgen_shared.schemas import JobStatus
 
 pytestmark = pytest.mark.slow
 WAIT_S = 120.0

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from service_helpers import CLASSIFIER_META, classifier_weights, job_body, key_prefix_for, replica
 
 from actgen_shared import codecs
 from actgen_shared.launcher import GeneratorProcess
 from actgen_shared.settings import Settings
-from service_helpers import CLASSIFIER_META, classifier_weights, job_body, key_prefix_for, replica
 
 pytestmark = pytest.mark.slow
 API_KEY = "s3cret-key"

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import redis
+from service_helpers import CLASSIFIER_META, classifier_weights, job_body, new_run_id
 from starlette.testclient import TestClient
 
 from actgen_generator.api import create_app
 from actgen_shared import codecs
 from actgen_shared.redis_embedded import EmbeddedRedis
 from actgen_shared.settings import Settings
-from service_helpers import CLASSIFIER_META, classifier_weights, job_body, new_run_id
 
 AUTH = {"Authorization": "Bearer k"}
 TTL = 100

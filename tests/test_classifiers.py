@@ -8,12 +8,12 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save
+from service_helpers import CLASSIFIER_META
 
 from actgen_generator.classifiers import ClassifierError, build_checked, read_state_dict
 from actgen_shared import codecs
 from actgen_shared.architectures import build_classifier
 from actgen_shared.schemas import ClassifierMeta
-from service_helpers import CLASSIFIER_META
 
 
 def weights_with_header_low_byte(low: int) -> bytes:

@@ -19,11 +19,11 @@ from actgen_shared.codecs import DecodeError
 from actgen_shared.labels import class_names_for
 from actgen_shared.redis_embedded import EmbeddedRedis, find_redis_server
 from actgen_shared.schemas import (
+    MAX_SEED,
     ClassifierMeta,
     ErrorBody,
     GenerationOptions,
     JobRequest,
-    MAX_SEED,
     JobStatus,
     Mode,
 )

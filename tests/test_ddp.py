@@ -17,13 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from trainer_helpers import client_fixture, generator_fixture, small_config  # noqa: F401 (fixtures)
+
 from actgen_shared.client import GeneratorClient
 from actgen_shared.launcher import GeneratorProcess
 from actgen_shared.redis_embedded import free_port
 from actgen_trainer.checkpoint import load_checkpoint
 from actgen_trainer.distributed import rank_seed
 from actgen_trainer.link import _stream_key
-from trainer_helpers import client, generator, small_config  # noqa: F401, F811 (fixtures)
 
 WORLD = 2
 

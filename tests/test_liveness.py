@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from service_helpers import wait_until
 
 from actgen_generator.echo import EchoSampler
 from actgen_generator.metrics import Metrics
@@ -28,7 +29,6 @@ from actgen_shared import codecs
 from actgen_shared.queue import Heartbeat, JobQueue, connect, new_token
 from actgen_shared.schemas import JobRequest, JobState, JobStatus
 from actgen_shared.settings import Settings
-from service_helpers import wait_until
 
 T = TypeVar("T")
 GUARD_S = 60.0
@@ -107,7 +107,7 @@ class WorkerThread:
         finally:
             await client.aclose()
 
-    def start(self) -> "WorkerThread":
+    def start(self) -> WorkerThread:
         self._thread.start()
         assert self._ready.wait(30)
         return self
@@ -270,7 +270,7 @@ class SmallMemoryEcho(EchoSampler):
 
 def _request_classes(run_id: str, classes: list[int]) -> JobRequest:
     request = _request(run_id, n_items=len(classes))
-    for item, class_id in zip(request.items, classes):
+    for item, class_id in zip(request.items, classes, strict=True):
         item.class_id = class_id
     return request
 

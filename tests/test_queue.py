@@ -10,6 +10,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -176,7 +177,7 @@ async def test_job_that_keeps_dying_goes_to_dead_letter_and_is_failed(queue: Job
     job_id, _ = await queue.submit(make_request())
     for k in range(settings.max_deliveries):
         consumer = Consumer(queue, f"doomed-{k}")
-        [got] = await until(lambda: consumer.fetch(count=1, block_ms=100), f"delivery {k + 1}")
+        [got] = await until(partial(consumer.fetch, count=1, block_ms=100), f"delivery {k + 1}")
         assert got.deliveries == k + 1
         assert await consumer.start(got)  # ... and the consumer dies mid-job
     reaper = Consumer(queue, "reaper")

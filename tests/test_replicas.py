@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import redis
+from service_helpers import job_body, key_prefix_for, new_run_id, replica, wait_until
 
 from actgen_shared.client import GeneratorClient
 from actgen_shared.keys import CONSUMER_GROUP
 from actgen_shared.launcher import GeneratorProcess, GeneratorStartError
 from actgen_shared.schemas import JobStatus
 from actgen_shared.settings import Settings
-from service_helpers import job_body, key_prefix_for, new_run_id, replica, wait_until
 
 pytestmark = pytest.mark.slow
 LEASE = {"ACTGEN_LEASE_S": "2", "ACTGEN_HEARTBEAT_S": "0.5", "ACTGEN_MAX_BATCH": "4"}

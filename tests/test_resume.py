@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from trainer_helpers import client_fixture, generator_fixture, small_config  # noqa: F401 (fixtures)
 
 from actgen_shared.client import GeneratorClient
 from actgen_shared.launcher import GeneratorProcess
 from actgen_trainer.checkpoint import load_checkpoint
 from actgen_trainer.loop import Trainer
-from trainer_helpers import client, generator, small_config  # noqa: F401, F811 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,9 @@ def test_sync_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, clien
     assert len(whole.generated) == 4
     assert _content(resumed) == _content(whole)
     assert [r["test_acc"] for r in resumed.state.metrics] == [r["test_acc"] for r in whole.state.metrics]
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(
+        whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     # the resumed run re-posted nothing it had posted: one job per epoch of the first half
     assert [j["epoch"] for j in resumed.state.jobs] == [0, 1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -48,7 +47,7 @@ def test_same_seed_same_output_different_seed_different(sampler, banks, classifi
     a = sampler(with_banks(items, banks), ACTGEN, classifier=classifier)
     b = sampler(with_banks(items, banks), ACTGEN, classifier=classifier)
     c = sampler(with_banks(_items(2, seed0=200), banks), ACTGEN, classifier=classifier)
-    for x, y, z in zip(a, b, c):
+    for x, y, z in zip(a, b, c, strict=True):
         assert torch.equal(x.latent, y.latent) and np.array_equal(x.image, y.image)
         assert x.record == y.record
         assert not torch.allclose(x.latent, z.latent)
@@ -65,7 +64,7 @@ def test_batch_of_8_equals_8_batches_of_1(sampler, banks, classifier) -> None:
         assert np.abs(batched[k].image.astype(int) - single.image.astype(int)).max() <= 2
         assert batched[k].record.adversarial == single.record.adversarial
         assert len(batched[k].record.grad_records) == len(single.record.grad_records) == 2
-        for rb, rs in zip(batched[k].record.grad_records, single.record.grad_records):
+        for rb, rs in zip(batched[k].record.grad_records, single.record.grad_records, strict=True):
             assert rb.l_contra == pytest.approx(rs.l_contra, rel=1e-3, abs=1e-3)
             assert rb.prediction == rs.prediction
 
@@ -74,7 +73,7 @@ def test_provenance_and_output_size(sampler, banks, classifier) -> None:
     items = _items(3)
     opts = ACTGEN.model_copy(update={"output_size": 16, "adv_prob": 1.0})
     outs = sampler(with_banks(items, banks), opts, classifier=classifier)
-    for k, (item, out) in enumerate(zip(items, outs)):
+    for k, (item, out) in enumerate(zip(items, outs, strict=True)):
         rec = out.record
         assert out.image.shape == (16, 16, 3) and out.image.dtype == np.uint8
         assert out.latent.shape == (4, 16, 16) and out.latent.dtype == torch.float32
@@ -89,7 +88,7 @@ def test_plain_draw_is_plain_sd_with_the_same_noise(sampler) -> None:
     items = _items(2)
     plain = sampler(items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0, plain_prob=1.0))
     random = sampler(items, GenerationOptions(mode=Mode.random, num_inference_steps=STEPS, grad_steps=0))
-    for p, r in zip(plain, random):
+    for p, r in zip(plain, random, strict=True):
         assert p.record.mode is Mode.random
         # aig records attention on the explicit path, random uses SDPA: equal up to float error
         torch.testing.assert_close(p.latent, r.latent, atol=1e-3, rtol=1e-3)

@@ -140,7 +140,7 @@ def _reference_run(sampler: GuidedSampler, mode: Mode, steps: int, scale: float,
                 leaves = [c, u] if update_uncond else [c]
                 grads = torch.autograd.grad(loss, leaves)
                 moved = []
-                for leaf, grad in zip(leaves, grads):
+                for leaf, grad in zip(leaves, grads, strict=True):
                     if norm == "token":  # each channel over the 77 tokens
                         step = grad / grad.norm(dim=1, keepdim=True)
                     else:
@@ -278,7 +278,7 @@ def test_mask_follows_recorded_class_token_attention(sampler: GuidedSampler) -> 
     # independent reference: softmax(q k^T) of the class tokens at the recording layers, cond rows only
     maps = []
     hooks = []
-    for name, module in sampler.unet.named_modules():
+    for module in sampler.unet.modules():
         if isinstance(module, Attention) and isinstance(module.processor, RecordingAttnProcessor):
             def hook(mod, args, kwargs, store=maps):
                 h, e = args[0], kwargs["encoder_hidden_states"]
@@ -304,7 +304,7 @@ def test_mask_follows_recorded_class_token_attention(sampler: GuidedSampler) -> 
     up = upsample_mask(mask, (16, 16))
     assert up.shape == (2, 1, 16, 16)
     assert float(up.min()) >= 0.0 and float(up.max()) <= 1.0
-    for a, m in zip(recorded.flatten(1), mask.flatten(1)):
+    for a, m in zip(recorded.flatten(1), mask.flatten(1), strict=True):
         order = torch.argsort(a)
         assert torch.all(m[order][1:] >= m[order][:-1])  # larger attention, larger mask
         assert float(m[a.argmax()]) == 1.0 and float(m[a.argmin()]) == 0.0

@@ -12,16 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from actgen_generator.devtools.model_eval import mean_pairwise_distance
-from actgen_shared.digits import ReferenceClassifier, grey_features
+from actgen_generator.devtools.tiny_training import load_digits_split
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
-from actgen_generator.devtools.tiny_training import load_digits_split
+from actgen_shared.digits import ReferenceClassifier, grey_features
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode
 
@@ -76,7 +76,7 @@ def test_reference_classifier_reads_real_digits(split, reference):
 def test_aig_mode_draws_the_guides_digit(model, split, reference):
     guides, labels = _one_guide_per_digit(split)
     items = [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=100 + i)
-             for i, (g, c) in enumerate(zip(guides, labels))]
+             for i, (g, c) in enumerate(zip(guides, labels, strict=True))]
     out = GuidedSampler(model)(items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0))
     images = np.stack([o.image for o in out])
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
@@ -114,7 +114,7 @@ def test_actgen_pushes_away_from_a_filled_bank_farther_than_aig(model, split, re
     def items(seed0: int, bank=None) -> list[SampleItem]:
         return [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[int(c)], seed=seed0 + i,
                            bank=None if bank is None else bank[int(c)])
-                for i, (g, c) in enumerate(zip(guides, labels))]
+                for i, (g, c) in enumerate(zip(guides, labels, strict=True))]
 
     aig = GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, seed=0)
     earlier = [sampler(items(1000 * r), aig) for r in (1, 2, 3)]

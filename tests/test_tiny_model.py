@@ -15,7 +15,6 @@ from actgen_generator.pipeline import TINY_MODEL_ID, load_pipeline
 from actgen_generator.tiny_model import build_tiny_model, build_tiny_pipeline, build_tokenizer
 from actgen_shared.labels import LABEL_SETS, class_names_for
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from trainer_helpers import REPO, client, generator, small_config  # noqa: F401, F811 (fixtures)
+from trainer_helpers import REPO, client_fixture, generator_fixture, small_config  # noqa: F401 (fixtures)
 
 from actgen_shared.client import GeneratorClient
 from actgen_trainer import cli

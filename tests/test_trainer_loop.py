@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from trainer_helpers import EPOCHS, client_fixture, generator_fixture, small_config  # noqa: F401 (fixtures)
 
 from actgen_shared.client import GeneratorClient
 from actgen_trainer.data import GeneratedSet, training_set
 from actgen_trainer.loop import Trainer
-from trainer_helpers import EPOCHS, client, generator, small_config  # noqa: F401, F811 (fixtures)
 
 
 def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
@@ -51,7 +51,7 @@ def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
     # every generated image: 16 px (the generator made 64 px), labelled with its guide's class
     gen = trainer.generated
     assert len(gen) == summary.images_generated == 4
-    for k, record in enumerate(gen.records):
+    for record in gen.records:
         guide_index = int(record.guide_id.removeprefix("train-"))
         assert guide_index in set(trainer.split.val.tolist())
         assert record.class_id == trainer.train_source.target(guide_index)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from service_helpers import key_prefix_for
+from trainer_helpers import small_config
 
 from actgen_shared.client import GeneratorClient
 from actgen_shared.launcher import GeneratorProcess
 from actgen_trainer.loop import Trainer
-from trainer_helpers import small_config
 
 ITEM_CAP = 3
 SLOW_STEPS = 100  # about 15 s per 2-item job on the tiny model: far slower than a 0.5 s epoch

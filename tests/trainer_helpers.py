@@ -28,15 +28,15 @@ def small_config(tmp_path: Path, *overrides: str) -> Config:
     ])
 
 
-@pytest.fixture(scope="module")
-def generator(redis_url: str) -> Iterator[GeneratorProcess]:
+@pytest.fixture(scope="module", name="generator")
+def generator_fixture(redis_url: str) -> Iterator[GeneratorProcess]:
     """One generator replica (random-weight tiny model) for a test module, keys cleaned after."""
     with key_prefix_for(redis_url) as prefix, \
             GeneratorProcess(redis_url=redis_url, env={"ACTGEN_KEY_PREFIX": prefix}) as proc:
         yield proc
 
 
-@pytest.fixture
-def client(generator: GeneratorProcess) -> Iterator[GeneratorClient]:
+@pytest.fixture(name="client")
+def client_fixture(generator: GeneratorProcess) -> Iterator[GeneratorClient]:
     with GeneratorClient(generator.url, timeout_s=60) as c:
         yield c

@@ -10,14 +10,15 @@ torch is imported lazily so that ``actgen_shared`` stays light for plain clients
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> "nn.Sequential":
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     from torch import nn
 
     return nn.Sequential(
@@ -27,7 +28,7 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> "nn.Sequential":
     )
 
 
-def _simple_cnn(num_classes: int) -> "nn.Module":
+def _simple_cnn(num_classes: int) -> nn.Module:
     """A small CNN for 32x32 inputs: the demo's classifier (seconds per epoch on a CPU)."""
     from torch import nn
 
@@ -45,7 +46,7 @@ def _simple_cnn(num_classes: int) -> "nn.Module":
     )
 
 
-def _cifar_resnet(depth: int, num_classes: int) -> "nn.Module":
+def _cifar_resnet(depth: int, num_classes: int) -> nn.Module:
     """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first conv, no max-pool."""
     from torch import nn
     from torchvision.models import resnet18, resnet50
@@ -56,31 +57,31 @@ def _cifar_resnet(depth: int, num_classes: int) -> "nn.Module":
     return model
 
 
-def _cifar_vgg16(num_classes: int) -> "nn.Module":
+def _cifar_vgg16(num_classes: int) -> nn.Module:
     """VGG-16 with batch norm for 32x32 inputs, with the authors' head: 512 -> 512 -> classes."""
     from torch import nn
 
     plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
     layers: list[nn.Module] = []
     channels = 3
-    for entry in plan:
-        if entry == "M":
-            layers.append(nn.MaxPool2d(2))
+    for entry in plan:  # a width is a conv-bn-relu, "M" a 2x2 max-pool
+        if isinstance(entry, int):
+            layers.append(_conv_bn(channels, entry))
+            channels = entry
         else:
-            layers.append(_conv_bn(channels, int(entry)))
-            channels = int(entry)
+            layers.append(nn.MaxPool2d(2))
     head = [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(512, num_classes)]
     return nn.Sequential(*layers, *head)
 
 
-def _imagenet_resnet50(num_classes: int) -> "nn.Module":
+def _imagenet_resnet50(num_classes: int) -> nn.Module:
     from torchvision.models import resnet50
 
     return resnet50(weights=None, num_classes=num_classes)
 
 
-def _imagenet_resnet152(num_classes: int) -> "nn.Module":
+def _imagenet_resnet152(num_classes: int) -> nn.Module:
     from torchvision.models import resnet152
 
     return resnet152(weights=None, num_classes=num_classes)
@@ -90,10 +91,10 @@ def _imagenet_resnet152(num_classes: int) -> "nn.Module":
 TIMM_ARCHITECTURES = ("vit_small_patch16_224", "deit_small_patch16_224")
 
 
-def _timm(name: str) -> Callable[[int], "nn.Module"]:
+def _timm(name: str) -> Callable[[int], nn.Module]:
     """A factory for one allow-listed timm model, randomly initialised (no weight download)."""
 
-    def factory(num_classes: int) -> "nn.Module":
+    def factory(num_classes: int) -> nn.Module:
         try:
             import timm
         except ImportError:  # a ValueError: the generator answers 4xx, never 500
@@ -104,7 +105,7 @@ def _timm(name: str) -> Callable[[int], "nn.Module"]:
     return factory
 
 
-ARCHITECTURES: dict[str, Callable[[int], "nn.Module"]] = {
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "simple_cnn": _simple_cnn,
     "cifar_resnet18": lambda n: _cifar_resnet(18, n),
     "cifar_resnet50": lambda n: _cifar_resnet(50, n),
@@ -115,7 +116,7 @@ ARCHITECTURES: dict[str, Callable[[int], "nn.Module"]] = {
 }
 
 
-def build_classifier(architecture: str, num_classes: int) -> "nn.Module":
+def build_classifier(architecture: str, num_classes: int) -> nn.Module:
     """A fresh, randomly initialised classifier of a registered architecture."""
     try:
         factory = ARCHITECTURES[architecture]
@@ -127,8 +128,8 @@ def build_classifier(architecture: str, num_classes: int) -> "nn.Module":
 
 
 def load_classifier(
-    architecture: str, num_classes: int, state_dict: dict[str, "torch.Tensor"]
-) -> "nn.Module":
+    architecture: str, num_classes: int, state_dict: dict[str, torch.Tensor]
+) -> nn.Module:
     """Rebuild a classifier and load weights strictly; a mismatch raises ValueError naming it."""
     model = build_classifier(architecture, num_classes)
     expected = model.state_dict()

@@ -36,7 +36,10 @@ def load_digits_split(image_size: int = 32) -> DigitsSplit:
     bunch = load_digits()
     gray = np.clip(bunch.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     big = np.stack(
-        [np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.BILINEAR)) for g in gray]
+        [
+            np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.Resampling.BILINEAR))
+            for g in gray
+        ]
     )
     rgb = np.repeat(big[..., None], 3, axis=-1)
     labels = bunch.target.astype(np.int64)

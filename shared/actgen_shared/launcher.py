@@ -74,7 +74,7 @@ class GeneratorProcess:
             args += ["--model", self.model]
         return args + self.extra_args
 
-    def start(self) -> "GeneratorProcess":
+    def start(self) -> GeneratorProcess:
         """Start the replica and block until /readyz answers 200."""
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         if self.redis_url is not None:
@@ -145,7 +145,7 @@ class GeneratorProcess:
             self._tmpdir.cleanup()
             self._tmpdir = None
 
-    def __enter__(self) -> "GeneratorProcess":
+    def __enter__(self) -> GeneratorProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
 
@@ -167,7 +167,7 @@ class ClassifierStore:
         return None if raw is None else ClassifierMeta.model_validate(json.loads(raw))
 
     async def weights(self, ref: str) -> bytes | None:
-        return await self.redis.get(self.keys.classifier(_hex(ref)))
+        return cast(bytes | None, await self.redis.get(self.keys.classifier(_hex(ref))))
 
     async def touch(self, *refs: str) -> None:
         """Start the TTL of these classifiers again (they are in use)."""
@@ -187,7 +187,7 @@ class ClassifierStore:
         hex_ = _hex(ref)
         base = [self.keys.classifier(hex_), self.keys.classifier_meta(hex_), self.keys.classifier_jobs(hex_)]
         for _ in range(10):  # the set moved under us (a submit): read it again
-            members = sorted(m.decode() for m in await self.redis.smembers(base[2]))
+            members = sorted(m.decode() for m in cast(set[bytes], await self.redis.smembers(base[2])))
             reply = await self._delete(keys=base + [job_key(m) for m in members], args=members)
             outcome = reply[0].decode()
             if outcome == "busy":

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from actgen_shared.queue import JobQueue
 
 
-def stack_latents(blobs: Iterable[bytes], shape: tuple[int, ...] | None = None) -> "torch.Tensor | None":
+def stack_latents(blobs: Iterable[bytes], shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """Bank entries -> float32 tensor (N, C, h, w); entries of another shape are left out.
 
     A bank key shared by jobs of different sizes holds latents of several shapes; only those
@@ -51,15 +51,15 @@ def stack_latents(blobs: Iterable[bytes], shape: tuple[int, ...] | None = None) 
 
 
 async def sample_banks(
-    queue: "JobQueue",
+    queue: JobQueue,
     bank_key: str,
     class_ids: Iterable[int],
     n: int,
     seed: int,
     shape: tuple[int, ...] | None = None,
-) -> dict[int, "torch.Tensor"]:
+) -> dict[int, torch.Tensor]:
     """Up to ``n`` latents per class from the bank, drawn reproducibly from ``seed``."""
-    banks: dict[int, "torch.Tensor"] = {}
+    banks: dict[int, torch.Tensor] = {}
     if n <= 0:
         return banks
     rng = random.Random(seed)

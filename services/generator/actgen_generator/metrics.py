@@ -72,7 +72,7 @@ class Metrics:
             return 0.0
         return sum(k for _, k in recent) / max(now - recent[0][0], 1.0)
 
-    async def refresh(self, queue: "JobQueue | None", device: str | None) -> None:
+    async def refresh(self, queue: JobQueue | None, device: str | None) -> None:
         """Read the queue-wide gauges from Redis and the GPU memory from torch."""
         if queue is not None:
             self.queue_depth.set(await queue.queue_depth())

@@ -17,12 +17,19 @@ import json
 import os
 import shutil
 import tempfile
+from itertools import pairwise
 from pathlib import Path
+from typing import TypedDict
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from actgen_generator.diffusers_classes import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from actgen_shared.labels import LABEL_SETS, class_names_for
 
 TINY_MODEL_VERSION = "tiny-v1"
@@ -69,7 +76,19 @@ TINY_VAE = dict(
     scaling_factor=0.18215,
 )
 
-TINY_TEXT = dict(
+class TextConfig(TypedDict):
+    """The CLIPTextConfig fields the tiny text encoder sets (the token ids come from the tokenizer)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    hidden_act: str
+    projection_dim: int
+
+
+TINY_TEXT = TextConfig(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
@@ -94,7 +113,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def _vocabulary_text() -> list[str]:
@@ -109,7 +128,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encode one word: merge the best-ranked adjacent pair until none applies."""
     symbols = list(symbols)
     while len(symbols) > 1:
-        ranked = [(ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in ranks]
+        ranked = [(ranks[p], i) for i, p in enumerate(pairwise(symbols)) if p in ranks]
         if not ranked:
             break
         _, i = min(ranked)
@@ -144,7 +163,8 @@ def build_tokenizer() -> CLIPTokenizer:
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     merges = [pair for pair, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    # transformers annotates merges as list[str]; the BPE model it builds takes (left, right) pairs
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)  # type: ignore[arg-type]
 
 
 def _check_tokenizer(tokenizer: CLIPTokenizer) -> None:
@@ -181,8 +201,9 @@ def build_tiny_pipeline(
         tokenizer=tokenizer,
         unet=unet,
         scheduler=DDPMScheduler(**SD21_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
+        # diffusers annotates these two as required; None is its documented way to leave them out
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
 

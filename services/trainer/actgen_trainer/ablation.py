@@ -30,10 +30,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -338,7 +339,8 @@ def run_ablation(
     grid = [(arm, seed, cell_config(config, overrides, arm, seed, out)) for arm in arms for seed in seed_list]
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(out)
-    todo, skipped = [], []
+    todo: list[tuple[str, int, Config, str]] = []  # (arm, seed, config, fingerprint)
+    skipped: list[tuple[str, int, Config, str]] = []
     for arm, seed, cfg in grid:
         print_ = fingerprint(cfg, model, threads)
         (skipped if _finished(results, arm, seed, print_) else todo).append((arm, seed, cfg, print_))

@@ -17,7 +17,6 @@ from actgen_trainer.config import ConfigError, TrainMode, load_config
 from actgen_trainer.data import DataError
 from actgen_trainer.link import GeneratorUnavailable
 
-
 GENERATOR_URL_ENV = "ACTGEN_GENERATOR_URL"
 
 

@@ -252,7 +252,7 @@ class TrackingConfig(_Section):
     mlflow_samples: int = Field(8, ge=0, description="generated images logged as artifacts at the end")
 
     @model_validator(mode="after")
-    def _uri_needs_mlflow(self) -> "TrackingConfig":
+    def _uri_needs_mlflow(self) -> TrackingConfig:
         if self.mlflow_uri is not None and not self.mlflow:
             raise ValueError("tracking.mlflow_uri is set but tracking.mlflow is off")
         return self
@@ -272,7 +272,7 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _mixing_needs_ce(self) -> "Config":
+    def _mixing_needs_ce(self) -> Config:
         if self.data.mixing and self.optim.loss != "ce":
             raise ValueError(
                 f"optim.loss={self.optim.loss} cannot take the soft targets of data.mixup_alpha / "

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,7 +23,6 @@ from torch.utils.data import ConcatDataset, Dataset
 from actgen_shared.codecs import png_encode
 from actgen_shared.digits import load_digits_split
 from actgen_shared.labels import DIGITS, class_names_for
-
 from actgen_trainer.config import DataConfig
 
 MAX_GUIDE_SIDE = 512  # guides larger than this are shrunk before posting

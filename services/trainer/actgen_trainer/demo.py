@@ -17,7 +17,6 @@ from pathlib import Path
 from actgen_shared.client import GeneratorClient
 from actgen_shared.launcher import GeneratorProcess
 from actgen_shared.redis_embedded import EmbeddedRedis
-
 from actgen_trainer.config import load_config
 from actgen_trainer.loop import Trainer
 

@@ -16,8 +16,8 @@ from torch.nn import functional as F
 
 from actgen_shared.architectures import build_classifier
 from actgen_shared.schemas import ClassifierMeta
-
 from actgen_trainer.config import Config, OptimConfig
+from actgen_trainer.distributed import unwrap
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -35,8 +35,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
     ``lr``: the learning rate for the actual global batch (``scaled_lr``); default ``cfg.lr``.
     """
     lr = cfg.lr if lr is None else lr
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 else decay).append(param)
@@ -127,7 +128,7 @@ def classifier_payload(
     model: nn.Module, cfg: Config, num_classes: int
 ) -> tuple[bytes, ClassifierMeta]:
     """The classifier as the generator wants it: safetensors bytes + metadata (never a pickle)."""
-    module = model.module if hasattr(model, "module") else model
+    module = unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = ClassifierMeta(
         architecture=cfg.model.architecture,

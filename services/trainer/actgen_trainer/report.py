@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def _data_uri(png: bytes) -> str:
 
 
 def delivery_counts(
-    jobs: list[dict[str, Any]], records: list[dict[str, Any]], metrics: list[dict[str, Any]] = ()
+    jobs: list[dict[str, Any]], records: list[dict[str, Any]], metrics: Sequence[dict[str, Any]] = ()
 ) -> dict[str, int]:
     """Images asked for, and how they arrived: on time, late, or never.
 
@@ -85,7 +86,7 @@ def _accuracy_plot(metrics: list[dict[str, Any]], generation_epochs: int) -> byt
     ax.plot(epochs, [m["train_acc"] for m in metrics], marker=".", alpha=0.6, label="train")
     val = [(m["epoch"], m["val_acc"]) for m in metrics if m.get("val_acc") is not None]
     if val:
-        ax.plot(*zip(*val), marker="x", alpha=0.6, label="validation slice")
+        ax.plot(*zip(*val, strict=True), marker="x", alpha=0.6, label="validation slice")
     ax.axvline(generation_epochs - 0.5, color="grey", linestyle="--", linewidth=1)
     ax.text(generation_epochs - 0.45, 0.02, "slice merged", color="grey", fontsize=8,
             transform=ax.get_xaxis_transform())

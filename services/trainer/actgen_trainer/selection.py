@@ -48,7 +48,7 @@ def sample_hard(hard: np.ndarray, count: int, rng: np.random.Generator) -> np.nd
     hard = np.asarray(hard)
     if count <= 0 or len(hard) == 0:
         return hard[:0]
-    rounds = []
+    rounds: list[np.ndarray] = []
     while sum(len(r) for r in rounds) < count:
         rounds.append(rng.permutation(hard))
     return np.concatenate(rounds)[:count]

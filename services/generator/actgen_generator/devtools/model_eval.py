@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from actgen_generator.devtools.tiny_training import load_digits_split
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
-from actgen_generator.devtools.tiny_training import load_digits_split
 from actgen_shared.digits import FEATURE_SIDE, ReferenceClassifier
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode
@@ -93,7 +93,7 @@ def mean_pairwise_distance(groups: list[np.ndarray]) -> float:
 
 
 def _generate(sampler: GuidedSampler, items: list[SampleItem], options: GenerationOptions) -> np.ndarray:
-    images = []
+    images: list[np.ndarray] = []
     for i in range(0, len(items), BATCH):
         images.extend(out.image for out in sampler(items[i : i + BATCH], options))
     return np.stack(images)
@@ -137,7 +137,7 @@ def evaluate(model: str, random_per_class: int = 10, aig_per_class: int = 10, di
     picked = _pick_per_class(split.test_labels, aig_per_class, rng)
     guides, guide_labels = split.test_images[picked], split.test_labels[picked]
     items = [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=seed * 1_000_003 + 10_000 + i)
-             for i, (g, c) in enumerate(zip(guides, guide_labels))]
+             for i, (g, c) in enumerate(zip(guides, guide_labels, strict=True))]
     generated = _generate(sampler, items, aig)
     aig_faithfulness = float(np.mean(reference.predict(generated) == guide_labels))
     aig_guide_accuracy = float(np.mean(reference.predict(guides) == guide_labels))

@@ -40,11 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from actgen_generator.attention import PROMPT_TEMPLATE
+from actgen_generator.diffusers_classes import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, build_tiny_pipeline
 from actgen_shared.digits import DigitsSplit
 from actgen_shared.digits import load_digits_split as shared_digits_split
@@ -224,10 +229,12 @@ def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, ids: tor
     scheduler = DDPMScheduler(**SD21_SCHEDULER)
     n_classes = len(DIGITS)
     train_text = cfg.text_lr > 0
-    models = [unet, text_encoder] if train_text else [unet]
+    models: list[torch.nn.Module] = [unet, text_encoder] if train_text else [unet]
     for m in models:
         m.train().requires_grad_(True)
-    emas = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False) if train_text else text_encoder
+    emas: list[torch.nn.Module] = [ema_unet, ema_text] if train_text else [ema_unet]
     groups = [{"params": list(unet.parameters()), "base_lr": cfg.unet_lr}]
     if train_text:
         groups.append({"params": list(text_encoder.parameters()), "base_lr": cfg.text_lr})
@@ -265,8 +272,8 @@ def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, ids: tor
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, model in zip(emas, models):
-                for e, p in zip(ema.parameters(), model.parameters()):
+            for ema, model in zip(emas, models, strict=True):
+                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
                     e.lerp_(p, 1.0 - decay)
         value = float(loss.detach())
         running = value if math.isnan(running) else 0.98 * running + 0.02 * value
@@ -274,11 +281,10 @@ def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, ids: tor
             bar.set_postfix(loss=f"{running:.4f}")
             tqdm.write(f"unet step {step} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e}")
             if on_log is not None:
-                on_log(step, emas[0], emas[-1] if train_text else text_encoder)
+                on_log(step, ema_unet, ema_text)
     done = step + 1 if clock() <= budget_s else step
     text_encoder.eval().requires_grad_(False)
-    final_text = emas[-1] if train_text else text_encoder
-    return emas[0], final_text, {"steps": done, "seconds": round(clock(), 1), "final_loss": running}
+    return ema_unet, ema_text, {"steps": done, "seconds": round(clock(), 1), "final_loss": running}
 
 
 def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str | None = None) -> Path:
@@ -314,7 +320,10 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
 
     trained = StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=ema,
-        scheduler=DDPMScheduler(**SD21_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=DDPMScheduler(**SD21_SCHEDULER),
+        # diffusers annotates these two as required; None is its documented way to leave them out
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     meta = {
