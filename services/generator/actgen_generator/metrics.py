@@ -8,6 +8,7 @@ worker's numbers (items, step latency, batch size) are recorded as they happen.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -57,13 +58,14 @@ class Metrics:
         self.gpu_memory = Gauge(
             "actgen_gpu_memory_bytes", "GPU memory of this process", ["kind"], registry=r
         )
-        self._recent: list[tuple[float, int]] = []
+        self._recent: deque[tuple[float, int]] = deque()  # (time, items) of the batches in the window
 
     def record_items(self, n: int) -> None:
         now = time.monotonic()
         self.items.inc(n)
         self._recent.append((now, n))
-        self._recent = [(t, k) for t, k in self._recent if now - t <= RATE_WINDOW_S]
+        while now - self._recent[0][0] > RATE_WINDOW_S:  # oldest first: drop from the left, O(1) a batch
+            self._recent.popleft()
 
     def _rate(self) -> float:
         now = time.monotonic()
