@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from actgen_generator.devices import resolve_device
+from actgen_generator.diffusers_classes import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from actgen_generator.tiny_model import (
     SD21_SCHEDULER,
     TINY_MODEL_VERSION,
@@ -141,11 +146,15 @@ def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dt
             projection_dim=512, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ))
-    for module in (unet, vae, text_encoder):
+    # typed as nn.Module: diffusers' ModelMixin.to is wrapped (functools.wraps), which mypy reads as unbound
+    modules: tuple[torch.nn.Module, ...] = (unet, vae, text_encoder)
+    for module in modules:
         module.to(dtype=dt)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(**SD21_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=DDPMScheduler(**SD21_SCHEDULER),
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers accepts None; its hint says otherwise
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     return _finish(pipe, f"{SD21_BASE} (architecture, random weights)", dev, dt)
