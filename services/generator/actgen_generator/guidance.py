@@ -34,7 +34,7 @@ class PosteriorStep:
     prediction_type: str = "epsilon"
 
     @classmethod
-    def at(cls, scheduler, timestep: int) -> "PosteriorStep":
+    def at(cls, scheduler, timestep: int) -> PosteriorStep:
         """Coefficients of a diffusers DDPMScheduler (after ``set_timesteps``) at ``timestep``."""
         t = int(timestep)
         prev = int(scheduler.previous_timestep(t))

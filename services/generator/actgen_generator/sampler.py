@@ -16,7 +16,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from actgen_generator.attention import (
     PROMPT_TEMPLATE,
@@ -36,6 +35,7 @@ from actgen_generator.contract import (
     item_record,
     latent_shape,
 )
+from actgen_generator.diffusers_classes import DDPMScheduler
 from actgen_generator.guidance import (
     PosteriorStep,
     adversarial_loss,
@@ -121,13 +121,13 @@ class GradientPlan:
 
     @classmethod
     def build(cls, stored: list[torch.Tensor | None], peers: list[torch.Tensor], dim: int,
-              bank_sample: int, device: torch.device, **fields) -> "GradientPlan":
+              bank_sample: int, device: torch.device, **fields) -> GradientPlan:
         """Lay out the bank once: row r holds min(n_r, N) stored latents, then its peers."""
         kept = [0 if s is None else min(len(s), bank_sample) for s in stored]
-        depth = max(1, max(k + len(p) for k, p in zip(kept, peers)))
+        depth = max(1, max(k + len(p) for k, p in zip(kept, peers, strict=True)))
         bank = torch.zeros(len(stored), depth, dim, device=device)
         valid = torch.zeros(len(stored), depth, device=device)
-        for r, (s, k, p) in enumerate(zip(stored, kept, peers)):
+        for r, (s, k, p) in enumerate(zip(stored, kept, peers, strict=True)):
             if s is not None and len(s) <= bank_sample:
                 bank[r, :k] = s  # no draw needed: the same entries every step
             valid[r, : k + len(p)] = 1.0
@@ -136,7 +136,7 @@ class GradientPlan:
     def targets(self, x0: torch.Tensor) -> GradientTargets:
         """This step's targets: up to N stored latents (drawn afresh when more), the peers' x0_hat now."""
         flat = x0.detach().flatten(1)
-        for r, (stored, peers, draw) in enumerate(zip(self.stored, self.peers, self.draws)):
+        for r, (stored, peers, draw) in enumerate(zip(self.stored, self.peers, self.draws, strict=True)):
             kept = 0
             if stored is not None:
                 kept = min(len(stored), self.bank_sample)
@@ -213,7 +213,8 @@ class GuidedSampler:
         if self.device.type == "cuda":  # graph memory of the gradient steps (only active with grad)
             self.unet.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
-        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # per class name: its embeddings and class-token weights (None for the empty prompt)
+        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
     @property
     def native_size(self) -> int:
@@ -279,11 +280,11 @@ class GuidedSampler:
             noise_pred = self.predict_noise(x, t, uncond, cond, token_weights, rows, opts.update_uncond)
             eps = cfg_noise(noise_pred.uncond, noise_pred.cond, opts.guidance_scale)  # eq. 4
             x0 = post.predict_x0(x, eps)  # x0_hat
-            if rows is not None:  # gradient guidance, eq. 9-11
+            if plan is not None and rows is not None:  # gradient guidance, eq. 9-11
                 loss = self.guidance_loss(x0[rows], plan.targets(x0))
                 leaves = noise_pred.leaves
                 grads = torch.autograd.grad(loss.total.sum(), leaves, allow_unused=True)
-                grads = tuple(torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads))
+                grads = tuple(torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True))
                 # eq. 11: the moved embeddings carry over to every later step
                 cond = cond.index_copy(0, rows, normalized_update(leaves[0].detach(), grads[0], opts.lr,
                                                                   opts.grad_norm))
@@ -294,7 +295,7 @@ class GuidedSampler:
                 self._record(records, rows, k, loss, plan.adversarial)
             z = self._randn(noise, shape)  # the same z for both chains
             x_prev = post.step(x0, x, z)  # eq. 5
-            if guided:
+            if guide is not None:  # guided (ig, aig, actgen)
                 x_guide = post.step(guide, x_guide, z)  # eq. 6: x0 := guide latent
                 m: torch.Tensor | float = 1.0  # ig: no mask
                 if masked:
@@ -426,7 +427,7 @@ class GuidedSampler:
     @torch.no_grad()
     def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
-        batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        batch: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name in {item.class_name for item in items} | {""}:
             entry = self._prompts.get(name)
             if entry is None:
@@ -439,7 +440,13 @@ class GuidedSampler:
         while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per class name seen
             self._prompts.popitem(last=False)
         cond = torch.stack([batch[item.class_name][0] for item in items])
-        weights = torch.stack([batch[item.class_name][1] for item in items]).to(self.device)
+        item_weights: list[torch.Tensor] = []
+        for item in items:
+            class_weights = batch[item.class_name][1]
+            if class_weights is None:  # only the empty name has none: it has no class token
+                raise ValueError(f"class name {item.class_name!r} is not found whole in its tokenised prompt")
+            item_weights.append(class_weights)
+        weights = torch.stack(item_weights).to(self.device)
         uncond = batch[""][0].expand_as(cond)
         return uncond, cond, weights
 
@@ -471,14 +478,14 @@ class GuidedSampler:
         rows: list[int] = []
         stored: list[torch.Tensor | None] = []
         peers: list[torch.Tensor] = []
-        for i, (item, draw) in enumerate(zip(items, draws)):
+        for i, (item, draw) in enumerate(zip(items, draws, strict=True)):
             if draw.plain:
                 continue
             bank = item.bank if contrastive and item.bank is not None and len(item.bank) else None
             if bank is not None and tuple(bank.shape[1:]) != shape:
                 raise ValueError(f"memory bank of class {item.class_id} holds latents of shape "
                                  f"{tuple(bank.shape[1:])}, this job generates {shape}")
-            mates = [j for j, (other, d) in enumerate(zip(items, draws))
+            mates = [j for j, (other, d) in enumerate(zip(items, draws, strict=True))
                      if contrastive and j != i and not d.plain and item.bank_group is not None
                      and other.bank_group == item.bank_group and other.class_id == item.class_id]
             if bank is None and not mates and not draw.adversarial:
