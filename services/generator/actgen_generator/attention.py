@@ -25,8 +25,12 @@ def class_token_weights(tokenizer, class_name: str, template: str = PROMPT_TEMPL
 
     The positions are found by tokenising, so multi-token names and any template work.
     """
-    ids = tokenizer(template.format(class_name), padding="max_length",
-                    max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = tokenizer(
+        template.format(class_name),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+    ).input_ids
     name_ids = tokenizer(class_name, add_special_tokens=False).input_ids
     n = len(name_ids)
     for start in range(1, len(ids) - n + 1):
@@ -81,8 +85,9 @@ class AttentionRecorder:
         self._count = torch.zeros(batch_size, device=device, dtype=torch.float32)
         self.recording = True
 
-    def expect(self, rows: torch.Tensor | None, items: torch.Tensor | None,
-               weights: torch.Tensor | None) -> None:
+    def expect(
+        self, rows: torch.Tensor | None, items: torch.Tensor | None, weights: torch.Tensor | None
+    ) -> None:
         """The next UNet call: record batch ``rows`` as ``items``, class tokens weighted by ``weights``.
 
         ``expect(None, None, None)`` records nothing until the next ``expect``.
@@ -124,10 +129,16 @@ class RecordingAttnProcessor:
         self.recorder = recorder
         self.fused = AttnProcessor2_0()
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         if not self.recorder.recording or encoder_hidden_states is None:
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         # The explicit path of diffusers' AttnProcessor, keeping the probabilities.
@@ -164,8 +175,11 @@ def install_recorder(unet, target_factor: int = MASK_FACTOR) -> AttentionRecorde
     factor = mask_block_factor(unet, target_factor)
     recorder = AttentionRecorder(factor)
     n_blocks = len(unet.config.block_out_channels)
-    cross = {name for name, module in unet.named_modules()
-             if isinstance(module, Attention) and module.is_cross_attention}
+    cross = {
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and module.is_cross_attention
+    }
     processors: dict[str, RecordingAttnProcessor | AttnProcessor2_0] = {}
     for name in unet.attn_processors:
         module_name = name.removesuffix(".processor")
