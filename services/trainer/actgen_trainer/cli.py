@@ -1,8 +1,10 @@
 """``actgen-trainer``: train a classifier with ActGen, or rebuild a run's report.
 
-actgen-trainer train --config FILE [--set key=value ...] [--resume] [--sync] [--generator-url URL]
-actgen-trainer report RUN_DIR
-actgen-trainer ablate [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
+Usage::
+
+    actgen-trainer train --config FILE [--set key=value ...] [--resume] [--sync] [--generator-url URL]
+    actgen-trainer report RUN_DIR
+    actgen-trainer ablate [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
 """
 
 from __future__ import annotations
