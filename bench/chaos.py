@@ -86,11 +86,20 @@ def _job(run_id: str, key: str, rng: random.Random) -> dict[str, Any]:
     n = rng.randint(1, 4)
     guide = codecs.png_to_b64(np.full((16, 16, 3), rng.randrange(256), dtype=np.uint8))
     return {
-        "run_id": run_id, "epoch": 0, "label_set": "digits", "idempotency_key": key,
+        "run_id": run_id,
+        "epoch": 0,
+        "label_set": "digits",
+        "idempotency_key": key,
         "memory_bank_key": run_id,
         "items": [{"image": guide, "class_id": rng.randrange(10), "guide_id": f"g{k}"} for k in range(n)],
-        "options": {"mode": "random", "num_inference_steps": rng.randint(10, 30), "grad_steps": 0,
-                    "height": 64, "width": 64, "seed": rng.randrange(2**31)},
+        "options": {
+            "mode": "random",
+            "num_inference_steps": rng.randint(10, 30),
+            "grad_steps": 0,
+            "height": 64,
+            "width": 64,
+            "seed": rng.randrange(2**31),
+        },
     }
 
 
@@ -196,7 +205,9 @@ def audit(url: str, accepted: dict[str, str], memory_bound_mb: float) -> dict[st
                 else:
                     extra[item] += 1
         missing = [item for item, n in done_items.items() if n == 0]
-        duplicated = [item for item, n in done_items.items() if n > 1] + [i for i, n in extra.items() if n > 1]
+        duplicated = [item for item, n in done_items.items() if n > 1] + [
+            i for i, n in extra.items() if n > 1
+        ]
         stats = {k.decode(): int(v) for k, v in r.hgetall(keys.jobs_by_status).items()}
         pending = int(r.xpending(keys.jobs_stream, CONSUMER_GROUP)["pending"])
         used_mb = int(r.info("memory")["used_memory"]) / 2**20
@@ -204,18 +215,31 @@ def audit(url: str, accepted: dict[str, str], memory_bound_mb: float) -> dict[st
         findings = {
             "lost": len(lost) + len(missing),
             "duplicated": len(duplicated) + max(0, final_total - len(job_ids)),
-            "stuck": len(stuck) + pending + stats.get("queued", 0) + stats.get("running", 0)
-                     + int(r.xlen(keys.jobs_stream)),
+            "stuck": len(stuck)
+            + pending
+            + stats.get("queued", 0)
+            + stats.get("running", 0)
+            + int(r.xlen(keys.jobs_stream)),
             "failed_without_reason": len(failed_without_reason),
             "memory_over_bound": int(used_mb > memory_bound_mb),
         }
         return {
-            "jobs": len(job_ids), "items": len(done_items), "statuses": dict(statuses),
-            "stats": stats, "redelivered": redelivered, "pending": pending, "used_memory_mb": round(used_mb, 2),
-            "memory_bound_mb": memory_bound_mb, "findings": findings,
+            "jobs": len(job_ids),
+            "items": len(done_items),
+            "statuses": dict(statuses),
+            "stats": stats,
+            "redelivered": redelivered,
+            "pending": pending,
+            "used_memory_mb": round(used_mb, 2),
+            "memory_bound_mb": memory_bound_mb,
+            "findings": findings,
             "failures": [{"job_id": j, "error": e} for j, e in failures[:10]],
-            "examples": {"lost": lost[:5], "missing_items": missing[:5], "duplicated": duplicated[:5],
-                         "stuck": stuck[:5]},
+            "examples": {
+                "lost": lost[:5],
+                "missing_items": missing[:5],
+                "duplicated": duplicated[:5],
+                "stuck": stuck[:5],
+            },
             "ok": not any(findings.values()),
         }
     finally:
@@ -223,14 +247,25 @@ def audit(url: str, accepted: dict[str, str], memory_bound_mb: float) -> dict[st
 
 
 def run_chaos(
-    seconds: float, replicas: int = 3, seed: int = 0, fault_every_s: tuple[float, float] = (4.0, 9.0),
-    drain_s: float = 240.0, memory_bound_mb: float = MEMORY_BOUND_MB, log: Any = print,
+    seconds: float,
+    replicas: int = 3,
+    seed: int = 0,
+    fault_every_s: tuple[float, float] = (4.0, 9.0),
+    drain_s: float = 240.0,
+    memory_bound_mb: float = MEMORY_BOUND_MB,
+    log: Any = print,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     env = {
-        "ACTGEN_KEY_PREFIX": PREFIX, "ACTGEN_LEASE_S": str(LEASE_S), "ACTGEN_HEARTBEAT_S": "0.5",
-        "ACTGEN_PENDING_RESCAN_S": "5", "ACTGEN_MAX_BATCH": "4", "ACTGEN_ECHO_STEP_S": "0.05",
-        "ACTGEN_MAX_DELIVERIES": "6", "ACTGEN_RESULT_TTL_S": "86400", "ACTGEN_DEVICE": "cpu",
+        "ACTGEN_KEY_PREFIX": PREFIX,
+        "ACTGEN_LEASE_S": str(LEASE_S),
+        "ACTGEN_HEARTBEAT_S": "0.5",
+        "ACTGEN_PENDING_RESCAN_S": "5",
+        "ACTGEN_MAX_BATCH": "4",
+        "ACTGEN_ECHO_STEP_S": "0.05",
+        "ACTGEN_MAX_DELIVERIES": "6",
+        "ACTGEN_RESULT_TTL_S": "86400",
+        "ACTGEN_DEVICE": "cpu",
     }
     faults: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="actgen-chaos-") as tmp:
@@ -251,8 +286,10 @@ def run_chaos(
                 kind = order.pop()
                 if _fault(kind, pool, server, rng, log):
                     faults[kind] += 1
-                    log(f"[chaos] {time.monotonic() - began:6.1f}s {kind:5s} (faults {sum(faults.values())}, "
-                        f"jobs {len(client.accepted)})")
+                    log(
+                        f"[chaos] {time.monotonic() - began:6.1f}s {kind:5s} (faults {sum(faults.values())}, "
+                        f"jobs {len(client.accepted)})"
+                    )
             client.stop.set()
             client.join(timeout=60)
             for slot, proc in enumerate(pool.slots):  # everyone back for the drain
@@ -264,8 +301,11 @@ def run_chaos(
             keys = Keys(PREFIX)
             try:
                 while time.monotonic() < deadline:
-                    open_jobs = [j for j in accepted.values()
-                                 if (r.hget(keys.job(j), "status") or b"").decode() in ("queued", "running")]
+                    open_jobs = [
+                        j
+                        for j in accepted.values()
+                        if (r.hget(keys.job(j), "status") or b"").decode() in ("queued", "running")
+                    ]
                     if not open_jobs:
                         break
                     time.sleep(0.5)
@@ -278,12 +318,19 @@ def run_chaos(
                 client.stop.set()
             pool.stop_all()
             server.cleanup()
-    report.update({
-        "seconds": seconds, "replicas": replicas, "seed": seed, "faults": dict(faults),
-        "faults_total": sum(faults.values()), "drain_seconds": drained_s,
-        "submit_retries": client.retries if client else 0,
-        "redis_restart": "SIGTERM (AOF appendfsync everysec)", "lease_s": LEASE_S,
-    })
+    report.update(
+        {
+            "seconds": seconds,
+            "replicas": replicas,
+            "seed": seed,
+            "faults": dict(faults),
+            "faults_total": sum(faults.values()),
+            "drain_seconds": drained_s,
+            "submit_retries": client.retries if client else 0,
+            "redis_restart": "SIGTERM (AOF appendfsync everysec)",
+            "lease_s": LEASE_S,
+        }
+    )
     return report
 
 
@@ -299,11 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     f = report["findings"]
-    print(f"[chaos] {report['jobs']} jobs ({report['items']} items done), {report['faults_total']} faults "
-          f"{report['faults']}: lost {f['lost']}, duplicated {f['duplicated']}, stuck {f['stuck']}, "
-          f"failed without reason {f['failed_without_reason']}, statuses {report['statuses']}, "
-          f"redelivered {report['redelivered']}, "
-          f"Redis {report['used_memory_mb']} MiB (bound {report['memory_bound_mb']}) -> {out}")
+    print(
+        f"[chaos] {report['jobs']} jobs ({report['items']} items done), {report['faults_total']} faults "
+        f"{report['faults']}: lost {f['lost']}, duplicated {f['duplicated']}, stuck {f['stuck']}, "
+        f"failed without reason {f['failed_without_reason']}, statuses {report['statuses']}, "
+        f"redelivered {report['redelivered']}, "
+        f"Redis {report['used_memory_mb']} MiB (bound {report['memory_bound_mb']}) -> {out}"
+    )
     return 0 if report["ok"] else 1
 
 

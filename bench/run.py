@@ -51,8 +51,15 @@ def _items(n: int, size: int) -> list:
     from actgen_shared.labels import CIFAR10
 
     rng = np.random.default_rng(0)
-    return [SampleItem(guide=rng.integers(0, 256, (size, size, 3), dtype=np.uint8), class_id=i % 10,
-                       class_name=CIFAR10[i % 10], seed=i) for i in range(n)]
+    return [
+        SampleItem(
+            guide=rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            class_id=i % 10,
+            class_name=CIFAR10[i % 10],
+            seed=i,
+        )
+        for i in range(n)
+    ]
 
 
 def _options(mode: str) -> Any:
@@ -71,8 +78,11 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
     from actgen_shared.architectures import build_classifier
 
     sampler = GuidedSampler(model)
-    shape = (model.pipe.unet.config.in_channels, model.native_size // model.pipe.vae_scale_factor,
-             model.native_size // model.pipe.vae_scale_factor)
+    shape = (
+        model.pipe.unet.config.in_channels,
+        model.native_size // model.pipe.vae_scale_factor,
+        model.native_size // model.pipe.vae_scale_factor,
+    )
     g = torch.Generator().manual_seed(0)
     banks = {c: torch.randn(BANK_PER_CLASS, *shape, generator=g).to(model.device) for c in range(10)}
     torch.manual_seed(0)
@@ -98,12 +108,21 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
                 cpu_times.setdefault((mode, batch), []).append((time.process_time() - cpu_start) / batch)
     spi = {f"{mode}_b{batch}": min(v) for (mode, batch), v in times.items()}
     out: dict[str, Any] = {
-        "model": model.model_id, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-        "size_px": model.native_size, "steps": STEPS, "grad_steps": GRAD_STEPS, "adv_prob": ADV_PROB,
-        "bank_per_class": BANK_PER_CLASS, "repeats": repeats, "threads": torch.get_num_threads(),
+        "model": model.model_id,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "size_px": model.native_size,
+        "steps": STEPS,
+        "grad_steps": GRAD_STEPS,
+        "adv_prob": ADV_PROB,
+        "bank_per_class": BANK_PER_CLASS,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
         "seconds_per_image": spi,
         "seconds_per_image_median": {f"{m}_b{b}": statistics.median(v) for (m, b), v in times.items()},
-        "cpu_seconds_per_image_median": {f"{m}_b{b}": statistics.median(v) for (m, b), v in cpu_times.items()},
+        "cpu_seconds_per_image_median": {
+            f"{m}_b{b}": statistics.median(v) for (m, b), v in cpu_times.items()
+        },
         "guidance_overhead_ratio": spi["actgen_b8"] / spi["random_b8"],
         "batch_speedup": spi["actgen_b1"] / spi["actgen_b8"],
     }
@@ -117,15 +136,21 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
 
 def _table(name: str, r: dict[str, Any]) -> str:
     spi = r["seconds_per_image"]
-    lines = [f"{name}: {r['model']} on {r['device']} ({r['dtype']}, {r['size_px']} px, {r['steps']} steps, "
-             f"{r['threads']} threads, best of {r['repeats']})",
-             f"  {'mode':<8}{'s/img b1':>10}{'s/img b8':>10}"]
+    lines = [
+        f"{name}: {r['model']} on {r['device']} ({r['dtype']}, {r['size_px']} px, {r['steps']} steps, "
+        f"{r['threads']} threads, best of {r['repeats']})",
+        f"  {'mode':<8}{'s/img b1':>10}{'s/img b8':>10}",
+    ]
     for mode in ("random", "actgen"):
         lines.append(f"  {mode:<8}{spi[f'{mode}_b1']:>10.3f}{spi[f'{mode}_b8']:>10.3f}")
-    lines.append(f"  guidance_overhead_ratio (b8) {r['guidance_overhead_ratio']:.2f}   "
-                 f"batch_speedup (actgen) {r['batch_speedup']:.2f}")
+    lines.append(
+        f"  guidance_overhead_ratio (b8) {r['guidance_overhead_ratio']:.2f}   "
+        f"batch_speedup (actgen) {r['batch_speedup']:.2f}"
+    )
     if "peak_gpu_memory_mb" in r:
-        lines.append("  peak GPU MiB " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gpu_memory_mb"].items()))
+        lines.append(
+            "  peak GPU MiB " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gpu_memory_mb"].items())
+        )
     else:
         lines.append(f"  peak RSS {r['peak_rss_mb']:.0f} MiB")
     return "\n".join(lines)
@@ -148,33 +173,45 @@ def _stall(repeats: int) -> dict[str, Any]:
     import subprocess
 
     out = ROOT / "runs" / "bench-overlap.json"
-    subprocess.run([sys.executable, "-m", "actgen_trainer.bench", "--repeats", str(repeats), "--out", str(out)],
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "actgen_trainer.bench", "--repeats", str(repeats), "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+    )
     summary = json.loads(out.read_text())
     return {k: v for k, v in summary.items() if k not in ("rounds", "slow_runs")}
 
 
 def _stall_table(r: dict[str, Any]) -> str:
-    lines = [f"stall: non-blocking training / real-only total time, median of {r['setup']['repeats']} interleaved "
-             f"rounds, trainer cores {r['setup']['trainer_cores']}, generator cores {r['setup']['generator_cores']}",
-             f"  generator keeps up ({r['setup']['fast_steps']} steps): {r['total_ratio_nonblocking']:.3f} "
-             f"(rounds {', '.join(f'{x:.3f}' for x in r['total_ratio_nonblocking_rounds'])}); "
-             f"target <= {r['target_total_ratio']}"]
+    lines = [
+        f"stall: non-blocking training / real-only total time, median of {r['setup']['repeats']} interleaved "
+        f"rounds, trainer cores {r['setup']['trainer_cores']}, generator cores {r['setup']['generator_cores']}",
+        f"  generator keeps up ({r['setup']['fast_steps']} steps): {r['total_ratio_nonblocking']:.3f} "
+        f"(rounds {', '.join(f'{x:.3f}' for x in r['total_ratio_nonblocking_rounds'])}); "
+        f"target <= {r['target_total_ratio']}",
+    ]
     for name, s in r["slow"].items():
         d = s["delivery"]
-        lines.append(f"  generator cannot keep up ({r['setup']['slow_steps']} steps), {name}: {s['total_ratio']:.3f}; "
-                     f"asked {d['asked']}, on time {d['on_time']}, late {d['late']}, never {d['never']}, "
-                     f"epochs skipped (max_inflight) {d['skipped_backpressure']}")
+        lines.append(
+            f"  generator cannot keep up ({r['setup']['slow_steps']} steps), {name}: {s['total_ratio']:.3f}; "
+            f"asked {d['asked']}, on time {d['on_time']}, late {d['late']}, never {d['never']}, "
+            f"epochs skipped (max_inflight) {d['skipped_backpressure']}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=os.environ.get("BENCH_ONLY"),
-                        help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--only",
+        default=os.environ.get("BENCH_ONLY"),
+        help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--skip-service", action="store_true", help="do not run the service sections (service, noop)")
+    parser.add_argument(
+        "--skip-service", action="store_true", help="do not run the service sections (service, noop)"
+    )
     parser.add_argument("--skip-gpu", action="store_true", help="no GPU section even when CUDA is present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -187,14 +224,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from actgen_generator.pipeline import CACHE_ENV, load_pipeline
 
-    machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "torch": torch.__version__, "processor": platform.processor() or platform.machine()}
+    machine = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+    }
     tables = []
 
     def save(name: str, value: dict[str, Any]) -> None:
         """Merge one section into the results file now, so a later section's failure keeps it."""
         results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-        results[name] = {**value, "host": machine, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        results[name] = {
+            **value,
+            "host": machine,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = args.out.with_name(args.out.name + ".tmp")
         tmp_out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -221,15 +267,19 @@ def main(argv: list[str] | None = None) -> int:
 
             result = bench.sd21.run_gpu(repeats=max(1, args.repeats - 1))
             save("sd21_gpu", result)
-            tables.extend(bench.sd21.table(f"SD 2.1 architecture, {result['gpu']}, {dtype}", r)
-                          for dtype, r in result["dtypes"].items())
+            tables.extend(
+                bench.sd21.table(f"SD 2.1 architecture, {result['gpu']}, {dtype}", r)
+                for dtype, r in result["dtypes"].items()
+            )
         elif section == "service":
             import bench.service
 
             result = bench.service.run()
             save("service", result)
-            tables.append("service: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in result.items()))
+            tables.append(
+                "service: "
+                + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+            )
         elif section == "noop":
             import bench.noop
 

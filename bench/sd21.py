@@ -330,7 +330,9 @@ def bench_model(
     for variant in variants:
         spi = {f"{m}_b{b}": min(times[(variant, m, b)]) for m in ("random", "actgen") for b in setup.batches}
         if variant in SAME_RANDOM:
-            spi.update({f"random_b{b}": min(min(times[(v, "random", b)]) for v in shared) for b in setup.batches})
+            spi.update(
+                {f"random_b{b}": min(min(times[(v, "random", b)]) for v in shared) for b in setup.batches}
+            )
         out["variants"][variant] = {
             "seconds_per_image": spi,
             "seconds_per_image_median": {

@@ -38,10 +38,12 @@ def _request(run_id: str, n_items: int, steps: int, seed: int) -> JobRequest:
     from actgen_shared import codecs
 
     return JobRequest(
-        run_id=run_id, label_set="digits",
+        run_id=run_id,
+        label_set="digits",
         items=[{"image": codecs.png_to_b64(_guide(k)), "class_id": k % 10} for k in range(n_items)],
-        options=GenerationOptions(mode="aig", num_inference_steps=steps, grad_steps=0,
-                                  height=SIZE, width=SIZE, seed=seed),
+        options=GenerationOptions(
+            mode="aig", num_inference_steps=steps, grad_steps=0, height=SIZE, width=SIZE, seed=seed
+        ),
     )
 
 
@@ -65,8 +67,10 @@ def _in_process_sampler() -> Any:
     sampler = GuidedSampler(load_pipeline(None, "cpu"))
     request = _request("inproc", ITEMS, STEPS, seed=1)
     names = request.resolved_class_names()
-    items = [SampleItem(guide=_guide(k), class_id=k % 10, class_name=names[k % 10], seed=1 + k)
-             for k in range(ITEMS)]
+    items = [
+        SampleItem(guide=_guide(k), class_id=k % 10, class_name=names[k % 10], seed=1 + k)
+        for k in range(ITEMS)
+    ]
 
     def timed() -> float:
         start = time.perf_counter()
@@ -80,16 +84,23 @@ def run() -> dict[str, Any]:
     """The overhead ratio; returns a flat dict for bench/run.py's report."""
     results: dict[str, Any] = {}
     with EmbeddedRedis() as redis_server:
-        env = {"ACTGEN_KEY_PREFIX": f"bench:{uuid.uuid4().hex[:8]}:", "ACTGEN_MAX_BATCH": str(ITEMS),
-               "ACTGEN_DEVICE": "cpu"}
+        env = {
+            "ACTGEN_KEY_PREFIX": f"bench:{uuid.uuid4().hex[:8]}:",
+            "ACTGEN_MAX_BATCH": str(ITEMS),
+            "ACTGEN_DEVICE": "cpu",
+        }
         # In-process first, with no replica alive: a replica idling beside the timed process (or
         # the bench process beside a replica) costs the other CPU time on a small machine, which
         # interleaving the two showed as a 2-3x "overhead" that was not the service's.
         in_process = _in_process_sampler()
         in_process()  # warm-up
         in_process_times = [in_process() for _ in range(REPEATS)]
-        with GeneratorProcess(redis_url=redis_server.url, env={**env, "ACTGEN_REPLICA_ID": "bench-guided"}
-                              ) as server, GeneratorClient(server.url) as client:
+        with (
+            GeneratorProcess(
+                redis_url=redis_server.url, env={**env, "ACTGEN_REPLICA_ID": "bench-guided"}
+            ) as server,
+            GeneratorClient(server.url) as client,
+        ):
             _through_service(client, _request(f"warm-{uuid.uuid4().hex[:6]}", ITEMS, STEPS, 1))
             service_times = [
                 _through_service(client, _request(f"svc-{uuid.uuid4().hex[:6]}", ITEMS, STEPS, 1))

@@ -36,8 +36,12 @@ def job_body(
     **extra: Any,
 ) -> dict[str, Any]:
     options = {
-        "mode": mode, "num_inference_steps": steps, "grad_steps": min(2, steps),
-        "height": SIZE, "width": SIZE, "bank_sample": 8,
+        "mode": mode,
+        "num_inference_steps": steps,
+        "grad_steps": min(2, steps),
+        "height": SIZE,
+        "width": SIZE,
+        "bank_sample": 8,
         **({"seed": seed} if seed is not None else {}),
         **extra.pop("options", {}),
     }
@@ -45,9 +49,7 @@ def job_body(
         "run_id": run_id,
         "epoch": 0,
         "label_set": "digits",
-        "items": [
-            {"image": guide_b64(k), "class_id": k % 10, "guide_id": f"g{k}"} for k in range(n_items)
-        ],
+        "items": [{"image": guide_b64(k), "class_id": k % 10, "guide_id": f"g{k}"} for k in range(n_items)],
         "options": options,
     }
     body.update(extra)
@@ -72,7 +74,10 @@ def key_prefix_for(redis_url: str) -> Iterator[str]:
 
 
 def replica(
-    redis_url: str, prefix: str, replica_id: str | None, env: Mapping[str, str] | None = None,
+    redis_url: str,
+    prefix: str,
+    replica_id: str | None,
+    env: Mapping[str, str] | None = None,
     extra_args: list[str] | None = None,
 ) -> GeneratorProcess:
     """A replica process; ``replica_id`` None: the replica's own unique default."""
@@ -97,8 +102,11 @@ def classifier_weights(num_classes: int = 10) -> bytes:
 
 
 CLASSIFIER_META = {
-    "architecture": "simple_cnn", "num_classes": 10, "input_size": 32,
-    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    "architecture": "simple_cnn",
+    "num_classes": 10,
+    "input_size": 32,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
 }
 
 

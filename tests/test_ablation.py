@@ -57,8 +57,13 @@ def test_every_arm_is_a_valid_config() -> None:
 
 
 # A grid small enough for the suite: 4 epochs (jobs after epochs 0 and 1), 3 images a job, 4 steps.
-MINI = ["train.epochs=4", "generation.images_per_epoch=3", "generation.options.num_inference_steps=4",
-        "generation.options.grad_steps=1", "data.test_subset=120"]
+MINI = [
+    "train.epochs=4",
+    "generation.images_per_epoch=3",
+    "generation.options.num_inference_steps=4",
+    "generation.options.grad_steps=1",
+    "data.test_subset=120",
+]
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -77,8 +82,15 @@ def _cells(out: Path) -> dict[tuple[str, int], dict]:
 def test_miniature_grid_end_to_end_and_resumable(tmp_path: Path) -> None:
     out = tmp_path / "ablation"
     run = lambda arms, seeds: ablation.run_ablation(  # noqa: E731
-        config=REPO / "configs" / "ablation.yaml", arms=arms, seeds=seeds, out=out, overrides=MINI,
-        model=REPO / "models" / "tiny-digits", progress=False, log=lambda _: None)
+        config=REPO / "configs" / "ablation.yaml",
+        arms=arms,
+        seeds=seeds,
+        out=out,
+        overrides=MINI,
+        model=REPO / "models" / "tiny-digits",
+        progress=False,
+        log=lambda _: None,
+    )
 
     first = run(["real", "aig"], 1)
     assert first.ran == [("real", 0), ("aig", 0)] and first.skipped == []
@@ -98,11 +110,13 @@ def test_miniature_grid_end_to_end_and_resumable(tmp_path: Path) -> None:
     assert aig["examples"] and all((out / e["generated"]).exists() for e in aig["examples"])
 
     table = (out / "table.md").read_text()
-    assert f"| aig | 1 | {100 * aig['test_acc']:.2f} ± 0.00 | " \
-           f"{100 * (aig['test_acc'] - real['test_acc']):+.2f} (n=1) |" in table
+    assert (
+        f"| aig | 1 | {100 * aig['test_acc']:.2f} ± 0.00 | "
+        f"{100 * (aig['test_acc'] - real['test_acc']):+.2f} (n=1) |" in table
+    )
     page = (out / "index.html").read_text()
     assert "<svg" in page and "data:image/png;base64," in page
-    assert "src=\"http" not in page and "<link" not in page  # self-contained
+    assert 'src="http' not in page and "<link" not in page  # self-contained
 
     # a rerun skips finished cells; a half-finished cell (a folder, no result) is redone from scratch
     half = out / "cells" / "real-seed1"

@@ -174,7 +174,9 @@ def test_cancel_queued_and_running(client: GeneratorClient) -> None:
     assert final.progress.step < LONG_STEPS
     assert client.results(run).items == []
     # the replica keeps serving after the cancels
-    assert client.wait(client.submit(job_body(run, n_items=1)).job_id, timeout_s=WAIT_S).status is JobStatus.done
+    assert (
+        client.wait(client.submit(job_body(run, n_items=1)).job_id, timeout_s=WAIT_S).status is JobStatus.done
+    )
 
 
 def test_idempotency_key_returns_the_first_job(client: GeneratorClient) -> None:
@@ -196,8 +198,14 @@ def test_info_metrics_and_docs(client: GeneratorClient, server: GeneratorProcess
     job = client.submit(job_body(new_run_id(), n_items=1, mode="random")).job_id
     assert client.wait(job, timeout_s=WAIT_S).status is JobStatus.done
     text = client._http.get("/metrics").text
-    for name in ("actgen_queue_depth", 'actgen_jobs{status="done"}', "actgen_items_generated_total",
-                 "actgen_step_seconds_bucket", "actgen_batch_size_bucket", "actgen_items_per_second"):
+    for name in (
+        "actgen_queue_depth",
+        'actgen_jobs{status="done"}',
+        "actgen_items_generated_total",
+        "actgen_step_seconds_bucket",
+        "actgen_batch_size_bucket",
+        "actgen_items_per_second",
+    ):
         assert name in text, name
     done = [line for line in text.splitlines() if line.startswith('actgen_jobs{status="done"}')]
     assert float(done[0].split()[-1]) >= 1
@@ -227,12 +235,19 @@ def test_async_client(server: GeneratorProcess) -> None:
 def test_memory_bank_is_live_and_per_job(client: GeneratorClient) -> None:
     """A run's first job already contrasts its same-class items with each other; the next job sees
     the first one's latents as soon as they are stored; a job with another bank key sees none."""
+
     def contrastive_steps(state) -> list[list[float]]:
         return [[r.l_contra for r in item.grad_records] for item in state.result.items]
 
     def run(bank: str, n_items: int, seed: int):
-        body = job_body(new_run_id(), n_items=n_items, mode="actgen", seed=seed, memory_bank_key=bank,
-                        options={"contrastive_margin": 1e6})  # every bank entry inside the margin
+        body = job_body(
+            new_run_id(),
+            n_items=n_items,
+            mode="actgen",
+            seed=seed,
+            memory_bank_key=bank,
+            options={"contrastive_margin": 1e6},
+        )  # every bank entry inside the margin
         for item in body["items"]:
             item["class_id"] = 0
         state = client.wait(client.submit(body).job_id, timeout_s=WAIT_S)

@@ -123,8 +123,11 @@ def _wrong_safetensors() -> bytes:
 BAD_JOBS: list[tuple[str, Any, str]] = [
     # (id, body builder, words the message must contain)
     ("bad-base64", lambda: _item0(job_body("r"), image="!!!not base64!!!"), "items[0].image"),
-    ("not-an-image", lambda: _item0(job_body("r"), image=base64.b64encode(b"hello, world").decode()),
-     "not a decodable image"),
+    (
+        "not-an-image",
+        lambda: _item0(job_body("r"), image=base64.b64encode(b"hello, world").decode()),
+        "not a decodable image",
+    ),
     ("gif-image", lambda: _item0(job_body("r"), image=_b64_image(8, "GIF")), "GIF"),
     ("huge-image", lambda: _item0(job_body("r"), image=_b64_image(MAX_SIDE + 8)), f"larger than {MAX_SIDE}"),
     ("zero-items", lambda: {**job_body("r"), "items": []}, "items"),
@@ -174,15 +177,24 @@ def test_not_json(http: httpx.Client, queue_stays_empty: None) -> None:
     assert "JSON" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("headers, words", [
-    ({}, "Bearer"),
-    ({"Authorization": "Bearer wrong"}, "not the service's API key"),
-    ({"Authorization": "Basic dXNlcjpwYXNz"}, "Bearer"),
-], ids=["missing", "wrong-key", "basic-auth"])
+@pytest.mark.parametrize(
+    "headers, words",
+    [
+        ({}, "Bearer"),
+        ({"Authorization": "Bearer wrong"}, "not the service's API key"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "Bearer"),
+    ],
+    ids=["missing", "wrong-key", "basic-auth"],
+)
 def test_auth(server: GeneratorProcess, queue_stays_empty: None, headers: dict, words: str) -> None:
     with httpx.Client(base_url=server.url, headers=headers) as anon:
-        for method, path in [("POST", "/v1/jobs"), ("GET", "/v1/info"), ("GET", "/metrics"),
-                             ("GET", "/v1/runs/r/results"), ("GET", "/v1/memory-banks/b")]:
+        for method, path in [
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/info"),
+            ("GET", "/metrics"),
+            ("GET", "/v1/runs/r/results"),
+            ("GET", "/v1/memory-banks/b"),
+        ]:
             kwargs = {"json": job_body("r")} if method == "POST" else {}
             response = anon.request(method, path, **kwargs)
             assert response.status_code == 401, (path, response.text)
@@ -199,7 +211,9 @@ def test_auth_comes_before_the_body(server: GeneratorProcess, queue_stays_empty:
         assert response.headers["www-authenticate"] == "Bearer"
 
 
-def test_a_large_body_without_token_is_refused_unread(server: GeneratorProcess, queue_stays_empty: None) -> None:
+def test_a_large_body_without_token_is_refused_unread(
+    server: GeneratorProcess, queue_stays_empty: None
+) -> None:
     """The client announces a body just under the cap and sends 10 bytes of it: the 401 comes
     back anyway, so the server did not wait for (or read) the body."""
     import socket
@@ -208,7 +222,8 @@ def test_a_large_body_without_token_is_refused_unread(server: GeneratorProcess, 
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         sock.sendall(
             b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {declared}\r\n\r\n".encode() + b'{"run_id":'
+            + f"Content-Length: {declared}\r\n\r\n".encode()
+            + b'{"run_id":'
         )
         reply = b""
         while b"\r\n\r\n" not in reply:
@@ -245,17 +260,29 @@ def test_oversized_body(server: GeneratorProcess, http: httpx.Client, queue_stay
     assert response.status_code == 413
 
 
-@pytest.mark.parametrize("weights, meta, words", [
-    (pickle.dumps({"fc.weight": [1.0, 2.0]}), CLASSIFIER_META, "weights: this is a pickle"),
-    (None, CLASSIFIER_META, "zip"),
-    (b"\x00\x01 definitely not tensors", CLASSIFIER_META, "not a safetensors file"),
-    ("wrong", CLASSIFIER_META, "weights do not match simple_cnn"),
-    ("good", {**CLASSIFIER_META, "architecture": "alexnet"}, "metadata.architecture"),
-    ("good", {**CLASSIFIER_META, "num_classes": 7}, "weights do not match"),
-    ("good", {**CLASSIFIER_META, "std": [0.5, 0.0, 0.5]}, "metadata.std"),
-    ("good", "not json at all", "metadata"),
-], ids=["pickle", "torch-zip", "garbage", "wrong-tensors", "unknown-arch", "wrong-classes",
-        "zero-std", "metadata-not-json"])
+@pytest.mark.parametrize(
+    "weights, meta, words",
+    [
+        (pickle.dumps({"fc.weight": [1.0, 2.0]}), CLASSIFIER_META, "weights: this is a pickle"),
+        (None, CLASSIFIER_META, "zip"),
+        (b"\x00\x01 definitely not tensors", CLASSIFIER_META, "not a safetensors file"),
+        ("wrong", CLASSIFIER_META, "weights do not match simple_cnn"),
+        ("good", {**CLASSIFIER_META, "architecture": "alexnet"}, "metadata.architecture"),
+        ("good", {**CLASSIFIER_META, "num_classes": 7}, "weights do not match"),
+        ("good", {**CLASSIFIER_META, "std": [0.5, 0.0, 0.5]}, "metadata.std"),
+        ("good", "not json at all", "metadata"),
+    ],
+    ids=[
+        "pickle",
+        "torch-zip",
+        "garbage",
+        "wrong-tensors",
+        "unknown-arch",
+        "wrong-classes",
+        "zero-std",
+        "metadata-not-json",
+    ],
+)
 def test_bad_classifier_upload(
     http: httpx.Client, queue_stays_empty: None, weights: Any, meta: Any, words: str
 ) -> None:
@@ -287,19 +314,23 @@ def test_classifier_upload_is_idempotent(http: httpx.Client, classifier_ref: str
     assert http.get(f"/v1/classifiers/{classifier_ref}").json()["architecture"] == "simple_cnn"
 
 
-@pytest.mark.parametrize("path, words", [
-    ("/v1/runs/r/results?after=abc", "after"),
-    ("/v1/runs/r/results?after=99999999999999999999-1", "out of range"),
-    ("/v1/runs/r/results?limit=0", "limit"),
-    ("/v1/runs/r/results?wait=-1", "wait"),
-    ("/v1/runs/bad%20run/results", "run_id"),
-    ("/v1/jobs/no-such-job", "no job"),
-    ("/v1/jobs/bad%20id", "job_id"),
-    ("/v1/jobs/abc/images/-1.png", "index"),
-    ("/v1/jobs/abc/latents", "no job"),
-    ("/v1/memory-banks/bad%20key", "key"),
-    ("/v1/nowhere", "no route"),
-], ids=lambda v: v if not v.startswith("/") else None)
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        ("/v1/runs/r/results?after=abc", "after"),
+        ("/v1/runs/r/results?after=99999999999999999999-1", "out of range"),
+        ("/v1/runs/r/results?limit=0", "limit"),
+        ("/v1/runs/r/results?wait=-1", "wait"),
+        ("/v1/runs/bad%20run/results", "run_id"),
+        ("/v1/jobs/no-such-job", "no job"),
+        ("/v1/jobs/bad%20id", "job_id"),
+        ("/v1/jobs/abc/images/-1.png", "index"),
+        ("/v1/jobs/abc/latents", "no job"),
+        ("/v1/memory-banks/bad%20key", "key"),
+        ("/v1/nowhere", "no route"),
+    ],
+    ids=lambda v: v if not v.startswith("/") else None,
+)
 def test_bad_reads(http: httpx.Client, queue_stays_empty: None, path: str, words: str) -> None:
     response = http.get(path)
     assert 400 <= response.status_code < 500, response.text
@@ -319,13 +350,27 @@ def test_schemathesis_finds_no_server_error(server: GeneratorProcess, tmp_path: 
     """Fuzz every route of /openapi.json; any 500 fails the run."""
     cli = Path(sys.executable).with_name("schemathesis")
     command = [
-        str(cli) if cli.exists() else "schemathesis", "run", f"{server.url}/openapi.json",
-        "--checks", "not_a_server_error", "--max-examples", "20", "--seed", "1",
-        "-H", f"Authorization: Bearer {API_KEY}", "--no-shrink", "--workers", "1",
-        "--report-dir", str(tmp_path),
+        str(cli) if cli.exists() else "schemathesis",
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "20",
+        "--seed",
+        "1",
+        "-H",
+        f"Authorization: Bearer {API_KEY}",
+        "--no-shrink",
+        "--workers",
+        "1",
+        "--report-dir",
+        str(tmp_path),
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
-    assert counts and int(counts.group(1)) >= 100 and counts.group(1) == counts.group(2), result.stdout[-3000:]
+    assert counts and int(counts.group(1)) >= 100 and counts.group(1) == counts.group(2), result.stdout[
+        -3000:
+    ]

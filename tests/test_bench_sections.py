@@ -54,7 +54,11 @@ def test_the_noop_bench_runs_jobs_through_a_real_replica_and_accounts_for_each(m
     latency = result["noop_latency_ms"]
     assert latency["jobs"] == 6
     assert set(latency["split_median_ms"]) == {
-        "http_until_queued", "queued_until_started", "started_until_finished", "finished_until_read"}
+        "http_until_queued",
+        "queued_until_started",
+        "started_until_finished",
+        "finished_until_read",
+    }
     assert 0 < latency["median"] <= latency["p99"]
     (row,) = result["noop_throughput"]
     assert row["clients"] == 2 and row["jobs_s"] > 0 and row["replica_cpu_ms_per_job"] > 0

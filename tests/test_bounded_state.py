@@ -26,8 +26,9 @@ TTL = 100
 
 @pytest.fixture
 def api(redis_url: str, key_prefix: str) -> Iterator[TestClient]:
-    settings = Settings(redis_url=redis_url, key_prefix=key_prefix, api_key="k", classifier_ttl_s=TTL,
-                        bank_ttl_s=TTL)
+    settings = Settings(
+        redis_url=redis_url, key_prefix=key_prefix, api_key="k", classifier_ttl_s=TTL, bank_ttl_s=TTL
+    )
     with TestClient(create_app(settings, worker=False), headers=AUTH) as client:
         yield client
 
@@ -203,7 +204,9 @@ def test_the_work_of_one_job_and_bank_sample_are_capped(redis_url: str, key_pref
     with TestClient(create_app(settings, worker=False)) as api:
         ok = api.post("/v1/jobs", json=job_body(new_run_id(), steps=10))  # 2 x 10 x 64x64: tiny
         assert ok.status_code == 202, ok.text
-        big = api.post("/v1/jobs", json=job_body(new_run_id(), steps=10, options={"height": 2048, "width": 2048}))
+        big = api.post(
+            "/v1/jobs", json=job_body(new_run_id(), steps=10, options={"height": 2048, "width": 2048})
+        )
         assert big.status_code == 422
         message = big.json()["error"]["message"]
         assert message.startswith("options:") and "ACTGEN_MAX_JOB_IMAGE_STEPS" in message
@@ -215,8 +218,10 @@ def test_the_work_of_one_job_and_bank_sample_are_capped(redis_url: str, key_pref
 async def _store_results(settings: Settings, run_id: str, n: int, png_bytes: int) -> None:
     from actgen_shared.consumer import StoredItem
 
-    items = [StoredItem(index=k, class_id=0, guide_id=None, png=bytes([k]) * png_bytes, latent=None)
-             for k in range(n)]
+    items = [
+        StoredItem(index=k, class_id=0, guide_id=None, png=bytes([k]) * png_bytes, latent=None)
+        for k in range(n)
+    ]
     await _store_job(settings, {"run_id": run_id, "label_set": "digits", "items": _guides(n)}, items, 1)
 
 

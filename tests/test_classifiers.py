@@ -47,13 +47,16 @@ def test_a_real_pickle_is_refused_by_name(protocol: int) -> None:
         read_state_dict(payload)
 
 
-@pytest.mark.parametrize("data, words", [
-    (b"", "too short"),
-    ((10**9).to_bytes(8, "little") + b"{}", "does not fit"),
-    ((4).to_bytes(8, "little") + b"[1] ", "not a JSON object"),
-    ((6).to_bytes(8, "little") + b'{"a":1}', "not JSON"),
-    ((8).to_bytes(8, "little") + b'{"a": 1}', "lacks dtype"),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"", "too short"),
+        ((10**9).to_bytes(8, "little") + b"{}", "does not fit"),
+        ((4).to_bytes(8, "little") + b"[1] ", "not a JSON object"),
+        ((6).to_bytes(8, "little") + b'{"a":1}', "not JSON"),
+        ((8).to_bytes(8, "little") + b'{"a": 1}', "lacks dtype"),
+    ],
+)
 def test_broken_headers_say_what_is_wrong(data: bytes, words: str) -> None:
     with pytest.raises(ClassifierError, match=words):
         read_state_dict(data)

@@ -102,7 +102,9 @@ def test_trainer_is_a_one_shot_profile_with_data_and_runs_volumes(compose: dict)
 def test_gpu_override_pins_replica_i_to_gpu_i(gpus: int) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "deploy" / "compose_gpus.py"), str(gpus)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     services = _load(out)["services"]
     assert len(services) == gpus - 1
@@ -135,7 +137,9 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.skipif(_compose_cli() is None, reason="neither `docker compose` nor docker-compose is installed here")
+@pytest.mark.skipif(
+    _compose_cli() is None, reason="neither `docker compose` nor docker-compose is installed here"
+)
 def test_compose_config_accepts_the_file() -> None:
     cli = _compose_cli()
     assert cli is not None
@@ -167,8 +171,7 @@ def test_model_cache_volume_is_owned_by_the_images_user() -> None:
     dockerfile = (ROOT / "services" / "generator" / "Dockerfile").read_text()
     compose_text = (ROOT / "docker-compose.yml").read_text()
     assert "hf-cache:/cache/huggingface" in compose_text
-    run = next(line for line in dockerfile.replace("\\\n", " ").splitlines()
-               if "useradd" in line)
+    run = next(line for line in dockerfile.replace("\\\n", " ").splitlines() if "useradd" in line)
     assert "/cache/huggingface" in run and "chown -R actgen" in run
     user = [line for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert user == ["USER actgen"]

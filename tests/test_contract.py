@@ -68,7 +68,9 @@ def test_item_and_job_seeds_never_collide_across_their_parts() -> None:
     seeds = {item_seed(job, k) for job in range(50) for k in range(50)}
     assert len(seeds) == 2500 and all(0 <= s <= MAX_SEED for s in seeds)
     assert item_seed(7, 3) == item_seed(7, 3)  # a redelivered job makes the same images
-    trainer_jobs = {derive_seed(run, epoch, rank) for run in range(3) for epoch in range(30) for rank in range(8)}
+    trainer_jobs = {
+        derive_seed(run, epoch, rank) for run in range(3) for epoch in range(30) for rank in range(8)
+    }
     assert len(trainer_jobs) == 3 * 30 * 8
     with pytest.raises(ValueError, match="non-negative"):
         derive_seed(-1)
@@ -233,7 +235,9 @@ def test_huge_header_length_is_refused() -> None:
 # --- label sets ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "size"), [("cifar10", 10), ("cifar100", 100), ("imagenet", 1000), ("digits", 10)])
+@pytest.mark.parametrize(
+    ("name", "size"), [("cifar10", 10), ("cifar100", 100), ("imagenet", 1000), ("digits", 10)]
+)
 def test_label_set_sizes(name: str, size: int) -> None:
     names = class_names_for(name)
     assert len(names) == size == len(set(names))

@@ -30,10 +30,26 @@ WORLD = 2
 
 
 def _torchrun(config_file: Path, url: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "actgen_trainer.cli", "train", "--config", str(config_file),
-            "--generator-url", url, "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "actgen_trainer.cli",
+        "train",
+        "--config",
+        str(config_file),
+        "--generator-url",
+        url,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -69,8 +85,13 @@ def test_two_gloo_ranks_fold_the_same_set_and_survive_kill_and_resume(
     run_dir = cfg.run_dir
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(_torchrun(config_file, generator.url), stdout=log,
-                                stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            _torchrun(config_file, generator.url),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -87,8 +108,13 @@ def test_two_gloo_ranks_fold_the_same_set_and_survive_kill_and_resume(
     killed_at = load_checkpoint(run_dir, cfg.run_name)["epoch"]
     assert 1 <= killed_at < cfg.train.epochs
 
-    done = subprocess.run(_torchrun(config_file, generator.url, "--resume"), capture_output=True,
-                          text=True, timeout=180, env=_env())
+    done = subprocess.run(
+        _torchrun(config_file, generator.url, "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
     assert done.stdout.count("images generated") == 1  # rank 0 alone reports
 
@@ -100,8 +126,9 @@ def test_two_gloo_ranks_fold_the_same_set_and_survive_kill_and_resume(
     ids = [r["id"] for r in zero]
     assert len(ids) == len(set(ids)), "an item was folded twice"
     # both ranks trained on the same generated images, folded in the same order and epoch
-    assert [(r["id"], r["sha256"], r["folded_before_epoch"]) for r in one] == \
-        [(r["id"], r["sha256"], r["folded_before_epoch"]) for r in zero]
+    assert [(r["id"], r["sha256"], r["folded_before_epoch"]) for r in one] == [
+        (r["id"], r["sha256"], r["folded_before_epoch"]) for r in zero
+    ]
     for folder, records in ((run_dir / "generated", zero), (run_dir / "generated-rank1", one)):
         for r in records:
             assert hashlib.sha256((folder / r["file"]).read_bytes()).hexdigest() == r["sha256"]

@@ -38,20 +38,37 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path) -> None:
     prefix = f"deploy:{uuid.uuid4().hex[:8]}:"
     keys = Keys(prefix)
     server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
-    env = {"ACTGEN_KEY_PREFIX": prefix, "ACTGEN_LEASE_S": "3", "ACTGEN_HEARTBEAT_S": "0.5",
-           "ACTGEN_MAX_BATCH": "2"}
+    env = {
+        "ACTGEN_KEY_PREFIX": prefix,
+        "ACTGEN_LEASE_S": "3",
+        "ACTGEN_HEARTBEAT_S": "0.5",
+        "ACTGEN_MAX_BATCH": "2",
+    }
     try:
-        with GeneratorProcess(redis_url=server.url, env={**env, "ACTGEN_REPLICA_ID": "gen-a"}) as gen_a, \
-                GeneratorProcess(redis_url=server.url, env={**env, "ACTGEN_REPLICA_ID": "gen-b"}), \
-                GeneratorClient(gen_a.url, timeout_s=60) as client:
-            cfg = load_config(REPO / "configs" / "demo.yaml", [
-                f"output_dir={tmp_path}", "run_name=deploy", f"train.epochs={EPOCHS}",
-                "data.train_subset=200", "data.val_size=50", "data.test_subset=100",
-                "data.image_size=16", "train.batch_size=50",
-                f"generation.images_per_epoch={IMAGES_PER_EPOCH}", "generation.sync=true",
-                "generation.options.num_inference_steps=6", "generation.options.grad_steps=1",
-                "generation.options.output_size=null", "generation.options.bank_sample=16",
-            ])
+        with (
+            GeneratorProcess(redis_url=server.url, env={**env, "ACTGEN_REPLICA_ID": "gen-a"}) as gen_a,
+            GeneratorProcess(redis_url=server.url, env={**env, "ACTGEN_REPLICA_ID": "gen-b"}),
+            GeneratorClient(gen_a.url, timeout_s=60) as client,
+        ):
+            cfg = load_config(
+                REPO / "configs" / "demo.yaml",
+                [
+                    f"output_dir={tmp_path}",
+                    "run_name=deploy",
+                    f"train.epochs={EPOCHS}",
+                    "data.train_subset=200",
+                    "data.val_size=50",
+                    "data.test_subset=100",
+                    "data.image_size=16",
+                    "train.batch_size=50",
+                    f"generation.images_per_epoch={IMAGES_PER_EPOCH}",
+                    "generation.sync=true",
+                    "generation.options.num_inference_steps=6",
+                    "generation.options.grad_steps=1",
+                    "generation.options.output_size=null",
+                    "generation.options.bank_sample=16",
+                ],
+            )
             trainer = Trainer(cfg, client=client, progress=False)
             outcome: dict[str, object] = {}
 
@@ -65,8 +82,11 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path) -> None:
             thread.start()
             # restart Redis while the first job is in flight (queued or being generated)
             probe = redis.Redis.from_url(server.url)
-            _wait_for(lambda: probe.exists(keys.jobs_stream) and probe.xlen(keys.jobs_stream) > 0,
-                      120, "the trainer's first job")
+            _wait_for(
+                lambda: probe.exists(keys.jobs_stream) and probe.xlen(keys.jobs_stream) > 0,
+                120,
+                "the trainer's first job",
+            )
             probe.close()
             server.stop()  # SIGTERM: Redis writes its AOF and exits, as `docker compose restart redis`
             time.sleep(1.0)
@@ -94,9 +114,14 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path) -> None:
 def test_api_answers_503_while_redis_is_down_and_recovers(tmp_path: Path) -> None:
     server = EmbeddedRedis(data_dir=tmp_path / "redis", appendonly=True).start()
     try:
-        with GeneratorProcess(redis_url=server.url, extra_args=["--no-worker"],
-                              env={"ACTGEN_KEY_PREFIX": f"deploy:{uuid.uuid4().hex[:8]}:"}) as gen, \
-                GeneratorClient(gen.url, timeout_s=30) as client:
+        with (
+            GeneratorProcess(
+                redis_url=server.url,
+                extra_args=["--no-worker"],
+                env={"ACTGEN_KEY_PREFIX": f"deploy:{uuid.uuid4().hex[:8]}:"},
+            ) as gen,
+            GeneratorClient(gen.url, timeout_s=30) as client,
+        ):
             server.stop()
             response = httpx.get(f"{gen.url}/v1/jobs/no-such-job", timeout=30)
             assert response.status_code == 503
@@ -105,8 +130,11 @@ def test_api_answers_503_while_redis_is_down_and_recovers(tmp_path: Path) -> Non
             assert httpx.get(f"{gen.url}/healthz", timeout=10).status_code == 200
             assert httpx.get(f"{gen.url}/readyz", timeout=10).status_code == 503
             server.start()
-            _wait_for(lambda: httpx.get(f"{gen.url}/readyz", timeout=10).status_code == 200, 30,
-                      "readiness after the restart")
+            _wait_for(
+                lambda: httpx.get(f"{gen.url}/readyz", timeout=10).status_code == 200,
+                30,
+                "readiness after the restart",
+            )
             assert httpx.get(f"{gen.url}/v1/jobs/no-such-job", timeout=30).status_code == 404
             assert client.info().replica_id
     finally:

@@ -215,7 +215,9 @@ def test_the_counts_keda_reads_follow_the_jobs(settings: Settings, redis_url: st
         [group] = [g for g in r.xinfo_groups(stream) if g["name"] == CONSUMER_GROUP]
         return int(group["lag"]), int(group["pending"])
 
-    worker_settings = settings.model_copy(update={"echo_step_s": 0.2, "replica_id": f"k8s-test-{new_run_id()}"})
+    worker_settings = settings.model_copy(
+        update={"echo_step_s": 0.2, "replica_id": f"k8s-test-{new_run_id()}"}
+    )
     try:
         with TestClient(create_app(settings, worker=False)) as api:
             # 500 echo steps of 0.2 s: still running when the worker stops

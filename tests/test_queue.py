@@ -66,7 +66,9 @@ def make_items(delivery: Delivery, tag: int = 0) -> list[StoredItem]:
     for k, item in enumerate(delivery.request.items):
         png = codecs.png_encode(np.full((4, 4, 3), (tag * 40 + k) % 256, dtype=np.uint8))
         latent = codecs.latent_encode(np.full((4, 2, 2), tag + k / 10, dtype=np.float32))
-        items.append(StoredItem(index=k, class_id=item.class_id, guide_id=item.guide_id, png=png, latent=latent))
+        items.append(
+            StoredItem(index=k, class_id=item.class_id, guide_id=item.guide_id, png=png, latent=latent)
+        )
     return items
 
 
@@ -75,9 +77,15 @@ def make_result(delivery: Delivery, replica: str) -> JobResult:
     return JobResult(
         items=[
             ItemResult(
-                index=k, class_id=it.class_id, class_name=req.resolved_class_names()[it.class_id],
-                guide_id=it.guide_id, seed=k, mode=Mode.actgen, image_guidance_strength=12.5,
-                width=8, height=8,
+                index=k,
+                class_id=it.class_id,
+                class_name=req.resolved_class_names()[it.class_id],
+                guide_id=it.guide_id,
+                seed=k,
+                mode=Mode.actgen,
+                image_guidance_strength=12.5,
+                width=8,
+                height=8,
             )
             for k, it in enumerate(req.items)
         ],
@@ -173,7 +181,9 @@ async def test_reclaim_is_decided_by_heartbeat_not_idle_time(queue: JobQueue, se
     assert again.job_id == job_id
 
 
-async def test_job_that_keeps_dying_goes_to_dead_letter_and_is_failed(queue: JobQueue, settings: Settings) -> None:
+async def test_job_that_keeps_dying_goes_to_dead_letter_and_is_failed(
+    queue: JobQueue, settings: Settings
+) -> None:
     job_id, _ = await queue.submit(make_request())
     for k in range(settings.max_deliveries):
         consumer = Consumer(queue, f"doomed-{k}")
@@ -360,8 +370,13 @@ async def test_results_and_finished_job_get_ttl(queue: JobQueue, settings: Setti
     [d] = await c.fetch(count=1, block_ms=100)
     assert await run_to_done(c, d)
     for key in (
-        k.job(job_id), k.job_done_items(job_id), k.run_results("run-1"),
-        k.job_image(job_id, 0), k.job_image(job_id, 1), k.job_latent(job_id, 0), k.job_latent(job_id, 1),
+        k.job(job_id),
+        k.job_done_items(job_id),
+        k.run_results("run-1"),
+        k.job_image(job_id, 0),
+        k.job_image(job_id, 1),
+        k.job_latent(job_id, 0),
+        k.job_latent(job_id, 1),
     ):
         ttl = await queue.redis.ttl(key)
         assert 0 < ttl <= settings.result_ttl_s, key
@@ -503,7 +518,6 @@ def test_queue_refuses_a_decoding_client(settings: Settings) -> None:
     client = aioredis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     with pytest.raises(ValueError, match="decode_responses"):
         JobQueue(client, settings)
-
 
 
 async def test_starting_one_delivery_twice_counts_it_once(queue: JobQueue) -> None:

@@ -67,8 +67,10 @@ def test_imagenet_recipe_scales_lr_and_spreads_a_ten_percent_budget() -> None:
 
 
 def test_warmup_is_per_iteration() -> None:
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["optim.warmup_epochs=2", "optim.lr=0.1",
-                                                      "optim.lr_batch=100", "train.epochs=10"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        ["optim.warmup_epochs=2", "optim.lr=0.1", "optim.lr_batch=100", "train.epochs=10"],
+    )
     model = torch.nn.Linear(2, 2)
     schedule = build_scheduler(build_optimizer(model, cfg.optim), cfg.optim, 10, global_batch=200)
     assert schedule.base_lr == pytest.approx(0.2)
@@ -102,8 +104,10 @@ def test_table5_classifiers_are_allow_listed_and_the_generator_rebuilds_them(
     """Trainer and generator read the same allow-list; an upload rebuilds from safetensors only."""
     from actgen_generator.classifiers import build_checked
 
-    cfg = load_config(REPO / "configs" / "imagenet_vit_s16.yaml",
-                      [f"model.architecture={architecture}", "data.image_size=224"])
+    cfg = load_config(
+        REPO / "configs" / "imagenet_vit_s16.yaml",
+        [f"model.architecture={architecture}", "data.image_size=224"],
+    )
     model = build_model(cfg, 5)
     weights, meta = classifier_payload(model, cfg, 5)
     rebuilt = build_checked(weights, meta)

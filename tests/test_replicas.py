@@ -76,8 +76,11 @@ def test_sigkill_mid_batch_every_job_done_exactly_once(redis_url: str, prefix: s
             # frozen first, so no job it holds can finish between listing them and the kill
             assert victim.process is not None
             victim.process.send_signal(signal.SIGSTOP)
-            held = [j for j in job_ids if (s := client.status(j)).replica == victim_id
-                    and s.status is JobStatus.running]
+            held = [
+                j
+                for j in job_ids
+                if (s := client.status(j)).replica == victim_id and s.status is JobStatus.running
+            ]
             victim.kill()
             states = {j: client.wait(j, timeout_s=WAIT_S) for j in job_ids}
             page = client.results(run, limit=1000)
@@ -135,10 +138,13 @@ def test_sigstop_past_the_lease_job_is_reclaimed_and_finished_once(redis_url: st
         procs = {_replica_id(a): a, _replica_id(b): b}
         run = new_run_id()
         with GeneratorClient(a.url) as client:
-            job_id = client.submit(job_body(run, n_items=2, mode="random", steps=60,
-                                            options={"grad_steps": 0})).job_id
+            job_id = client.submit(
+                job_body(run, n_items=2, mode="random", steps=60, options={"grad_steps": 0})
+            ).job_id
             first = _wait_until(
-                lambda: (s := client.status(job_id)).status is JobStatus.running and s.progress.step >= 1 and s,
+                lambda: (
+                    (s := client.status(job_id)).status is JobStatus.running and s.progress.step >= 1 and s
+                ),
                 "the job to run",
             )
         paused = procs[first.replica]
@@ -152,8 +158,9 @@ def test_sigstop_past_the_lease_job_is_reclaimed_and_finished_once(redis_url: st
                 paused.process.send_signal(signal.SIGCONT)
             state = client.wait(job_id, timeout_s=WAIT_S)
             page = client.results(run, limit=100)
-        _wait_until(lambda: "job.lost" in paused.log_tail(20000), "the resumed replica to drop the job",
-                    timeout_s=60)
+        _wait_until(
+            lambda: "job.lost" in paused.log_tail(20000), "the resumed replica to drop the job", timeout_s=60
+        )
         assert paused.alive()
         with httpx.Client() as http:
             assert http.get(f"{paused.url}/readyz").status_code == 200
@@ -177,8 +184,9 @@ def test_sigterm_releases_the_running_job_at_once(redis_url: str, prefix: str) -
     first = replica(redis_url, prefix, "rep-graceful", env=env).start()
     try:
         with GeneratorClient(first.url) as client:
-            job_id = client.submit(job_body(new_run_id(), n_items=2, steps=500,
-                                            options={"grad_steps": 0})).job_id
+            job_id = client.submit(
+                job_body(new_run_id(), n_items=2, steps=500, options={"grad_steps": 0})
+            ).job_id
             _wait_until(lambda: client.status(job_id).progress.step >= 1, "the job to run")
         assert first.terminate(timeout_s=60) == 0
     finally:
@@ -196,7 +204,8 @@ def test_sigterm_releases_the_running_job_at_once(redis_url: str, prefix: str) -
     try:
         with GeneratorClient(second.url) as client:
             state = _wait_until(
-                lambda: (s := client.status(job_id)).status is JobStatus.running and s, "a restart",
+                lambda: (s := client.status(job_id)).status is JobStatus.running and s,
+                "a restart",
                 timeout_s=30,
             )
             assert state.replica == "rep-other" and state.deliveries == 1

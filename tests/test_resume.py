@@ -28,20 +28,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _content(trainer: Trainer) -> list[tuple]:
     """The generated set without stream/job ids (which differ between two runs)."""
-    return [(r.epoch, r.index, r.class_id, r.guide_id, r.sha256, r.folded_before_epoch)
-            for r in trainer.generated.records]
+    return [
+        (r.epoch, r.index, r.class_id, r.guide_id, r.sha256, r.folded_before_epoch)
+        for r in trainer.generated.records
+    ]
 
 
 def test_sync_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, client: GeneratorClient) -> None:
     whole = Trainer(small_config(tmp_path / "a", "generation.sync=true"), client=client, progress=False)
     whole.run()
 
-    first = Trainer(small_config(tmp_path / "b", "generation.sync=true"), client=client,
-                    progress=False, stop_after_epoch=0)
+    first = Trainer(
+        small_config(tmp_path / "b", "generation.sync=true"),
+        client=client,
+        progress=False,
+        stop_after_epoch=0,
+    )
     first.run()
     assert first.state.epoch == 1 and len(first.generated) == 0
-    resumed = Trainer(small_config(tmp_path / "b", "generation.sync=true"), client=client,
-                      progress=False, resume=True)
+    resumed = Trainer(
+        small_config(tmp_path / "b", "generation.sync=true"), client=client, progress=False, resume=True
+    )
     assert resumed.state.run_id == first.state.run_id and resumed.state.epoch == 1
     resumed.run()
 
@@ -76,8 +83,17 @@ def test_non_blocking_kill_and_resume_folds_every_item_exactly_once(
     cfg = small_config(tmp_path)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(cfg.to_yaml())
-    command = [sys.executable, "-m", "actgen_trainer.cli", "train", "--config", str(config_file),
-               "--generator-url", generator.url, "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "actgen_trainer.cli",
+        "train",
+        "--config",
+        str(config_file),
+        "--generator-url",
+        generator.url,
+        "--no-progress",
+    ]
     run_dir = cfg.run_dir
     log = open(tmp_path / "trainer.log", "wb")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

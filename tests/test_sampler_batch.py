@@ -32,14 +32,20 @@ def banks() -> dict[int, torch.Tensor]:
 def _items(n: int, seed0: int = 100) -> list[SampleItem]:
     rng = np.random.default_rng(0)
     return [
-        SampleItem(guide=rng.integers(0, 256, (24 + 4 * i, 32, 3), dtype=np.uint8), class_id=i % 10,
-                   class_name=CIFAR10[i % 10], seed=seed0 + i, guide_id=f"g{i}")
+        SampleItem(
+            guide=rng.integers(0, 256, (24 + 4 * i, 32, 3), dtype=np.uint8),
+            class_id=i % 10,
+            class_name=CIFAR10[i % 10],
+            seed=seed0 + i,
+            guide_id=f"g{i}",
+        )
         for i in range(n)
     ]
 
 
-ACTGEN = GenerationOptions(mode=Mode.actgen, num_inference_steps=STEPS, grad_steps=2, adv_prob=0.5,
-                           contrastive_margin=400.0)
+ACTGEN = GenerationOptions(
+    mode=Mode.actgen, num_inference_steps=STEPS, grad_steps=2, adv_prob=0.5, contrastive_margin=400.0
+)
 
 
 def test_same_seed_same_output_different_seed_different(sampler, banks, classifier) -> None:
@@ -78,7 +84,12 @@ def test_provenance_and_output_size(sampler, banks, classifier) -> None:
         assert out.image.shape == (16, 16, 3) and out.image.dtype == np.uint8
         assert out.latent.shape == (4, 16, 16) and out.latent.dtype == torch.float32
         assert (rec.index, rec.class_id, rec.class_name, rec.guide_id, rec.seed) == (
-            k, item.class_id, item.class_name, item.guide_id, item.seed)
+            k,
+            item.class_id,
+            item.class_name,
+            item.guide_id,
+            item.seed,
+        )
         assert rec.mode is Mode.actgen and rec.adversarial and (rec.width, rec.height) == (32, 32)
         assert [r.step for r in rec.grad_records] == [0, 1]
         assert all(r.l_adv is not None and r.l_adv <= 0 and 0 <= r.prediction < 10 for r in rec.grad_records)
@@ -86,7 +97,9 @@ def test_provenance_and_output_size(sampler, banks, classifier) -> None:
 
 def test_plain_draw_is_plain_sd_with_the_same_noise(sampler) -> None:
     items = _items(2)
-    plain = sampler(items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0, plain_prob=1.0))
+    plain = sampler(
+        items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0, plain_prob=1.0)
+    )
     random = sampler(items, GenerationOptions(mode=Mode.random, num_inference_steps=STEPS, grad_steps=0))
     for p, r in zip(plain, random, strict=True):
         assert p.record.mode is Mode.random
@@ -100,7 +113,9 @@ def test_fewshot_strength_comes_from_confidence(sampler) -> None:
     opts = GenerationOptions(mode=Mode.ig, num_inference_steps=STEPS, grad_steps=0, fewshot_u=0.5)
     outs = sampler(items, opts)
     assert [o.record.image_guidance_strength for o in outs] == [
-        pytest.approx(fewshot_strength(0.05, 0.5)), pytest.approx(fewshot_strength(0.95, 0.5))]
+        pytest.approx(fewshot_strength(0.05, 0.5)),
+        pytest.approx(fewshot_strength(0.95, 0.5)),
+    ]
 
 
 def test_on_step_reports_progress_and_cancels(sampler) -> None:

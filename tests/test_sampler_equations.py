@@ -52,8 +52,9 @@ def test_cfg_combination_matches_separate_unet_calls(sampler: GuidedSampler) -> 
     ref_u = _unet(sampler, x, t, uncond)
     ref_c = _unet(sampler, x, t, cond)
     s = 15.0
-    torch.testing.assert_close(cfg_noise(pred.uncond, pred.cond, s), ref_u + s * (ref_c - ref_u),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        cfg_noise(pred.uncond, pred.cond, s), ref_u + s * (ref_c - ref_u), atol=1e-4, rtol=1e-4
+    )
     assert pred.leaves == ()
     # the graph-keeping split of a gradient step gives the same noise, with or without uncond moving
     for update_uncond, n_leaves in ((False, 1), (True, 2)):
@@ -100,10 +101,21 @@ class _ClassTokenMaps:
             h.remove()
 
 
-def _reference_run(sampler: GuidedSampler, mode: Mode, steps: int, scale: float, strength: float,
-                   bank: torch.Tensor | None = None, grad_steps: int = 0, lr: float = 0.0,
-                   norm: str = "token", update_uncond: bool = False, margin: float = 200.0,
-                   normalize_mask: bool = True, trace: list | None = None):
+def _reference_run(
+    sampler: GuidedSampler,
+    mode: Mode,
+    steps: int,
+    scale: float,
+    strength: float,
+    bank: torch.Tensor | None = None,
+    grad_steps: int = 0,
+    lr: float = 0.0,
+    norm: str = "token",
+    update_uncond: bool = False,
+    margin: float = 200.0,
+    normalize_mask: bool = True,
+    trace: list | None = None,
+):
     """The sampler's loop written out: diffusers' DDPMScheduler.step as the DDPM step, the mask from
     hooks on the attention layers, the gradient of eq. 9 by autograd and eq. 11 normalised by hand."""
     g = torch.Generator().manual_seed(SEED)
@@ -164,8 +176,9 @@ def _reference_run(sampler: GuidedSampler, mode: Mode, steps: int, scale: float,
                     m = attention
                     if normalize_mask:
                         m = (m - m.min()) / (m.max() - m.min())
-                    m = torch.nn.functional.interpolate(m[:, None], size=(16, 16), mode="bilinear",
-                                                        align_corners=False)
+                    m = torch.nn.functional.interpolate(
+                        m[:, None], size=(16, 16), mode="bilinear", align_corners=False
+                    )
                 x_prev = x_prev + gam * m * (x_guide - x_prev)  # eq. 8
             x = x_prev.detach()
     finally:
@@ -175,19 +188,28 @@ def _reference_run(sampler: GuidedSampler, mode: Mode, steps: int, scale: float,
 
 @pytest.mark.parametrize("mode", [Mode.ig, Mode.random])
 def test_guided_steps_match_ddpm_posterior_plus_image_guidance(sampler: GuidedSampler, mode: Mode) -> None:
-    opts = GenerationOptions(mode=mode, num_inference_steps=3, grad_steps=0,
-                             guidance_scale=5.0, image_guidance_strength=1.5)
+    opts = GenerationOptions(
+        mode=mode, num_inference_steps=3, grad_steps=0, guidance_scale=5.0, image_guidance_strength=1.5
+    )
     out = sampler([SampleItem(guide=_guide(), class_id=3, class_name="cat", seed=SEED)], opts)[0]
     ref = _reference_run(sampler, mode, steps=3, scale=5.0, strength=1.5)
     torch.testing.assert_close(out.latent, ref, atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("normalize_mask", [True, False])
-def test_aig_mask_accumulates_over_steps_as_the_reference(sampler: GuidedSampler, normalize_mask: bool) -> None:
+def test_aig_mask_accumulates_over_steps_as_the_reference(
+    sampler: GuidedSampler, normalize_mask: bool
+) -> None:
     """eq. 8 with m = the class-token attention summed over the steps so far (normalised, or the
     released code's raw sum from ones), at every step, against the hook-computed reference."""
-    opts = GenerationOptions(mode=Mode.aig, num_inference_steps=4, grad_steps=0, guidance_scale=5.0,
-                             image_guidance_strength=2.5, normalize_mask=normalize_mask)
+    opts = GenerationOptions(
+        mode=Mode.aig,
+        num_inference_steps=4,
+        grad_steps=0,
+        guidance_scale=5.0,
+        image_guidance_strength=2.5,
+        normalize_mask=normalize_mask,
+    )
     out = sampler([SampleItem(guide=_guide(), class_id=3, class_name="cat", seed=SEED)], opts)[0]
     ref = _reference_run(sampler, Mode.aig, steps=4, scale=5.0, strength=2.5, normalize_mask=normalize_mask)
     torch.testing.assert_close(out.latent, ref, atol=2e-4, rtol=2e-4)
@@ -197,13 +219,22 @@ def test_aig_mask_accumulates_over_steps_as_the_reference(sampler: GuidedSampler
 
 
 @pytest.mark.parametrize(("norm", "update_uncond"), [("token", True), ("token", False), ("global", False)])
-def test_actgen_loop_matches_the_reference_and_carries_c(sampler: GuidedSampler, norm: str,
-                                                         update_uncond: bool) -> None:
+def test_actgen_loop_matches_the_reference_and_carries_c(
+    sampler: GuidedSampler, norm: str, update_uncond: bool
+) -> None:
     """Eq. 9-11 inside the loop: the moved c (and uncond) is used by every later step."""
     bank = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(11)) * 0.5
-    opts = GenerationOptions(mode=Mode.actgen, num_inference_steps=4, grad_steps=2, guidance_scale=5.0,
-                             image_guidance_strength=2.5, lr=0.5, grad_norm=norm,
-                             update_uncond=update_uncond, contrastive_margin=200.0)
+    opts = GenerationOptions(
+        mode=Mode.actgen,
+        num_inference_steps=4,
+        grad_steps=2,
+        guidance_scale=5.0,
+        image_guidance_strength=2.5,
+        lr=0.5,
+        grad_norm=norm,
+        update_uncond=update_uncond,
+        contrastive_margin=200.0,
+    )
     seen: list[torch.Tensor] = []
     real_unet = sampler._unet
 
@@ -218,8 +249,19 @@ def test_actgen_loop_matches_the_reference_and_carries_c(sampler: GuidedSampler,
     finally:
         del sampler._unet
     trace: list = []
-    ref = _reference_run(sampler, Mode.actgen, steps=4, scale=5.0, strength=2.5, bank=bank, grad_steps=2,
-                         lr=0.5, norm=norm, update_uncond=update_uncond, trace=trace)
+    ref = _reference_run(
+        sampler,
+        Mode.actgen,
+        steps=4,
+        scale=5.0,
+        strength=2.5,
+        bank=bank,
+        grad_steps=2,
+        lr=0.5,
+        norm=norm,
+        update_uncond=update_uncond,
+        trace=trace,
+    )
     torch.testing.assert_close(out.latent, ref, atol=1e-3, rtol=1e-3)
     assert len(out.record.grad_records) == 2 and out.record.grad_records[0].l_contra > 0
     # the embeddings each step used: c moved at steps 0 and 1, then kept (not reset) for steps 2, 3
@@ -249,7 +291,9 @@ def test_posterior_step_and_x0_match_the_scheduler(sampler: GuidedSampler) -> No
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
         out = scheduler.step(eps, t, x, generator=g)
         torch.testing.assert_close(post.predict_x0(x, eps), out.pred_original_sample)
-        torch.testing.assert_close(post.step(post.predict_x0(x, eps), x, z), out.prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            post.step(post.predict_x0(x, eps), x, z), out.prev_sample, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_gamma_is_one_minus_sigmoid_and_fewshot_strength() -> None:
@@ -267,7 +311,9 @@ def test_mask_recorder_sits_only_on_cross_attention_at_the_mask_resolution(sampl
     procs = sampler.unet.attn_processors
     recording = {n for n, p in procs.items() if isinstance(p, RecordingAttnProcessor)}
     # the tiny UNet has cross-attention at factors 1 and 2: latent/4 is nearest to factor 2
-    assert recording == {n for n in procs if "attn2" in n and (n.startswith("down_blocks.1") or n.startswith("up_blocks.0"))}
+    assert recording == {
+        n for n in procs if "attn2" in n and (n.startswith("down_blocks.1") or n.startswith("up_blocks.0"))
+    }
     assert all(isinstance(p, AttnProcessor2_0) for n, p in procs.items() if n not in recording)
 
 
@@ -280,12 +326,14 @@ def test_mask_follows_recorded_class_token_attention(sampler: GuidedSampler) -> 
     hooks = []
     for module in sampler.unet.modules():
         if isinstance(module, Attention) and isinstance(module.processor, RecordingAttnProcessor):
+
             def hook(mod, args, kwargs, store=maps):
                 h, e = args[0], kwargs["encoder_hidden_states"]
                 q = mod.to_q(h).unflatten(-1, (mod.heads, -1)).transpose(1, 2)
                 k = mod.to_k(e).unflatten(-1, (mod.heads, -1)).transpose(1, 2)
                 probs = (q @ k.transpose(-1, -2) * mod.scale).softmax(-1)  # (2B, heads, q, 77)
                 store.append(torch.einsum("bqk,bk->bq", probs[2:].mean(1), weights))
+
             hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         sampler.recorder.begin_step(2, (16, 16), torch.device("cpu"))
@@ -312,8 +360,10 @@ def test_mask_follows_recorded_class_token_attention(sampler: GuidedSampler) -> 
 
 def test_aig_uses_the_mask_and_ig_does_not(sampler: GuidedSampler) -> None:
     item = SampleItem(guide=_guide(), class_id=3, class_name="cat", seed=SEED)
-    runs = {mode: sampler([item], GenerationOptions(mode=mode, num_inference_steps=3, grad_steps=0))[0].latent
-            for mode in (Mode.ig, Mode.aig, Mode.random)}
+    runs = {
+        mode: sampler([item], GenerationOptions(mode=mode, num_inference_steps=3, grad_steps=0))[0].latent
+        for mode in (Mode.ig, Mode.aig, Mode.random)
+    }
     assert not torch.allclose(runs[Mode.ig], runs[Mode.aig])
     assert not torch.allclose(runs[Mode.aig], runs[Mode.random])
 
@@ -336,8 +386,12 @@ def test_contrastive_loss_is_eq9_on_hand_made_latents() -> None:
 
 def test_update_size_for_both_norms_by_hand() -> None:
     c = torch.zeros(2, 3, 2)  # 2 items, 3 tokens, D = 2
-    grad = torch.tensor([[[3.0, 0.0], [4.0, 0.0], [0.0, 0.0]],   # channel 0: norm 5 over tokens
-                         [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])  # channel 1 only
+    grad = torch.tensor(
+        [
+            [[3.0, 0.0], [4.0, 0.0], [0.0, 0.0]],  # channel 0: norm 5 over tokens
+            [[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]],
+        ]
+    )  # channel 1 only
     # token (released code, F.normalize over dim 1): each channel scaled to norm 1 over the tokens
     token = normalized_update(c, grad, lr=0.1, norm="token")
     torch.testing.assert_close(token[0], -0.1 * torch.tensor([[0.6, 0.0], [0.8, 0.0], [0.0, 0.0]]))
@@ -390,13 +444,16 @@ def test_one_small_update_of_c_lowers_L(sampler: GuidedSampler, part: str, norm:
     with torch.no_grad():
         pred = sampler.predict_noise(x, t, uncond, cond, weights)
         x0 = post.predict_x0(x, cfg_noise(pred.uncond, pred.cond, 7.5))
-    bank = (x0.flatten(1)[:, None] + 0.5 * torch.randn(2, 6, 1024, generator=torch.Generator().manual_seed(6)))
+    bank = x0.flatten(1)[:, None] + 0.5 * torch.randn(2, 6, 1024, generator=torch.Generator().manual_seed(6))
     item1_contra = part in ("contrastive", "both")
     clf = CountingClassifier()
     targets = GradientTargets(
-        class_ids=torch.tensor([3, 5]), bank=bank,
+        class_ids=torch.tensor([3, 5]),
+        bank=bank,
         valid=torch.stack([torch.ones(6), torch.full((6,), float(item1_contra))]),
-        adversarial=torch.tensor([False, part != "contrastive"]), margin=200.0, adv_weight=0.1,
+        adversarial=torch.tensor([False, part != "contrastive"]),
+        margin=200.0,
+        adv_weight=0.1,
         classifier=Classifier(clf, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     )
     before, leaf, x0_before = _loss_at(sampler, x, t, post, uncond, cond, weights, rows, targets)
@@ -424,22 +481,32 @@ def test_items_of_one_job_repel_each_other_in_a_batch(sampler: GuidedSampler) ->
     opts = GenerationOptions(mode=Mode.actgen, num_inference_steps=4, grad_steps=3, lr=0.5)
 
     def pair(group: str | None, other_class: int = 3) -> list:
-        items = [SampleItem(guide=_guide(1), class_id=3, class_name="cat", seed=SEED, bank_group=group),
-                 SampleItem(guide=_guide(2), class_id=other_class, class_name="cat", seed=SEED + 1,
-                            bank_group=group)]
+        items = [
+            SampleItem(guide=_guide(1), class_id=3, class_name="cat", seed=SEED, bank_group=group),
+            SampleItem(
+                guide=_guide(2), class_id=other_class, class_name="cat", seed=SEED + 1, bank_group=group
+            ),
+        ]
         return sampler(items, opts)
+
     alone, together = pair(None), pair("job-1")
     assert all(o.record.grad_records == [] for o in alone)  # no bank, no peers: no gradient step
-    assert all(len(o.record.grad_records) == 3 and max(r.l_contra for r in o.record.grad_records) > 0
-               for o in together)
-    assert float((together[0].latent - together[1].latent).norm()) > float((alone[0].latent - alone[1].latent).norm())
+    assert all(
+        len(o.record.grad_records) == 3 and max(r.l_contra for r in o.record.grad_records) > 0
+        for o in together
+    )
+    assert float((together[0].latent - together[1].latent).norm()) > float(
+        (alone[0].latent - alone[1].latent).norm()
+    )
     assert all(o.record.grad_records == [] for o in pair("job-1", other_class=4))  # another class: no peer
 
 
 def test_adv_prob_zero_never_calls_the_classifier(sampler: GuidedSampler) -> None:
     clf = CountingClassifier()
     classifier = Classifier(clf, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    items = [SampleItem(guide=_guide(i), class_id=i, class_name=n, seed=i) for i, n in enumerate(["cat", "dog"])]
+    items = [
+        SampleItem(guide=_guide(i), class_id=i, class_name=n, seed=i) for i, n in enumerate(["cat", "dog"])
+    ]
     banks = {0: torch.randn(4, 4, 16, 16), 1: torch.randn(4, 4, 16, 16)}
     opts = GenerationOptions(mode=Mode.actgen, num_inference_steps=3, grad_steps=2, adv_prob=0.0)
     outs = sampler(with_banks(items, banks), opts, classifier=classifier)

@@ -52,7 +52,9 @@ def _one_guide_per_digit(split) -> tuple[np.ndarray, np.ndarray]:
 def test_shipped_folder_is_an_sd21_style_diffusers_pipeline(model):
     files = {p.name for p in MODEL_DIR.rglob("*") if p.is_file()}
     assert "model_index.json" in files
-    assert not any(name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for name in files)  # safetensors only
+    assert not any(
+        name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for name in files
+    )  # safetensors only
     size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*.safetensors"))
     assert 0 < size < 20 * 2**20, f"{size} bytes of weights"
     pipe = model.pipe
@@ -75,9 +77,13 @@ def test_reference_classifier_reads_real_digits(split, reference):
 
 def test_aig_mode_draws_the_guides_digit(model, split, reference):
     guides, labels = _one_guide_per_digit(split)
-    items = [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=100 + i)
-             for i, (g, c) in enumerate(zip(guides, labels, strict=True))]
-    out = GuidedSampler(model)(items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0))
+    items = [
+        SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=100 + i)
+        for i, (g, c) in enumerate(zip(guides, labels, strict=True))
+    ]
+    out = GuidedSampler(model)(
+        items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0)
+    )
     images = np.stack([o.image for o in out])
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
     assert out[0].latent.shape == (4, 8, 8)
@@ -91,16 +97,22 @@ def test_aig_mode_draws_the_guides_digit(model, split, reference):
 def test_aig_mode_varies_with_the_seed(model, split):
     guides, labels = _one_guide_per_digit(split)
     items = [SampleItem(guide=guides[3], class_id=3, class_name=DIGITS[3], seed=s) for s in range(3)]
-    out = GuidedSampler(model)(items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0))
+    out = GuidedSampler(model)(
+        items, GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, grad_steps=0)
+    )
     assert mean_pairwise_distance([np.stack([o.image for o in out])]) > 0.01
 
 
 def test_random_mode_follows_the_prompt(model, reference):
     labels = np.repeat(np.arange(len(DIGITS)), 2)
     blank = np.zeros((32, 32, 3), np.uint8)
-    items = [SampleItem(guide=blank, class_id=int(c), class_name=DIGITS[c], seed=200 + i)
-             for i, c in enumerate(labels)]
-    out = GuidedSampler(model)(items, GenerationOptions(mode=Mode.random, num_inference_steps=STEPS, grad_steps=0))
+    items = [
+        SampleItem(guide=blank, class_id=int(c), class_name=DIGITS[c], seed=200 + i)
+        for i, c in enumerate(labels)
+    ]
+    out = GuidedSampler(model)(
+        items, GenerationOptions(mode=Mode.random, num_inference_steps=STEPS, grad_steps=0)
+    )
     predicted = reference.predict(np.stack([o.image for o in out]))
     assert np.sum(predicted == labels) >= 10, f"prompts {labels.tolist()} -> {predicted.tolist()}"
 
@@ -112,9 +124,16 @@ def test_actgen_pushes_away_from_a_filled_bank_farther_than_aig(model, split, re
     guides, labels = _one_guide_per_digit(split)
 
     def items(seed0: int, bank=None) -> list[SampleItem]:
-        return [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[int(c)], seed=seed0 + i,
-                           bank=None if bank is None else bank[int(c)])
-                for i, (g, c) in enumerate(zip(guides, labels, strict=True))]
+        return [
+            SampleItem(
+                guide=g,
+                class_id=int(c),
+                class_name=DIGITS[int(c)],
+                seed=seed0 + i,
+                bank=None if bank is None else bank[int(c)],
+            )
+            for i, (g, c) in enumerate(zip(guides, labels, strict=True))
+        ]
 
     aig = GenerationOptions(mode=Mode.aig, num_inference_steps=STEPS, seed=0)
     earlier = [sampler(items(1000 * r), aig) for r in (1, 2, 3)]
@@ -123,8 +142,11 @@ def test_actgen_pushes_away_from_a_filled_bank_farther_than_aig(model, split, re
     guided = sampler(items(0, bank), aig.model_copy(update={"mode": Mode.actgen}))
 
     def distance(outs) -> float:
-        return float(np.mean([(o.latent.flatten() - bank[o.record.class_id].flatten(1)).norm(dim=1).mean()
-                              for o in outs]))
+        return float(
+            np.mean(
+                [(o.latent.flatten() - bank[o.record.class_id].flatten(1)).norm(dim=1).mean() for o in outs]
+            )
+        )
 
     assert all(len(o.record.grad_records) > 0 for o in guided)
     assert distance(guided) > 1.08 * distance(plain), (distance(guided), distance(plain))

@@ -62,8 +62,12 @@ def test_round_trip_and_generate_from_prompt(tmp_path: Path) -> None:
     loaded.pipe.save_pretrained(tmp_path / "again")
     again = StableDiffusionPipeline.from_pretrained(tmp_path / "again", safety_checker=None)
     images = [
-        p("a photo of cat", num_inference_steps=3, output_type="np",
-          generator=torch.Generator().manual_seed(0)).images
+        p(
+            "a photo of cat",
+            num_inference_steps=3,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
         for p in (loaded.pipe, again)
     ]
     assert images[0].shape == (1, 32, 32, 3)

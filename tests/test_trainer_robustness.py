@@ -33,8 +33,11 @@ def prefix(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def generator(redis_url: str, prefix: str) -> Iterator[GeneratorProcess]:
-    env = {"ACTGEN_KEY_PREFIX": prefix, "ACTGEN_MAX_ITEMS_PER_JOB": str(ITEM_CAP),
-           "OMP_NUM_THREADS": "1"}  # the trainer runs beside it on the shared cores
+    env = {
+        "ACTGEN_KEY_PREFIX": prefix,
+        "ACTGEN_MAX_ITEMS_PER_JOB": str(ITEM_CAP),
+        "OMP_NUM_THREADS": "1",
+    }  # the trainer runs beside it on the shared cores
     with GeneratorProcess(redis_url=redis_url, env=env) as proc:
         yield proc
 
@@ -59,9 +62,12 @@ def test_slow_generator_keeps_max_inflight_ends_on_time_and_counts_every_image(
     tmp_path: Path, client: GeneratorClient, one_torch_thread: None
 ) -> None:
     final_wait = 2.0
-    cfg = small_config(tmp_path, "generation.max_inflight=1",
-                       f"generation.final_wait_s={final_wait}",
-                       f"generation.options.num_inference_steps={SLOW_STEPS}")
+    cfg = small_config(
+        tmp_path,
+        "generation.max_inflight=1",
+        f"generation.final_wait_s={final_wait}",
+        f"generation.options.num_inference_steps={SLOW_STEPS}",
+    )
     trainer = Trainer(cfg, client=client, progress=False)
     started = time.monotonic()
     summary = trainer.run()
@@ -93,9 +99,13 @@ def test_slow_generator_keeps_max_inflight_ends_on_time_and_counts_every_image(
 def test_sync_wait_that_times_out_skips_the_job_and_the_run_goes_on(
     tmp_path: Path, client: GeneratorClient, one_torch_thread: None
 ) -> None:
-    cfg = small_config(tmp_path, "generation.sync=true", "generation.wait_timeout_s=0.5",
-                       "generation.final_wait_s=0.5",
-                       f"generation.options.num_inference_steps={SLOW_STEPS}")
+    cfg = small_config(
+        tmp_path,
+        "generation.sync=true",
+        "generation.wait_timeout_s=0.5",
+        "generation.final_wait_s=0.5",
+        f"generation.options.num_inference_steps={SLOW_STEPS}",
+    )
     trainer = Trainer(cfg, client=client, progress=False)
     summary = trainer.run()
     rows = trainer.state.metrics
@@ -109,8 +119,7 @@ def test_sync_wait_that_times_out_skips_the_job_and_the_run_goes_on(
 def test_an_epoch_above_the_item_cap_is_split_into_several_jobs(
     tmp_path: Path, client: GeneratorClient
 ) -> None:
-    cfg = small_config(tmp_path, "train.epochs=2", "generation.sync=true",
-                       "generation.images_per_epoch=5")
+    cfg = small_config(tmp_path, "train.epochs=2", "generation.sync=true", "generation.images_per_epoch=5")
     trainer = Trainer(cfg, client=client, progress=False)
     assert trainer._item_cap == ITEM_CAP  # /v1/info says the cap: jobs are split before posting
     trainer._item_cap = None  # as with a generator that does not say it: learnt from the 422
@@ -118,10 +127,17 @@ def test_an_epoch_above_the_item_cap_is_split_into_several_jobs(
     jobs = trainer.state.jobs
     assert [j["items"] for j in jobs] == [3, 2] and {j["epoch"] for j in jobs} == {0}
     assert trainer._item_cap == ITEM_CAP  # learnt from the 422, which names the cap
-    assert summary.delivery == {"asked": 5, "on_time": 5, "late": 0, "never": 0,
-                                "skipped_backpressure": 0, "wait_timeouts": 0}
+    assert summary.delivery == {
+        "asked": 5,
+        "on_time": 5,
+        "late": 0,
+        "never": 0,
+        "skipped_backpressure": 0,
+        "wait_timeouts": 0,
+    }
     assert sorted(r.job_id for r in trainer.generated.records) == sorted(
-        [jobs[0]["job_id"]] * 3 + [jobs[1]["job_id"]] * 2)
+        [jobs[0]["job_id"]] * 3 + [jobs[1]["job_id"]] * 2
+    )
 
 
 class _Seen(logging.Handler):
@@ -166,10 +182,13 @@ def _run_across_a_restart(trainer: Trainer, replica: GeneratorProcess, needle: s
 def test_submit_and_classifier_upload_ride_out_a_stopped_generator(
     tmp_path: Path, redis_url: str, prefix: str, one_torch_thread: None
 ) -> None:
-    retries = ["generation.sync=true", "generation.retries=200", "generation.retry_backoff_s=0.1",
-               "generation.retry_backoff_max_s=0.5"]
-    replica = GeneratorProcess(redis_url=redis_url,
-                               env={"ACTGEN_KEY_PREFIX": prefix, "OMP_NUM_THREADS": "1"})
+    retries = [
+        "generation.sync=true",
+        "generation.retries=200",
+        "generation.retry_backoff_s=0.1",
+        "generation.retry_backoff_max_s=0.5",
+    ]
+    replica = GeneratorProcess(redis_url=redis_url, env={"ACTGEN_KEY_PREFIX": prefix, "OMP_NUM_THREADS": "1"})
     replica.start()
     try:
         with GeneratorClient(replica.url, timeout_s=60) as client:

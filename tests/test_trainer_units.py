@@ -26,21 +26,37 @@ REPO = Path(__file__).resolve().parents[1]
 # --- config ---------------------------------------------------------------------------------
 def test_every_shipped_config_loads() -> None:
     names = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
-    assert {"demo.yaml", "cifar10_resnet50.yaml", "cifar100_resnet50.yaml", "cifar10_vgg16.yaml",
-            "imagenet_resnet50.yaml"} <= set(names)
+    assert {
+        "demo.yaml",
+        "cifar10_resnet50.yaml",
+        "cifar100_resnet50.yaml",
+        "cifar10_vgg16.yaml",
+        "imagenet_resnet50.yaml",
+    } <= set(names)
     for name in names:
         load_config(REPO / "configs" / name)
     c10 = load_config(REPO / "configs" / "cifar10_resnet50.yaml")
-    assert (c10.optim.name, c10.optim.lr, c10.optim.momentum, c10.optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
+    assert (c10.optim.name, c10.optim.lr, c10.optim.momentum, c10.optim.weight_decay) == (
+        "sgd",
+        0.1,
+        0.9,
+        1e-4,
+    )
     assert (c10.train.batch_size, c10.train.epochs, c10.generation.images_per_epoch) == (128, 300, 64)
     assert c10.data.augment == "crop_flip" and c10.generation_epochs == 150
 
 
 def test_dotted_overrides_are_typed(tmp_path: Path) -> None:
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
-        "train.epochs=3", "optim.weight_decay=5e-4", "generation.sync=true",
-        "generation.options.num_inference_steps=7", "run_name=other",
-    ])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            "train.epochs=3",
+            "optim.weight_decay=5e-4",
+            "generation.sync=true",
+            "generation.options.num_inference_steps=7",
+            "run_name=other",
+        ],
+    )
     assert cfg.train.epochs == 3 and cfg.optim.weight_decay == 5e-4 and cfg.generation.sync is True
     assert cfg.generation.options["num_inference_steps"] == 7 and cfg.run_name == "other"
 
@@ -163,33 +179,92 @@ def test_report_opens_from_disk_with_embedded_plots(tmp_path: Path) -> None:
 
     (run / "guides" / "train-1.png").write_bytes(png_encode(guide))
     gen.add("1-0", "j1", 0, 0, 2, "train-1", guide + 90, folded_before_epoch=1)
-    (run / "run.json").write_text(json.dumps({
-        "run_id": "r-1", "classes": list(DIGITS), "mode": "actgen", "epochs": 2,
-        "generation_epochs": 1, "images_per_epoch": 1, "sync": False, "dataset": "digits",
-        "architecture": "simple_cnn", "seed": 0,
-    }))
-    row = {"epoch": 0, "test_acc": 0.5, "train_acc": 0.4, "val_acc": 0.45, "seconds_train": 2.0,
-           "seconds_eval": 0.5, "seconds_fold": 0.1, "seconds_post": 0.2, "seconds_wait": 0.0}
-    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "epoch": 1, "val_acc": None}) + "\n")
-    (run / "jobs.jsonl").write_text(json.dumps({"job_id": "j1", "epoch": 0, "items": 1, "status": "done",
-                                                "started_at": 10.0, "finished_at": 12.0}) + "\n")
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "run_id": "r-1",
+                "classes": list(DIGITS),
+                "mode": "actgen",
+                "epochs": 2,
+                "generation_epochs": 1,
+                "images_per_epoch": 1,
+                "sync": False,
+                "dataset": "digits",
+                "architecture": "simple_cnn",
+                "seed": 0,
+            }
+        )
+    )
+    row = {
+        "epoch": 0,
+        "test_acc": 0.5,
+        "train_acc": 0.4,
+        "val_acc": 0.45,
+        "seconds_train": 2.0,
+        "seconds_eval": 0.5,
+        "seconds_fold": 0.1,
+        "seconds_post": 0.2,
+        "seconds_wait": 0.0,
+    }
+    (run / "metrics.jsonl").write_text(
+        json.dumps(row) + "\n" + json.dumps({**row, "epoch": 1, "val_acc": None}) + "\n"
+    )
+    (run / "jobs.jsonl").write_text(
+        json.dumps(
+            {
+                "job_id": "j1",
+                "epoch": 0,
+                "items": 1,
+                "status": "done",
+                "started_at": 10.0,
+                "finished_at": 12.0,
+            }
+        )
+        + "\n"
+    )
     page = write_report(run).read_text()
     assert page.count("data:image/png;base64,") >= 6  # 4 plots + guide + generated
-    assert "0.500 images/s" in page and "two" in page and "src=\"http" not in page
+    assert "0.500 images/s" in page and "two" in page and 'src="http' not in page
 
 
 def test_cli_names_an_unreachable_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
-                     "--generator-url", "http://127.0.0.1:9", "--set", f"output_dir={tmp_path}"])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--no-progress",
+            "--generator-url",
+            "http://127.0.0.1:9",
+            "--set",
+            f"output_dir={tmp_path}",
+        ]
+    )
     assert code == 2
     assert "http://127.0.0.1:9" in capsys.readouterr().err
 
 
 def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
-            "--set", "generation.mode=real", "--set", f"output_dir={tmp_path}",
-            "--set", "data.train_subset=60", "--set", "data.val_size=10", "--set", "train.epochs=1",
-            "--set", "data.image_size=8", "--set", "data.test_subset=20"]
+    args = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        "--no-progress",
+        "--set",
+        "generation.mode=real",
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        "data.train_subset=60",
+        "--set",
+        "data.val_size=10",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.image_size=8",
+        "--set",
+        "data.test_subset=20",
+    ]
     assert cli.main(args) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert cli.main(args) == 2
@@ -217,7 +292,10 @@ def test_job_options_run_every_row_of_table_4_and_both_schedules() -> None:
     assert opts(12, "generation.guidance=aig") == {"mode": "aig", "adv_prob": 0.0}
     assert opts(12, "generation.guidance=contrastive") == {"mode": "actgen", "adv_prob": 0.0}
     assert opts(12, "generation.guidance=adversarial") == {
-        "mode": "actgen", "adv_prob": pytest.approx(0.2), "bank_sample": 0}
+        "mode": "actgen",
+        "adv_prob": pytest.approx(0.2),
+        "bank_sample": 0,
+    }
     assert opts(12, "generation.mode=random") == {"mode": "random", "adv_prob": 0.0}
     with pytest.raises(ConfigError, match="generation.guidance"):
         load_config(None, ["generation.guidance=gradient"])
@@ -228,8 +306,16 @@ def test_cli_takes_the_generator_url_from_the_environment(
 ) -> None:
     """Compose's trainer: a command override without --generator-url still finds the generator."""
     monkeypatch.setenv(cli.GENERATOR_URL_ENV, "http://127.0.0.1:9")
-    code = cli.main(["train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
-                     "--set", f"output_dir={tmp_path}"])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--no-progress",
+            "--set",
+            f"output_dir={tmp_path}",
+        ]
+    )
     assert code == 2
     assert "http://127.0.0.1:9" in capsys.readouterr().err
 
@@ -295,6 +381,9 @@ def test_label_sets_come_from_one_table(tmp_path: Path) -> None:
     request_names = JobRequest.model_json_schema()["properties"]["label_set"]["anyOf"][0]["enum"]
     assert sorted(request_names) == sorted(LABEL_SETS)
     for name in LABEL_SETS:
-        assert load_config(REPO / "configs" / "demo.yaml", [f"generation.label_set={name}"]).generation.label_set == name
+        assert (
+            load_config(REPO / "configs" / "demo.yaml", [f"generation.label_set={name}"]).generation.label_set
+            == name
+        )
     with pytest.raises(ConfigError, match="label_set"):
         load_config(REPO / "configs" / "demo.yaml", ["generation.label_set=mnist"])

@@ -70,8 +70,13 @@ def _cifar_vgg16(num_classes: int) -> nn.Module:
             channels = entry
         else:
             layers.append(nn.MaxPool2d(2))
-    head = [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(512, num_classes)]
+    head = [
+        nn.Flatten(),
+        nn.Linear(512, 512),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(512, num_classes),
+    ]
     return nn.Sequential(*layers, *head)
 
 
@@ -121,15 +126,11 @@ def build_classifier(architecture: str, num_classes: int) -> nn.Module:
     try:
         factory = ARCHITECTURES[architecture]
     except KeyError:
-        raise ValueError(
-            f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}"
-        ) from None
+        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}") from None
     return factory(num_classes)
 
 
-def load_classifier(
-    architecture: str, num_classes: int, state_dict: dict[str, torch.Tensor]
-) -> nn.Module:
+def load_classifier(architecture: str, num_classes: int, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Rebuild a classifier and load weights strictly; a mismatch raises ValueError naming it."""
     model = build_classifier(architecture, num_classes)
     expected = model.state_dict()

@@ -102,7 +102,7 @@ def safetensors_header(data: bytes) -> dict[str, object]:
     if n < 2 or n > min(SAFETENSORS_MAX_HEADER, len(data) - 8):
         raise DecodeError(f"header length {n} does not fit a file of {len(data)} bytes")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"the header is not JSON ({exc})") from None
     if not isinstance(header, dict):

@@ -142,18 +142,18 @@ class Consumer:
             for entry_id, fields in stream_entries(reply):
                 self.unadmitted[entry_id] = (fields.get("job_id", ""), "")
         entries = list(self.unadmitted)[:count]
-        replies = await asyncio.gather(
+        admissions = await asyncio.gather(
             *(self._admit(entry_id, *self.unadmitted[entry_id]) for entry_id in entries),
             return_exceptions=True,
         )
-        deliveries = []
-        for entry_id, reply in zip(entries, replies, strict=True):
-            if isinstance(reply, BaseException):
+        deliveries: list[Delivery] = []
+        for entry_id, admitted in zip(entries, admissions, strict=True):
+            if isinstance(admitted, BaseException):
                 continue  # a Redis error: stays unadmitted for the next fetch
             self.unadmitted.pop(entry_id, None)
-            if reply is not None:
-                deliveries.append(reply)
-        errors = [r for r in replies if isinstance(r, BaseException)]
+            if admitted is not None:
+                deliveries.append(admitted)
+        errors = [r for r in admissions if isinstance(r, BaseException)]
         if errors and not deliveries:
             raise errors[0]
         return deliveries

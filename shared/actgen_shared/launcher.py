@@ -68,8 +68,16 @@ class GeneratorProcess:
         return self.process.pid if self.process is not None else None
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "actgen_generator", "serve",
-                "--host", self.host, "--port", str(self.port)]
+        args = [
+            sys.executable,
+            "-m",
+            "actgen_generator",
+            "serve",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         if self.model:
             args += ["--model", self.model]
         return args + self.extra_args
@@ -83,7 +91,10 @@ class GeneratorProcess:
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
                 stdin=subprocess.DEVNULL,
             )
         finally:
@@ -107,9 +118,7 @@ class GeneratorProcess:
                     pass
                 time.sleep(0.1)
         self.kill()
-        raise GeneratorStartError(
-            f"generator on {self.url} not ready after {timeout_s}s:\n{self.log_tail()}"
-        )
+        raise GeneratorStartError(f"generator on {self.url} not ready after {timeout_s}s:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

@@ -25,8 +25,12 @@ def class_token_weights(tokenizer, class_name: str, template: str = PROMPT_TEMPL
 
     The positions are found by tokenising, so multi-token names and any template work.
     """
-    ids = tokenizer(template.format(class_name), padding="max_length",
-                    max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = tokenizer(
+        template.format(class_name),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+    ).input_ids
     name_ids = tokenizer(class_name, add_special_tokens=False).input_ids
     n = len(name_ids)
     for start in range(1, len(ids) - n + 1):
@@ -81,25 +85,41 @@ class AttentionRecorder:
         self._count = torch.zeros(batch_size, device=device, dtype=torch.float32)
         self.recording = True
 
-    def expect(self, rows: torch.Tensor, items: torch.Tensor, weights: torch.Tensor) -> None:
-        """The next UNet call: record batch ``rows`` as ``items``, class tokens weighted by ``weights``."""
+    def expect(
+        self, rows: torch.Tensor | None, items: torch.Tensor | None, weights: torch.Tensor | None
+    ) -> None:
+        """The next UNet call: record batch ``rows`` as ``items``, class tokens weighted by ``weights``.
+
+        ``expect(None, None, None)`` records nothing until the next ``expect``.
+        """
         self._rows, self._items, self._weights = rows, items, weights
 
     def add(self, probs: torch.Tensor, heads: int) -> None:
         """Add one layer's attention probabilities, shaped (batch * heads, queries, tokens)."""
-        if self._rows is None or self._rows.numel() == 0:
+        rows, items, weights = self._rows, self._items, self._weights
+        if rows is None or rows.numel() == 0:
             return
-        probs = probs.detach().unflatten(0, (-1, heads))[self._rows]  # (rows, heads, q, k)
-        maps = torch.einsum("rhqk,rk->rq", probs.float(), self._weights) / heads
-        self._sum.index_add_(0, self._items, maps)
-        self._count.index_add_(0, self._items, torch.ones_like(self._items, dtype=torch.float32))
+        if items is None or weights is None:
+            raise RuntimeError("AttentionRecorder.expect named rows without their items and weights")
+        total, count = self._sums()
+        probs = probs.detach().unflatten(0, (-1, heads))[rows]  # (rows, heads, q, k)
+        maps = torch.einsum("rhqk,rk->rq", probs.float(), weights) / heads
+        total.index_add_(0, items, maps)
+        count.index_add_(0, items, torch.ones_like(items, dtype=torch.float32))
 
     def step_maps(self) -> torch.Tensor:
         """This step's class-token map per item, averaged over layers: (batch, h, w)."""
         self.recording = False
         self._rows = None
-        maps = self._sum / self._count.clamp(min=1.0)[:, None]
+        total, count = self._sums()
+        maps = total / count.clamp(min=1.0)[:, None]
         return maps.view(-1, *self.map_hw)
+
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's per-item map sum and layer count; they exist once :meth:`begin_step` ran."""
+        if self._sum is None or self._count is None:
+            raise RuntimeError("AttentionRecorder used before begin_step")
+        return self._sum, self._count
 
 
 class RecordingAttnProcessor:
@@ -109,10 +129,16 @@ class RecordingAttnProcessor:
         self.recorder = recorder
         self.fused = AttnProcessor2_0()
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         if not self.recorder.recording or encoder_hidden_states is None:
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         # The explicit path of diffusers' AttnProcessor, keeping the probabilities.
@@ -124,7 +150,8 @@ class RecordingAttnProcessor:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         batch_size, sequence_length, _ = encoder_hidden_states.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attention_mask is not None:  # diffusers returns None for None, though its hint says Tensor
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
@@ -148,9 +175,12 @@ def install_recorder(unet, target_factor: int = MASK_FACTOR) -> AttentionRecorde
     factor = mask_block_factor(unet, target_factor)
     recorder = AttentionRecorder(factor)
     n_blocks = len(unet.config.block_out_channels)
-    cross = {name for name, module in unet.named_modules()
-             if isinstance(module, Attention) and module.is_cross_attention}
-    processors = {}
+    cross = {
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and module.is_cross_attention
+    }
+    processors: dict[str, RecordingAttnProcessor | AttnProcessor2_0] = {}
     for name in unet.attn_processors:
         module_name = name.removesuffix(".processor")
         if module_name in cross and _block_factor(name, n_blocks) == factor:

@@ -50,7 +50,7 @@ def classifier_ref(weights: bytes, meta: ClassifierMeta) -> str:
 def _hex(ref: str) -> str:
     if not ref.startswith(REF_PREFIX):
         raise ClassifierError("classifier_ref", f"{ref!r} is not of the form sha256:<hex>")
-    return ref[len(REF_PREFIX):]
+    return ref[len(REF_PREFIX) :]
 
 
 def _looks_like_pickle(data: bytes) -> bool:
@@ -174,8 +174,11 @@ class ClassifierStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for ref in refs:
                 hex_ = _hex(ref)
-                for key in (self.keys.classifier(hex_), self.keys.classifier_meta(hex_),
-                            self.keys.classifier_jobs(hex_)):
+                for key in (
+                    self.keys.classifier(hex_),
+                    self.keys.classifier_meta(hex_),
+                    self.keys.classifier_jobs(hex_),
+                ):
                     pipe.expire(key, self.ttl_s)
             await pipe.execute()
 
@@ -233,6 +236,9 @@ class ClassifierCache:
         for param in module.parameters():
             param.requires_grad_(False)
         return Classifier(
-            module=module, input_size=meta.input_size, mean=meta.mean, std=meta.std,
+            module=module,
+            input_size=meta.input_size,
+            mean=meta.mean,
+            std=meta.std,
             ref=ref,
         )

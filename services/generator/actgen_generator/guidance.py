@@ -34,7 +34,7 @@ class PosteriorStep:
     prediction_type: str = "epsilon"
 
     @classmethod
-    def at(cls, scheduler, timestep: int) -> "PosteriorStep":
+    def at(cls, scheduler, timestep: int) -> PosteriorStep:
         """Coefficients of a diffusers DDPMScheduler (after ``set_timesteps``) at ``timestep``."""
         t = int(timestep)
         prev = int(scheduler.previous_timestep(t))
@@ -47,7 +47,9 @@ class PosteriorStep:
         elif variance_type == "fixed_large":
             variance = beta_t
         else:
-            raise ValueError(f"scheduler variance_type {variance_type!r} is not supported (fixed_small, fixed_large)")
+            raise ValueError(
+                f"scheduler variance_type {variance_type!r} is not supported (fixed_small, fixed_large)"
+            )
         return cls(
             alpha_bar=alpha_bar,
             x0_coef=math.sqrt(alpha_bar_prev) * beta_t / (1.0 - alpha_bar),
@@ -82,14 +84,14 @@ def gamma(step: int, strength: torch.Tensor | float) -> torch.Tensor | float:
     return 1.0 / (1.0 + math.exp(step - strength))
 
 
-def image_guidance(x: torch.Tensor, x_guide: torch.Tensor, gamma_k: torch.Tensor,
-                   mask: torch.Tensor | float) -> torch.Tensor:
+def image_guidance(
+    x: torch.Tensor, x_guide: torch.Tensor, gamma_k: torch.Tensor, mask: torch.Tensor | float
+) -> torch.Tensor:
     """Eq. 8: x + m * gamma (x^g - x). gamma_k is per item (batch,); mask (batch, 1, h, w) or 1."""
     return x + mask * gamma_k.view(-1, 1, 1, 1) * (x_guide - x)
 
 
-def fewshot_strength(confidence: float, u: float, L: float = 30.0, k: float = 10.0,
-                     p: float = 5.0) -> float:
+def fewshot_strength(confidence: float, u: float, L: float = 30.0, k: float = 10.0, p: float = 5.0) -> float:
     """Appendix A.3: image guidance strength from the guide's confidence f, L/(1+e^{k(f-u)}) + p."""
     z = k * (confidence - u)
     if z > 700.0:  # exp overflows; the limit is p
@@ -97,8 +99,9 @@ def fewshot_strength(confidence: float, u: float, L: float = 30.0, k: float = 10
     return L / (1.0 + math.exp(z)) + p
 
 
-def contrastive_loss(x0: torch.Tensor, bank: torch.Tensor, valid: torch.Tensor,
-                     margin: float) -> torch.Tensor:
+def contrastive_loss(
+    x0: torch.Tensor, bank: torch.Tensor, valid: torch.Tensor, margin: float
+) -> torch.Tensor:
     """Eq. 9 per item: mean over its bank latents of max(rho - ||x0 - B_i||_2, 0).
 
     ``x0`` (batch, C, h, w); ``bank`` (batch, N, C*h*w) padded per item; ``valid`` (batch, N)
@@ -106,8 +109,11 @@ def contrastive_loss(x0: torch.Tensor, bank: torch.Tensor, valid: torch.Tensor,
     """
     flat = x0.flatten(1).float()
     # ||x - b||^2 = |x|^2 + |b|^2 - 2 x.b, one batched matmul instead of an (N, D) difference.
-    sq = (flat * flat).sum(1, keepdim=True) + (bank * bank).sum(2) \
+    sq = (
+        (flat * flat).sum(1, keepdim=True)
+        + (bank * bank).sum(2)
         - 2.0 * torch.bmm(bank, flat.unsqueeze(2)).squeeze(2)
+    )
     dist = sq.clamp(min=1e-12).sqrt()
     hinge = (margin - dist).clamp(min=0.0) * valid
     return hinge.sum(1) / valid.sum(1).clamp(min=1.0)
@@ -118,8 +124,9 @@ def adversarial_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return -F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-def classifier_input(images: torch.Tensor, size: int, mean: tuple[float, float, float],
-                     std: tuple[float, float, float]) -> torch.Tensor:
+def classifier_input(
+    images: torch.Tensor, size: int, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> torch.Tensor:
     """VAE output in [-1, 1] -> the classifier's input: [0, 1], resized, normalised."""
     x = (images.float() / 2 + 0.5).clamp(0, 1)
     if x.shape[-2:] != (size, size):
@@ -141,8 +148,9 @@ def classifier_size_latents(latents: torch.Tensor, input_size: int, vae_scale_fa
     return F.interpolate(latents, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
-def normalized_update(embeds: torch.Tensor, grad: torch.Tensor, lr: float,
-                      norm: Literal["token", "global"] = "token") -> torch.Tensor:
+def normalized_update(
+    embeds: torch.Tensor, grad: torch.Tensor, lr: float, norm: Literal["token", "global"] = "token"
+) -> torch.Tensor:
     """Eq. 11 per item: e - nu * grad / ||grad||, for embeddings shaped (batch, tokens, D).
 
     ``global`` (the paper's text): the norm over each item's whole embedding, so it moves by nu.

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from actgen_generator.devices import resolve_device
+from actgen_generator.diffusers_classes import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from actgen_generator.tiny_model import (
     SD21_SCHEDULER,
     TINY_MODEL_VERSION,
@@ -27,8 +32,14 @@ from actgen_generator.tiny_model import (
 CACHE_ENV = "ACTGEN_CACHE_DIR"
 TINY_MODEL_ID = f"actgen/{TINY_MODEL_VERSION}"
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 @dataclass
@@ -78,18 +89,21 @@ def _native_size(pipe: StableDiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def _finish(pipe: StableDiffusionPipeline, model_id: str, device: torch.device,
-            dtype: torch.dtype) -> LoadedModel:
+def _finish(
+    pipe: StableDiffusionPipeline, model_id: str, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
     pipe = pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, model_id=model_id, device=device, dtype=dtype,
-                       native_size=_native_size(pipe))
+    return LoadedModel(
+        pipe=pipe, model_id=model_id, device=device, dtype=dtype, native_size=_native_size(pipe)
+    )
 
 
-def load_pipeline(model: str | None = None, device: str | None = None,
-                  dtype: str | None = None) -> LoadedModel:
+def load_pipeline(
+    model: str | None = None, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
     """Load ``model`` (hub id or local diffusers folder; None: the tiny model) for sampling.
 
     The device defaults to CUDA when present, the dtype to float16 there and float32 on the CPU.
@@ -123,29 +137,53 @@ def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dt
     with torch.random.fork_rng(devices=[]), torch.device(dev):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
             use_linear_projection=True,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            sample_size=512, scaling_factor=0.18215,
+            block_out_channels=(128, 256, 512, 512),
+            latent_channels=4,
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=512,
+            scaling_factor=0.18215,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-            projection_dim=512, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
-    for module in (unet, vae, text_encoder):
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=23,
+                num_attention_heads=16,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                projection_dim=512,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    # typed as nn.Module: diffusers' ModelMixin.to is wrapped (functools.wraps), which mypy reads as unbound
+    modules: tuple[torch.nn.Module, ...] = (unet, vae, text_encoder)
+    for module in modules:
         module.to(dtype=dt)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(**SD21_SCHEDULER), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**SD21_SCHEDULER),
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers accepts None; its hint says otherwise
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     return _finish(pipe, f"{SD21_BASE} (architecture, random weights)", dev, dt)

@@ -16,7 +16,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from actgen_generator.attention import (
     PROMPT_TEMPLATE,
@@ -36,6 +35,7 @@ from actgen_generator.contract import (
     item_record,
     latent_shape,
 )
+from actgen_generator.diffusers_classes import DDPMScheduler
 from actgen_generator.guidance import (
     PosteriorStep,
     adversarial_loss,
@@ -65,8 +65,9 @@ AdvDecode = Literal["full", "classifier"]
 ADV_DECODES: tuple[AdvDecode, ...] = ("full", "classifier")
 
 
-def with_banks(items: list[SampleItem], banks: Mapping[int, torch.Tensor],
-               group: str | None = None) -> list[SampleItem]:
+def with_banks(
+    items: list[SampleItem], banks: Mapping[int, torch.Tensor], group: str | None = None
+) -> list[SampleItem]:
     """Give each item its class's latents from one job's memory bank (class id -> (N, C, h, w)).
 
     With ``group``, the items also count in each other's bank (one job's items in one batch).
@@ -120,14 +121,21 @@ class GradientPlan:
     valid: torch.Tensor  # (G, depth) 1 where bank holds a real entry
 
     @classmethod
-    def build(cls, stored: list[torch.Tensor | None], peers: list[torch.Tensor], dim: int,
-              bank_sample: int, device: torch.device, **fields) -> "GradientPlan":
+    def build(
+        cls,
+        stored: list[torch.Tensor | None],
+        peers: list[torch.Tensor],
+        dim: int,
+        bank_sample: int,
+        device: torch.device,
+        **fields,
+    ) -> GradientPlan:
         """Lay out the bank once: row r holds min(n_r, N) stored latents, then its peers."""
         kept = [0 if s is None else min(len(s), bank_sample) for s in stored]
-        depth = max(1, max(k + len(p) for k, p in zip(kept, peers)))
+        depth = max(1, max(k + len(p) for k, p in zip(kept, peers, strict=True)))
         bank = torch.zeros(len(stored), depth, dim, device=device)
         valid = torch.zeros(len(stored), depth, device=device)
-        for r, (s, k, p) in enumerate(zip(stored, kept, peers)):
+        for r, (s, k, p) in enumerate(zip(stored, kept, peers, strict=True)):
             if s is not None and len(s) <= bank_sample:
                 bank[r, :k] = s  # no draw needed: the same entries every step
             valid[r, : k + len(p)] = 1.0
@@ -136,7 +144,7 @@ class GradientPlan:
     def targets(self, x0: torch.Tensor) -> GradientTargets:
         """This step's targets: up to N stored latents (drawn afresh when more), the peers' x0_hat now."""
         flat = x0.detach().flatten(1)
-        for r, (stored, peers, draw) in enumerate(zip(self.stored, self.peers, self.draws)):
+        for r, (stored, peers, draw) in enumerate(zip(self.stored, self.peers, self.draws, strict=True)):
             kept = 0
             if stored is not None:
                 kept = min(len(stored), self.bank_sample)
@@ -146,8 +154,13 @@ class GradientPlan:
             if peers.numel():
                 self.bank[r, kept : kept + len(peers)] = flat[peers]
         return GradientTargets(
-            class_ids=self.class_ids, bank=self.bank, valid=self.valid, adversarial=self.adversarial,
-            margin=self.margin, adv_weight=self.adv_weight, classifier=self.classifier,
+            class_ids=self.class_ids,
+            bank=self.bank,
+            valid=self.valid,
+            adversarial=self.adversarial,
+            margin=self.margin,
+            adv_weight=self.adv_weight,
+            classifier=self.classifier,
         )
 
 
@@ -194,8 +207,9 @@ class _Draw:
 class GuidedSampler:
     """Samples batches with the modes of the paper: random, ig, aig, actgen."""
 
-    def __init__(self, model: LoadedModel, prompt_cache_size: int = 1024,
-                 adv_decode: AdvDecode = "full") -> None:
+    def __init__(
+        self, model: LoadedModel, prompt_cache_size: int = 1024, adv_decode: AdvDecode = "full"
+    ) -> None:
         if adv_decode not in ADV_DECODES:
             raise ValueError(f"unknown adv_decode {adv_decode!r}; use one of {ADV_DECODES}")
         self.model = model
@@ -213,14 +227,17 @@ class GuidedSampler:
         if self.device.type == "cuda":  # graph memory of the gradient steps (only active with grad)
             self.unet.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
-        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # per class name: its embeddings and class-token weights (None for the empty prompt)
+        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
     @property
     def native_size(self) -> int:
         return int(self.model.native_size)
 
     def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
-        return latent_shape(options, self.native_size, int(self.unet.config.in_channels), self.vae_scale_factor)
+        return latent_shape(
+            options, self.native_size, int(self.unet.config.in_channels), self.vae_scale_factor
+        )
 
     # ------------------------------------------------------------------ the step loop
     def __call__(
@@ -279,30 +296,38 @@ class GuidedSampler:
             noise_pred = self.predict_noise(x, t, uncond, cond, token_weights, rows, opts.update_uncond)
             eps = cfg_noise(noise_pred.uncond, noise_pred.cond, opts.guidance_scale)  # eq. 4
             x0 = post.predict_x0(x, eps)  # x0_hat
-            if rows is not None:  # gradient guidance, eq. 9-11
+            if plan is not None and rows is not None:  # gradient guidance, eq. 9-11
                 loss = self.guidance_loss(x0[rows], plan.targets(x0))
                 leaves = noise_pred.leaves
                 grads = torch.autograd.grad(loss.total.sum(), leaves, allow_unused=True)
-                grads = tuple(torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads))
+                grads = tuple(
+                    torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)
+                )
                 # eq. 11: the moved embeddings carry over to every later step
-                cond = cond.index_copy(0, rows, normalized_update(leaves[0].detach(), grads[0], opts.lr,
-                                                                  opts.grad_norm))
+                cond = cond.index_copy(
+                    0, rows, normalized_update(leaves[0].detach(), grads[0], opts.lr, opts.grad_norm)
+                )
                 if len(leaves) > 1:  # the released code moves [uncond, c] together
-                    uncond = uncond.index_copy(0, rows, normalized_update(leaves[1].detach(), grads[1],
-                                                                          opts.lr, opts.grad_norm))
+                    uncond = uncond.index_copy(
+                        0, rows, normalized_update(leaves[1].detach(), grads[1], opts.lr, opts.grad_norm)
+                    )
                 x0 = x0.detach()
                 self._record(records, rows, k, loss, plan.adversarial)
             z = self._randn(noise, shape)  # the same z for both chains
             x_prev = post.step(x0, x, z)  # eq. 5
-            if guided:
+            if guide is not None:  # guided (ig, aig, actgen)
                 x_guide = post.step(guide, x_guide, z)  # eq. 6: x0 := guide latent
                 m: torch.Tensor | float = 1.0  # ig: no mask
                 if masked:
                     step_maps = self.recorder.step_maps()
                     if attention is None:  # the released code's sum starts from ones
-                        attention = torch.zeros_like(step_maps) if opts.normalize_mask else torch.ones_like(step_maps)
+                        attention = (
+                            torch.zeros_like(step_maps) if opts.normalize_mask else torch.ones_like(step_maps)
+                        )
                     attention = attention + step_maps
-                    m = upsample_mask(normalize_mask(attention) if opts.normalize_mask else attention, latent_hw)
+                    m = upsample_mask(
+                        normalize_mask(attention) if opts.normalize_mask else attention, latent_hw
+                    )
                 gamma_k = gamma(k, strength) * guide_on  # eq. 7; plain items: 0
                 x_prev = image_guidance(x_prev, x_guide, gamma_k, m)  # eq. 8
             x = x_prev
@@ -316,9 +341,15 @@ class GuidedSampler:
                 image=images[i],
                 latent=x[i].detach().float().cpu(),
                 record=item_record(
-                    index=i, class_id=item.class_id, class_name=item.class_name,
-                    guide_id=item.guide_id, seed=item.seed, options=opts, draw=draws[i].decided,
-                    native_size=self.native_size, grad_records=records[i],
+                    index=i,
+                    class_id=item.class_id,
+                    class_name=item.class_name,
+                    guide_id=item.guide_id,
+                    seed=item.seed,
+                    options=opts,
+                    draw=draws[i].decided,
+                    native_size=self.native_size,
+                    grad_records=records[i],
                 ),
             )
             for i, item in enumerate(items)
@@ -326,8 +357,14 @@ class GuidedSampler:
 
     # ------------------------------------------------------------------ pieces of a step
     def predict_noise(
-        self, x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor,
-        token_weights: torch.Tensor, grad_rows: torch.Tensor | None = None, update_uncond: bool = False,
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        uncond: torch.Tensor,
+        cond: torch.Tensor,
+        token_weights: torch.Tensor,
+        grad_rows: torch.Tensor | None = None,
+        update_uncond: bool = False,
     ) -> NoisePrediction:
         """eps(x, 0) and eps(x, c) for every item, and the embedding leaves the graph starts from.
 
@@ -358,9 +395,16 @@ class GuidedSampler:
         leaves = (c_leaf,) if u_leaf is None else (c_leaf, u_leaf)
         return NoisePrediction(eps_u, eps_c, leaves)
 
-    def _cfg_rows(self, x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor,
-                  token_weights: torch.Tensor, u_items: torch.Tensor,
-                  c_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cfg_rows(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        uncond: torch.Tensor,
+        cond: torch.Tensor,
+        token_weights: torch.Tensor,
+        u_items: torch.Tensor,
+        c_items: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """eps of the unconditional rows of ``u_items`` and the conditional rows of ``c_items``, one call."""
         nu = len(u_items)
         if nu + len(c_items) == 0:  # every row of this kind runs in the other call
@@ -372,12 +416,20 @@ class GuidedSampler:
         eps = self._unet(sample, t, embeds, record_rows, c_items, token_weights[c_items])
         return eps[:nu], eps[nu:]
 
-    def _unet(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, record_rows: torch.Tensor,
-              record_items: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    def _unet(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        record_rows: torch.Tensor,
+        record_items: torch.Tensor,
+        token_weights: torch.Tensor,
+    ) -> torch.Tensor:
         self.recorder.expect(record_rows, record_items, token_weights)
         try:
-            out = self.unet(sample.to(self.dtype), t, encoder_hidden_states=embeds.to(self.dtype),
-                            return_dict=False)[0]
+            out = self.unet(
+                sample.to(self.dtype), t, encoder_hidden_states=embeds.to(self.dtype), return_dict=False
+            )[0]
         finally:  # a checkpointed re-forward during backward must not record again
             self.recorder.expect(None, None, None)
         return out.float()
@@ -397,8 +449,9 @@ class GuidedSampler:
             logits = clf.module(inputs.to(param.dtype if param is not None else torch.float32))
             adv = adv.index_copy(0, adv_rows, adversarial_loss(logits, targets.class_ids[adv_rows]))  # eq. 10
             prediction = prediction.index_copy(0, adv_rows, logits.argmax(1))
-        return GuidanceLoss(total=contra + targets.adv_weight * adv, contra=contra, adv=adv,
-                            prediction=prediction)
+        return GuidanceLoss(
+            total=contra + targets.adv_weight * adv, contra=contra, adv=adv, prediction=prediction
+        )
 
     def adv_latents(self, x0: torch.Tensor, input_size: int) -> torch.Tensor:
         """What eq. 10's decode gets: x0_hat unscaled, at the classifier's size with adv_decode "classifier".
@@ -426,7 +479,7 @@ class GuidedSampler:
     @torch.no_grad()
     def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
-        batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        batch: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name in {item.class_name for item in items} | {""}:
             entry = self._prompts.get(name)
             if entry is None:
@@ -439,30 +492,45 @@ class GuidedSampler:
         while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per class name seen
             self._prompts.popitem(last=False)
         cond = torch.stack([batch[item.class_name][0] for item in items])
-        weights = torch.stack([batch[item.class_name][1] for item in items]).to(self.device)
+        item_weights: list[torch.Tensor] = []
+        for item in items:
+            class_weights = batch[item.class_name][1]
+            if class_weights is None:  # only the empty name has none: it has no class token
+                raise ValueError(f"class name {item.class_name!r} is not found whole in its tokenised prompt")
+            item_weights.append(class_weights)
+        weights = torch.stack(item_weights).to(self.device)
         uncond = batch[""][0].expand_as(cond)
         return uncond, cond, weights
 
     @torch.no_grad()
-    def _encode_guides(self, items: list[SampleItem], eps: torch.Tensor, height: int,
-                       width: int) -> torch.Tensor:
+    def _encode_guides(
+        self, items: list[SampleItem], eps: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
         """Guide images -> VAE latents (a posterior sample, scaled), resized to the generation size."""
         pixels = []
         for k, item in enumerate(items):
             guide = np.asarray(item.guide)
             if guide.dtype != np.uint8 or guide.ndim != 3 or guide.shape[2] != 3:
-                raise ValueError(f"items[{k}].guide must be a uint8 HxWx3 array, got {guide.dtype} {guide.shape}")
+                raise ValueError(
+                    f"items[{k}].guide must be a uint8 HxWx3 array, got {guide.dtype} {guide.shape}"
+                )
             img = torch.from_numpy(np.ascontiguousarray(guide)).permute(2, 0, 1)[None].float() / 255.0
             if img.shape[-2:] != (height, width):
-                img = F.interpolate(img, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+                img = F.interpolate(
+                    img, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+                )
             pixels.append(img[0])
         batch = (torch.stack(pixels) * 2 - 1).to(self.device, self.dtype)
         dist = self.vae.encode(batch).latent_dist
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
 
     def _gradient_plan(
-        self, items: list[SampleItem], draws: list[_Draw], opts: GenerationOptions,
-        classifier: Classifier | None, shape: tuple[int, ...],
+        self,
+        items: list[SampleItem],
+        draws: list[_Draw],
+        opts: GenerationOptions,
+        classifier: Classifier | None,
+        shape: tuple[int, ...],
     ) -> GradientPlan | None:
         """Which items get gradient guidance, their stored bank and their same-job peers (eq. 9, 10)."""
         if opts.mode is not Mode.actgen or opts.grad_steps == 0:
@@ -471,16 +539,25 @@ class GuidedSampler:
         rows: list[int] = []
         stored: list[torch.Tensor | None] = []
         peers: list[torch.Tensor] = []
-        for i, (item, draw) in enumerate(zip(items, draws)):
+        for i, (item, draw) in enumerate(zip(items, draws, strict=True)):
             if draw.plain:
                 continue
             bank = item.bank if contrastive and item.bank is not None and len(item.bank) else None
             if bank is not None and tuple(bank.shape[1:]) != shape:
-                raise ValueError(f"memory bank of class {item.class_id} holds latents of shape "
-                                 f"{tuple(bank.shape[1:])}, this job generates {shape}")
-            mates = [j for j, (other, d) in enumerate(zip(items, draws))
-                     if contrastive and j != i and not d.plain and item.bank_group is not None
-                     and other.bank_group == item.bank_group and other.class_id == item.class_id]
+                raise ValueError(
+                    f"memory bank of class {item.class_id} holds latents of shape "
+                    f"{tuple(bank.shape[1:])}, this job generates {shape}"
+                )
+            mates = [
+                j
+                for j, (other, d) in enumerate(zip(items, draws, strict=True))
+                if contrastive
+                and j != i
+                and not d.plain
+                and item.bank_group is not None
+                and other.bank_group == item.bank_group
+                and other.class_id == item.class_id
+            ]
             if bank is None and not mates and not draw.adversarial:
                 continue  # L = 0: no graph needed
             rows.append(i)
@@ -492,33 +569,50 @@ class GuidedSampler:
         if bool(adversarial.any()) and classifier is not None:
             classifier.module.to(self.device).eval()
         return GradientPlan.build(
-            stored, peers, dim=int(np.prod(shape)), bank_sample=opts.bank_sample, device=self.device,
+            stored,
+            peers,
+            dim=int(np.prod(shape)),
+            bank_sample=opts.bank_sample,
+            device=self.device,
             rows=torch.tensor(rows, device=self.device),
             class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
-            adversarial=adversarial, draws=[draws[i].decisions for i in rows],
-            margin=opts.contrastive_margin, adv_weight=opts.adv_weight, classifier=classifier,
+            adversarial=adversarial,
+            draws=[draws[i].decisions for i in rows],
+            margin=opts.contrastive_margin,
+            adv_weight=opts.adv_weight,
+            classifier=classifier,
         )
 
     # ------------------------------------------------------------------ outputs
     @staticmethod
-    def _record(records: list[list[GradStepRecord]], rows: torch.Tensor, step: int,
-                loss: GuidanceLoss, adversarial: torch.Tensor) -> None:
+    def _record(
+        records: list[list[GradStepRecord]],
+        rows: torch.Tensor,
+        step: int,
+        loss: GuidanceLoss,
+        adversarial: torch.Tensor,
+    ) -> None:
         contra = loss.contra.detach().tolist()
         adv = loss.adv.detach().tolist()
         pred = loss.prediction.tolist()
         is_adv = adversarial.tolist()
         for r, item in enumerate(rows.tolist()):
-            records[item].append(GradStepRecord(
-                step=step, l_contra=contra[r],
-                l_adv=adv[r] if is_adv[r] else None, prediction=pred[r] if is_adv[r] else None,
-            ))
+            records[item].append(
+                GradStepRecord(
+                    step=step,
+                    l_contra=contra[r],
+                    l_adv=adv[r] if is_adv[r] else None,
+                    prediction=pred[r] if is_adv[r] else None,
+                )
+            )
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor, output_size: int | None) -> list[np.ndarray]:
         images = self.vae.decode((latents / self.scaling_factor).to(self.dtype), return_dict=False)[0].float()
         images = (images / 2 + 0.5).clamp(0, 1)
         if output_size is not None and images.shape[-2:] != (output_size, output_size):
-            images = F.interpolate(images, size=(output_size, output_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
+            images = F.interpolate(
+                images, size=(output_size, output_size), mode="bilinear", align_corners=False, antialias=True
+            )
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return list(pixels)

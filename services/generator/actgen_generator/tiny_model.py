@@ -76,6 +76,7 @@ TINY_VAE = dict(
     scaling_factor=0.18215,
 )
 
+
 class TextConfig(TypedDict):
     """The CLIPTextConfig fields the tiny text encoder sets (the token ids come from the tokenizer)."""
 
@@ -210,8 +211,14 @@ def build_tiny_pipeline(
 
 def tiny_fingerprint(seed: int = 0) -> str:
     """Changes whenever the builder would write other weights: the key of a cached tiny model."""
-    spec = {"version": TINY_MODEL_VERSION, "seed": seed, "unet": TINY_UNET, "vae": TINY_VAE,
-            "text": TINY_TEXT, "scheduler": SD21_SCHEDULER}
+    spec = {
+        "version": TINY_MODEL_VERSION,
+        "seed": seed,
+        "unet": TINY_UNET,
+        "vae": TINY_VAE,
+        "text": TINY_TEXT,
+        "scheduler": SD21_SCHEDULER,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -238,8 +245,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "actgen_tiny.json").write_text(
-            json.dumps({"version": TINY_MODEL_VERSION, "seed": seed,
-                        "fingerprint": tiny_fingerprint(seed)}, indent=2) + "\n"
+            json.dumps(
+                {"version": TINY_MODEL_VERSION, "seed": seed, "fingerprint": tiny_fingerprint(seed)}, indent=2
+            )
+            + "\n"
         )
         if _fingerprint_at(out) == tiny_fingerprint(seed):  # another process just built the same
             shutil.rmtree(tmp)  # model: keep its folder (it may be loading from it right now)

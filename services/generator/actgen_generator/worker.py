@@ -451,7 +451,7 @@ class Worker:
         per_job: dict[str, list[tuple[ItemResult, StoredItem]]] = {}
         for (job, _), result in zip(batch, done, strict=True):
             per_job.setdefault(job.job_id, []).append(result)
-        stores = [(job, per_job[job_id]) for job_id in per_job if (job := self.active.get(job_id))]
+        stores = [(active, per_job[job_id]) for job_id in per_job if (active := self.active.get(job_id))]
         outcomes = await asyncio.gather(
             *(
                 self.consumer.store_items(job.delivery, [s for _, s in results], self.settings.bank_cap)
@@ -461,13 +461,13 @@ class Worker:
         )
         outage: BaseException | None = None
         for (job, results), outcome in zip(stores, outcomes, strict=True):
-            if is_outage(outcome):  # the job stays with its items pending, rerun later
-                outage = outage or outcome
-                continue
-            if isinstance(outcome, RedisError):
-                await self._fail([job.delivery], f"storing results: {type(outcome).__name__}: {outcome}")
-                continue
             if isinstance(outcome, BaseException):
+                if is_outage(outcome):  # the job stays with its items pending, rerun later
+                    outage = outage or outcome
+                    continue
+                if isinstance(outcome, RedisError):
+                    await self._fail([job.delivery], f"storing results: {type(outcome).__name__}: {outcome}")
+                    continue
                 raise outcome
             for record, stored in results:
                 job.records[stored.index] = record

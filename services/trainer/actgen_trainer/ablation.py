@@ -62,14 +62,25 @@ ARMS: dict[str, list[str]] = {
     # the released code's eq. 11 exactly (the token norm on [uncond, c], nu 0.05): too far on this model
     "actgen-nu0.05": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.05"],
     # eq. 11 as the paper's text reads it (the global norm, c alone, nu 0.05)
-    "actgen-global": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.05",
-                      "generation.options.grad_norm=global", "generation.options.update_uncond=false"],
+    "actgen-global": [
+        "generation.mode=actgen",
+        "generation.guidance=both",
+        "generation.options.lr=0.05",
+        "generation.options.grad_norm=global",
+        "generation.options.update_uncond=false",
+    ],
     # the released train.py's schedule: adv_prob 0.5 by mid-training, plain-SD items early on
-    "actgen-authors": ["generation.mode=actgen", "generation.guidance=both",
-                       "generation.adv_schedule=authors"],
+    "actgen-authors": [
+        "generation.mode=actgen",
+        "generation.guidance=both",
+        "generation.adv_schedule=authors",
+    ],
     # our own: actgen, but the budget goes to the lowest-confidence slice images, all distinct
-    "actgen+lowconf": ["generation.mode=actgen", "generation.guidance=both",
-                       "generation.selection=lowest_confidence"],
+    "actgen+lowconf": [
+        "generation.mode=actgen",
+        "generation.guidance=both",
+        "generation.selection=lowest_confidence",
+    ],
 }
 BASELINES = ("real", "random")  # the paired differences of the table
 DEFAULT_CONFIG = "configs/ablation.yaml"
@@ -122,10 +133,17 @@ def _slug(arm: str) -> str:
 
 def cell_config(config: Path, overrides: Sequence[str], arm: str, seed: int, out: Path) -> Config:
     """The config of one cell: base file, the user's overrides, the arm's, then the harness's."""
-    return load_config(config, [
-        *overrides, *ARMS[arm], f"seed={seed}", f"output_dir={out / 'cells'}",
-        f"run_name={_slug(arm)}-seed{seed}", "generation.sync=true",
-    ])
+    return load_config(
+        config,
+        [
+            *overrides,
+            *ARMS[arm],
+            f"seed={seed}",
+            f"output_dir={out / 'cells'}",
+            f"run_name={_slug(arm)}-seed{seed}",
+            "generation.sync=true",
+        ],
+    )
 
 
 def fingerprint(cfg: Config, model: str, threads: int) -> str:
@@ -140,7 +158,9 @@ def fingerprint(cfg: Config, model: str, threads: int) -> str:
     for key in _NOT_FINGERPRINTED_GENERATION:
         tree["generation"].pop(key)
     # the options every job gets, defaults resolved: a changed default makes the cell stale
-    tree["generation_options"] = GenerationOptions.model_validate(cfg.generation.options).model_dump(mode="json")
+    tree["generation_options"] = GenerationOptions.model_validate(cfg.generation.options).model_dump(
+        mode="json"
+    )
     tree["generator_model"] = Path(model).name
     tree["torch_threads"] = threads
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
@@ -165,7 +185,9 @@ class PairedDiff:
     high: float | None
 
 
-def paired_difference(arm: dict[int, float], base: dict[int, float], level: float = 0.95) -> PairedDiff | None:
+def paired_difference(
+    arm: dict[int, float], base: dict[int, float], level: float = 0.95
+) -> PairedDiff | None:
     """Paired by seed: d_s = arm[s] - base[s]; mean(d) +- t_{(1+level)/2, n-1} sd(d) / sqrt(n)."""
     seeds = sorted(set(arm) & set(base))
     if not seeds:
@@ -215,22 +237,31 @@ def diagnostics(trainer: Trainer, reference: ReferenceClassifier) -> dict[str, f
     probs, _ = predict(trainer.model, loader, trainer.device)
     hardness = float(np.mean(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
     faithfulness = float(np.mean(reference.predict(images) == labels))
-    return {"hardness": hardness, "diversity": class_diversity(images, labels),
-            "faithfulness": faithfulness}
+    return {"hardness": hardness, "diversity": class_diversity(images, labels), "faithfulness": faithfulness}
 
 
 def _examples(trainer: Trainer, out: Path, count: int = EXAMPLES_PER_CELL) -> list[dict[str, Any]]:
     """A few guide -> generated pairs spread over the run, as paths relative to ``out``."""
     records = trainer.generated.records
-    picks = sorted({int(i) for i in np.linspace(0, len(records) - 1, min(count, len(records)))}) if records else []
+    picks = (
+        sorted({int(i) for i in np.linspace(0, len(records) - 1, min(count, len(records)))})
+        if records
+        else []
+    )
     pairs = []
     for i in picks:
         r = records[i]
         guide = trainer.run_dir / "guides" / f"{r.guide_id}.png"
         image = trainer.generated.root / r.file
         if guide.exists() and image.exists():
-            pairs.append({"guide": str(guide.relative_to(out)), "generated": str(image.relative_to(out)),
-                          "class_id": r.class_id, "epoch": r.epoch})
+            pairs.append(
+                {
+                    "guide": str(guide.relative_to(out)),
+                    "generated": str(image.relative_to(out)),
+                    "class_id": r.class_id,
+                    "epoch": r.epoch,
+                }
+            )
     return pairs
 
 
@@ -284,8 +315,9 @@ def _store(results: dict[str, Any], cell: CellResult) -> None:
 
 
 # ----------------------------------------------------------------------- one cell
-def run_cell(cfg: Config, arm: str, print_: str, client: Any, reference: ReferenceClassifier,
-             out: Path) -> CellResult:
+def run_cell(
+    cfg: Config, arm: str, print_: str, client: Any, reference: ReferenceClassifier, out: Path
+) -> CellResult:
     """Run one cell from scratch (its folder is wiped first) and measure it."""
     if cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir)  # a half-finished cell is redone, never continued
@@ -295,13 +327,18 @@ def run_cell(cfg: Config, arm: str, print_: str, client: Any, reference: Referen
     summary = trainer.run()
     diag = diagnostics(trainer, reference)
     return CellResult(
-        arm=arm, seed=cfg.seed, fingerprint=print_, test_acc=summary.test_acc,
+        arm=arm,
+        seed=cfg.seed,
+        fingerprint=print_,
+        test_acc=summary.test_acc,
         images_generated=summary.images_generated,
         images_asked=int(sum(row.get("posted", 0) for row in trainer.state.metrics)),
         seconds=round(time.perf_counter() - started, 2),
         seconds_training=round(summary.seconds_training, 2),
         seconds_waiting=round(summary.seconds_waiting, 2),
-        run_dir=str(cfg.run_dir.relative_to(out)), examples=_examples(trainer, out), **diag,
+        run_dir=str(cfg.run_dir.relative_to(out)),
+        examples=_examples(trainer, out),
+        **diag,
     )
 
 
@@ -345,13 +382,23 @@ def run_ablation(
         print_ = fingerprint(cfg, model, threads)
         (skipped if _finished(results, arm, seed, print_) else todo).append((arm, seed, cfg, print_))
     results["setup"] = {
-        "config": _shown(config), "overrides": list(overrides), "model": _shown(Path(model)), "arms": dict(ARMS),
-        "torch_threads": threads, "cpus": os.cpu_count(), "torch": torch.__version__,
+        "config": _shown(config),
+        "overrides": list(overrides),
+        "model": _shown(Path(model)),
+        "arms": dict(ARMS),
+        "torch_threads": threads,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
     }
-    log(f"[ablation] {len(grid)} cells ({len(arms)} arms x {len(seed_list)} seeds): {len(todo)} to run, "
-        f"{len(skipped)} already in {out / RESULTS_NAME}")
+    log(
+        f"[ablation] {len(grid)} cells ({len(arms)} arms x {len(seed_list)} seeds): {len(todo)} to run, "
+        f"{len(skipped)} already in {out / RESULTS_NAME}"
+    )
     reference = ReferenceClassifier(grid[0][2].data.image_size)
-    results["reference"] = {"test_accuracy": reference.test_accuracy, "real_diversity": reference.real_diversity}
+    results["reference"] = {
+        "test_accuracy": reference.test_accuracy,
+        "real_diversity": reference.real_diversity,
+    }
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -363,13 +410,21 @@ def run_ablation(
     current = current_cells(results, config, overrides, model, threads, out)
     write_table(out, current, results)
     write_page(out, current, results)
-    return AblationRun(out=out, ran=ran, skipped=[(a, s) for a, s, _, _ in skipped],
-                       seconds=time.perf_counter() - started)
+    return AblationRun(
+        out=out, ran=ran, skipped=[(a, s) for a, s, _, _ in skipped], seconds=time.perf_counter() - started
+    )
 
 
-def _run_cells(todo: list[tuple[str, int, Config, str]], results: dict[str, Any],
-               reference: ReferenceClassifier, out: Path, model: str, threads: int, progress: bool,
-               log: Callable[[str], None]) -> list[tuple[str, int]]:
+def _run_cells(
+    todo: list[tuple[str, int, Config, str]],
+    results: dict[str, Any],
+    reference: ReferenceClassifier,
+    out: Path,
+    model: str,
+    threads: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[tuple[str, int]]:
     """The cells one after another, results.json saved after each; servers only if one generates."""
     from tqdm.auto import tqdm
 
@@ -382,14 +437,17 @@ def _run_cells(todo: list[tuple[str, int, Config, str]], results: dict[str, Any]
             if client is None and cfg.generation.mode is not TrainMode.real:
                 client, url = _start_generator(stack, out, model, threads, bar.write if progress else log)
             if url is not None:
-                cfg = cfg.model_copy(update={"generation": cfg.generation.model_copy(
-                    update={"generator_url": url})})
+                cfg = cfg.model_copy(
+                    update={"generation": cfg.generation.model_copy(update={"generator_url": url})}
+                )
             cell = run_cell(cfg, arm, print_, client, reference, out)
             _store(results, cell)
             save_results(out, results)
             ran.append((arm, seed))
-            message = (f"[ablation] {arm} seed {seed}: test {cell.test_acc:.2%} | "
-                       f"{cell.images_generated} images | {cell.seconds:.0f} s")
+            message = (
+                f"[ablation] {arm} seed {seed}: test {cell.test_acc:.2%} | "
+                f"{cell.images_generated} images | {cell.seconds:.0f} s"
+            )
             if progress:
                 bar.write(message)  # above the bar, not through it
             else:
@@ -398,26 +456,34 @@ def _run_cells(todo: list[tuple[str, int, Config, str]], results: dict[str, Any]
     return ran
 
 
-def _start_generator(stack: ExitStack, out: Path, model: str, threads: int,
-                     log: Callable[[str], None]) -> tuple[Any, str]:
+def _start_generator(
+    stack: ExitStack, out: Path, model: str, threads: int, log: Callable[[str], None]
+) -> tuple[Any, str]:
     """One private redis-server and one generator replica for all the cells that follow."""
     from actgen_shared.client import GeneratorClient
     from actgen_shared.launcher import GeneratorProcess
     from actgen_shared.redis_embedded import EmbeddedRedis
 
     redis_server = stack.enter_context(EmbeddedRedis())
-    log(f"[ablation] redis at {redis_server.url}; starting a generator with {model} "
-        f"(log: {out / 'generator.log'}) ...")
-    generator = stack.enter_context(GeneratorProcess(
-        redis_url=redis_server.url, model=model, log_path=out / "generator.log",
-        env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-    ))
+    log(
+        f"[ablation] redis at {redis_server.url}; starting a generator with {model} "
+        f"(log: {out / 'generator.log'}) ..."
+    )
+    generator = stack.enter_context(
+        GeneratorProcess(
+            redis_url=redis_server.url,
+            model=model,
+            log_path=out / "generator.log",
+            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+        )
+    )
     client = stack.enter_context(GeneratorClient(generator.url, timeout_s=120))
     return client, generator.url
 
 
-def current_cells(results: dict[str, Any], config: Path, overrides: Sequence[str], model: str,
-                  threads: int, out: Path) -> list[dict[str, Any]]:
+def current_cells(
+    results: dict[str, Any], config: Path, overrides: Sequence[str], model: str, threads: int, out: Path
+) -> list[dict[str, Any]]:
     """The cells of results.json that match the present config of their arm (known arms only)."""
     kept, prints = [], {}
     for cell in results["cells"]:
@@ -463,15 +529,23 @@ def summarize(cells: list[dict[str, Any]]) -> list[ArmSummary]:
     rows = []
     for arm, seeds in by_arm.items():
         mean, std = mean_std(list(acc[arm].values()))
-        rows.append(ArmSummary(
-            arm=arm, seeds=sorted(seeds), acc_mean=mean, acc_std=std,
-            images=float(np.mean([c["images_generated"] for c in seeds.values()])),
-            seconds=float(np.mean([c["seconds"] for c in seeds.values()])),
-            vs={b: paired_difference(acc[arm], acc[b]) if b in acc and b != arm else None for b in BASELINES},
-            hardness=_mean_or_none(c["hardness"] for c in seeds.values()),
-            diversity=_mean_or_none(c["diversity"] for c in seeds.values()),
-            faithfulness=_mean_or_none(c["faithfulness"] for c in seeds.values()),
-        ))
+        rows.append(
+            ArmSummary(
+                arm=arm,
+                seeds=sorted(seeds),
+                acc_mean=mean,
+                acc_std=std,
+                images=float(np.mean([c["images_generated"] for c in seeds.values()])),
+                seconds=float(np.mean([c["seconds"] for c in seeds.values()])),
+                vs={
+                    b: paired_difference(acc[arm], acc[b]) if b in acc and b != arm else None
+                    for b in BASELINES
+                },
+                hardness=_mean_or_none(c["hardness"] for c in seeds.values()),
+                diversity=_mean_or_none(c["diversity"] for c in seeds.values()),
+                faithfulness=_mean_or_none(c["faithfulness"] for c in seeds.values()),
+            )
+        )
     return rows
 
 
@@ -490,11 +564,33 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
 
 def table_rows(rows: list[ArmSummary]) -> tuple[list[str], list[list[str]]]:
     """The table's header and cells, shared by table.md and index.html."""
-    header = ["arm", "seeds", "test accuracy % (mean ± std)", "Δ vs real, pp [95 % CI]",
-              "Δ vs random, pp [95 % CI]", "images", "s / cell", "hardness", "diversity", "faithfulness"]
-    body = [[r.arm, str(len(r.seeds)), f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}",
-             _pp(r.vs["real"]), _pp(r.vs["random"]), f"{r.images:.0f}", f"{r.seconds:.0f}",
-             _num(r.hardness), _num(r.diversity), _num(r.faithfulness, ".2f")] for r in rows]
+    header = [
+        "arm",
+        "seeds",
+        "test accuracy % (mean ± std)",
+        "Δ vs real, pp [95 % CI]",
+        "Δ vs random, pp [95 % CI]",
+        "images",
+        "s / cell",
+        "hardness",
+        "diversity",
+        "faithfulness",
+    ]
+    body = [
+        [
+            r.arm,
+            str(len(r.seeds)),
+            f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}",
+            _pp(r.vs["real"]),
+            _pp(r.vs["random"]),
+            f"{r.images:.0f}",
+            f"{r.seconds:.0f}",
+            _num(r.hardness),
+            _num(r.diversity),
+            _num(r.faithfulness, ".2f"),
+        ]
+        for r in rows
+    ]
     return header, body
 
 
@@ -502,22 +598,34 @@ def _setup_line(results: dict[str, Any], cells: list[dict[str, Any]]) -> str:
     setup, ref = results.get("setup", {}), results.get("reference", {})
     total = sum(c["seconds"] for c in cells)
     given = "".join(f" `--set {o}`" for o in setup.get("overrides", []))
-    return (f"Config `{setup.get('config')}`{given}; generator `{setup.get('model')}`; {setup.get('cpus')} CPUs, {setup.get('torch_threads')} torch "
-            f"thread(s) per process, torch {setup.get('torch')}; {len(cells)} cells, {total / 60:.1f} min of "
-            f"cell time. Reference classifier: {ref.get('test_accuracy', math.nan):.3f} on the real test "
-            f"split; real same-class diversity {_num(ref.get('real_diversity'))}.")
+    return (
+        f"Config `{setup.get('config')}`{given}; generator `{setup.get('model')}`; {setup.get('cpus')} CPUs, {setup.get('torch_threads')} torch "
+        f"thread(s) per process, torch {setup.get('torch')}; {len(cells)} cells, {total / 60:.1f} min of "
+        f"cell time. Reference classifier: {ref.get('test_accuracy', math.nan):.3f} on the real test "
+        f"split; real same-class diversity {_num(ref.get('real_diversity'))}."
+    )
 
 
 def write_table(out: Path, cells: list[dict[str, Any]], results: dict[str, Any]) -> Path:
     """OUT/table.md: mean ± std per arm and paired differences (by seed) against real and random."""
     header, body = table_rows(summarize(cells))
-    lines = ["# Ablation on the digits (low data)", "", _setup_line(results, cells), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        "# Ablation on the digits (low data)",
+        "",
+        _setup_line(results, cells),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines += ["", "Δ: mean over seeds of (arm - baseline) test accuracy, paired by seed, with a 95 % "
-              "t-interval. hardness: the final classifier's mean cross-entropy on the arm's generated "
-              "images; diversity: mean pairwise RMS pixel distance between generated images of one class; "
-              "faithfulness: share of generated images the reference classifier reads as their class.", ""]
+    lines += [
+        "",
+        "Δ: mean over seeds of (arm - baseline) test accuracy, paired by seed, with a 95 % "
+        "t-interval. hardness: the final classifier's mean cross-entropy on the arm's generated "
+        "images; diversity: mean pairwise RMS pixel distance between generated images of one class; "
+        "faithfulness: share of generated images the reference classifier reads as their class.",
+        "",
+    ]
     path = out / TABLE_NAME
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -539,32 +647,46 @@ def bar_chart_svg(rows: list[ArmSummary], width: int = 760, height: int = 330) -
     def y(value: float) -> float:
         return top + plot_h * (1 - (min(max(value, y0), y1) - y0) / (y1 - y0))
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="11">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="11">'
+    ]
     step = 1 if y1 - y0 <= 10 else 2 if y1 - y0 <= 20 else 5 if y1 - y0 <= 50 else 10
     tick = y0
     while tick <= y1 + 1e-9:
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
-                     f'stroke="#e5e5e5"/><text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
+            f'stroke="#e5e5e5"/><text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>'
+        )
         tick += step
-    parts.append(f'<text x="12" y="{top + plot_h / 2:.0f}" transform="rotate(-90 12 {top + plot_h / 2:.0f})" '
-                 f'text-anchor="middle">test accuracy % (axis from {y0:g})</text>')
+    parts.append(
+        f'<text x="12" y="{top + plot_h / 2:.0f}" transform="rotate(-90 12 {top + plot_h / 2:.0f})" '
+        f'text-anchor="middle">test accuracy % (axis from {y0:g})</text>'
+    )
     for i, r in enumerate(rows):
         cx = left + slot * (i + 0.5)
         bw = slot * 0.6
         colour = "#888" if r.arm in BASELINES or r.arm == "focal" else "#3b7dd8"
         mean = 100 * r.acc_mean
-        parts.append(f'<rect x="{cx - bw / 2:.1f}" y="{y(mean):.1f}" width="{bw:.1f}" '
-                     f'height="{top + plot_h - y(mean):.1f}" fill="{colour}"><title>{html.escape(r.arm)}: '
-                     f'{mean:.2f} ± {100 * r.acc_std:.2f} % ({len(r.seeds)} seeds)</title></rect>')
+        parts.append(
+            f'<rect x="{cx - bw / 2:.1f}" y="{y(mean):.1f}" width="{bw:.1f}" '
+            f'height="{top + plot_h - y(mean):.1f}" fill="{colour}"><title>{html.escape(r.arm)}: '
+            f"{mean:.2f} ± {100 * r.acc_std:.2f} % ({len(r.seeds)} seeds)</title></rect>"
+        )
         lo, hi = y(100 * (r.acc_mean - r.acc_std)), y(100 * (r.acc_mean + r.acc_std))
-        parts.append(f'<path d="M{cx:.1f} {lo:.1f}V{hi:.1f}M{cx - 6:.1f} {lo:.1f}h12M{cx - 6:.1f} {hi:.1f}h12" '
-                     f'stroke="#222" fill="none"/>')
+        parts.append(
+            f'<path d="M{cx:.1f} {lo:.1f}V{hi:.1f}M{cx - 6:.1f} {lo:.1f}h12M{cx - 6:.1f} {hi:.1f}h12" '
+            f'stroke="#222" fill="none"/>'
+        )
         parts.append(f'<text x="{cx:.1f}" y="{hi - 4:.1f}" text-anchor="middle">{mean:.1f}</text>')
         base = top + plot_h + 12
-        parts.append(f'<text x="{cx:.1f}" y="{base}" text-anchor="end" '
-                     f'transform="rotate(-35 {cx:.1f} {base})">{html.escape(r.arm)}</text>')
-    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#222"/>')
+        parts.append(
+            f'<text x="{cx:.1f}" y="{base}" text-anchor="end" '
+            f'transform="rotate(-35 {cx:.1f} {base})">{html.escape(r.arm)}</text>'
+        )
+    parts.append(
+        f'<line x1="{left}" x2="{width - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#222"/>'
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -577,9 +699,11 @@ def _thumbnails(out: Path, cells: list[dict[str, Any]]) -> str:
     for pair in cells[0]["examples"]:
         guide, image = out / pair["guide"], out / pair["generated"]
         if guide.exists() and image.exists():
-            figures.append(f'<figure><img src="{_data_uri(guide.read_bytes())}" alt="guide"><span>&rarr;</span>'
-                           f'<img src="{_data_uri(image.read_bytes())}" alt="generated">'
-                           f'<figcaption>{pair["class_id"]} &middot; epoch {pair["epoch"]}</figcaption></figure>')
+            figures.append(
+                f'<figure><img src="{_data_uri(guide.read_bytes())}" alt="guide"><span>&rarr;</span>'
+                f'<img src="{_data_uri(image.read_bytes())}" alt="generated">'
+                f"<figcaption>{pair['class_id']} &middot; epoch {pair['epoch']}</figcaption></figure>"
+            )
     return f'<p>seed {cells[0]["seed"]}</p><div class="gallery">{"".join(figures)}</div>'
 
 
@@ -587,26 +711,39 @@ def write_page(out: Path, cells: list[dict[str, Any]], results: dict[str, Any]) 
     """OUT/index.html, self-contained: the bar chart, the table, per-arm diagnostics and thumbnails."""
     rows = summarize(cells)
     header, body = table_rows(rows)
-    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in body)
-             + "</table>")
-    sections = ["<h1>Ablation on the digits (low data)</h1>", f"<p>{html.escape(_setup_line(results, cells))}</p>",
-                "<h2>Mean test accuracy ± std over seeds</h2>", bar_chart_svg(rows),
-                "<h2>Per arm</h2>", table,
-                "<p>Δ: paired by seed, 95 % t-interval, percentage points. hardness: the final classifier's "
-                "mean cross-entropy on the arm's generated images; diversity: mean pairwise RMS pixel distance "
-                "between generated images of one class; faithfulness: share read as their class by the "
-                "reference classifier (RBF SVM on 8x8 grey levels of the real training split).</p>"]
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in body)
+        + "</table>"
+    )
+    sections = [
+        "<h1>Ablation on the digits (low data)</h1>",
+        f"<p>{html.escape(_setup_line(results, cells))}</p>",
+        "<h2>Mean test accuracy ± std over seeds</h2>",
+        bar_chart_svg(rows),
+        "<h2>Per arm</h2>",
+        table,
+        "<p>Δ: paired by seed, 95 % t-interval, percentage points. hardness: the final classifier's "
+        "mean cross-entropy on the arm's generated images; diversity: mean pairwise RMS pixel distance "
+        "between generated images of one class; faithfulness: share read as their class by the "
+        "reference classifier (RBF SVM on 8x8 grey levels of the real training split).</p>",
+    ]
     for r in rows:
         arm_cells = [c for c in cells if c["arm"] == r.arm]
         per_seed = ", ".join(f"{c['seed']}: {100 * c['test_acc']:.1f}" for c in arm_cells)
-        sections.append(f"<h2>{html.escape(r.arm)}</h2><p><code>{html.escape(' '.join(ARMS[r.arm]))}</code>"
-                        f"<br>test accuracy by seed: {html.escape(per_seed)}<br>hardness {_num(r.hardness)}, "
-                        f"diversity {_num(r.diversity)}, faithfulness {_num(r.faithfulness, '.2f')}</p>")
+        sections.append(
+            f"<h2>{html.escape(r.arm)}</h2><p><code>{html.escape(' '.join(ARMS[r.arm]))}</code>"
+            f"<br>test accuracy by seed: {html.escape(per_seed)}<br>hardness {_num(r.hardness)}, "
+            f"diversity {_num(r.diversity)}, faithfulness {_num(r.faithfulness, '.2f')}</p>"
+        )
         if any(c["images_generated"] for c in arm_cells):
             sections.append(_thumbnails(out, arm_cells))
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>ActGen ablation</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ActGen ablation</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    )
     path = out / PAGE_NAME
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -1,5 +1,7 @@
 """``actgen-trainer``: train a classifier with ActGen, or rebuild a run's report.
 
+Usage::
+
     actgen-trainer train --config FILE [--set key=value ...] [--resume] [--sync] [--generator-url URL]
     actgen-trainer report RUN_DIR
     actgen-trainer ablate [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
@@ -26,15 +28,27 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a classifier (Algorithm 1)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, dotted keys: --set train.epochs=10")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, dotted keys: --set train.epochs=10",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     train.add_argument("--sync", action="store_true", help="wait for every job (the paper's code)")
-    train.add_argument("--generator-url", default=os.environ.get(GENERATOR_URL_ENV) or None,
-                       help=f"generator API base URL (else ${GENERATOR_URL_ENV}, else "
-                            "generation.generator_url)")
-    train.add_argument("--stop-after-epoch", type=int, default=None,
-                       help="stop cleanly after this epoch (0-based); --resume continues")
+    train.add_argument(
+        "--generator-url",
+        default=os.environ.get(GENERATOR_URL_ENV) or None,
+        help=f"generator API base URL (else ${GENERATOR_URL_ENV}, else generation.generator_url)",
+    )
+    train.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        default=None,
+        help="stop cleanly after this epoch (0-based); --resume continues",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     report = sub.add_parser("report", help="(re)build RUN_DIR/report.html")
@@ -43,22 +57,46 @@ def _parser() -> argparse.ArgumentParser:
     from actgen_trainer import ablation
 
     ablate = sub.add_parser(
-        "ablate", help="the ablation: every arm x seed on the low-data digits (resumable)",
+        "ablate",
+        help="the ablation: every arm x seed on the low-data digits (resumable)",
         description="Runs every arm x seed cell not yet in OUT/results.json through the trainer, with one "
-                    "private redis-server and one generator, and writes OUT/results.json, OUT/table.md "
-                    f"and OUT/index.html. Arms: {', '.join(ablation.ARMS)}.")
-    ablate.add_argument("--config", default=ablation.DEFAULT_CONFIG,
-                        help=f"base trainer config (default {ablation.DEFAULT_CONFIG})")
+        "private redis-server and one generator, and writes OUT/results.json, OUT/table.md "
+        f"and OUT/index.html. Arms: {', '.join(ablation.ARMS)}.",
+    )
+    ablate.add_argument(
+        "--config",
+        default=ablation.DEFAULT_CONFIG,
+        help=f"base trainer config (default {ablation.DEFAULT_CONFIG})",
+    )
     ablate.add_argument("--arms", help="comma-separated arm names (default: all)")
-    ablate.add_argument("--seeds", type=int, default=ablation.DEFAULT_SEEDS,
-                        help=f"seeds 0..N-1 per arm (default {ablation.DEFAULT_SEEDS})")
-    ablate.add_argument("--out", default=ablation.DEFAULT_OUT, help=f"output folder (default {ablation.DEFAULT_OUT})")
-    ablate.add_argument("--model", default=ablation.DEFAULT_MODEL,
-                        help=f"generator model folder (default {ablation.DEFAULT_MODEL})")
-    ablate.add_argument("--threads", type=int, default=ablation.DEFAULT_THREADS,
-                        help="torch threads of the trainer and of the generator (they take turns: sync)")
-    ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base config value for every arm")
+    ablate.add_argument(
+        "--seeds",
+        type=int,
+        default=ablation.DEFAULT_SEEDS,
+        help=f"seeds 0..N-1 per arm (default {ablation.DEFAULT_SEEDS})",
+    )
+    ablate.add_argument(
+        "--out", default=ablation.DEFAULT_OUT, help=f"output folder (default {ablation.DEFAULT_OUT})"
+    )
+    ablate.add_argument(
+        "--model",
+        default=ablation.DEFAULT_MODEL,
+        help=f"generator model folder (default {ablation.DEFAULT_MODEL})",
+    )
+    ablate.add_argument(
+        "--threads",
+        type=int,
+        default=ablation.DEFAULT_THREADS,
+        help="torch threads of the trainer and of the generator (they take turns: sync)",
+    )
+    ablate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config value for every arm",
+    )
     ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -83,8 +121,13 @@ def _train(args: argparse.Namespace) -> int:
             timeout_s=cfg.generation.request_timeout_s,
         )
     try:
-        trainer = Trainer(cfg, client=client, resume=args.resume, progress=not args.no_progress,
-                          stop_after_epoch=args.stop_after_epoch)
+        trainer = Trainer(
+            cfg,
+            client=client,
+            resume=args.resume,
+            progress=not args.no_progress,
+            stop_after_epoch=args.stop_after_epoch,
+        )
         summary = trainer.run()
     finally:
         if client is not None:
@@ -105,11 +148,19 @@ def _ablate(args: argparse.Namespace) -> int:
     for name in ("actgen_trainer", "httpx"):  # per-epoch and per-request lines: the bar says enough
         logging.getLogger(name).setLevel(logging.WARNING)
     done = ablation.run_ablation(
-        config=args.config, arms=arms, seeds=args.seeds, out=args.out, overrides=args.overrides,
-        model=args.model, threads=args.threads, progress=not args.no_progress,
+        config=args.config,
+        arms=arms,
+        seeds=args.seeds,
+        out=args.out,
+        overrides=args.overrides,
+        model=args.model,
+        threads=args.threads,
+        progress=not args.no_progress,
     )
-    print(f"[ablation] {len(done.ran)} cells run, {len(done.skipped)} skipped (already done) | "
-          f"{done.out / ablation.TABLE_NAME} | {done.out / ablation.PAGE_NAME} | wall {done.seconds:.0f}s")
+    print(
+        f"[ablation] {len(done.ran)} cells run, {len(done.skipped)} skipped (already done) | "
+        f"{done.out / ablation.TABLE_NAME} | {done.out / ablation.PAGE_NAME} | wall {done.seconds:.0f}s"
+    )
     return 0
 
 
@@ -125,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"report: {write_report(args.run_dir)}")
         return 0
-    except (ConfigError, DataError, CheckpointError, GeneratorUnavailable, FileExistsError,
-            FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        GeneratorUnavailable,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
         print(f"actgen-trainer: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

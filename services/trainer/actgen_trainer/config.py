@@ -93,17 +93,25 @@ class DataConfig(_Section):
         description="augment=imagenet: probability of timm's random erasing",
     )
     mixup_alpha: float = Field(
-        0.0, ge=0, description="Beta(alpha, alpha) of timm's Mixup; 0: off (Table 5's ViT-S/16: 0.2)",
+        0.0,
+        ge=0,
+        description="Beta(alpha, alpha) of timm's Mixup; 0: off (Table 5's ViT-S/16: 0.2)",
     )
     cutmix_alpha: float = Field(
-        0.0, ge=0, description="Beta(alpha, alpha) of timm's CutMix; 0: off (Table 5's ViT-S/16: 1.0)",
+        0.0,
+        ge=0,
+        description="Beta(alpha, alpha) of timm's CutMix; 0: off (Table 5's ViT-S/16: 1.0)",
     )
     mix_prob: float = Field(1.0, ge=0, le=1, description="chance a batch (or element) is mixed at all")
     mix_switch_prob: float = Field(
-        0.5, ge=0, le=1, description="both on: chance of CutMix rather than Mixup for a batch",
+        0.5,
+        ge=0,
+        le=1,
+        description="both on: chance of CutMix rather than Mixup for a batch",
     )
     mix_mode: Literal["batch", "pair", "elem"] = Field(
-        "batch", description="one lambda per batch, per pair or per element (timm's modes)",
+        "batch",
+        description="one lambda per batch, per pair or per element (timm's modes)",
     )
     num_workers: int = Field(0, ge=0)
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
@@ -246,7 +254,9 @@ class TrackingConfig(_Section):
         False, description="log metrics, config, report and sample images to MLflow (the [mlflow] extra)"
     )
     mlflow_uri: str | None = Field(
-        None, min_length=1, description="tracking server or store URI; null: a file store in run_dir/mlruns",
+        None,
+        min_length=1,
+        description="tracking server or store URI; null: a file store in run_dir/mlruns",
     )
     mlflow_experiment: str = Field("actgen", min_length=1, description="MLflow experiment name")
     mlflow_samples: int = Field(8, ge=0, description="generated images logged as artifacts at the end")

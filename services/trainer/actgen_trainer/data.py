@@ -47,7 +47,9 @@ class ImageSource(Protocol):
 class ArrayImages:
     """Images held in memory as a uint8 N x H x W x 3 array (digits, CIFAR)."""
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int] | np.ndarray, classes: Sequence[str]) -> None:
+    def __init__(
+        self, images: np.ndarray, targets: Sequence[int] | np.ndarray, classes: Sequence[str]
+    ) -> None:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise DataError(f"ArrayImages wants uint8 N x H x W x 3, got {images.dtype} {images.shape}")
         self.images = images
@@ -91,8 +93,10 @@ class FolderImages:
 def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
     """scikit-learn's 8x8 digits, upscaled to RGB ``image_size`` squares: (train, test)."""
     split = load_digits_split(image_size)
-    return (ArrayImages(split.train_images, split.train_labels, DIGITS),
-            ArrayImages(split.test_images, split.test_labels, DIGITS))
+    return (
+        ArrayImages(split.train_images, split.train_labels, DIGITS),
+        ArrayImages(split.test_images, split.test_labels, DIGITS),
+    )
 
 
 def _cifar(cfg: DataConfig, hundred: bool) -> tuple[ArrayImages, ArrayImages]:
@@ -162,8 +166,13 @@ def transforms_for(cfg: DataConfig, train: bool):  # -> torchvision transform
         from timm.data import create_transform
 
         return create_transform(
-            size, is_training=True, auto_augment=cfg.randaugment, re_prob=cfg.random_erasing,
-            interpolation="bicubic", mean=tuple(cfg.mean), std=tuple(cfg.std),
+            size,
+            is_training=True,
+            auto_augment=cfg.randaugment,
+            re_prob=cfg.random_erasing,
+            interpolation="bicubic",
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
         )
     ops: list = []
     if cfg.augment == "imagenet":
@@ -273,7 +282,9 @@ class GeneratedSet(Dataset):
         if stream_id in self._ids:
             return None
         if not 0 <= class_id < len(self.classes):
-            raise DataError(f"generated item {stream_id} has class {class_id} outside 0..{len(self.classes) - 1}")
+            raise DataError(
+                f"generated item {stream_id} has class {class_id} outside 0..{len(self.classes) - 1}"
+            )
         pil = Image.fromarray(image).convert("RGB")
         if pil.size != (self.image_size, self.image_size):
             pil = pil.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
@@ -283,8 +294,14 @@ class GeneratedSet(Dataset):
         tmp.write_bytes(data)
         os.replace(tmp, self.root / name)
         record = GeneratedRecord(
-            id=stream_id, job_id=job_id, index=index, epoch=epoch, class_id=class_id,
-            guide_id=guide_id, file=name, sha256=hashlib.sha256(data).hexdigest(),
+            id=stream_id,
+            job_id=job_id,
+            index=index,
+            epoch=epoch,
+            class_id=class_id,
+            guide_id=guide_id,
+            file=name,
+            sha256=hashlib.sha256(data).hexdigest(),
             folded_before_epoch=folded_before_epoch,
         )
         with open(self.root / self.INDEX, "a", encoding="utf-8") as fh:

@@ -39,8 +39,7 @@ def _config_path(given: str | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m actgen_trainer.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help=f"config file (default {DEMO_CONFIG})")
-    parser.add_argument("--model", help=f"generator model (default {DEMO_MODEL}; 'tiny' for random "
-                        "weights)")
+    parser.add_argument("--model", help=f"generator model (default {DEMO_MODEL}; 'tiny' for random weights)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -54,17 +53,25 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[demo] starting a private redis-server ...", flush=True)
     with EmbeddedRedis() as redis_server:
-        print(f"[demo] redis at {redis_server.url}; starting a generator with {model or 'the tiny model'} "
-              f"(log: {cfg.run_dir / 'generator.log'}) ...", flush=True)
-        with GeneratorProcess(redis_url=redis_server.url, model=model,
-                              log_path=cfg.run_dir / "generator.log") as gen:
-            print(f"[demo] generator ready at {gen.url} after {time.perf_counter() - started:.0f}s; "
-                  f"training {cfg.train.epochs} epochs ({cfg.generation.mode.value} mode, "
-                  f"{cfg.generation.images_per_epoch} hard samples per epoch in the first "
-                  f"{cfg.generation_epochs})", flush=True)
+        print(
+            f"[demo] redis at {redis_server.url}; starting a generator with {model or 'the tiny model'} "
+            f"(log: {cfg.run_dir / 'generator.log'}) ...",
+            flush=True,
+        )
+        with GeneratorProcess(
+            redis_url=redis_server.url, model=model, log_path=cfg.run_dir / "generator.log"
+        ) as gen:
+            print(
+                f"[demo] generator ready at {gen.url} after {time.perf_counter() - started:.0f}s; "
+                f"training {cfg.train.epochs} epochs ({cfg.generation.mode.value} mode, "
+                f"{cfg.generation.images_per_epoch} hard samples per epoch in the first "
+                f"{cfg.generation_epochs})",
+                flush=True,
+            )
             with GeneratorClient(gen.url, timeout_s=cfg.generation.request_timeout_s) as client:
-                cfg = cfg.model_copy(update={"generation": cfg.generation.model_copy(
-                    update={"generator_url": gen.url})})
+                cfg = cfg.model_copy(
+                    update={"generation": cfg.generation.model_copy(update={"generator_url": gen.url})}
+                )
                 summary = Trainer(cfg, client=client, progress=True).run()
         print("[demo] generator and redis stopped", flush=True)
 

@@ -242,8 +242,11 @@ class Trainer(Checkpoints, GeneratorLink):
         summary = self._summary()
         if self.dist.main:
             summary.report = write_report(self.run_dir)
-        final = {"final_test_acc": summary.test_acc, "images_generated": summary.images_generated,
-                 **{f"delivery_{k}": v for k, v in summary.delivery.items()}}
+        final = {
+            "final_test_acc": summary.test_acc,
+            "images_generated": summary.images_generated,
+            **{f"delivery_{k}": v for k, v in summary.delivery.items()},
+        }
         self.tracking.finish(final, self.generated, complete=self.state.epoch >= epochs)
         return summary
 

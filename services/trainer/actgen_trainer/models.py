@@ -68,8 +68,9 @@ class LRSchedule:
     grows (generated images change the iterations per epoch) and a resume needs no state.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, epochs: int,
-                 warmup_epochs: float) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, base_lr: float, epochs: int, warmup_epochs: float
+    ) -> None:
         self.optimizer = optimizer
         self.base_lr = base_lr
         self.epochs = epochs
@@ -124,9 +125,7 @@ class Loss(nn.Module):
         return (weights * ce).sum() / weights.sum()
 
 
-def classifier_payload(
-    model: nn.Module, cfg: Config, num_classes: int
-) -> tuple[bytes, ClassifierMeta]:
+def classifier_payload(model: nn.Module, cfg: Config, num_classes: int) -> tuple[bytes, ClassifierMeta]:
     """The classifier as the generator wants it: safetensors bytes + metadata (never a pickle)."""
     module = unwrap(model)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

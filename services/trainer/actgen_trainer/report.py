@@ -52,7 +52,10 @@ def delivery_counts(
             late += 1
     asked = sum(int(job["items"]) for job in jobs)
     return {
-        "asked": asked, "on_time": on_time, "late": late, "never": asked - on_time - late,
+        "asked": asked,
+        "on_time": on_time,
+        "late": late,
+        "never": asked - on_time - late,
         "skipped_backpressure": sum(int(m.get("skipped_backpressure") or 0) for m in metrics),
         "wait_timeouts": sum(int(m.get("wait_timeouts") or 0) for m in metrics),
     }
@@ -88,8 +91,14 @@ def _accuracy_plot(metrics: list[dict[str, Any]], generation_epochs: int) -> byt
     if val:
         ax.plot(*zip(*val, strict=True), marker="x", alpha=0.6, label="validation slice")
     ax.axvline(generation_epochs - 0.5, color="grey", linestyle="--", linewidth=1)
-    ax.text(generation_epochs - 0.45, 0.02, "slice merged", color="grey", fontsize=8,
-            transform=ax.get_xaxis_transform())
+    ax.text(
+        generation_epochs - 0.45,
+        0.02,
+        "slice merged",
+        color="grey",
+        fontsize=8,
+        transform=ax.get_xaxis_transform(),
+    )
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -132,8 +141,12 @@ def _time_plot(metrics: list[dict[str, Any]]) -> bytes:
     wait = np.array([m["seconds_wait"] for m in metrics])
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     bottom = np.zeros(len(epochs))
-    for values, label in ((train, "training"), (evaluate, "evaluation"),
-                          (talk, "posting + folding"), (wait, "waiting for the generator")):
+    for values, label in (
+        (train, "training"),
+        (evaluate, "evaluation"),
+        (talk, "posting + folding"),
+        (wait, "waiting for the generator"),
+    ):
         ax.bar(epochs, values, bottom=bottom, label=label)
         bottom += values
     ax.set_xlabel("epoch")
@@ -207,8 +220,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     job_rows, overall = _throughput(jobs)
     delivery = delivery_counts(jobs, records, metrics)
-    training = sum(m["seconds_train"] + m["seconds_eval"] + m.get("seconds_eval_val", 0.0)
-                   for m in metrics)
+    training = sum(m["seconds_train"] + m["seconds_eval"] + m.get("seconds_eval_val", 0.0) for m in metrics)
     talking = sum(m["seconds_fold"] + m["seconds_post"] for m in metrics)
     waiting = sum(m["seconds_wait"] for m in metrics)
     final = metrics[-1]["test_acc"] if metrics else float("nan")
@@ -216,10 +228,14 @@ def write_report(run_dir: str | Path) -> Path:
 
     sections = [f"<h1>ActGen run {html.escape(info['run_id'])}</h1>"]
     summary = {
-        "dataset": info["dataset"], "architecture": info["architecture"], "mode": info["mode"],
-        "sync": info["sync"], "seed": info["seed"],
+        "dataset": info["dataset"],
+        "architecture": info["architecture"],
+        "mode": info["mode"],
+        "sync": info["sync"],
+        "seed": info["seed"],
         "epochs run": f"{len(metrics)} / {info['epochs']}",
-        "final test accuracy": f"{final:.2%}", "best test accuracy": f"{best:.2%}",
+        "final test accuracy": f"{final:.2%}",
+        "best test accuracy": f"{best:.2%}",
         "images generated (folded in)": len(records),
         "images asked for": delivery["asked"],
         "arrived on time (by the end of the next epoch)": delivery["on_time"],
@@ -232,12 +248,18 @@ def write_report(run_dir: str | Path) -> Path:
         "seconds waiting for the generator": f"{waiting:.1f}",
         "generator throughput": f"{overall:.3f} images/s" if overall else "n/a",
     }
-    sections.append("<table>" + "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()
-    ) + "</table>")
+    sections.append(
+        "<table>"
+        + "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()
+        )
+        + "</table>"
+    )
     if metrics:
         sections.append("<h2>Test accuracy</h2>")
-        sections.append(f'<img class="plot" src="{_data_uri(_accuracy_plot(metrics, info["generation_epochs"]))}">')
+        sections.append(
+            f'<img class="plot" src="{_data_uri(_accuracy_plot(metrics, info["generation_epochs"]))}">'
+        )
         sections.append("<h2>Time: training vs waiting</h2>")
         sections.append(f'<img class="plot" src="{_data_uri(_time_plot(metrics))}">')
     if records:

@@ -63,7 +63,11 @@ def take_ranked(ranked: np.ndarray, count: int) -> np.ndarray:
 
 
 def select_guides(
-    probs: np.ndarray, targets: np.ndarray, rule: Rule, threshold: float, count: int,
+    probs: np.ndarray,
+    targets: np.ndarray,
+    rule: Rule,
+    threshold: float,
+    count: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, int]:
     """One epoch's guides (positions into ``probs``) and how many slice samples are hard.

@@ -58,27 +58,34 @@ class EvalReport:
 
     @property
     def passed(self) -> bool:
-        return (self.random_accuracy >= MIN_RANDOM_ACCURACY and self.aig_faithfulness >= MIN_AIG_FAITHFULNESS
-                and self.diversity > 0)
+        return (
+            self.random_accuracy >= MIN_RANDOM_ACCURACY
+            and self.aig_faithfulness >= MIN_AIG_FAITHFULNESS
+            and self.diversity > 0
+        )
 
     def text(self) -> str:
         """The report as a few aligned lines."""
+
         def mark(ok: bool) -> str:
             return "ok" if ok else "BELOW"
-        return "\n".join([
-            f"model {self.model}: {self.num_inference_steps} DDPM steps, CFG {self.guidance_scale:g}, "
-            f"image guidance strength {self.image_guidance_strength:g}",
-            f"reference classifier on real test digits: {self.reference_accuracy:.3f}",
-            f"(a) random mode, classified as the prompt's digit: {self.random_accuracy:.3f} "
-            f"(n={self.n_random}; >= {MIN_RANDOM_ACCURACY} {mark(self.random_accuracy >= MIN_RANDOM_ACCURACY)})",
-            f"(b) aig mode, classified as the guide's digit:     {self.aig_faithfulness:.3f} "
-            f"(n={self.n_aig}; guides themselves {self.aig_guide_accuracy:.3f}; "
-            f">= {MIN_AIG_FAITHFULNESS} {mark(self.aig_faithfulness >= MIN_AIG_FAITHFULNESS)})",
-            f"(c) diversity, same guide, {self.seeds_per_guide} seeds: {self.diversity:.4f} "
-            f"(real test images of one digit: {self.real_diversity:.4f}; "
-            f"{self.n_diversity_guides} guides; > 0 {mark(self.diversity > 0)})",
-            f"{'PASS' if self.passed else 'FAIL'} in {self.seconds:.0f} s",
-        ])
+
+        return "\n".join(
+            [
+                f"model {self.model}: {self.num_inference_steps} DDPM steps, CFG {self.guidance_scale:g}, "
+                f"image guidance strength {self.image_guidance_strength:g}",
+                f"reference classifier on real test digits: {self.reference_accuracy:.3f}",
+                f"(a) random mode, classified as the prompt's digit: {self.random_accuracy:.3f} "
+                f"(n={self.n_random}; >= {MIN_RANDOM_ACCURACY} {mark(self.random_accuracy >= MIN_RANDOM_ACCURACY)})",
+                f"(b) aig mode, classified as the guide's digit:     {self.aig_faithfulness:.3f} "
+                f"(n={self.n_aig}; guides themselves {self.aig_guide_accuracy:.3f}; "
+                f">= {MIN_AIG_FAITHFULNESS} {mark(self.aig_faithfulness >= MIN_AIG_FAITHFULNESS)})",
+                f"(c) diversity, same guide, {self.seeds_per_guide} seeds: {self.diversity:.4f} "
+                f"(real test images of one digit: {self.real_diversity:.4f}; "
+                f"{self.n_diversity_guides} guides; > 0 {mark(self.diversity > 0)})",
+                f"{'PASS' if self.passed else 'FAIL'} in {self.seconds:.0f} s",
+            ]
+        )
 
 
 def mean_pairwise_distance(groups: list[np.ndarray]) -> float:
@@ -101,14 +108,22 @@ def _generate(sampler: GuidedSampler, items: list[SampleItem], options: Generati
 
 def _pick_per_class(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
     """``per_class`` indices of each digit (fewer when the split has fewer), in class order."""
-    return np.concatenate([
-        rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(DIGITS))
-    ])
+    return np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(DIGITS))]
+    )
 
 
-def evaluate(model: str, random_per_class: int = 10, aig_per_class: int = 10, diversity_guides: int = 10,
-             seeds_per_guide: int = 4, steps: int = EVAL_STEPS, seed: int = 0, device: str | None = "cpu",
-             guidance_scale: float | None = None) -> EvalReport:
+def evaluate(
+    model: str,
+    random_per_class: int = 10,
+    aig_per_class: int = 10,
+    diversity_guides: int = 10,
+    seeds_per_guide: int = 4,
+    steps: int = EVAL_STEPS,
+    seed: int = 0,
+    device: str | None = "cpu",
+    guidance_scale: float | None = None,
+) -> EvalReport:
     """Measure (a), (b) and (c) for the diffusers folder or hub id ``model``."""
     start = time.monotonic()
     split = load_digits_split()
@@ -117,7 +132,9 @@ def evaluate(model: str, random_per_class: int = 10, aig_per_class: int = 10, di
 
     loaded = load_pipeline(model=model, device=device)
     if loaded.native_size % FEATURE_SIDE:
-        raise ValueError(f"model {model!r} generates {loaded.native_size} px, not a multiple of {FEATURE_SIDE}")
+        raise ValueError(
+            f"model {model!r} generates {loaded.native_size} px, not a multiple of {FEATURE_SIDE}"
+        )
     sampler = GuidedSampler(loaded)
     base = GenerationOptions(num_inference_steps=steps, seed=seed, grad_steps=0)  # random, aig: no gradients
     if guidance_scale is not None:
@@ -127,8 +144,10 @@ def evaluate(model: str, random_per_class: int = 10, aig_per_class: int = 10, di
 
     # (a) random mode: the prompt alone decides the digit
     labels = np.repeat(np.arange(len(DIGITS)), random_per_class)
-    items = [SampleItem(guide=blank, class_id=int(c), class_name=DIGITS[c], seed=seed * 1_000_003 + i)
-             for i, c in enumerate(labels)]
+    items = [
+        SampleItem(guide=blank, class_id=int(c), class_name=DIGITS[c], seed=seed * 1_000_003 + i)
+        for i, c in enumerate(labels)
+    ]
     generated = _generate(sampler, items, base.model_copy(update={"mode": Mode.random}))
     random_accuracy = float(np.mean(reference.predict(generated) == labels))
 
@@ -136,28 +155,48 @@ def evaluate(model: str, random_per_class: int = 10, aig_per_class: int = 10, di
     aig = base.model_copy(update={"mode": Mode.aig})
     picked = _pick_per_class(split.test_labels, aig_per_class, rng)
     guides, guide_labels = split.test_images[picked], split.test_labels[picked]
-    items = [SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=seed * 1_000_003 + 10_000 + i)
-             for i, (g, c) in enumerate(zip(guides, guide_labels, strict=True))]
+    items = [
+        SampleItem(guide=g, class_id=int(c), class_name=DIGITS[c], seed=seed * 1_000_003 + 10_000 + i)
+        for i, (g, c) in enumerate(zip(guides, guide_labels, strict=True))
+    ]
     generated = _generate(sampler, items, aig)
     aig_faithfulness = float(np.mean(reference.predict(generated) == guide_labels))
     aig_guide_accuracy = float(np.mean(reference.predict(guides) == guide_labels))
 
     # (c) diversity: several seeds per guide, against real images of one digit
-    picked = _pick_per_class(split.test_labels, max(1, -(-diversity_guides // len(DIGITS))), rng)[:diversity_guides]
-    items = [SampleItem(guide=split.test_images[g], class_id=int(split.test_labels[g]),
-                        class_name=DIGITS[split.test_labels[g]], seed=seed * 1_000_003 + 20_000 + 100 * k + s)
-             for k, g in enumerate(picked) for s in range(seeds_per_guide)]
+    picked = _pick_per_class(split.test_labels, max(1, -(-diversity_guides // len(DIGITS))), rng)[
+        :diversity_guides
+    ]
+    items = [
+        SampleItem(
+            guide=split.test_images[g],
+            class_id=int(split.test_labels[g]),
+            class_name=DIGITS[split.test_labels[g]],
+            seed=seed * 1_000_003 + 20_000 + 100 * k + s,
+        )
+        for k, g in enumerate(picked)
+        for s in range(seeds_per_guide)
+    ]
     generated = _generate(sampler, items, aig).reshape(len(picked), seeds_per_guide, *generated.shape[1:])
     diversity = mean_pairwise_distance(list(generated))
     real_diversity = mean_pairwise_distance(
         [split.test_images[split.test_labels == c] for c in range(len(DIGITS))]
     )
     return EvalReport(
-        model=str(model), reference_accuracy=reference_accuracy, random_accuracy=random_accuracy,
-        aig_faithfulness=aig_faithfulness, aig_guide_accuracy=aig_guide_accuracy, diversity=diversity,
-        real_diversity=real_diversity, n_random=len(labels), n_aig=len(guide_labels),
-        n_diversity_guides=len(picked), seeds_per_guide=seeds_per_guide, num_inference_steps=steps,
-        guidance_scale=base.guidance_scale, image_guidance_strength=base.image_guidance_strength,
+        model=str(model),
+        reference_accuracy=reference_accuracy,
+        random_accuracy=random_accuracy,
+        aig_faithfulness=aig_faithfulness,
+        aig_guide_accuracy=aig_guide_accuracy,
+        diversity=diversity,
+        real_diversity=real_diversity,
+        n_random=len(labels),
+        n_aig=len(guide_labels),
+        n_diversity_guides=len(picked),
+        seeds_per_guide=seeds_per_guide,
+        num_inference_steps=steps,
+        guidance_scale=base.guidance_scale,
+        image_guidance_strength=base.image_guidance_strength,
         seconds=round(time.monotonic() - start, 1),
     )
 
@@ -169,10 +208,10 @@ def add_parser(subparsers) -> None:
         "eval-model",
         help="check a tiny digits model: class-conditional accuracy, guide faithfulness, diversity",
         description="Generate on the digits test split through the service's sampler and report (a) the "
-                    "share of random-mode images classified as their prompt's digit, (b) the share of "
-                    "aig-mode images classified as their guide's digit, (c) same-guide diversity next to "
-                    "real same-digit diversity. Exit status 1 when (a) < "
-                    f"{MIN_RANDOM_ACCURACY}, (b) < {MIN_AIG_FAITHFULNESS} or (c) is 0.",
+        "share of random-mode images classified as their prompt's digit, (b) the share of "
+        "aig-mode images classified as their guide's digit, (c) same-guide diversity next to "
+        "real same-digit diversity. Exit status 1 when (a) < "
+        f"{MIN_RANDOM_ACCURACY}, (b) < {MIN_AIG_FAITHFULNESS} or (c) is 0.",
     )
     p.add_argument("model", help="diffusers folder (or hub id) of a digits model")
     p.add_argument("--random-per-class", type=int, default=10, help="random-mode images per digit")
@@ -180,8 +219,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--diversity-guides", type=int, default=10, help="guides for the diversity figure")
     p.add_argument("--seeds-per-guide", type=int, default=4, help="seeds per diversity guide (>= 2)")
     p.add_argument("--steps", type=int, default=EVAL_STEPS, help="DDPM steps per image")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help=f"CFG scale (default: the service's, {GenerationOptions().guidance_scale:g})")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help=f"CFG scale (default: the service's, {GenerationOptions().guidance_scale:g})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of guide choice and noise")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
@@ -193,14 +236,25 @@ def _run(args) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"actgen-generator eval-model: --{name.replace('_', '-')} must be >= 1")
     if args.seeds_per_guide < 2:
-        raise SystemExit("actgen-generator eval-model: --seeds-per-guide must be >= 2 (diversity needs pairs)")
+        raise SystemExit(
+            "actgen-generator eval-model: --seeds-per-guide must be >= 2 (diversity needs pairs)"
+        )
     local = Path(args.model).expanduser()
     looks_like_path = args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1
     if not local.exists() and looks_like_path:  # a hub id is owner/name
         raise SystemExit(f"actgen-generator eval-model: no model folder {args.model!r}")
     try:
-        report = evaluate(args.model, args.random_per_class, args.aig_per_class, args.diversity_guides,
-                          args.seeds_per_guide, args.steps, args.seed, args.device, args.guidance_scale)
+        report = evaluate(
+            args.model,
+            args.random_per_class,
+            args.aig_per_class,
+            args.diversity_guides,
+            args.seeds_per_guide,
+            args.steps,
+            args.seed,
+            args.device,
+            args.guidance_scale,
+        )
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"actgen-generator eval-model: {exc}") from None
     print(report.text())

@@ -128,7 +128,9 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     n, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
     offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
-    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+    return torch.stack(
+        [padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())]
+    )
 
 
 def schedule_lr(base: float, step: int, total: int, elapsed: float, budget: float, warmup: int) -> float:
@@ -154,11 +156,14 @@ def prompt_ids(pipe: StableDiffusionPipeline, class_names: list[str]) -> torch.T
     """
     texts = [template.format(n) for template in PROMPT_TEMPLATES for n in class_names] + [""]
     tok = pipe.tokenizer
-    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
+    return tok(
+        texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
-def embed_prompts(text_encoder: CLIPTextModel, ids: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_prompts(
+    text_encoder: CLIPTextModel, ids: torch.Tensor, n_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (templates, classes, 77, d) of the prompts and (77, d) of the empty prompt."""
     out = text_encoder(ids.to(text_encoder.device))[0]
     return out[:-1].view(-1, n_classes, *out.shape[1:]), out[-1]
@@ -174,8 +179,13 @@ class _Clock:
         return time.monotonic() - self.start
 
 
-def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TinyTrainingConfig, budget_s: float,
-              generator: torch.Generator) -> dict:
+def train_vae(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    cfg: TinyTrainingConfig,
+    budget_s: float,
+    generator: torch.Generator,
+) -> dict:
     """Phase 1: reconstruction (L1 + MSE) plus ``kl_weight`` KL; returns a summary."""
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -204,12 +214,18 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: TinyTrainingConfig,
             bar.set_postfix(recon=f"{recon:.4f}", kl=f"{kl:.2f}")
             tqdm.write(f"vae step {step} recon {recon:.4f} kl {kl:.3f} lr {opt.param_groups[0]['lr']:.2e}")
     vae.eval().requires_grad_(False)
-    return {"steps": step + 1 if clock() <= budget_s else step, "seconds": round(clock(), 1),
-            "final_recon_loss": recon, "final_kl": kl}
+    return {
+        "steps": step + 1 if clock() <= budget_s else step,
+        "seconds": round(clock(), 1),
+        "final_recon_loss": recon,
+        "final_kl": kl,
+    }
 
 
 @torch.no_grad()
-def latent_stats(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_stats(
+    vae: AutoencoderKL, images: torch.Tensor, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every training image (unscaled)."""
     means, stds = [], []
     for i in range(0, len(images), batch):
@@ -219,11 +235,18 @@ def latent_stats(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> 
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, ids: torch.Tensor,
-               latents: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, scaling: float,
-               cfg: TinyTrainingConfig, budget_s: float, generator: torch.Generator,
-               on_log: Callable[[int, UNet2DConditionModel, CLIPTextModel], None] | None = None,
-               ) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
+def train_unet(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    ids: torch.Tensor,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+    scaling: float,
+    cfg: TinyTrainingConfig,
+    budget_s: float,
+    generator: torch.Generator,
+    on_log: Callable[[int, UNet2DConditionModel, CLIPTextModel], None] | None = None,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
     """Phase 2: epsilon prediction under SD 2.1's schedule, the text encoder trained along when
     ``cfg.text_lr`` > 0; returns the EMA UNet, the (EMA) text encoder and a summary."""
     scheduler = DDPMScheduler(**SD21_SCHEDULER)
@@ -252,7 +275,9 @@ def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, ids: tor
         if clock() > budget_s:
             break
         for group in opt.param_groups:
-            group["lr"] = schedule_lr(group["base_lr"], step, cfg.unet_steps, clock(), budget_s, cfg.warmup_steps)
+            group["lr"] = schedule_lr(
+                group["base_lr"], step, cfg.unet_steps, clock(), budget_s, cfg.warmup_steps
+            )
         if train_text:  # 21 prompts: cheap next to the UNet batch
             prompts, empty = embed_prompts(text_encoder, ids, n_classes)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=generator)
@@ -302,10 +327,13 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
     images = to_model_pixels(split.train_images)
     labels = torch.from_numpy(split.train_labels)
     pipe = build_untrained(cfg.seed)
-    print(f"training {TINY_DIGITS_VERSION} on {len(images)} digits for at most {cfg.minutes:g} min "
-          f"(seed {cfg.seed}, {torch.get_num_threads()} threads); "
-          f"unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f} M params, "
-          f"vae {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f} M", flush=True)
+    print(
+        f"training {TINY_DIGITS_VERSION} on {len(images)} digits for at most {cfg.minutes:g} min "
+        f"(seed {cfg.seed}, {torch.get_num_threads()} threads); "
+        f"unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f} M params, "
+        f"vae {sum(p.numel() for p in pipe.vae.parameters()) / 1e6:.2f} M",
+        flush=True,
+    )
 
     vae_summary = train_vae(pipe.vae, images, cfg, budget * cfg.vae_share, generator)
     mean, std = latent_stats(pipe.vae, images)
@@ -314,12 +342,24 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
     print(f"vae done: {vae_summary}; scaling_factor {scaling:.4f}", flush=True)
 
     ids = prompt_ids(pipe, list(DIGITS))
-    ema, text_encoder, unet_summary = train_unet(pipe.unet, pipe.text_encoder, ids, (mean, std), labels,
-                                                 scaling, cfg, budget - total_clock(), generator)
+    ema, text_encoder, unet_summary = train_unet(
+        pipe.unet,
+        pipe.text_encoder,
+        ids,
+        (mean, std),
+        labels,
+        scaling,
+        cfg,
+        budget - total_clock(),
+        generator,
+    )
     print(f"unet done: {unet_summary}", flush=True)
 
     trained = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=ema,
+        vae=pipe.vae,
+        text_encoder=text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=ema,
         scheduler=DDPMScheduler(**SD21_SCHEDULER),
         # diffusers annotates these two as required; None is its documented way to leave them out
         safety_checker=None,  # type: ignore[arg-type]
@@ -345,8 +385,11 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
 
 def _model_card(meta: dict) -> str:
     cfg = meta["config"]
-    text = ("The text encoder is the random-weight one, frozen." if not cfg["text_lr"]
-            else "The text encoder was trained along with the UNet.")
+    text = (
+        "The text encoder is the random-weight one, frozen."
+        if not cfg["text_lr"]
+        else "The text encoder was trained along with the UNet."
+    )
     return (
         f"# {meta['version']}: a tiny Stable-Diffusion-architecture model of the digits\n\n"
         "SD 2.1's classes and folder layout (AutoencoderKL, UNet2DConditionModel with cross-attention,\n"
@@ -389,7 +432,7 @@ def add_parser(subparsers) -> None:
         "train-tiny-model",
         help="train the tiny SD-architecture model on the bundled digits (a diffusers folder)",
         description="Train the tiny SD-architecture model (VAE, then UNet; frozen CLIP text encoder) "
-                    "on the bundled digits and write a diffusers folder loadable like SD 2.1.",
+        "on the bundled digits and write a diffusers folder loadable like SD 2.1.",
     )
     p.add_argument("--data", default=defaults.data, choices=DATASETS, help="training set")
     p.add_argument("--out", required=True, help="output folder (replaced when it exists)")
@@ -397,10 +440,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, batches and noise")
     p.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="VAE phase steps at most")
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps, help="UNet phase steps at most")
-    p.add_argument("--text-lr", type=float, default=defaults.text_lr,
-                   help="learning rate of the text encoder (0: keep the random one frozen)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument(
+        "--text-lr",
+        type=float,
+        default=defaults.text_lr,
+        help="learning rate of the text encoder (0: keep the random one frozen)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -416,11 +467,19 @@ def _run(args) -> int:
         if args.threads < 1:
             raise SystemExit("actgen-generator train-tiny-model: --threads must be >= 1")
         torch.set_num_threads(args.threads)
-    cfg = TinyTrainingConfig(data=args.data, minutes=args.minutes, seed=args.seed, vae_steps=args.vae_steps,
-                             unet_steps=args.unet_steps, text_lr=args.text_lr)
-    command = (f"actgen-generator train-tiny-model --data {cfg.data} --out {args.out} --minutes {cfg.minutes:g} "
-               f"--seed {cfg.seed} --vae-steps {cfg.vae_steps} --unet-steps {cfg.unet_steps} "
-               f"--text-lr {cfg.text_lr:g}" + (f" --threads {args.threads}" if args.threads else ""))
+    cfg = TinyTrainingConfig(
+        data=args.data,
+        minutes=args.minutes,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        text_lr=args.text_lr,
+    )
+    command = (
+        f"actgen-generator train-tiny-model --data {cfg.data} --out {args.out} --minutes {cfg.minutes:g} "
+        f"--seed {cfg.seed} --vae-steps {cfg.vae_steps} --unet-steps {cfg.unet_steps} "
+        f"--text-lr {cfg.text_lr:g}" + (f" --threads {args.threads}" if args.threads else "")
+    )
     try:
         train_tiny_model(args.out, cfg, command=command)
     except RuntimeError as exc:
