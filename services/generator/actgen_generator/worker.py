@@ -223,20 +223,27 @@ class Worker:
 
     # --- taking jobs ----------------------------------------------------------------------
     async def _fill(self) -> None:
-        """Take more jobs while fewer than a batch of items is pending here."""
-        pending = sum(len(job.pending) for job in self.active.values()) + len(self.admitting)
-        if pending >= self.settings.max_batch:
-            return
+        """Take more jobs until a batch of items is pending here or the stream has none waiting.
+
+        fetch counts jobs, a batch counts items: each fetch takes as many jobs as the last job's
+        size says fit (one while it is unknown), so a replica fills one batch from small jobs but
+        does not hoard big ones that idle replicas could run.
+        """
         block_ms = 0 if self.active else FETCH_BLOCK_MS
-        # fetch counts jobs, a batch counts items: take as many jobs as the last job's size says
-        # fit (one while it is unknown), so one replica does not hoard what idle ones could run
-        jobs = max(1, (self.settings.max_batch - pending) // self._items_per_job)
-        deliveries = await self.consumer.fetch(jobs, block_ms, tracked=self._tracked())
-        now = time.monotonic()
-        for delivery in deliveries:  # held from here until started, whatever fails meanwhile
-            self.admitting[delivery.entry_id] = delivery
-            self._fetched_at[delivery.entry_id] = now
-        await self._admit_waiting()
+        while not self.stopping:
+            pending = sum(len(job.pending) for job in self.active.values()) + len(self.admitting)
+            if pending >= self.settings.max_batch:
+                return
+            jobs = max(1, (self.settings.max_batch - pending) // self._items_per_job)
+            deliveries = await self.consumer.fetch(jobs, block_ms, tracked=self._tracked())
+            now = time.monotonic()
+            for delivery in deliveries:  # held from here until started, whatever fails meanwhile
+                self.admitting[delivery.entry_id] = delivery
+                self._fetched_at[delivery.entry_id] = now
+            await self._admit_waiting()
+            if len(deliveries) < jobs:
+                return  # nothing more waiting (for now)
+            block_ms = 0  # what is there already, no waiting for more
 
     async def _admit_waiting(self) -> None:
         """Start the fetched deliveries (their round trips at once, activated in fetch order);
