@@ -46,7 +46,8 @@ BATCHES = (1, 8)
 sys.path.insert(0, str(ROOT))  # `bench.service`, when the service bench is there
 
 
-def _items(n: int, size: int) -> list:
+def guide_items(n: int, size: int) -> list[Any]:
+    """n random-pixel guides of CIFAR-10 classes, seeds 0..n-1 (the benches' batch of hard samples)."""
     from actgen_generator.sampler import SampleItem
     from actgen_shared.labels import CIFAR10
 
@@ -91,11 +92,11 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
     times: dict[tuple[str, int], list[float]] = {}
     cpu_times: dict[tuple[str, int], list[float]] = {}
     peak: dict[str, float] = {}
-    sampler(with_banks(_items(1, 64), banks), _options("actgen"), classifier=classifier)  # warm-up
+    sampler(with_banks(guide_items(1, 64), banks), _options("actgen"), classifier=classifier)  # warm-up
     for _ in range(repeats):
         for batch in BATCHES:
             for mode in ("random", "actgen"):
-                items = _items(batch, 64)
+                items = guide_items(batch, 64)
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()

@@ -25,9 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bench.run import guide_items
 
 CPU_SIZE, CPU_BATCH, CPU_STEPS, CPU_GRAD_STEPS = 128, 2, 8, 2
 GPU_SIZE, GPU_BATCHES, GPU_STEPS, GPU_GRAD_STEPS = 512, (1, 4, 8), 40, 10
@@ -87,23 +88,6 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         stop.set()
         thread.join()
         out["peak_mb"] = max(peak[0], _rss_mb())
-
-
-def _items(n: int, size: int) -> list[Any]:
-    from actgen_generator.sampler import SampleItem
-    from actgen_shared.labels import CIFAR10
-
-    rng = np.random.default_rng(0)
-    return [
-        SampleItem(
-            guide=rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            class_id=i % 10,
-            class_name=CIFAR10[i % 10],
-            seed=i,
-            bank_group="bench",
-        )
-        for i in range(n)
-    ]
 
 
 def _options(mode: str, setup: Setup, native: int) -> Any:
@@ -288,7 +272,7 @@ def bench_model(
         memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
         model.pipe.unet.to(memory_format=memory_format)
         model.pipe.vae.to(memory_format=memory_format)
-        items = with_banks(_items(batch, 32), banks)
+        items = with_banks(guide_items(batch, 32), banks, group="bench")
         with peak_memory(device) as peak:
             _sync(device)
             start = time.perf_counter()
@@ -347,7 +331,7 @@ def bench_model(
             },
         }
     if split:
-        items = with_banks(_items(top, 32), banks)
+        items = with_banks(guide_items(top, 32), banks, group="bench")
         opts = _options("actgen", setup, model.native_size)
         out["guided_step_s"] = {}
         for name in ("full", "clfsize"):

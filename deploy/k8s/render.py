@@ -122,14 +122,7 @@ def _build(folder: Path, seen: tuple[Path, ...]) -> list[Resource]:
     if spec_path is None:
         raise KustomizeError(f"{folder}: no kustomization.yaml")
     spec = yaml.safe_load(spec_path.read_text()) or {}
-    if not isinstance(spec, dict):
-        raise KustomizeError(f"{spec_path}: not a mapping")
-    unknown = sorted(set(spec) - KUSTOMIZATION_FIELDS)
-    if unknown:
-        raise KustomizeError(
-            f"{spec_path}: field(s) {', '.join(unknown)} not implemented by deploy/k8s/render.py "
-            f"(it implements {', '.join(sorted(KUSTOMIZATION_FIELDS))})"
-        )
+    _check_fields(spec, KUSTOMIZATION_FIELDS, str(spec_path))
     if spec.get("kind", "Kustomization") != "Kustomization":
         raise KustomizeError(f"{spec_path}: kind {spec['kind']!r} not implemented (only Kustomization)")
 
@@ -256,7 +249,8 @@ def _check_fields(entry: Any, allowed: frozenset[str], where: str) -> None:
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise KustomizeError(
-            f"{where}: field(s) {', '.join(unknown)} not implemented (it implements {', '.join(sorted(allowed))})"
+            f"{where}: field(s) {', '.join(unknown)} not implemented by deploy/k8s/render.py "
+            f"(it implements {', '.join(sorted(allowed))})"
         )
 
 

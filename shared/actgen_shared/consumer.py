@@ -272,10 +272,6 @@ class Consumer:
             args=[step, total, PROGRESS_MAXLEN, q.settings.result_ttl_s],
         )
 
-    async def done_items(self, job_id: str) -> set[int]:
-        """Indices of the job's items already stored (a reclaimed job resumes after them)."""
-        return {int(i) for i in await self.queue.redis.hkeys(self._k.job_done_items(job_id))}
-
     async def store_items(self, delivery: Delivery, items: list[StoredItem], bank_cap: int) -> int:
         """Store finished items in one atomic step; returns how many were new.
 
