@@ -480,7 +480,9 @@ class GuidedSampler:
     def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
         batch: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for name in {item.class_name for item in items} | {""}:
+        # the empty prompt, then the classes in item order: a set's order follows the string hash,
+        # which made what the LRU evicts differ from one process to the next
+        for name in ["", *dict.fromkeys(item.class_name for item in items)]:
             entry = self._prompts.get(name)
             if entry is None:
                 prompt = PROMPT_TEMPLATE.format(name) if name else ""
