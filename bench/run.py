@@ -64,9 +64,17 @@ def guide_items(n: int, size: int) -> list[Any]:
 
 
 def _options(mode: str) -> Any:
+    """A run's options; ``actgen_cond`` is actgen with eq. 11 as the paper's text (``update_uncond`` off)."""
     from actgen_shared.schemas import GenerationOptions
 
-    return GenerationOptions(mode=mode, num_inference_steps=STEPS, grad_steps=GRAD_STEPS, adv_prob=ADV_PROB)
+    cond_only = mode == "actgen_cond"
+    return GenerationOptions(
+        mode="actgen" if cond_only else mode,
+        num_inference_steps=STEPS,
+        grad_steps=GRAD_STEPS,
+        adv_prob=ADV_PROB,
+        update_uncond=not cond_only,
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -93,9 +101,10 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
     cpu_times: dict[tuple[str, int], list[float]] = {}
     peak: dict[str, float] = {}
     sampler(with_banks(guide_items(1, 64), banks), _options("actgen"), classifier=classifier)  # warm-up
+    top = max(BATCHES)
     for _ in range(repeats):
         for batch in BATCHES:
-            for mode in ("random", "actgen"):
+            for mode in ("random", "actgen", "actgen_cond") if batch == top else ("random", "actgen"):
                 items = guide_items(batch, 64)
                 if cuda:
                     torch.cuda.synchronize()
@@ -125,8 +134,20 @@ def bench_sampler(model: Any, repeats: int) -> dict[str, Any]:
             f"{m}_b{b}": statistics.median(v) for (m, b), v in cpu_times.items()
         },
         "guidance_overhead_ratio": spi["actgen_b8"] / spi["random_b8"],
+        "guidance_overhead_ratio_cond": spi["actgen_cond_b8"] / spi["random_b8"],
         "batch_speedup": spi["actgen_b1"] / spi["actgen_b8"],
     }
+    # the guided step's parts at batch 8, and the ratio they imply for the denoising loop alone
+    from bench.sd21 import guided_step_split, plain_step_seconds, step_loop_ratio
+
+    items = with_banks(guide_items(top, 64), banks)
+    out["plain_step_s"] = min(plain_step_seconds(sampler, items, _options("actgen")) for _ in range(3))
+    parts = [guided_step_split(sampler, items, _options("actgen"), classifier) for _ in range(3)]
+    out["guided_step_s"] = {k: min(p[k] for p in parts) for k in parts[0] if k != "guided_step"}
+    out["guided_step_s"]["guided_step"] = sum(out["guided_step_s"].values())
+    out["step_loop_ratio"] = step_loop_ratio(
+        out["plain_step_s"], out["guided_step_s"]["guided_step"], STEPS, GRAD_STEPS
+    )
     if cuda:
         out["peak_gpu_memory_mb"] = peak
         out["gpu"] = torch.cuda.get_device_name(model.device)
@@ -148,6 +169,18 @@ def _table(name: str, r: dict[str, Any]) -> str:
         f"  guidance_overhead_ratio (b8) {r['guidance_overhead_ratio']:.2f}   "
         f"batch_speedup (actgen) {r['batch_speedup']:.2f}"
     )
+    if "guidance_overhead_ratio_cond" in r:
+        lines.append(
+            f"  with update_uncond=false (eq. 11 as the paper's text) {r['guidance_overhead_ratio_cond']:.2f}"
+        )
+    if "step_loop_ratio" in r:
+        parts = r["guided_step_s"]
+        lines.append(
+            f"  guided step (b8) {parts['guided_step'] * 1e3:.1f} ms: unet forward "
+            f"{parts['unet_forward'] * 1e3:.1f}, unet backward {parts['unet_backward'] * 1e3:.1f}, decode "
+            f"{(parts['decode_forward'] + parts['decode_backward']) * 1e3:.1f}; plain step "
+            f"{r['plain_step_s'] * 1e3:.1f} ms; the loop alone implies {r['step_loop_ratio']:.2f}"
+        )
     if "peak_gpu_memory_mb" in r:
         lines.append(
             "  peak GPU MiB " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gpu_memory_mb"].items())

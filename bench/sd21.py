@@ -8,10 +8,18 @@
 * ``sd21gpu``: the same code at 512 px, 40 steps (10 guided), fp16 and bf16, batch 1, 4, 8:
   s/image per mode, guidance overhead, peak VRAM, images/s per GPU (the README's sizing table).
 
-Variants: ``full`` (decode x0_hat at full size for eq. 10, today's default), ``clfsize``
-(``GuidedSampler(adv_decode="classifier")``: decode a latent shrunk to the classifier's input)
-and, when asked for, ``channels_last`` (UNet and VAE in channels-last memory). ``clfsize`` also reports how far
-its classifier probabilities and pixels are from the full decode's on the same x0_hat.
+Variants (:data:`VARIANT_SPECS`): ``full`` (decode x0_hat at full size for eq. 10, the default),
+``clfsize`` (``GuidedSampler(adv_decode="classifier")``: decode a latent shrunk to the classifier's
+input), ``clfsize_cond`` (the same with ``update_uncond=false``, eq. 11 as the paper's text: only
+c moves, so backward runs through the conditional rows alone, half the CFG batch; the default,
+the released code's, also moves the unconditional embedding and so backpropagates through every
+row), ``contrastive`` and ``contrastive_cond`` (``adv_prob`` 0, the API's default: L_contra alone, no
+decode) and, when asked for, ``channels_last`` (UNet and VAE in channels-last memory). ``clfsize``
+also reports how far its classifier probabilities and pixels are from the full decode's on the
+same x0_hat. Each variant also gets ``step_loop_ratio``: the ratio its guided-step split implies
+for the denoising loop alone, ``(S plain + G (guided - plain)) / (S plain)``; what the measured
+ratio adds to it is image guidance's per-image work (the guide's VAE encode, the attention
+recorder, the guide chain).
 """
 
 from __future__ import annotations
@@ -37,8 +45,33 @@ CLASSIFIER_FRACTION = 224 / 512  # the paper's classifier input over its generat
 ADV_PROB = 1.0  # every guided item decodes and classifies: the overhead's upper end
 TARGET_SD21 = 1.2
 BANK_PER_CLASS = 16
-VARIANTS = ("full", "clfsize")  # "channels_last" too with run_cpu(variants=...)
-SAME_RANDOM = ("full", "clfsize")  # variants whose `random` runs are the same computation
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the guided steps: eq. 10's decode, eq. 11's reading, adv_prob, memory format."""
+
+    adv_decode: str = "full"  # GuidedSampler.adv_decode
+    update_uncond: bool = True  # the default (released code); False: the paper's text
+    adv_prob: float = ADV_PROB
+    channels_last: bool = False
+
+    @property
+    def same_random(self) -> bool:
+        """Its ``random`` runs are the same computation as every other such variant's."""
+        return not self.channels_last
+
+
+VARIANT_SPECS = {
+    "full": Variant(),
+    "clfsize": Variant(adv_decode="classifier"),
+    "clfsize_cond": Variant(adv_decode="classifier", update_uncond=False),
+    "contrastive": Variant(adv_prob=0.0),
+    "contrastive_cond": Variant(adv_prob=0.0, update_uncond=False),
+    "channels_last": Variant(channels_last=True),
+}
+VARIANTS = ("full", "clfsize", "clfsize_cond", "contrastive", "contrastive_cond")  # channels_last: ask
+GPU_VARIANTS = ("full", "clfsize", "clfsize_cond", "contrastive")
 
 
 @dataclass
@@ -90,7 +123,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         out["peak_mb"] = max(peak[0], _rss_mb())
 
 
-def _options(mode: str, setup: Setup, native: int) -> Any:
+def _options(mode: str, setup: Setup, native: int, variant: Variant = VARIANT_SPECS["full"]) -> Any:
     """The job options of one run; the size only when it is not the model's own (>= 64 px)."""
     from actgen_shared.schemas import GenerationOptions
 
@@ -99,7 +132,8 @@ def _options(mode: str, setup: Setup, native: int) -> Any:
         mode=mode,
         num_inference_steps=setup.steps,
         grad_steps=setup.grad_steps,
-        adv_prob=ADV_PROB if mode == "actgen" else 0.0,
+        adv_prob=variant.adv_prob if mode == "actgen" else 0.0,
+        update_uncond=variant.update_uncond,
         height=size,
         width=size,
     )
@@ -174,20 +208,25 @@ def guided_step_split(sampler: Any, items: list[Any], options: Any, classifier: 
     targets = plan.targets(x0)
     contra = contrastive_loss(x0_leaf, targets.bank, targets.valid, targets.margin)
     adv_rows = targets.adv_rows
-    decoded = sampler.vae.decode(
-        sampler.adv_latents(x0_leaf[adv_rows], classifier.input_size), return_dict=False
-    )[0]
-    now = mark("decode_forward", now)
-    image_leaf = decoded.detach().requires_grad_(True)
-    logits = classifier.module(
-        classifier_input(image_leaf, classifier.input_size, classifier.mean, classifier.std)
-    )
-    adv = adversarial_loss(logits, targets.class_ids[adv_rows])
-    now = mark("classifier_forward", now)
-    (g_image,) = torch.autograd.grad(targets.adv_weight * adv.sum(), image_leaf)
-    now = mark("classifier_backward", now)
-    g_x0 = torch.autograd.grad([contra.sum(), decoded], [x0_leaf], [None, g_image])[0]
-    now = mark("decode_backward", now)
+    if adv_rows.numel():  # eq. 10's decode and classifier, for the adversarial items only
+        decoded = sampler.vae.decode(
+            sampler.adv_latents(x0_leaf[adv_rows], classifier.input_size), return_dict=False
+        )[0]
+        now = mark("decode_forward", now)
+        image_leaf = decoded.detach().requires_grad_(True)
+        logits = classifier.module(
+            classifier_input(image_leaf, classifier.input_size, classifier.mean, classifier.std)
+        )
+        adv = adversarial_loss(logits, targets.class_ids[adv_rows])
+        now = mark("classifier_forward", now)
+        (g_image,) = torch.autograd.grad(targets.adv_weight * adv.sum(), image_leaf)
+        now = mark("classifier_backward", now)
+        g_x0 = torch.autograd.grad([contra.sum(), decoded], [x0_leaf], [None, g_image])[0]
+        now = mark("decode_backward", now)
+    else:  # L_contra alone (adv_prob 0)
+        marks.update(decode_forward=0.0, classifier_forward=0.0, classifier_backward=0.0)
+        (g_x0,) = torch.autograd.grad(contra.sum(), x0_leaf)
+        now = mark("decode_backward", now)  # the contrastive loss's own backward
     torch.autograd.grad(x0_rows, pred.leaves, g_x0, allow_unused=True)
     mark("unet_backward", now)
     sampler.recorder.step_maps()
@@ -255,42 +294,60 @@ def bench_model(
 
     Returns per variant: ``seconds_per_image`` (mode_bB), ``guidance_overhead_ratio`` (actgen /
     random at the largest batch), ``images_per_second`` (actgen, per batch) and peak memory; with
-    ``split``, a guided step's parts at the largest batch. ``sampler``: the model's existing one.
+    ``split``, a guided step's parts at the largest batch and ``step_loop_ratio``. ``sampler``: the
+    model's existing one.
     """
     from actgen_generator.sampler import GuidedSampler, with_banks
 
+    unknown = [v for v in variants if v not in VARIANT_SPECS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; use some of {list(VARIANT_SPECS)}")
+    specs = {name: VARIANT_SPECS[name] for name in variants}
     device = model.device
     classifier = _classifier(model, setup.size)
     banks = _banks(_latent_shape(model, setup.size), device)
     if sampler is None:  # one per UNet: each installs its own attention recorder on it
         sampler = GuidedSampler(model)
     times: dict[tuple[str, str, int], list[float]] = {}
-    peaks: dict[str, float] = {}
+    peaks: dict[tuple[str, str, int], float] = {}
 
-    def run(variant: str, mode: str, batch: int) -> float:
-        sampler.adv_decode = "classifier" if variant == "clfsize" else "full"
-        memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    def use(variant: Variant) -> None:
+        sampler.adv_decode = variant.adv_decode
+        memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
         model.pipe.unet.to(memory_format=memory_format)
         model.pipe.vae.to(memory_format=memory_format)
+
+    def run(name: str, mode: str, batch: int, also: tuple[str, ...] = ()) -> float:
+        """Seconds per image of one run, its peak memory noted for ``name`` and the ``also`` variants."""
+        use(specs[name])
         items = with_banks(guide_items(batch, 32), banks, group="bench")
         with peak_memory(device) as peak:
             _sync(device)
             start = time.perf_counter()
-            sampler(items, _options(mode, setup, model.native_size), classifier=classifier)
+            sampler(items, _options(mode, setup, model.native_size, specs[name]), classifier=classifier)
             _sync(device)
             elapsed = time.perf_counter() - start
-        key = f"{variant}_{mode}_b{batch}"
-        peaks[key] = max(peaks.get(key, 0.0), peak["peak_mb"])
+        for variant in (name, *also):
+            key = (variant, mode, batch)
+            peaks[key] = max(peaks.get(key, 0.0), peak["peak_mb"])
         return elapsed / batch
 
+    # `random` is the same computation under every variant but channels_last (they differ on
+    # guided steps only): it runs once per round for all of them, and its fastest run is their one
+    # baseline, so noise cannot flatter a variant
+    shared = [v for v in variants if specs[v].same_random]
     run(variants[0], "actgen", setup.batches[0])  # warm-up: first-call allocations and kernels
     for _ in range(setup.repeats):
-        for variant in variants:
-            for batch in setup.batches:
-                for mode in ("random", "actgen"):
+        for batch in setup.batches:
+            if shared:
+                elapsed = run(shared[0], "random", batch, also=tuple(shared[1:]))
+                for v in shared:
+                    times.setdefault((v, "random", batch), []).append(elapsed)
+            for variant in variants:
+                modes = ("actgen",) if variant in shared else ("random", "actgen")
+                for mode in modes:
                     times.setdefault((variant, mode, batch), []).append(run(variant, mode, batch))
-    model.pipe.unet.to(memory_format=torch.contiguous_format)
-    model.pipe.vae.to(memory_format=torch.contiguous_format)
+    use(Variant())
     top = max(setup.batches)
     out: dict[str, Any] = {
         "model": model.model_id,
@@ -300,7 +357,6 @@ def bench_model(
         "batches": list(setup.batches),
         "steps": setup.steps,
         "grad_steps": setup.grad_steps,
-        "adv_prob": ADV_PROB,
         "bank_per_class": BANK_PER_CLASS,
         "classifier_input_px": classifier.input_size,
         "repeats": setup.repeats,
@@ -308,16 +364,12 @@ def bench_model(
         "memory": "peak VRAM allocated" if device.type == "cuda" else "peak RSS",
         "variants": {},
     }
-    # `random` is the same computation under every decode variant (they differ on guided steps
-    # only): its fastest run over them is the one baseline, so noise cannot flatter a variant
-    shared = [v for v in variants if v in SAME_RANDOM]
     for variant in variants:
         spi = {f"{m}_b{b}": min(times[(variant, m, b)]) for m in ("random", "actgen") for b in setup.batches}
-        if variant in SAME_RANDOM:
-            spi.update(
-                {f"random_b{b}": min(min(times[(v, "random", b)]) for v in shared) for b in setup.batches}
-            )
         out["variants"][variant] = {
+            "adv_decode": specs[variant].adv_decode,
+            "update_uncond": specs[variant].update_uncond,
+            "adv_prob": specs[variant].adv_prob,
             "seconds_per_image": spi,
             "seconds_per_image_median": {
                 f"{m}_b{b}": statistics.median(times[(variant, m, b)])
@@ -326,27 +378,31 @@ def bench_model(
             },
             "guidance_overhead_ratio": spi[f"actgen_b{top}"] / spi[f"random_b{top}"],
             "images_per_second": {f"b{b}": 1.0 / spi[f"actgen_b{b}"] for b in setup.batches},
-            "peak_memory_mb": {
-                k.removeprefix(f"{variant}_"): v for k, v in peaks.items() if k.startswith(f"{variant}_")
-            },
+            "peak_memory_mb": {f"{m}_b{b}": mb for (v, m, b), mb in peaks.items() if v == variant},
         }
     if split:
         items = with_banks(guide_items(top, 32), banks, group="bench")
-        opts = _options("actgen", setup, model.native_size)
+        out["plain_step_s"] = min(
+            plain_step_seconds(sampler, items, _options("actgen", setup, model.native_size)) for _ in range(2)
+        )
         out["guided_step_s"] = {}
-        for name in ("full", "clfsize"):
-            if name in variants:
-                sampler.adv_decode = "classifier" if name == "clfsize" else "full"
-                parts = [guided_step_split(sampler, items, opts, classifier) for _ in range(2)]
-                best = {k: min(p[k] for p in parts) for k in parts[0] if k != "guided_step"}
-                out["guided_step_s"][name] = {
-                    **best,
-                    "guided_step": sum(best.values()),
-                }  # fastest of each part
-        sampler.adv_decode = "full"
-        out["plain_step_s"] = min(plain_step_seconds(sampler, items, opts) for _ in range(2))
+        for name in variants:
+            use(specs[name])
+            opts = _options("actgen", setup, model.native_size, specs[name])
+            parts = [guided_step_split(sampler, items, opts, classifier) for _ in range(2)]
+            best = {k: min(p[k] for p in parts) for k in parts[0] if k != "guided_step"}
+            out["guided_step_s"][name] = {**best, "guided_step": sum(best.values())}  # fastest of each part
+            out["variants"][name]["step_loop_ratio"] = step_loop_ratio(
+                out["plain_step_s"], out["guided_step_s"][name]["guided_step"], setup.steps, setup.grad_steps
+            )
+        use(Variant())
         out["guided_rows"] = top
     return out
+
+
+def step_loop_ratio(plain_s: float, guided_s: float, steps: int, grad_steps: int) -> float:
+    """actgen / random of the denoising loop alone, from one plain and one guided step's seconds."""
+    return (steps * plain_s + grad_steps * (guided_s - plain_s)) / (steps * plain_s)
 
 
 def run_cpu(repeats: int = 2, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
@@ -374,7 +430,7 @@ def run_gpu(repeats: int = 2, dtypes: tuple[str, ...] = GPU_DTYPES) -> dict[str,
     for dtype in dtypes:
         model = sd21_architecture_pipeline("cuda", dtype)
         setup = Setup(GPU_SIZE, GPU_BATCHES, GPU_STEPS, GPU_GRAD_STEPS, repeats)
-        out["dtypes"][dtype] = bench_model(model, setup, ("full", "clfsize"))
+        out["dtypes"][dtype] = bench_model(model, setup, GPU_VARIANTS)
         out["dtypes"][dtype]["clfsize_vs_full"] = decode_agreement(model, GPU_SIZE)
         del model
         torch.cuda.empty_cache()
@@ -385,11 +441,14 @@ def table(name: str, r: dict[str, Any]) -> str:
     """Printable lines for one result of :func:`bench_model`."""
     lines = [
         f"{name}: {r['model']} on {r['device']} ({r['dtype']}, {r['size_px']} px, {r['steps']} steps, "
-        f"{r['grad_steps']} guided, adv_prob {r['adv_prob']}, classifier {r['classifier_input_px']} px, "
+        f"{r['grad_steps']} guided, classifier {r['classifier_input_px']} px, "
         f"{r['threads']} threads, best of {r['repeats']})"
     ]
     head = "".join(f"{f'{m} b{b}':>12}" for b in r["batches"] for m in ("random", "actgen"))
-    lines.append(f"  {'variant':<14}{head}{'ratio':>8}{'img/s':>8}  {r['memory']} MiB (actgen)")
+    lines.append(
+        f"  {'variant':<17}{'decode':>11}{'uncond':>7}{'adv':>5}{head}{'ratio':>7}{'loop':>6}{'img/s':>7}"
+        f"  {r['memory']} MiB (actgen)"
+    )
     top = max(r["batches"])
     for variant, v in r["variants"].items():
         cells = "".join(
@@ -398,15 +457,22 @@ def table(name: str, r: dict[str, Any]) -> str:
             for m in ("random", "actgen")
         )
         mem = v["peak_memory_mb"].get(f"actgen_b{top}", math.nan)
+        loop = v.get("step_loop_ratio", math.nan)
         lines.append(
-            f"  {variant:<14}{cells}{v['guidance_overhead_ratio']:>8.2f}"
-            f"{v['images_per_second'][f'b{top}']:>8.2f}  {mem:.0f}"
+            f"  {variant:<17}{v['adv_decode']:>11}{'moves' if v['update_uncond'] else 'fixed':>7}"
+            f"{v['adv_prob']:>5.1f}{cells}{v['guidance_overhead_ratio']:>7.2f}{loop:>6.2f}"
+            f"{v['images_per_second'][f'b{top}']:>7.2f}  {mem:.0f}"
         )
+    lines.append(
+        "  ratio: actgen / random measured; loop: what the guided-step split implies for the denoising"
+        " loop alone"
+    )
+    if "plain_step_s" in r:
+        lines.append(f"  plain step (the whole CFG batch, no graph) {r['plain_step_s']:.3f}s")
     for variant, parts in r.get("guided_step_s", {}).items():
         lines.append(
             f"  guided step ({variant}, {r['guided_rows']} rows): "
             + ", ".join(f"{k} {s:.3f}s" for k, s in parts.items())
-            + f"; plain step {r['plain_step_s']:.3f}s"
         )
     if "clfsize_vs_full" in r:
         a = r["clfsize_vs_full"]

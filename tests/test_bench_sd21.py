@@ -94,10 +94,20 @@ def test_unknown_adv_decode_is_refused(sampler) -> None:
 def test_bench_model_reports_every_field_for_the_gpu_table(sampler) -> None:
     """bench_model, the GPU section's function, at tiny size on the CPU: the fields the README reads."""
     setup = sd21.Setup(size=sampler.model.native_size, batches=(1, 2), steps=3, grad_steps=2, repeats=1)
-    r = sd21.bench_model(sampler.model, setup, ("full", "clfsize"), sampler=sampler)
+    variants = ("full", "clfsize", "clfsize_cond", "contrastive")
+    r = sd21.bench_model(sampler.model, setup, variants, sampler=sampler)
     assert r["batches"] == [1, 2] and r["device"] == "cpu"
-    for variant in ("full", "clfsize"):
+    for variant in variants:
         v = r["variants"][variant]
+        spec = sd21.VARIANT_SPECS[variant]
+        assert (v["adv_decode"], v["update_uncond"], v["adv_prob"]) == (
+            spec.adv_decode,
+            spec.update_uncond,
+            spec.adv_prob,
+        )
+        assert v["step_loop_ratio"] == pytest.approx(
+            sd21.step_loop_ratio(r["plain_step_s"], r["guided_step_s"][variant]["guided_step"], 3, 2)
+        )
         assert set(v["seconds_per_image"]) == {"random_b1", "actgen_b1", "random_b2", "actgen_b2"}
         assert all(s > 0 for s in v["seconds_per_image"].values())
         assert v["guidance_overhead_ratio"] == pytest.approx(
@@ -116,7 +126,27 @@ def test_bench_model_reports_every_field_for_the_gpu_table(sampler) -> None:
         "guided_step",
     }
     assert parts["guided_step"] == pytest.approx(sum(v for k, v in parts.items() if k != "guided_step"))
-    assert "guidance_overhead_ratio" in sd21.table("tiny", r) or "ratio" in sd21.table("tiny", r)
+    # adv_prob 0: no decode and no classifier in the split; the baseline is one shared random run
+    contrastive = r["guided_step_s"]["contrastive"]
+    assert contrastive["decode_forward"] == contrastive["classifier_forward"] == 0.0
+    assert (
+        r["variants"]["contrastive"]["seconds_per_image"]["random_b2"]
+        == (r["variants"]["full"]["seconds_per_image"]["random_b2"])
+    )
+    printed = sd21.table("tiny", r)
+    assert all(variant in printed for variant in variants) and "loop" in printed
+
+
+def test_step_loop_ratio_counts_the_guided_steps_extra_time() -> None:
+    # 8 steps of 1 s, 2 of them guided at 3 s: (8 + 2 * 2) / 8
+    assert sd21.step_loop_ratio(1.0, 3.0, 8, 2) == pytest.approx(1.5)
+    assert sd21.step_loop_ratio(2.0, 2.0, 40, 10) == pytest.approx(1.0)
+
+
+def test_unknown_bench_variant_is_refused(sampler) -> None:
+    setup = sd21.Setup(size=sampler.model.native_size, batches=(1,), steps=2, grad_steps=1, repeats=1)
+    with pytest.raises(ValueError, match="halfsize"):
+        sd21.bench_model(sampler.model, setup, ("halfsize",), sampler=sampler)
 
 
 def test_guided_step_split_gives_the_samplers_gradient(sampler) -> None:
