@@ -18,9 +18,10 @@ median of its per-round ratios, each run from scratch after untimed warm-up runs
   is the trainer's own cost of non-blocking generation. It is split into where the extra time
   goes, as shares of real-only's total: Algorithm 1's evaluation of the validation slice
   (``eval_val``, the hard-sample pick: work the method does whatever the generator), training
-  and testing on the generated images, the link to the generator (post and fold), the
-  mid-training wait for the jobs still out, and the rest. ``stall_ratio_nonblocking`` is
-  1 + (link + waits) / real-only: the time the trainer spent on or waiting for the generator.
+  and testing on the generated images, the link to the generator (post and fold), the final
+  wait for the jobs still out (``Config.final_wait_epoch``), and the rest (set-up, checkpoints,
+  the report). ``stall_ratio_nonblocking`` is 1 + (link + waits) / real-only: the time the
+  trainer spent on or waiting for the generator.
 * ``real_busy``: real-only training while the tiny model works through a backlog of jobs like
   the trainer's on the other core: ``corun_slowdown`` = real_busy / real. On a 2-vCPU VM the
   "cores" share caches and memory bandwidth (maybe a physical core), so this is what a CPU
@@ -34,7 +35,7 @@ median of its per-round ratios, each run from scratch after untimed warm-up runs
   (``total_ratio_nonblocking_cpu_generator_expected``).
 
 Then one run against an echo generator that **cannot keep up** (a job takes ``--slow-job-epochs``
-epochs): its total ratio, the mid-training wait, and the trainer's own delivery report (images
+epochs): its total ratio, the final wait, and the trainer's own delivery report (images
 asked, on time, late, never; epochs that posted nothing because ``max_inflight`` jobs were out).
 ``--sync`` adds one synchronous run against it (the paper's code's behaviour).
 
@@ -130,7 +131,7 @@ def _run(cfg: Config, client: GeneratorClient | None) -> dict[str, Any]:
     total = time.perf_counter() - t0
     rows = trainer.state.metrics
     parts = {p: sum(r.get(f"seconds_{p}", 0.0) for r in rows) for p in PARTS}
-    parts["fold"] -= parts["final_wait"]  # seconds_fold counts the mid-training wait too
+    parts["fold"] -= parts["final_wait"]  # seconds_fold counts the final wait too
     parts["other"] = total - sum(parts.values())  # set-up, checkpoints, the report
     return {
         "total_s": total,
@@ -283,7 +284,7 @@ def table(r: dict[str, Any]) -> str:
         "    extra time as a share of real-only: "
         f"slice evaluation (Algorithm 1's pick) {share['eval_val']:+.1%}, "
         f"training {share['train']:+.1%} and testing {share['eval']:+.1%} with the generated images, "
-        f"post {share['post']:+.1%}, fold {share['fold']:+.1%}, mid-training wait {share['final_wait']:+.1%}, "
+        f"post {share['post']:+.1%}, fold {share['fold']:+.1%}, final wait {share['final_wait']:+.1%}, "
         f"other {share['other']:+.1%}",
         f"    stall (1 + link and waits / real-only): {r['stall_ratio_nonblocking']:.3f}; "
         f"trainer CPU time ratio {r['cpu_ratio_nonblocking']:.3f}",
@@ -301,7 +302,7 @@ def table(r: dict[str, Any]) -> str:
         d = run["delivery"]
         lines.append(
             f"  a generator that cannot keep up (echo, {s['slow_job_s']:.1f} s per job = {s['slow_job_epochs']} "
-            f"epochs), {name}: {run['total_ratio']:.3f}, of which mid-training wait {run['final_wait_s']:.1f} s; "
+            f"epochs), {name}: {run['total_ratio']:.3f}, of which final wait {run['final_wait_s']:.1f} s; "
             f"asked {d['asked']}, on time {d['on_time']}, late {d['late']}, never {d['never']}, "
             f"epochs skipped (max_inflight) {d['skipped_backpressure']}"
         )
