@@ -279,15 +279,16 @@ def table(r: dict[str, Any]) -> str:
         f"({s['epochs']} epochs, {s['images_per_epoch']} hard samples per epoch; trainer on cores "
         f"{s['trainer_cores']}, generators on {s['generator_cores']})",
         f"  headline, a GPU-like generator that keeps up (echo replica, {s['fast_job_s']:.2f} s per job = "
-        f"{FAST_JOB_EPOCHS} epoch, no CPU): {r['total_ratio_nonblocking']:.3f} (rounds {rounds}); "
+        f"{s['fast_job_epochs']} epoch, no CPU): {r['total_ratio_nonblocking']:.3f} (rounds {rounds}); "
         f"target <= {r['target_total_ratio']}",
         "    extra time as a share of real-only: "
         f"slice evaluation (Algorithm 1's pick) {share['eval_val']:+.1%}, "
         f"training {share['train']:+.1%} and testing {share['eval']:+.1%} with the generated images, "
         f"post {share['post']:+.1%}, fold {share['fold']:+.1%}, final wait {share['final_wait']:+.1%}, "
         f"other {share['other']:+.1%}",
-        f"    stall (1 + link and waits / real-only): {r['stall_ratio_nonblocking']:.3f}; "
-        f"trainer CPU time ratio {r['cpu_ratio_nonblocking']:.3f}",
+        f"    the trainer's stall on the generator (1 + post, fold and waits / real-only): "
+        f"{r['stall_ratio_nonblocking']:.3f}; trainer CPU time ratio {r['cpu_ratio_nonblocking']:.3f} "
+        "(the slice evaluation is Algorithm 1's own work, whatever the generator)",
         f"  the tiny model generating on the other core ({s['cpu_steps']} steps, {s['cpu_job_s']:.2f} s per job): "
         f"{r['total_ratio_nonblocking_cpu_generator']:.3f} (rounds "
         f"{', '.join(f'{x:.3f}' for x in r['total_ratio_nonblocking_cpu_generator_rounds'])}; "
