@@ -13,7 +13,9 @@ Sections (``--only a,b`` or ``BENCH_ARGS="--only a,b"`` picks some; each is merg
 * ``service`` (bench/service.py): a tiny-model job through REST + Redis + worker / in-process.
 * ``noop`` (bench/noop.py): the service's own cost per job: latency, where it goes, jobs/s.
 * ``scaling`` (bench/scaling.py): throughput of 1, 2, 4, 8 echo replicas on one Redis.
-* ``stall`` (``python -m actgen_trainer.bench``): non-blocking training's total time / real-only.
+* ``stall`` (``python -m actgen_trainer.bench``): non-blocking training's total time / real-only
+  against a GPU-like (echo) generator that keeps up, the same with the tiny model on the other
+  core and that core's co-run slowdown, and a generator that cannot keep up.
 
 Modes are interleaved over the repeats and each time is the fastest repeat (as ``timeit`` does:
 other load only ever adds time); medians are kept beside them. A bench is not a test: nothing
@@ -217,21 +219,9 @@ def _stall(repeats: int) -> dict[str, Any]:
 
 
 def _stall_table(r: dict[str, Any]) -> str:
-    lines = [
-        f"stall: non-blocking training / real-only total time, median of {r['setup']['repeats']} interleaved "
-        f"rounds, trainer cores {r['setup']['trainer_cores']}, generator cores {r['setup']['generator_cores']}",
-        f"  generator keeps up ({r['setup']['fast_steps']} steps): {r['total_ratio_nonblocking']:.3f} "
-        f"(rounds {', '.join(f'{x:.3f}' for x in r['total_ratio_nonblocking_rounds'])}); "
-        f"target <= {r['target_total_ratio']}",
-    ]
-    for name, s in r["slow"].items():
-        d = s["delivery"]
-        lines.append(
-            f"  generator cannot keep up ({r['setup']['slow_steps']} steps), {name}: {s['total_ratio']:.3f}; "
-            f"asked {d['asked']}, on time {d['on_time']}, late {d['late']}, never {d['never']}, "
-            f"epochs skipped (max_inflight) {d['skipped_backpressure']}"
-        )
-    return "\n".join(lines)
+    from actgen_trainer.bench import table
+
+    return table(r)
 
 
 def main(argv: list[str] | None = None) -> int:

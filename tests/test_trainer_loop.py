@@ -77,3 +77,22 @@ def test_real_mode_posts_nothing(tmp_path: Path) -> None:
     assert summary.images_generated == 0 and trainer.state.jobs == []
     assert [r["posted"] for r in trainer.state.metrics] == [0, 0]
     assert [r.get("merged_validation", False) for r in trainer.state.metrics] == [False, True]
+
+
+def test_non_blocking_run_waits_for_jobs_still_out_one_epoch_after_the_last_post(
+    tmp_path: Path, client: GeneratorClient
+) -> None:
+    """Mid-training (epoch 2) trains on what has arrived; epoch 3 waits (bounded) for the rest,
+    so the last job had an epoch to finish, as every job has before its images are due."""
+    cfg = small_config(tmp_path)
+    trainer = Trainer(cfg, client=client, progress=False)
+    summary = trainer.run()
+    rows = trainer.state.metrics
+    assert cfg.generation_epochs == 2 and cfg.final_wait_epoch == 3
+    assert [r["posted"] for r in rows] == [2, 2, 0, 0]
+    assert rows[2].get("merged_validation") and "seconds_final_wait" not in rows[2]
+    assert "seconds_final_wait" in rows[3]
+    # everything asked for arrived, the last job's images by the wait at epoch 3 at the latest
+    assert summary.delivery["asked"] == len(trainer.generated) == 4 and summary.delivery["never"] == 0
+    last = trainer.state.jobs[-1]["job_id"]
+    assert [r.folded_before_epoch <= 3 for r in trainer.generated.records if r.job_id == last] == [True] * 2

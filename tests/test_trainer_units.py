@@ -46,6 +46,17 @@ def test_every_shipped_config_loads() -> None:
     assert c10.data.augment == "crop_flip" and c10.generation_epochs == 150
 
 
+@pytest.mark.parametrize(
+    ("epochs", "posts_until", "waits_at"), [(300, 150, 151), (6, 3, 4), (3, 1, 2), (2, 1, 1), (1, 1, None)]
+)
+def test_the_wait_for_jobs_still_out_comes_one_epoch_after_the_last_post(
+    epochs: int, posts_until: int, waits_at: int | None
+) -> None:
+    """The last job gets the epoch every job gets before it is due; the last epoch at the latest."""
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"train.epochs={epochs}"])
+    assert (cfg.generation_epochs, cfg.final_wait_epoch) == (posts_until, waits_at)
+
+
 def test_dotted_overrides_are_typed(tmp_path: Path) -> None:
     cfg = load_config(
         REPO / "configs" / "demo.yaml",

@@ -210,8 +210,8 @@ class GenerationConfig(_Section):
     final_wait_s: float = Field(
         300.0,
         ge=0,
-        description="at mid-training (end of generation), wait at most this long "
-        "for the jobs still out, so the second half trains on what was asked for",
+        description="one epoch after mid-training (the end of generation), wait at most this "
+        "long for the jobs still out, so the second half trains on what was asked for",
     )
     retries: int = Field(
         5,
@@ -298,6 +298,18 @@ class Config(_Section):
     def generation_epochs(self) -> int:
         """Jobs are posted after epochs 0 .. generation_epochs-1; the slice merges back then."""
         return max(1, int(self.train.epochs * self.generation.generate_fraction))
+
+    @property
+    def final_wait_epoch(self) -> int | None:
+        """The epoch that starts with the bounded wait for the jobs still out (``final_wait_s``).
+
+        The one after mid-training: the last job (posted after epoch ``generation_epochs - 1``)
+        has had an epoch to finish, so a generator that keeps up is never waited for, and its
+        images are still on time (trained on from epoch e + 2, as every job's). Mid-training
+        itself when that is the last epoch; None when no epoch follows the last post.
+        """
+        last = self.train.epochs - 1
+        return min(self.generation_epochs + 1, last) if last >= self.generation_epochs else None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -428,7 +428,8 @@ class GeneratorLink:
         return out
 
     def _final_wait(self, epoch: int) -> int:
-        """End of generation: wait up to ``final_wait_s`` for the jobs still out. Collective."""
+        """After the last post (``Config.final_wait_epoch``): wait up to ``final_wait_s`` for the
+        jobs still out. Collective."""
         budget = self.cfg.generation.final_wait_s
         deadline = time.monotonic() + budget
         folded = 0

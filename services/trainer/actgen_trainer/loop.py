@@ -13,7 +13,8 @@ its shard of the test set and of the validation slice (metrics all-reduced), and
 hard samples; rank 0 uploads the classifier once per epoch and decides how far the results
 stream is read, and every rank then folds the same items in the same order into a folder of
 its own, so no shared filesystem is needed. Backpressure: at most ``max_inflight`` unfinished
-jobs per rank; at mid-training a bounded wait for the jobs still out.
+jobs per rank; one epoch after mid-training (``Config.final_wait_epoch``: the last job has had
+an epoch, as every job has before its images are due) a bounded wait for the jobs still out.
 
 Here: the Trainer and its epoch loop. Its other parts are mixins in their own modules: the
 generator link (``link.py``: post, fold, drop, record), the run folder and checkpoints
@@ -257,7 +258,7 @@ class Trainer(Checkpoints, GeneratorLink):
 
         t0 = time.perf_counter()
         folded = 0
-        if generating and epoch == cfg.generation_epochs:
+        if generating and epoch == cfg.final_wait_epoch:
             folded += self._final_wait(epoch)
             row["seconds_final_wait"] = time.perf_counter() - t0
         folded += self._fold(epoch) if generating else 0
