@@ -406,6 +406,9 @@ async def test_results_entry_fields(queue: JobQueue) -> None:
     latent = await queue.get_bytes(entry["latent_key"])
     assert latent is not None and codecs.latent_decode(latent).dtype == np.float16
     assert await queue.get_bytes("elsewhere:secret") is None
+    many = await queue.get_many([entry["image_key"], "elsewhere:secret", "", entry["latent_key"]])
+    assert many == [make_items(d)[0].png, None, None, latent]
+    assert await queue.get_many([]) == []
     with pytest.raises(ValueError, match="cursor"):
         await queue.read_results("run-1", after="not-an-id")
 
