@@ -3,9 +3,9 @@
 It runs as a task in the API's event loop; the sampler call itself runs in a thread
 (``asyncio.to_thread``) so the API keeps answering while the model works (a sampler without a
 model that says so, ``Sampler.inline``, runs a batch of a few small images on the loop: that is
-cheaper than the hop to a thread). The heartbeat runs in
-a thread of its own with its own Redis connection (:class:`actgen_shared.queue.Heartbeat`), so
-neither a stalled event loop nor a long batch lets the lease lapse.
+cheaper than the hop to a thread). The heartbeat runs in a thread of its own with its own Redis
+connection (:class:`actgen_shared.queue.Heartbeat`), so neither a stalled event loop nor a long
+batch lets the lease lapse.
 
 * Fetch jobs (own pending entries first after a restart and every ``pending_rescan_s``, then
   those of dead consumers, then new ones) and start them in the same step (one Lua call a job),
@@ -19,10 +19,10 @@ neither a stalled event loop nor a long batch lets the lease lapse.
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
-  items are stored (with its last items, in the same Lua call), and keep serving. A batch that raises fails no job at once: its jobs run
-  again one by one, so only a job that fails alone is failed (with the message); an out-of-memory
-  error halves the batch size instead, and one at a single item is put back on the queue (it
-  counts toward ``max_deliveries``).
+  items are stored (in the same Lua call as its last items), and keep serving. A batch that
+  raises fails no job at once: its jobs run again one by one, so only a job that fails alone is
+  failed (with the message); an out-of-memory error halves the batch size instead, and one at a
+  single item is put back on the queue (it counts toward ``max_deliveries``).
 * Heartbeat every ``settings.heartbeat_interval_s``, from its own thread. On stop (SIGTERM) the
   running batch is interrupted at the next step and every unfinished job is released.
 """
@@ -241,7 +241,7 @@ class Worker:
             jobs = max(1, (self.settings.max_batch - pending) // self._items_per_job)
             deliveries = await self.consumer.fetch(jobs, block_ms, tracked=self._tracked(), start=True)
             now = time.monotonic()
-            for delivery in deliveries:  # held from here until started, whatever fails meanwhile
+            for delivery in deliveries:  # held from here until active, whatever fails meanwhile
                 self.admitting[delivery.entry_id] = delivery
                 self._fetched_at[delivery.entry_id] = now
             await self._admit_waiting()
