@@ -2,7 +2,7 @@
 
 * The heartbeat is beaten from a thread of its own: a worker whose event loop is blocked for
   longer than the lease keeps its job, and the job is computed once.
-* No delivery a live worker forgets: a Redis error between fetch and start, or an XREADGROUP
+* No delivery a live worker forgets: a lost reply of the admit-and-start step, or an XREADGROUP
   reply that never reached it, and the job is still done by that worker, in bounded time.
 
 Each worker runs in a thread with its own event loop (as a replica process would), so one can
@@ -171,20 +171,25 @@ def test_a_heartbeat_on_the_event_loop_would_lapse_in_the_same_stall(fast: Setti
     assert state.deliveries == 2 and state.replica == "stall-b"
 
 
-def test_redis_error_between_fetch_and_start_does_not_drop_the_delivery(fast: Settings) -> None:
+def test_a_lost_reply_of_the_admit_and_start_step_counts_the_delivery_once(fast: Settings) -> None:
+    """The worker admits and starts a job in one Lua step; here that step runs in Redis but its
+    reply is lost (the connection drops). The entry stays with the consumer, the step runs again
+    at the next fetch, and finds the delivery started already: it is counted once, not twice."""
     w = WorkerThread(fast, "flaky-start", EchoSampler())
     failures = []
     w.start()
     assert w.worker is not None
-    real_start = w.worker.consumer.start
+    consumer = w.worker.consumer
+    real_admit = consumer._admit
 
-    async def flaky_start(delivery):  # type: ignore[no-untyped-def]
+    async def lossy_admit(entry_id, job_id, note, start):  # type: ignore[no-untyped-def]
+        delivery = await real_admit(entry_id, job_id, note, start)
         if not failures:
-            failures.append(delivery.job_id)
-            raise RedisConnectionError("injected: connection lost between fetch and start")
-        return await real_start(delivery)
+            failures.append((job_id, start, delivery is not None and delivery.started is not None))
+            raise RedisConnectionError("injected: connection lost before the reply of admit")
+        return delivery
 
-    w.worker.consumer.start = flaky_start  # type: ignore[method-assign]
+    consumer._admit = lossy_admit  # type: ignore[method-assign]
     try:
         job_id, _ = _on_queue(fast, lambda q: q.submit(_request("run-flaky")))
         began = time.monotonic()
@@ -192,7 +197,7 @@ def test_redis_error_between_fetch_and_start_does_not_drop_the_delivery(fast: Se
         took = time.monotonic() - began
     finally:
         w.stop()
-    assert failures == [job_id]
+    assert failures == [(job_id, True, True)]  # it had started the job when the reply was lost
     assert state.replica == "flaky-start" and state.deliveries == 1
     assert took < 10, f"done {took:.1f}s after submit"
 
@@ -206,11 +211,11 @@ def test_admit_step_failing_keeps_the_entry_for_the_next_fetch(fast: Settings) -
     consumer = w.worker.consumer
     real_admit = consumer._admit
 
-    async def flaky_admit(entry_id, job_id, note):  # type: ignore[no-untyped-def]
+    async def flaky_admit(entry_id, job_id, note, start):  # type: ignore[no-untyped-def]
         if not failures:
             failures.append(job_id)
             raise RedisConnectionError("injected: connection lost after XREADGROUP")
-        return await real_admit(entry_id, job_id, note)
+        return await real_admit(entry_id, job_id, note, start)
 
     consumer._admit = flaky_admit  # type: ignore[method-assign]
     try:
@@ -359,3 +364,34 @@ def test_a_replica_takes_one_batch_of_jobs_not_what_idle_replicas_could_run(fast
         a.stop()
         if b is not None:
             b.stop()
+
+
+class ThreadRecordingEcho(EchoSampler):
+    """An inline echo that records which thread ran each of its batches."""
+
+    def __init__(self) -> None:
+        super().__init__(inline=True)
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, items, options, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.current_thread())
+        return super().__call__(items, options, classifier=classifier, on_step=on_step)
+
+
+def test_an_inline_sampler_runs_small_batches_on_the_loop_and_big_ones_in_a_thread(fast: Settings) -> None:
+    """A sampler without a model (``inline``) computes a batch of a few small images on the
+    worker's event loop, cheaper than a thread hop; a batch of big images still goes to a thread,
+    and so does every batch of a sampler that does not say it is inline (its subclasses too)."""
+    small = _request("run-inline-small", n_items=1)
+    big = _request("run-inline-big", n_items=1)
+    big.options.output_size = 512  # 768 KiB of RGB to encode: too much for the event loop
+    sampler = ThreadRecordingEcho()
+    w = WorkerThread(fast, "inline", sampler).start()
+    try:
+        for request in (small, big):
+            job_id, _ = _on_queue(fast, lambda q, r=request: q.submit(r))
+            _wait(lambda j=job_id: _state(fast, j).status is JobStatus.done, "done")
+    finally:
+        w.stop()
+    assert [t is w._thread for t in sampler.threads] == [True, False]
+    assert not SlowEcho(0.0).inline and not EchoSampler(inline=True, step_seconds=0.01).inline

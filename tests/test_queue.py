@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from actgen_shared import codecs
-from actgen_shared.consumer import Consumer, Delivery, StoredItem
+from actgen_shared.consumer import Consumer, Delivery, Started, StoredItem
 from actgen_shared.queue import JobQueue, ReplicaIdInUse, connect
 from actgen_shared.schemas import ItemResult, JobRequest, JobResult, JobStatus, Mode
 from actgen_shared.settings import Settings
@@ -276,6 +276,85 @@ async def test_store_is_idempotent_per_item_and_resumes(queue: JobQueue) -> None
     assert await results_len(queue, "run-1") == 3
 
 
+async def test_fetch_that_starts_is_one_step_and_a_retried_one_counts_once(queue: JobQueue) -> None:
+    """``fetch(start=True)`` (the worker's way) admits and starts each job in one Lua step. The
+    same step run again for the same delivery (its reply was lost) starts nothing twice, and
+    says which items are stored by then; a job whose cancel flag is up is not started."""
+    job_id, _ = await queue.submit(make_request(n_items=2))
+    c = Consumer(queue, "host-a")
+    [d] = await c.fetch(count=1, block_ms=100, start=True)
+    assert d.deliveries == 1 and d.started is not None and d.started.done == frozenset()
+    state = await queue.state(job_id)
+    assert state is not None and (state.status, state.replica, state.deliveries) == (
+        JobStatus.running,
+        "host-a",
+        1,
+    )
+    assert await c.store_items(d, make_items(d)[:1], bank_cap=10) == 1
+    again = await c._admit(d.entry_id, job_id, "", True)  # the retry of a step whose reply was lost
+    assert again is not None and again.deliveries == 1 and again.started == Started(frozenset({0}))
+    counts = await queue.counts_by_status()
+    assert (counts["queued"], counts["running"]) == (0, 1)
+    state = await queue.state(job_id)
+    assert state is not None and state.deliveries == 1
+
+    # at its last allowed delivery too: the retry is that delivery, not one past the cap
+    last = JobQueue(queue.redis, queue.settings.model_copy(update={"max_deliveries": 1}))
+    last_id, _ = await last.submit(make_request(run_id="run-last"))
+    c_last = Consumer(last, "host-c")
+    [dl] = await c_last.fetch(count=1, block_ms=100, start=True)
+    assert dl.job_id == last_id and dl.deliveries == 1
+    retried = await c_last._admit(dl.entry_id, last_id, "", True)
+    assert retried is not None and retried.deliveries == 1
+    state = await last.state(last_id)
+    assert state is not None and state.status is JobStatus.running  # not dead-lettered
+
+    cancelled_id, _ = await queue.submit(make_request(run_id="run-2"))
+    b = Consumer(queue, "host-b")
+    [taken] = await b.fetch(count=1, block_ms=100)  # admitted, not started: still queued
+    assert taken.started is None and await queue.cancel(cancelled_id) is JobStatus.cancelled
+    await queue.submit(make_request(run_id="run-3"))
+    [other] = await b.fetch(count=1, block_ms=100, start=True)
+    assert other.request.run_id == "run-3"  # the cancelled job was skipped, not started
+
+
+async def test_store_and_complete_keeps_the_guarantees_of_store_then_complete(queue: JobQueue) -> None:
+    """The worker stores a job's last items and completes it in one step: items are stored once
+    whoever stores them, only the entry's owner finishes the job, a final job gets nothing."""
+    job_id, _ = await queue.submit(make_request(n_items=3, bank="bank-1"))
+    a, b = Consumer(queue, "host-a"), Consumer(queue, "host-b")
+    [da] = await a.fetch(count=1, block_ms=100, start=True)
+    # a stalls past its lease (presumed dead) but is still working; b takes the job over
+    [db] = await until(lambda: b.fetch(count=1, block_ms=100, start=True), "reclaim by host-b")
+    assert db.deliveries == 2 and db.started is not None
+    stored_a, finished_a = await a.store_and_complete(
+        da, make_items(da, tag=1), 100, make_result(da, "host-a")
+    )
+    assert (stored_a, finished_a) == (3, False)  # stored (once), but the job is b's to finish
+    state = await queue.state(job_id)
+    assert state is not None and state.status is JobStatus.running
+    stored_b, finished_b = await b.store_and_complete(
+        db, make_items(db, tag=2), 100, make_result(db, "host-b")
+    )
+    assert (stored_b, finished_b) == (0, True)
+    state = await queue.state(job_id)
+    assert state is not None and state.status is JobStatus.done and state.result is not None
+    assert state.result.replica == "host-b" and state.finished_at is not None
+    assert await results_len(queue, "run-1") == 3 and await queue.bank_counts("bank-1") == {0: 1, 1: 1, 2: 1}
+    assert await queue.image(job_id, 1) == make_items(da, tag=1)[1].png
+    assert (await queue.counts_by_status())["done"] == 1
+    assert (await queue.redis.xpending(queue.keys.jobs_stream, queue.group))["pending"] == 0  # b acked it
+
+    cancelled_id, _ = await queue.submit(make_request(run_id="run-2"))
+    [dc] = await a.fetch(count=1, block_ms=100, start=True)
+    assert await queue.cancel(cancelled_id) is JobStatus.running
+    await a.mark_cancelled(dc)
+    assert await a.store_and_complete(dc, make_items(dc), 10, make_result(dc, "host-a")) == (0, False)
+    assert await results_len(queue, "run-2") == 0
+    state = await queue.state(cancelled_id)
+    assert state is not None and state.status is JobStatus.cancelled and state.result is None
+
+
 # --- results stream -----------------------------------------------------------------------------
 
 
@@ -327,6 +406,9 @@ async def test_results_entry_fields(queue: JobQueue) -> None:
     latent = await queue.get_bytes(entry["latent_key"])
     assert latent is not None and codecs.latent_decode(latent).dtype == np.float16
     assert await queue.get_bytes("elsewhere:secret") is None
+    many = await queue.get_many([entry["image_key"], "elsewhere:secret", "", entry["latent_key"]])
+    assert many == [make_items(d)[0].png, None, None, latent]
+    assert await queue.get_many([]) == []
     with pytest.raises(ValueError, match="cursor"):
         await queue.read_results("run-1", after="not-an-id")
 

@@ -21,6 +21,14 @@ from actgen_shared.replies import as_str, stream_entries
 from actgen_shared.schemas import START_CURSOR, JobRequest, JobResult, JobStatus
 
 
+@dataclass(frozen=True)
+class Started:
+    """A job this consumer now runs: the indices of its items already stored (by an earlier
+    delivery), which the worker skips."""
+
+    done: frozenset[int]
+
+
 @dataclass
 class Delivery:
     """One hand-over of a job to a consumer."""
@@ -29,6 +37,7 @@ class Delivery:
     job_id: str
     deliveries: int  # how many times this job has been delivered (1 on first)
     request: JobRequest  # parsed from the job hash
+    started: Started | None = None  # set when ``fetch(start=True)`` started it already
 
 
 @dataclass
@@ -40,14 +49,6 @@ class StoredItem:
     guide_id: str | None
     png: bytes  # generated image
     latent: bytes | None  # float16 safetensors bytes (codecs.latent_encode), also pushed to the bank
-
-
-@dataclass(frozen=True)
-class Started:
-    """A job this consumer now runs: the indices of its items already stored (by an earlier
-    delivery), which the worker skips."""
-
-    done: frozenset[int]
 
 
 class Consumer:
@@ -93,24 +94,30 @@ class Consumer:
         )
         return owned_entries(self.name, reply, q.settings.lease_s)
 
-    async def fetch(self, count: int, block_ms: int, tracked: Collection[str] = ()) -> list[Delivery]:
+    async def fetch(
+        self, count: int, block_ms: int, tracked: Collection[str] = (), start: bool = False
+    ) -> list[Delivery]:
         """Up to ``count`` jobs to run: entries fetched earlier but not yet handed over, our own
         pending ones (at the first call and every ``pending_rescan_s``), then those of dead
         consumers, then new ones (waiting up to ``block_ms``; 0 or less: no wait).
 
         ``tracked``: entry ids the caller holds already (skipped when our pending list is re-read).
+        ``start``: start each job here in the same step as deciding to run it (``Delivery.started``
+        is set; no :meth:`start` call needed): one round trip per job instead of two.
         """
         try:
-            return await self._fetch(count, block_ms, tracked)
+            return await self._fetch(count, block_ms, tracked, start)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.queue.ensure_group()  # Redis lost the group (flushed): make it again
             self._pending_cursor = START_CURSOR
             self.unadmitted.clear()
-            return await self._fetch(count, block_ms, tracked)
+            return await self._fetch(count, block_ms, tracked, start)
 
-    async def _fetch(self, count: int, block_ms: int, tracked: Collection[str]) -> list[Delivery]:
+    async def _fetch(
+        self, count: int, block_ms: int, tracked: Collection[str], start: bool
+    ) -> list[Delivery]:
         q, k = self.queue, self._k
         count = max(1, count)
         if not self._group_ready:
@@ -143,7 +150,7 @@ class Consumer:
                 self.unadmitted[entry_id] = (fields.get("job_id", ""), "")
         entries = list(self.unadmitted)[:count]
         admissions = await asyncio.gather(
-            *(self._admit(entry_id, *self.unadmitted[entry_id]) for entry_id in entries),
+            *(self._admit(entry_id, *self.unadmitted[entry_id], start) for entry_id in entries),
             return_exceptions=True,
         )
         deliveries: list[Delivery] = []
@@ -205,7 +212,7 @@ class Consumer:
             out += [(as_str(flat[i]) or "", as_str(flat[i + 1]) or "", note) for i in range(0, len(flat), 2)]
         return out
 
-    async def _admit(self, entry_id: str, job_id: str, note: str) -> Delivery | None:
+    async def _admit(self, entry_id: str, job_id: str, note: str, start: bool) -> Delivery | None:
         q, k = self.queue, self._k
         if not job_id:  # an entry without a job id (foreign or damaged): drop it
             await q.redis.xack(k.jobs_stream, q.group, entry_id)
@@ -227,17 +234,21 @@ class Consumer:
                 repr(time.time()),
                 q.settings.result_ttl_s,
                 DEAD_LETTER_MAXLEN,
+                self.name if start else "",
+                self.token if start else "",
             ],
         )
         if as_str(reply[0]) != "ok":
             return None
+        deliveries = int(reply[1])
         try:
             request = JobRequest.model_validate_json(reply[2])
         except ValueError as exc:  # stored by an incompatible version: fail it, do not loop
-            delivery = Delivery(entry_id, job_id, int(reply[1]) + 1, None)  # type: ignore[arg-type]
+            delivery = Delivery(entry_id, job_id, deliveries, None)  # type: ignore[arg-type]
             await self.fail(delivery, f"stored request no longer validates: {exc}")
             return None
-        return Delivery(entry_id=entry_id, job_id=job_id, deliveries=int(reply[1]) + 1, request=request)
+        started = Started(done=frozenset(int(i) for i in reply[3:])) if start else None
+        return Delivery(entry_id, job_id, deliveries, request, started)
 
     async def start(self, delivery: Delivery) -> Started | None:
         """Mark the job running on this consumer, and say which of its items an earlier delivery
@@ -281,23 +292,51 @@ class Consumer:
         """
         if not items:
             return 0
-        q, k, req = self.queue, self._k, delivery.request
-        keys = [k.job(delivery.job_id), k.job_done_items(delivery.job_id), k.run_results(req.run_id)]
+        stored, _ = await self._store(delivery, items, bank_cap, None)
+        return stored
+
+    async def store_and_complete(
+        self, delivery: Delivery, items: list[StoredItem], bank_cap: int, result: JobResult
+    ) -> tuple[int, bool]:
+        """:meth:`store_items` then :meth:`complete`, in one atomic step (one round trip), for
+        the job's last items; returns (how many were new, True if this call finished the job)."""
+        stored, finished = await self._store(delivery, items, bank_cap, result)
+        return stored, finished == 1
+
+    async def _store(
+        self, delivery: Delivery, items: list[StoredItem], bank_cap: int, result: JobResult | None
+    ) -> tuple[int, int | None]:
+        """store.lua: (items that were new, finish.lua's answer when a result was given)."""
+        q, k, req, job_id = self.queue, self._k, delivery.request, delivery.job_id
+        keys = [
+            k.job(job_id),
+            k.job_done_items(job_id),
+            k.run_results(req.run_id),
+            k.jobs_by_status,
+            k.jobs_stream,
+            k.job_progress(job_id),
+            k.cancel(job_id),
+        ]
         args: list[bytes | str | int | float] = [
             q.settings.result_ttl_s,
             q.settings.results_stream_maxlen,
             max(1, bank_cap),
             1 if req.memory_bank_key else 0,
-            delivery.job_id,
+            job_id,
             req.epoch,
             len(items),
             q.settings.bank_ttl_s,
+            q.group,
+            delivery.entry_id,
+            self.name,
+            repr(time.time()),
+            "" if result is None else result.model_dump_json(),
         ]
         bank = req.memory_bank_key or ""
         for item in items:
             keys += [
-                k.job_image(delivery.job_id, item.index),
-                k.job_latent(delivery.job_id, item.index),
+                k.job_image(job_id, item.index),
+                k.job_latent(job_id, item.index),
                 k.bank(bank, item.class_id),
             ]
             args += [
@@ -308,7 +347,8 @@ class Consumer:
                 item.png,
                 item.latent or b"",
             ]
-        return int(await q.scripts.store(keys=keys, args=args))
+        reply = await q.scripts.store(keys=keys, args=args)
+        return int(reply[0]), (int(reply[1]) if len(reply) > 1 else None)
 
     async def _finish(self, delivery: Delivery, status: JobStatus, field: str, value: str) -> int:
         q, k, job_id = self.queue, self._k, delivery.job_id

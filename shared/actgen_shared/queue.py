@@ -288,6 +288,16 @@ class JobQueue:
             return None
         return cast(bytes | None, await self.redis.get(key))
 
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """:meth:`get_bytes` of each key, in one round trip (MGET) for a whole results page."""
+        ours = [key for key in keys if key and key.startswith(self.keys.prefix)]
+        found = (
+            dict(zip(ours, cast(list[bytes | None], await self.redis.mget(ours)), strict=True))
+            if ours
+            else {}
+        )
+        return [found.get(key) for key in keys]
+
     # --- memory banks ------------------------------------------------------------------------
     async def _bank_keys(self, bank_key: str) -> list[tuple[int, str]]:
         found = []

@@ -75,6 +75,12 @@ class Sampler(Protocol):
         """Generation size (px) when the options name none."""
         ...
 
+    @property
+    def inline(self) -> bool:
+        """True for a sampler without a model whose call takes microseconds: the worker runs a
+        batch of a few small images on its event loop rather than hopping to a thread."""
+        ...
+
     def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
         """(C, h, w) of the latents a job with these options makes."""
         ...

@@ -30,12 +30,20 @@ class EchoSampler:
     """Satisfies :class:`~actgen_generator.contract.Sampler` without a model."""
 
     def __init__(
-        self, native_size: int = 64, latent_channels: int = 4, scale: int = 8, step_seconds: float = 0.0
+        self,
+        native_size: int = 64,
+        latent_channels: int = 4,
+        scale: int = 8,
+        step_seconds: float = 0.0,
+        inline: bool = False,
     ) -> None:
         self.native_size = native_size
         self.latent_channels = latent_channels
         self.scale = scale
         self.step_seconds = step_seconds  # > 0: every step takes this long (chaos runs, tests)
+        # True: small batches run on the worker's event loop (a call takes microseconds; not
+        # with step_seconds, and not for a subclass that does more unless it says so)
+        self.inline = inline and step_seconds <= 0
 
     def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
         return latent_shape(options, self.native_size, self.latent_channels, self.scale)

@@ -207,6 +207,8 @@ class _Draw:
 class GuidedSampler:
     """Samples batches with the modes of the paper: random, ig, aig, actgen."""
 
+    inline = False  # the model's work runs in the worker's thread, off the event loop
+
     def __init__(
         self, model: LoadedModel, prompt_cache_size: int = 1024, adv_decode: AdvDecode = "full"
     ) -> None:

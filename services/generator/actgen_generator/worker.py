@@ -1,14 +1,16 @@
 """The worker loop of a replica: Redis stream -> batches -> sampler -> stored results.
 
 It runs as a task in the API's event loop; the sampler call itself runs in a thread
-(``asyncio.to_thread``) so the API keeps answering while the model works. The heartbeat runs in
-a thread of its own with its own Redis connection (:class:`actgen_shared.queue.Heartbeat`), so
-neither a stalled event loop nor a long batch lets the lease lapse.
+(``asyncio.to_thread``) so the API keeps answering while the model works (a sampler without a
+model that says so, ``Sampler.inline``, runs a batch of a few small images on the loop: that is
+cheaper than the hop to a thread). The heartbeat runs in a thread of its own with its own Redis
+connection (:class:`actgen_shared.queue.Heartbeat`), so neither a stalled event loop nor a long
+batch lets the lease lapse.
 
 * Fetch jobs (own pending entries first after a restart and every ``pending_rescan_s``, then
-  those of dead consumers, then new ones), start them, skip items already stored by an earlier
-  delivery. A fetched delivery is held in ``admitting`` until it is started: a Redis error
-  while starting it leaves it there to be retried, never forgotten.
+  those of dead consumers, then new ones) and start them in the same step (one Lua call a job),
+  skip items already stored by an earlier delivery. A fetched delivery is held in ``admitting``
+  until it is active here: a Redis error meanwhile leaves it there to be retried, never forgotten.
 * A job another consumer took from us (our lease lapsed: the process was paused, say) is
   dropped at the next step; only the owner of an entry can finish its job.
 * Batch pending items of compatible jobs, up to ``settings.max_batch``, into one sampler
@@ -17,10 +19,10 @@ neither a stalled event loop nor a long batch lets the lease lapse.
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
-  items are stored, and keep serving. A batch that raises fails no job at once: its jobs run
-  again one by one, so only a job that fails alone is failed (with the message); an out-of-memory
-  error halves the batch size instead, and one at a single item is put back on the queue (it
-  counts toward ``max_deliveries``).
+  items are stored (in the same Lua call as its last items), and keep serving. A batch that
+  raises fails no job at once: its jobs run again one by one, so only a job that fails alone is
+  failed (with the message); an out-of-memory error halves the batch size instead, and one at a
+  single item is put back on the queue (it counts toward ``max_deliveries``).
 * Heartbeat every ``settings.heartbeat_interval_s``, from its own thread. On stop (SIGTERM) the
   running batch is interrupted at the next step and every unfinished job is released.
 """
@@ -28,14 +30,16 @@ neither a stalled event loop nor a long batch lets the lease lapse.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 
 from redis.exceptions import RedisError
 
 from actgen_generator import memory_bank
-from actgen_generator.batch import ActiveJob, Bank, compute_batch, next_batch, out_of_memory
+from actgen_generator.batch import ActiveJob, Bank, compute_batch, next_batch, out_of_memory, runs_inline
 from actgen_generator.classifiers import ClassifierCache
 from actgen_generator.contract import Cancelled, Sampler, StepCallback
 from actgen_generator.events import log_event
@@ -235,9 +239,9 @@ class Worker:
             if pending >= self.settings.max_batch:
                 return
             jobs = max(1, (self.settings.max_batch - pending) // self._items_per_job)
-            deliveries = await self.consumer.fetch(jobs, block_ms, tracked=self._tracked())
+            deliveries = await self.consumer.fetch(jobs, block_ms, tracked=self._tracked(), start=True)
             now = time.monotonic()
-            for delivery in deliveries:  # held from here until started, whatever fails meanwhile
+            for delivery in deliveries:  # held from here until active, whatever fails meanwhile
                 self.admitting[delivery.entry_id] = delivery
                 self._fetched_at[delivery.entry_id] = now
             await self._admit_waiting()
@@ -246,7 +250,7 @@ class Worker:
             block_ms = 0  # what is there already, no waiting for more
 
     async def _admit_waiting(self) -> None:
-        """Start the fetched deliveries (their round trips at once, activated in fetch order);
+        """Admit the fetched deliveries (their round trips at once, activated in fetch order);
         one that meets a Redis outage stays for the next round, and the outage propagates."""
         if self.stopping or not self.admitting:
             return  # run() releases them
@@ -264,9 +268,10 @@ class Worker:
             raise error  # run() backs off, then retries
 
     async def _admit(self, delivery: Delivery) -> ActiveJob | None:
-        """Mark one delivery running and load what it needs; None when it does not run here."""
+        """Mark one delivery running (unless fetch did) and load what it needs; None when it does
+        not run here."""
         job_id, request = delivery.job_id, delivery.request
-        started = await self.consumer.start(delivery)
+        started = delivery.started or await self.consumer.start(delivery)
         if started is None:
             log_event("job.skipped", job_id, replica=self.name, reason="cancelled or final")
             self._fetched_at.pop(delivery.entry_id, None)
@@ -365,11 +370,13 @@ class Worker:
         self._cancelled = set()
         self._lost = set()
         on_step = self._step_callback([job.job_id for job in jobs], asyncio.get_running_loop())
+        work = functools.partial(
+            compute_batch, self.sampler, batch, banks, on_step, self.settings.max_image_side
+        )
         started = time.perf_counter()
         try:
-            done = await asyncio.to_thread(
-                compute_batch, self.sampler, batch, banks, on_step, self.settings.max_image_side
-            )
+            # a few small images of a sampler without a model: cheaper here than a thread hop
+            done = work() if runs_inline(self.sampler, batch) else await asyncio.to_thread(work)
         except Cancelled:
             for job in jobs:
                 if job.job_id in self._cancelled and job.job_id in self.active:
@@ -453,18 +460,15 @@ class Worker:
     async def _store(
         self, batch: list[tuple[ActiveJob, int]], done: list[tuple[ItemResult, StoredItem]]
     ) -> None:
-        """Store each job's new items (one atomic step per job, the jobs at once), then complete
-        the jobs that have all their items."""
+        """Store each job's new items (one atomic step per job, the jobs at once; a job whose
+        last items these are is completed in that same step), then complete any other job that
+        has all its items."""
         per_job: dict[str, list[tuple[ItemResult, StoredItem]]] = {}
         for (job, _), result in zip(batch, done, strict=True):
             per_job.setdefault(job.job_id, []).append(result)
         stores = [(active, per_job[job_id]) for job_id in per_job if (active := self.active.get(job_id))]
         outcomes = await asyncio.gather(
-            *(
-                self.consumer.store_items(job.delivery, [s for _, s in results], self.settings.bank_cap)
-                for job, results in stores
-            ),
-            return_exceptions=True,
+            *(self._store_job(job, results) for job, results in stores), return_exceptions=True
         )
         outage: BaseException | None = None
         for (job, results), outcome in zip(stores, outcomes, strict=True):
@@ -480,9 +484,24 @@ class Worker:
                 job.records[stored.index] = record
             finished = {stored.index for _, stored in results}
             job.pending = [k for k in job.pending if k not in finished]
+            if outcome is not None:  # its last items: completed in the same step
+                self._completed(job, outcome)
         if outage is not None:
             raise outage
         await self._complete_finished()
+
+    async def _store_job(self, job: ActiveJob, results: list[tuple[ItemResult, StoredItem]]) -> bool | None:
+        """Store one job's new items; with its last ones, complete it in the same round trip.
+        Returns whether this call finished the job, None when the job has items to come."""
+        items = [stored for _, stored in results]
+        if not set(job.pending) <= {stored.index for stored in items}:
+            await self.consumer.store_items(job.delivery, items, self.settings.bank_cap)
+            return None
+        records = {**job.records, **{stored.index: record for record, stored in results}}
+        _, finished = await self.consumer.store_and_complete(
+            job.delivery, items, self.settings.bank_cap, self._result(job, records)
+        )
+        return finished
 
     async def _complete_finished(self) -> None:
         """Complete every job whose items are all stored (again after a Redis outage cut it short)."""
@@ -493,16 +512,21 @@ class Worker:
                 raise outcome  # the others completed; this one is completed again next round
 
     # --- finishing ------------------------------------------------------------------------
-    async def _complete(self, job: ActiveJob) -> None:
+    def _result(self, job: ActiveJob, records: Mapping[int, ItemResult]) -> JobResult:
+        """The job's result: each item's record, redrawn for those an earlier delivery stored."""
         request = job.request
-        records = [
-            job.records.get(k) or job.record_of(k, self.sampler.native_size)
-            for k in range(len(request.items))
+        items = [
+            records.get(k) or job.record_of(k, self.sampler.native_size) for k in range(len(request.items))
         ]
-        result = JobResult(
-            items=records, options=request.options, classifier_ref=request.classifier_ref, replica=self.name
+        return JobResult(
+            items=items, options=request.options, classifier_ref=request.classifier_ref, replica=self.name
         )
-        finished = await self.consumer.complete(job.delivery, result)
+
+    async def _complete(self, job: ActiveJob) -> None:
+        self._completed(job, await self.consumer.complete(job.delivery, self._result(job, job.records)))
+
+    def _completed(self, job: ActiveJob, finished: bool) -> None:
+        """Forget a job that is complete (``finished``: this call made it final)."""
         self.active.pop(job.job_id, None)
         self._solo.discard(job.job_id)
         self._fetched_at.pop(job.delivery.entry_id, None)
@@ -511,7 +535,7 @@ class Worker:
             "job.done",
             job.job_id,
             replica=self.name,
-            items=len(records),
+            items=len(job.request.items),
             finished_here=finished,
             seconds=round(time.monotonic() - job.started, 4),
         )

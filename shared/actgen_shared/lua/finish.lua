@@ -16,10 +16,5 @@ local now = ARGV[6]
 local ttl = ARGV[7]
 local consumer = ARGV[8]
 
-if entry ~= '' and consumer ~= '' then
-  local mine = redis.call('XPENDING', jobs_stream, group, entry, entry, 1, consumer)
-  if #mine == 0 then return -1 end
-end
-local n = finish(job, stats, status, field, value, now, ttl, {job, done, progress, cancel_flag})
-ack(jobs_stream, group, entry)
-return n
+return finish_delivery(job, stats, jobs_stream, group, entry, consumer, status, field, value, now,
+  ttl, {job, done, progress, cancel_flag})

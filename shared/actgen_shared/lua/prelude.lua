@@ -21,3 +21,37 @@ local function finish(job, stats, status, field, value, now, ttl, expire_keys)
   for _, k in ipairs(expire_keys) do redis.call('EXPIRE', k, ttl) end
   return 1
 end
+-- make a job final and ack its entry, only while the entry is ours (finish.lua, store.lua):
+-- 1 if this call finished the job, 0 if it was final already, -1 if the entry is no longer ours
+-- (our lease lapsed and another consumer took it). An empty entry or consumer skips that check.
+local function finish_delivery(job, stats, jobs_stream, group, entry, consumer, status, field, value,
+                               now, ttl, expire_keys)
+  if entry ~= '' and consumer ~= '' then
+    local mine = redis.call('XPENDING', jobs_stream, group, entry, entry, 1, consumer)
+    if #mine == 0 then return -1 end
+  end
+  local n = finish(job, stats, status, field, value, now, ttl, expire_keys)
+  ack(jobs_stream, group, entry)
+  return n
+end
+-- mark a delivery running on a consumer (start.lua, admit.lua): {1, done item indices...}, or 0
+-- when the job is final or cancelled (then acked). The same delivery started twice by one
+-- process (a retried call whose reply was lost, a re-read pending entry) counts once.
+local function start_delivery(job, stats, jobs_stream, cancel_flag, done, progress, group, entry,
+                              consumer, now, ttl, token)
+  local status = redis.call('HGET', job, 'status')
+  if (not status) or is_final(status) then ack(jobs_stream, group, entry); return 0 end
+  if redis.call('EXISTS', cancel_flag) == 1 then
+    finish(job, stats, 'cancelled', '', '', now, ttl, {job, cancel_flag, done, progress})
+    ack(jobs_stream, group, entry)
+    return 0
+  end
+  local start_id = token .. ' ' .. entry
+  if status == 'running' and redis.call('HGET', job, 'start_id') == start_id then
+    return {1, unpack(redis.call('HKEYS', done))}
+  end
+  if status ~= 'running' then set_status(job, stats, status, 'running') end
+  redis.call('HSET', job, 'started_at', now, 'replica', consumer, 'start_id', start_id)
+  redis.call('HINCRBY', job, 'deliveries', 1)
+  return {1, unpack(redis.call('HKEYS', done))}
+end

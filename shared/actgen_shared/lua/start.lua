@@ -16,18 +16,5 @@ local now = ARGV[4]
 local ttl = ARGV[5]
 local token = ARGV[6]
 
-local status = redis.call('HGET', job, 'status')
-if (not status) or is_final(status) then ack(jobs_stream, group, entry); return 0 end
-if redis.call('EXISTS', cancel_flag) == 1 then
-  finish(job, stats, 'cancelled', '', '', now, ttl, {job, cancel_flag, done, progress})
-  ack(jobs_stream, group, entry)
-  return 0
-end
-local start_id = token .. ' ' .. entry
-if status == 'running' and redis.call('HGET', job, 'start_id') == start_id then
-  return {1, unpack(redis.call('HKEYS', done))}
-end
-if status ~= 'running' then set_status(job, stats, status, 'running') end
-redis.call('HSET', job, 'started_at', now, 'replica', consumer, 'start_id', start_id)
-redis.call('HINCRBY', job, 'deliveries', 1)
-return {1, unpack(redis.call('HKEYS', done))}
+return start_delivery(job, stats, jobs_stream, cancel_flag, done, progress, group, entry,
+  consumer, now, ttl, token)

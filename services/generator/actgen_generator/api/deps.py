@@ -19,10 +19,17 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 STARTING = "the service is starting: no Redis connection yet"
 
 
-async def get_service(request: Request) -> Service:
-    # dependencies are ``async def``: FastAPI runs a plain ``def`` one in a thread, a hop per request
+def service_of(request: Request) -> Service:
+    """The replica's service (a plain function: the dependencies below read it from the request
+    rather than depending on ``get_service``, each level of dependencies costing FastAPI work on
+    every request)."""
     service: Service = request.app.state.service
     return service
+
+
+async def get_service(request: Request) -> Service:
+    # dependencies are ``async def``: FastAPI runs a plain ``def`` one in a thread, a hop per request
+    return service_of(request)
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
@@ -30,11 +37,11 @@ _bearer = HTTPBearer(auto_error=False, description="ACTGEN_API_KEY, when the ser
 
 
 async def require_api_key(
-    svc: ServiceDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Bearer-token auth when ``ACTGEN_API_KEY`` is set (in OpenAPI; ApiKeyAuth enforces it first)."""
-    expected = svc.settings.api_key
+    expected = service_of(request).settings.api_key
     if not expected:
         return
     if credentials is None:
@@ -44,16 +51,18 @@ async def require_api_key(
         raise ApiError(401, WRONG_TOKEN)
 
 
-async def get_queue(svc: ServiceDep) -> JobQueue:
-    if svc.queue is None:
+async def get_queue(request: Request) -> JobQueue:
+    queue = service_of(request).queue
+    if queue is None:
         raise ApiError(503, STARTING)
-    return svc.queue
+    return queue
 
 
-async def get_classifiers(svc: ServiceDep) -> ClassifierStore:
-    if svc.classifiers is None:
+async def get_classifiers(request: Request) -> ClassifierStore:
+    classifiers = service_of(request).classifiers
+    if classifiers is None:
         raise ApiError(503, STARTING)
-    return svc.classifiers
+    return classifiers
 
 
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
@@ -86,4 +95,5 @@ __all__ = [
     "get_service",
     "refuse_when_full",
     "require_api_key",
+    "service_of",
 ]

@@ -79,7 +79,8 @@ def load_sampler(svc: Service) -> tuple[Sampler, str, str, str]:
     if svc.sampler_kind == "echo":
         from actgen_generator.echo import EchoSampler  # imported here: torch, off the event loop
 
-        return EchoSampler(step_seconds=svc.settings.echo_step_s), "echo (no model)", "cpu", "float32"
+        echo = EchoSampler(step_seconds=svc.settings.echo_step_s, inline=True)
+        return echo, "echo (no model)", "cpu", "float32"
     from actgen_generator.pipeline import load_pipeline  # diffusers: seconds to import
     from actgen_generator.sampler import GuidedSampler
 

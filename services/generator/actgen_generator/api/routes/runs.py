@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -44,7 +43,7 @@ async def run_results(
     checkpoint) to resume without repeats."""
     wait = min(wait, svc.settings.max_wait_s)  # the page may come back empty: ask again
     entries, next_cursor = await queue.read_results(run_id, _check_cursor(after), limit, wait)
-    images = await asyncio.gather(*(queue.get_bytes(e.get("image_key", "")) for e in entries))
+    images = await queue.get_many([e.get("image_key", "") for e in entries])
     items: list[ResultItem] = []
     size = 0
     for e, image in zip(entries, images, strict=True):
