@@ -32,7 +32,7 @@ demo: setup
 serve: setup
 	$(VENV)/bin/actgen-generator serve --host 127.0.0.1 --port 8000
 
-# bench: every section (about 15 min on a 2-core CPU); BENCH_ARGS="--only sd21cpu,scaling" picks sections.
+# bench: every section (about 25 min on a 2-core CPU); BENCH_ARGS="--only sd21cpu,scaling" picks sections.
 BENCH_ARGS ?=
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)

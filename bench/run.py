@@ -6,7 +6,7 @@ Sections (``--only a,b`` or ``BENCH_ARGS="--only a,b"`` picks some; each is merg
 * ``tiny`` (results key ``sampler_cpu``, issue 3): seconds per image for ``random`` and ``actgen``
   at batch 1 and 8 on the tiny model, 40 steps (actgen: grad_steps 10, memory bank filled,
   adv_prob 0.5, a ``simple_cnn`` classifier), ``guidance_overhead_ratio`` (batch 8),
-  ``batch_speedup``, peak RSS. Target ratio <= 1.3.
+  ``batch_speedup``, peak RSS; the ratio with ``update_uncond=false`` and the guided step's split. Target ratio <= 1.3.
 * ``sd21cpu`` (``sd21_cpu``): SD 2.1's architecture (random weights, built locally) at 128 px on
   the CPU, per cut (bench/sd21.py). Target ratio <= 1.2.
 * ``sd21gpu`` (``sd21_gpu``): the same at 512 px, fp16 and bf16, batch 1/4/8, when CUDA is there.
