@@ -72,6 +72,7 @@ from actgen_trainer.link import job_options
 from actgen_trainer.loop import Trainer
 
 TARGET_RATIO = 1.02
+BUSY_MIN_JOBS = 16  # the smallest backlog the real_busy arm submits
 ARMS = ("real", "nonblocking", "real_busy", "nonblocking_cpu")
 ECHO_STEP_S = 0.05  # the echo replica's seconds per step: a job's time is steps x this
 FAST_JOB_EPOCHS = 0.25  # the generator that keeps up: a job takes a quarter of an epoch
@@ -394,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         probe_job = _workload(config("warm-cpu", steps=args.cpu_steps), 1, args.images, "warm")[0]
         (probe,) = _drain(cpu_client, [cpu_client.submit(probe_job).job_id])
         cpu_job_s = (probe.finished_at or 0.0) - (probe.started_at or 0.0)
-        run_s = warm["total_s"] * args.epochs / WARMUP_EPOCHS  # a generous estimate of one run
-        backlog = math.ceil(2 * run_s / max(cpu_job_s, 0.1)) + 2
+        run_s = warm["total_s"] * args.epochs / WARMUP_EPOCHS  # an estimate of one run
+        # enough jobs to outlast a run four times over: the probe can be slow (the replica's first
+        # job), and a run under load longer than the estimate; what is left is cancelled
+        backlog = max(BUSY_MIN_JOBS, math.ceil(4 * run_s / max(cpu_job_s, 0.05)) + 4)
 
         for k in range(args.repeats):
             order = ARMS[k % len(ARMS) :] + ARMS[: k % len(ARMS)]
