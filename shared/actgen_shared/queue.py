@@ -284,12 +284,12 @@ class JobQueue:
 
     async def get_bytes(self, key: str) -> bytes | None:
         """A blob named by a results entry (image_key / latent_key); None outside this prefix."""
-        if not key or not key.startswith(self.keys.prefix):
-            return None
-        return cast(bytes | None, await self.redis.get(key))
+        (blob,) = await self.get_many([key])
+        return blob
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        """:meth:`get_bytes` of each key, in one round trip (MGET) for a whole results page."""
+        """:meth:`get_bytes` of each key, in one round trip (MGET) for a whole results page; None
+        for a key outside this prefix (a results entry names only this deployment's blobs)."""
         ours = [key for key in keys if key and key.startswith(self.keys.prefix)]
         found = (
             dict(zip(ours, cast(list[bytes | None], await self.redis.mget(ours)), strict=True))
