@@ -1,6 +1,6 @@
 """Guidance overhead where the UNet dominates: SD 2.1's architecture, random weights (issue 12, parts 2 and 5).
 
-* ``sd21cpu``: SD 2.1 base's UNet/VAE/text encoder (DESIGN.md 9, built locally, nothing
+* ``sd21cpu``: SD 2.1 base's UNet/VAE/text encoder (docs/architecture.md 9, built locally, nothing
   downloaded) at a size a 2-core CPU runs in minutes: 128 px, batch 2, 8 steps, gradient guidance
   on the first 2 (the paper's 10 of 40), every guided item adversarial against a classifier with
   the paper's input/output ratio (224 of 512 px -> 56 of 128). Reports actgen / random per

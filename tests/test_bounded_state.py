@@ -1,4 +1,4 @@
-"""Bounded state (DESIGN.md section 4): classifiers expire unless used and can be deleted, memory
+"""Bounded state (docs/architecture.md section 4): classifiers expire unless used and can be deleted, memory
 banks are capped per class and expire, the prompt cache is an LRU, and a Redis near its memory
 cap makes submit and /readyz answer 503. Real redis-server; the API in-process."""
 

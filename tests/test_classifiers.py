@@ -1,4 +1,4 @@
-"""Uploaded classifiers (DESIGN.md section 4, ``clf:{sha256}``): recognised as safetensors by
+"""Uploaded classifiers (docs/architecture.md section 4, ``clf:{sha256}``): recognised as safetensors by
 parsing the header, never by a first byte; a pickle is refused unread."""
 
 from __future__ import annotations

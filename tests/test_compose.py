@@ -1,4 +1,4 @@
-"""The compose file describes the system of DESIGN.md section 2: checked by parsing it."""
+"""The compose file describes the system of docs/architecture.md section 2: checked by parsing it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One record of an item, wherever it is written: by the sampler, the echo sampler, or a worker
-completing a job whose item an earlier delivery stored (DESIGN.md 3: width/height are the
+completing a job whose item an earlier delivery stored (docs/architecture.md 3: width/height are the
 generation size; a plain SD draw is mode ``random``; few-shot strength comes from the confidence)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Liveness of a worker on a real redis-server, in-process (DESIGN.md section 4).
+"""Liveness of a worker on a real redis-server, in-process (docs/architecture.md section 4).
 
 * The heartbeat is beaten from a thread of its own: a worker whose event loop is blocked for
   longer than the lease keeps its job, and the job is computed once.

@@ -1,4 +1,4 @@
-"""The Redis Streams job queue against a real redis-server (DESIGN.md section 4).
+"""The Redis Streams job queue against a real redis-server (docs/architecture.md section 4).
 
 Liveness tests use the fixture's short lease (2 s). Waits are bounded loops (a guard that
 fails the test if the queue never gets there), never assertions on how long something took.

@@ -1,4 +1,4 @@
-"""Python client of the generator API (DESIGN.md section 3), sync and async, on httpx.
+"""Python client of the generator API (docs/architecture.md section 3), sync and async, on httpx.
 
 The trainer and the tests talk to the service through this only. Every non-2xx answer is
 raised as :class:`GeneratorError` carrying the server's ``{"error": {"code", "message"}}``.

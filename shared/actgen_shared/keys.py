@@ -1,4 +1,4 @@
-"""Every Redis key the project uses, named once (DESIGN.md section 4).
+"""Every Redis key the project uses, named once (docs/architecture.md section 4).
 
 All keys live under a configurable prefix (default ``actgen:``), so several deployments or
 test runs can share one Redis server without seeing each other.

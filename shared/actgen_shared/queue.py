@@ -1,4 +1,4 @@
-"""The job queue on Redis Streams (DESIGN.md section 4), used by the API and the workers.
+"""The job queue on Redis Streams (docs/architecture.md section 4), used by the API and the workers.
 
 Layout: the ``jobs`` stream (consumer group ``generators``) carries only job ids; the
 ``job:{id}`` hash is the source of truth (status, request, progress, result, timestamps).

@@ -1,4 +1,4 @@
-"""Pydantic models for every message on the wire (DESIGN.md sections 3 and 4).
+"""Pydantic models for every message on the wire (docs/architecture.md sections 3 and 4).
 
 The REST API validates bodies with these, the queue stores them, the client sends them:
 one definition each, so the two services cannot drift apart.
@@ -85,7 +85,7 @@ class GenerationOptions(_Strict):
     output_size: int | None = Field(None, ge=8, le=2048, description="also resize to this square")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="fixes all noise of the job")
     return_latents: bool = True
-    # Settings of the paper's released code, so both can be run and compared (DESIGN.md 5).
+    # Settings of the paper's released code, so both can be run and compared (docs/architecture.md 5).
     normalize_mask: bool = Field(True, description="False: the released code's unnormalised sum")
     plain_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="chance that an item is drawn as plain SD (released code)"

@@ -160,7 +160,7 @@ def item_record(
     grad_records: Sequence[GradStepRecord] = (),
 ) -> ItemResult:
     """An item's provenance: what made it. ``width``/``height`` are the generation size
-    (DESIGN.md 3: options.width/height); ``output_size`` is in the job's options; a plain draw
+    (docs/architecture.md 3: options.width/height); ``output_size`` is in the job's options; a plain draw
     is recorded as mode ``random``."""
     width, height = generation_size(options, native_size)
     return ItemResult(

@@ -1,4 +1,4 @@
-"""Memory banks (DESIGN.md section 4) as the sampler wants them: one (N, C, h, w) tensor per class.
+"""Memory banks (docs/architecture.md section 4) as the sampler wants them: one (N, C, h, w) tensor per class.
 
 The bank itself lives in Redis (``bank:{key}:{class_id}``, float16 safetensors latents, capped
 per class) and is shared by every replica; the queue pushes a finished item's latent into it.

@@ -126,7 +126,7 @@ def load_pipeline(
 
 
 def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dtype) -> LoadedModel:
-    """SD 2.1 base's architecture with random weights (DESIGN.md 9): the compute of the real model.
+    """SD 2.1 base's architecture with random weights (docs/architecture.md 9): the compute of the real model.
 
     For timing and memory on a GPU without downloading 5 GB; the tokenizer is the tiny one (only
     token ids reach the text encoder, and its vocabulary is a subset of SD's id range).

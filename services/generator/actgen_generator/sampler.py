@@ -1,4 +1,4 @@
-"""The ActGen guided DDPM sampler (DESIGN.md section 5; paper sections 3.2, 4.2, 4.3, A.3, A.4).
+"""The ActGen guided DDPM sampler (docs/architecture.md section 5; paper sections 3.2, 4.2, 4.3, A.3, A.4).
 
 One call samples a batch of items of mixed classes. Each step runs the whole batch, CFG
 included, through the UNet together; per-item text embeddings let gradient guidance move each

@@ -37,7 +37,7 @@ PROMPT_WORDS = "a photo of the digit"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 77  # CLIP's context length, as in SD 2.1
 
-# Stable Diffusion 2.1 base's noise schedule (DESIGN.md section 9).
+# Stable Diffusion 2.1 base's noise schedule (docs/architecture.md section 9).
 SD21_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

@@ -399,7 +399,7 @@ class Worker:
         await self._store(batch, done)
 
     async def _read_bank(self, job: ActiveJob, indices: list[int]) -> Bank:
-        """The job's memory bank for the classes of this batch's items, read now (DESIGN 5.7).
+        """The job's memory bank for the classes of this batch's items, read now (docs/architecture.md 5.7).
 
         Read per batch, not per job, so a latent stored a moment ago (by this job's earlier
         batch or by the run's previous job) already counts: the bank is live.

@@ -1,4 +1,4 @@
-"""The generator's REST API (DESIGN.md section 3), laid out as FastAPI's full-stack template does.
+"""The generator's REST API (docs/architecture.md section 3), laid out as FastAPI's full-stack template does.
 
 ``main.create_app`` joins ``errors`` (the error body), ``middleware`` (API key, body cap),
 ``lifecycle`` (the replica's :class:`Service`, its name, model and worker), ``deps`` and one

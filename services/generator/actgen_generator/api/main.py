@@ -1,4 +1,4 @@
-"""``create_app``: one generator replica's FastAPI app, joined from its parts (DESIGN.md section 3).
+"""``create_app``: one generator replica's FastAPI app, joined from its parts (docs/architecture.md section 3).
 
 Middleware first (the API key and the body cap act before a body is read), then the error
 handlers, then one router per resource. The replica's state is a :class:`Service` on
