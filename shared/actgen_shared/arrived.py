@@ -48,7 +48,7 @@ class ArrivedImages(Dataset):
         image = arrival.image
         if self.image_size is not None and image.shape[:2] != (self.image_size, self.image_size):
             pil = Image.fromarray(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            arrival = dataclasses.replace(arrival, image=np.asarray(pil, dtype=np.uint8))
+            arrival = dataclasses.replace(arrival, image=np.array(pil, dtype=np.uint8))
         self.items.append(arrival)
         self._ids.add(arrival.stream_id)
         return True
