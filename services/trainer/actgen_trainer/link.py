@@ -25,6 +25,7 @@ from actgen_shared.run import (
     ResultsLost,
     Submission,
     connect,
+    http_logging,
     idempotency_key,
     job_seed,
 )
@@ -127,6 +128,7 @@ class GeneratorLink:
     def _connect(self) -> Info:
         """/v1/info before any training: a wrong URL or key fails fast, saying what to fix."""
         assert self.client is not None
+        http_logging()  # no INFO line per request in the progress bars (ACTGEN_LOG_HTTP=1 to see them)
         return connect(self.client, self.client.base_url, getattr(self.client, "has_api_key", False))
 
     def _link(self, state: State) -> ActGenRun:
