@@ -157,6 +157,15 @@ def test_a_run_posts_tensors_split_to_the_cap_reads_resumes_and_cleans_up(env: d
         assert plain.memory_bank(run.run_id).counts == {}
 
 
+def test_a_run_asked_to_cancels_its_unfinished_jobs_when_it_ends(env: dict[str, str]) -> None:
+    slow = {**FAST, "num_inference_steps": 200, "mode": "aig"}  # seconds of work on the tiny model
+    with ActGenRun(classes=DIGITS, options=slow, cancel_on_exit=True) as run:
+        sub = run.submit(torch.rand(1, 3, 16, 16), [7], epoch=0)
+        assert run.inflight() == 1
+    with GeneratorClient(run.url, api_key=KEY) as plain:
+        assert plain.wait(sub.jobs[0][0], timeout_s=60).status.value == "cancelled"
+
+
 def test_http_request_lines_stay_quiet_unless_asked(
     env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
