@@ -126,7 +126,7 @@ BAD_JOBS: list[tuple[str, Any, str]] = [
     (
         "not-an-image",
         lambda: _item0(job_body("r"), image=base64.b64encode(b"hello, world").decode()),
-        "not a decodable image",
+        "items[0].image: not a decodable image: 12 bytes that are not a PNG, JPEG or WEBP file",
     ),
     ("gif-image", lambda: _item0(job_body("r"), image=_b64_image(8, "GIF")), "GIF"),
     ("huge-image", lambda: _item0(job_body("r"), image=_b64_image(MAX_SIDE + 8)), f"larger than {MAX_SIDE}"),

@@ -5,6 +5,7 @@ cap makes submit and /readyz answer 503. Real redis-server; the API in-process."
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -171,8 +172,8 @@ def test_trainer_deletes_its_previous_classifiers_once_unused() -> None:
     """After each upload the trainer deletes the ones before; one still used by a job (409)
     stays listed and is tried again after the next upload."""
     from actgen_shared.client import GeneratorError
+    from actgen_shared.run import ActGenRun
     from actgen_trainer.checkpoint import State
-    from actgen_trainer.loop import Trainer
 
     class Client:
         def __init__(self) -> None:
@@ -186,17 +187,18 @@ def test_trainer_deletes_its_previous_classifiers_once_unused() -> None:
             return True
 
     client = Client()
-    trainer = SimpleNamespace(state=State(run_id="r"), client=client)
-    retire = Trainer._retire_classifiers
-    retire(trainer, keep="sha256:e0")  # type: ignore[arg-type]
+    state = State(run_id="r")
+    run = SimpleNamespace(ledger=state, client=client, log=logging.getLogger("test"))
+    retire = ActGenRun.retire_classifiers  # what the trainer's link calls after each upload
+    retire(run, keep="sha256:e0")  # type: ignore[arg-type]
     client.busy = {"sha256:e0"}  # epoch 0's job still runs
-    retire(trainer, keep="sha256:e1")  # type: ignore[arg-type]
-    assert trainer.state.classifiers == ["sha256:e0", "sha256:e1"] and client.deleted == []
+    retire(run, keep="sha256:e1")  # type: ignore[arg-type]
+    assert state.classifiers == ["sha256:e0", "sha256:e1"] and client.deleted == []
     client.busy = set()
-    retire(trainer, keep="sha256:e2")  # type: ignore[arg-type]
-    assert client.deleted == ["sha256:e0", "sha256:e1"] and trainer.state.classifiers == ["sha256:e2"]
-    retire(trainer)  # type: ignore[arg-type]  # the run is over
-    assert trainer.state.classifiers == [] and client.deleted[-1] == "sha256:e2"
+    retire(run, keep="sha256:e2")  # type: ignore[arg-type]
+    assert client.deleted == ["sha256:e0", "sha256:e1"] and state.classifiers == ["sha256:e2"]
+    retire(run)  # type: ignore[arg-type]  # the run is over
+    assert state.classifiers == [] and client.deleted[-1] == "sha256:e2"
 
 
 def test_the_work_of_one_job_and_bank_sample_are_capped(redis_url: str, key_prefix: str) -> None:

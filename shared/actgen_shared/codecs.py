@@ -9,9 +9,10 @@ import base64
 import binascii
 import io
 import json
+import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
@@ -57,7 +58,16 @@ def image_decode(data: bytes, max_side: int | None = None) -> np.ndarray:
     bomb never allocates.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        img_file = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError(
+            f"not a decodable image: {len(data)} bytes that are not a PNG, JPEG or WEBP file "
+            f"(they start with {data[:8]!r})"
+        ) from None
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise DecodeError(f"not a decodable image: {_pillow_message(exc)}") from None
+    try:
+        with img_file as img:
             if img.format not in ("PNG", "JPEG", "WEBP"):
                 raise DecodeError(f"image format {img.format} not accepted (PNG, JPEG, WEBP)")
             width, height = img.size
@@ -69,7 +79,12 @@ def image_decode(data: bytes, max_side: int | None = None) -> np.ndarray:
     except DecodeError:
         raise
     except Exception as exc:  # Pillow raises many types for corrupt data
-        raise DecodeError(f"not a decodable image: {exc}") from None
+        raise DecodeError(f"not a decodable image: {_pillow_message(exc)}") from None
+
+
+def _pillow_message(exc: Exception) -> str:
+    """Pillow's message without the repr of our in-memory file ("<_io.BytesIO object at 0x...>")."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc)) or type(exc).__name__
 
 
 def image_from_b64(text: str, max_side: int | None = None) -> np.ndarray:

@@ -81,3 +81,17 @@ def _env_var(name: str) -> str:
 
 # field -> environment variable (derived from the fields above, for docs and error messages)
 ENV: dict[str, str] = {name: _env_var(name) for name in Settings.model_fields}
+
+
+class ClientSettings(BaseSettings):
+    """What a client of the generator reads from the environment (actgen_shared.run, the trainer):
+    ACTGEN_GENERATOR_URL, ACTGEN_API_KEY (the service's bearer token), ACTGEN_LOG_HTTP (httpx's
+    per-request INFO lines, off by default: they break progress bars)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="ignore"
+    )
+
+    generator_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+    log_http: bool = False

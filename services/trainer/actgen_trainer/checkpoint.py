@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from actgen_shared.schemas import START_CURSOR
+from actgen_shared.run import RunLedger
 from actgen_trainer.config import Config
 from actgen_trainer.data import DataError, GeneratedSet
 from actgen_trainer.distributed import Dist, unwrap
@@ -104,18 +104,14 @@ def load_checkpoint(run_dir: Path, run_name: str) -> dict[str, Any]:
 
 
 @dataclass
-class State:
-    """Everything besides the torch objects that a checkpoint carries (identical on all ranks)."""
+class State(RunLedger):
+    """Everything besides the torch objects that a checkpoint carries (identical on all ranks):
+    the client API's ledger (run id, results cursor, pending and posted jobs, classifiers) and
+    the loop's own."""
 
-    run_id: str
     epoch: int = 0  # next epoch to run
-    cursor: str = START_CURSOR
-    # job -> epoch / items / folded / rank: jobs whose items have not all arrived
-    pending: dict[str, dict[str, int]] = field(default_factory=dict)
-    jobs: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     val_merged: bool = False
-    classifiers: list[str] = field(default_factory=list)  # uploaded refs not yet deleted
 
 
 class Checkpoints:

@@ -17,7 +17,7 @@ jobs per rank; one epoch after mid-training (``Config.final_wait_epoch``: the la
 an epoch, as every job has before its images are due) a bounded wait for the jobs still out.
 
 Here: the Trainer and its epoch loop. Its other parts are mixins in their own modules: the
-generator link (``link.py``: post, fold, drop, record), the run folder and checkpoints
+generator link (``link.py``, on the client API ``actgen_shared.run``: post, fold, drop, record), the run folder and checkpoints
 (``checkpoint.py``), and the torchrun helper (``distributed.py``).
 """
 
@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from actgen_shared.client import is_retryable
 from actgen_shared.seeds import derive_seed
 from actgen_trainer.checkpoint import (
     METRICS_NAME,
@@ -56,7 +55,7 @@ from actgen_trainer.data import (
     transforms_for,
 )
 from actgen_trainer.distributed import device_for, local_rank, rank_seed, setup_dist, unwrap
-from actgen_trainer.link import GeneratorAPI, GeneratorLink, GeneratorUnavailable
+from actgen_trainer.link import GeneratorAPI, GeneratorLink
 from actgen_trainer.mixing import build_mixing
 from actgen_trainer.models import (
     build_model,
@@ -126,20 +125,12 @@ class Trainer(Checkpoints, GeneratorLink):
         self.progress = progress
         self.stop_after_epoch = stop_after_epoch
         self.mode = cfg.generation.mode
-        self._item_cap = cfg.generation.max_items_per_job
-        self._fold_failed = False
+        self.info = None
+        self.actgen = None  # the client API run (actgen_shared.run), once the state is known
         if self.mode is not TrainMode.real:
             if client is None:
                 raise ValueError(f"generation.mode={self.mode.value} needs a generator client")
-            try:
-                info = client.info()
-            except Exception as exc:  # fail fast on a wrong URL or key, before any training
-                raise GeneratorUnavailable(
-                    f"generator at {cfg.generation.generator_url} did not answer /v1/info: {exc} "
-                    "(start one with `actgen-generator serve`, or pass --generator-url)"
-                ) from None
-            if info.max_items_per_job is not None:  # split to the generator's cap before a 422 says it
-                self._item_cap = min(self._item_cap or info.max_items_per_job, info.max_items_per_job)
+            self.info = self._connect()  # fail fast on a wrong URL or key, before any training
         self.device = device_for(cfg.train.device, local_rank())
         self.dist = setup_dist(self.device)
         # TensorBoard, MLflow (rank 0); a missing extra is named here, before any work
@@ -191,6 +182,8 @@ class Trainer(Checkpoints, GeneratorLink):
             self._fresh_run_folder()
             run_id = self.dist.broadcast(f"{cfg.run_name}-{os.urandom(4).hex()}")
             self.state = State(run_id=run_id)
+        if client is not None and self.mode is not TrainMode.real:
+            self._link(self.state)
         self.tracking.start(self.state.run_id, resume=resume)  # TensorBoard, MLflow (rank 0)
         if self.dist.main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -404,62 +397,25 @@ class Trainer(Checkpoints, GeneratorLink):
             "wait_timeouts": 0,
         }
         t0 = time.perf_counter()
-        cap = gen.max_inflight
-        if cap is not None and any(self._inflight(r) >= cap for r in range(self.dist.world)):
-            # before skipping, take in what has arrived since the epoch began (same on all ranks)
-            out["folded_early"] = self._fold(epoch + 1)
-        skip = cap is not None and self._inflight(rank) >= cap and len(chosen) > 0
-        if skip:
-            log.warning(
-                "epoch %d: rank %d has %d unfinished jobs (generation.max_inflight=%d): "
-                "the generator lags, so this epoch posts nothing",
-                epoch,
-                rank,
-                self._inflight(rank),
-                cap,
-            )
-            out["skipped_backpressure"] = 1
-            chosen = chosen[:0]
-
-        jobs: list[tuple[str, int]] = []
-        classifier_ref = self._classifier_for(epoch, len(chosen))
-        if len(chosen) and classifier_ref is not False:
-            try:
-                ref = classifier_ref if isinstance(classifier_ref, str) else None
-                jobs = self._post(epoch, val_idx, chosen, probs, targets, ref)
-            except Exception as exc:
-                if not is_retryable(exc):
-                    raise
-                log.warning("epoch %d: could not post hard samples (%s); training goes on", epoch, exc)
-                out["post_error"] = str(exc)
-        elif len(chosen):
-            out["post_error"] = "no classifier uploaded"
+        # backpressure (generation.max_inflight), the classifier upload by rank 0, the post
+        sub = self._submit(epoch, val_idx, chosen, probs, targets)
+        out["folded_early"] = sub.folded
+        out["skipped_backpressure"] = int(sub.skipped)
+        if sub.error is not None:
+            out["post_error"] = sub.error
         out["seconds_post"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if gen.sync:
-            out["wait_timeouts"] = self._wait_sync(jobs)
+            assert self.actgen is not None
+            out["wait_timeouts"] = self.actgen.wait(sub.jobs, timeout_s=gen.wait_timeout_s)
         self.dist.barrier()
         out["seconds_wait"] = time.perf_counter() - t0
 
-        per_rank = self.dist.gather((jobs, out["skipped_backpressure"], out["wait_timeouts"]))
-        out["posted"] = sum(count for rank_jobs, _, _ in per_rank for _, count in rank_jobs)
-        out["skipped_backpressure"] = sum(skipped for _, skipped, _ in per_rank)
-        out["wait_timeouts"] = sum(timeouts for _, _, timeouts in per_rank)
-        out["job_id"] = jobs[0][0] if jobs else None
-        for r, (rank_jobs, _, _) in enumerate(per_rank):
-            for jid, count in rank_jobs:
-                if not self._known_job(jid):
-                    self.state.pending[jid] = {"epoch": epoch, "items": count, "folded": 0, "rank": r}
-                    self.state.jobs.append(
-                        {
-                            "job_id": jid,
-                            "epoch": epoch,
-                            "items": count,
-                            "rank": r,
-                            "classifier_ref": classifier_ref if isinstance(classifier_ref, str) else None,
-                            "posted_at": time.time(),
-                        }
-                    )
+        per_rank = self.dist.gather((out["skipped_backpressure"], out["wait_timeouts"]))
+        out["posted"] = sub.posted
+        out["skipped_backpressure"] = sum(skipped for skipped, _ in per_rank)
+        out["wait_timeouts"] = sum(timeouts for _, timeouts in per_rank)
+        out["job_id"] = sub.jobs[0][0] if sub.jobs else None
         return out
 
     def _summary(self) -> Summary:

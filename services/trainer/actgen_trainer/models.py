@@ -10,14 +10,13 @@ import math
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn import functional as F
 
 from actgen_shared.architectures import build_classifier
+from actgen_shared.run import model_weights
 from actgen_shared.schemas import ClassifierMeta
 from actgen_trainer.config import Config, OptimConfig
-from actgen_trainer.distributed import unwrap
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -127,8 +126,6 @@ class Loss(nn.Module):
 
 def classifier_payload(model: nn.Module, cfg: Config, num_classes: int) -> tuple[bytes, ClassifierMeta]:
     """The classifier as the generator wants it: safetensors bytes + metadata (never a pickle)."""
-    module = unwrap(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     meta = ClassifierMeta(
         architecture=cfg.model.architecture,
         num_classes=num_classes,
@@ -136,7 +133,7 @@ def classifier_payload(model: nn.Module, cfg: Config, num_classes: int) -> tuple
         mean=tuple(cfg.data.mean),
         std=tuple(cfg.data.std),
     )
-    return st_save(state), meta
+    return model_weights(model), meta
 
 
 @torch.no_grad()
