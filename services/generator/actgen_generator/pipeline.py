@@ -107,8 +107,8 @@ def _finish(
 
 
 def fp16_variant(folder: Path) -> str | None:
-    """ "fp16" when some component of ``folder`` has fp16 weights (diffusers loads the plain weights
-    of the others), else None: one download serves float16 on a GPU and float32 on the CPU."""
+    """The fp16 variant when some component of ``folder`` has fp16 weights (diffusers loads the plain
+    weights of the others), else None: one download serves float16 on a GPU and float32 on the CPU."""
     found = any(folder.glob(f"*/*.{FP16_VARIANT}.safetensors")) or any(
         folder.glob(f"*/*.{FP16_VARIANT}-*.safetensors")
     )
