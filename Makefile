@@ -6,17 +6,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test demo serve bench ablation chaos up down compose-gpus k8s-render clean
+.PHONY: setup lock lint test demo serve bench ablation chaos up down compose-gpus k8s-render clean
 
-# setup: a virtualenv with the three packages (editable) and the test tools.
-$(STAMP): requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
+# setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
+# constraints.txt (the lock both images install with too).
+$(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt \
+	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt \
 	    -e ./shared -e ./services/generator -e ./services/trainer
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+lock:  # after a deliberate upgrade of .venv: rewrite constraints.txt from it (deploy/lock.py)
+	$(PY) deploy/lock.py
 
 lint: setup  # ruff (lint and format) and mypy over the packages, tests and benches
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,9 @@
 
 Compose cannot give `--scale` replicas distinct device ids nor tell a replica its index
 (docker/compose issues 11863 and 9153), so each GPU gets a service of its own, extending the
-`generator` service of docker-compose.yml (GPU 0).
+`generator` service of docker-compose.yml (GPU 0); each waits for Redis and for `model-init` (the
+one-shot fetch of the model into the shared volume), written out since `extends` need not carry
+depends_on.
 
     python deploy/compose_gpus.py 4 > docker-compose.gpus.yml
     docker compose -f docker-compose.yml -f docker-compose.gpus.yml up -d
@@ -28,6 +30,11 @@ def render(num_gpus: int, first_port: int = 8001) -> str:
             "      service: generator",
             "    environment:",
             f"      ACTGEN_REPLICA_ID: generator-gpu{gpu}",
+            "    depends_on:",
+            "      redis:",
+            "        condition: service_healthy",
+            "      model-init:",
+            "        condition: service_completed_successfully",
             "    ports: !override",
             f'      - "${{ACTGEN_BIND:-127.0.0.1}}:{first_port + gpu - 1}:8000"',
             "    deploy:",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from actgen_generator.model_source import SD21_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,14 +71,41 @@ def test_gpu_generator_reserves_its_own_device_and_waits_for_redis(compose: dict
     devices = gen["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["device_ids"] == ["0"] and "count" not in devices[0]
     assert devices[0]["capabilities"] == ["gpu"]
-    assert gen["environment"]["ACTGEN_MODEL"].endswith("stabilityai/stable-diffusion-2-1-base}")
+    assert gen["environment"]["ACTGEN_MODEL"].startswith("/models/")  # model-init's copy
     assert gen["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     assert gen["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/readyz" in " ".join(gen["healthcheck"]["test"])
-    assert any(v.startswith("hf-cache:") for v in gen["volumes"])
+    assert "models:/models:ro" in gen["volumes"]
     assert gen["restart"] == "unless-stopped"
     assert int(gen["stop_grace_period"].rstrip("s")) >= 30
-    assert set(compose["volumes"]) >= {"redis-data", "hf-cache"}
+    assert set(compose["volumes"]) >= {"redis-data", "models"}
+
+
+def test_model_init_fills_the_model_volume_once_before_the_gpu_generators(compose: dict) -> None:
+    """One one-shot fetch-model writes the model into the `models` volume; every GPU generator waits
+    for it to complete and loads that copy read-only, instead of each downloading 5 GB."""
+    init = compose["services"]["model-init"]
+    gen = compose["services"]["generator"]
+    command = init["command"]
+    assert command[:2] == ["actgen-generator", "fetch-model"]
+    assert command[command.index("--model") + 1] == "${ACTGEN_MODEL:-" + SD21_BASE + "}"
+    assert command[command.index("--to") + 1] == gen["environment"]["ACTGEN_MODEL"]
+    assert "models:/models" in init["volumes"] and init["restart"] == "no"
+    assert init["profiles"] == gen["profiles"] == ["gpu"]
+    assert "ports" not in init and "deploy" not in init  # no port, no GPU: it downloads and checks
+    assert set(init["environment"]) >= {"HF_TOKEN", "HF_HUB_OFFLINE", "ACTGEN_MODEL_REVISION"}
+    assert all(value.endswith(":-}") for value in init["environment"].values())  # passed through, or unset
+    assert gen["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
+    assert "models:/models:ro" in gen["volumes"]
+    for gpus in (2, 4):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "deploy" / "compose_gpus.py"), str(gpus)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        for name, svc in _load(out)["services"].items():
+            assert svc["depends_on"]["model-init"]["condition"] == "service_completed_successfully", name
 
 
 def test_cpu_profile_runs_the_tiny_model_without_a_gpu(compose: dict) -> None:
@@ -167,11 +197,12 @@ def test_trainer_gets_a_gpu_shared_memory_and_the_generator_url_from_its_environ
             assert "run --rm trainer" in line  # the service's volumes and environment stay
 
 
-def test_model_cache_volume_is_owned_by_the_images_user() -> None:
+def test_model_volumes_are_owned_by_the_images_user() -> None:
     dockerfile = (ROOT / "services" / "generator" / "Dockerfile").read_text()
     compose_text = (ROOT / "docker-compose.yml").read_text()
-    assert "hf-cache:/cache/huggingface" in compose_text
+    assert "hf-cache:/cache/huggingface" in compose_text and "models:/models" in compose_text
     run = next(line for line in dockerfile.replace("\\\n", " ").splitlines() if "useradd" in line)
-    assert "/cache/huggingface" in run and "chown -R actgen" in run
+    assert "/cache/huggingface" in run and "/models" in run and "chown -R actgen" in run
+    assert re.search(r"chown -R actgen:actgen /cache /models", run)
     user = [line for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert user == ["USER actgen"]

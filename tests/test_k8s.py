@@ -24,6 +24,8 @@ from service_helpers import job_body, new_run_id, wait_until
 from starlette.testclient import TestClient
 
 from actgen_generator.api import create_app
+from actgen_generator.model_fetch import MARKER
+from actgen_generator.model_source import SD21_BASE, SD21_REVISION
 from actgen_generator.serve import GRACEFUL_SHUTDOWN_S
 from actgen_shared.keys import CONSUMER_GROUP, Keys
 from actgen_shared.settings import ENV, Settings
@@ -275,7 +277,7 @@ def test_every_generator_pod_gets_a_gpu_only_in_the_gpu_overlay(
     env = _env(worker)
     if overlay == "gpu":
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert env["ACTGEN_MODEL"]["value"] == "stabilityai/stable-diffusion-2-1-base"
+        assert env["ACTGEN_MODEL"]["value"].startswith("/models/")  # the model-init Job's copy
         assert "ACTGEN_DEVICE" not in env
         tolerations = worker_obj["spec"]["template"]["spec"]["tolerations"]
         assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
@@ -289,14 +291,49 @@ def test_every_generator_pod_gets_a_gpu_only_in_the_gpu_overlay(
 def test_hub_cache_volume_has_one_source(overlay: str, objects: list[dict[str, Any]]) -> None:
     pod = _one(objects, "Deployment", "generator-worker")["spec"]["template"]["spec"]
     [volume] = [v for v in pod["volumes"] if v["name"] == "hf-cache"]
-    sources = set(volume) - {"name"}
-    assert sources == ({"persistentVolumeClaim"} if overlay == "gpu" else {"emptyDir"})
-    if overlay == "gpu":
-        claim = _one(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
-        assert "ReadWriteMany" in claim["spec"]["accessModes"]  # shared by workers on many nodes
-    env = _env(_container(_one(objects, "Deployment", "generator-worker"), "worker"))
-    [mount] = _container(_one(objects, "Deployment", "generator-worker"), "worker")["volumeMounts"]
-    assert mount["mountPath"] == env["HF_HOME"]["value"]
+    assert set(volume) - {"name"} == {"emptyDir"}  # per pod: the gpu overlay's model is on its own claim
+    worker = _container(_one(objects, "Deployment", "generator-worker"), "worker")
+    [mount] = [m for m in worker["volumeMounts"] if m["name"] == "hf-cache"]
+    assert mount["mountPath"] == _env(worker)["HF_HOME"]["value"]
+
+
+def test_gpu_workers_load_the_model_the_init_job_fetched_once(
+    overlay: str, objects: list[dict[str, Any]]
+) -> None:
+    """gpu: one Job fetches the pinned mirror into a ReadWriteMany claim; each worker waits for the
+    marker fetch-model writes last, then loads that folder read-only. cpu: the tiny model, no Job."""
+    jobs = [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "model-init"]
+    if overlay == "cpu":
+        assert not jobs and not [
+            o for o in objects if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "models"
+        ]
+        return
+    [job] = jobs
+    fetch = _container(job, "fetch")
+    args = fetch["args"]
+    assert fetch["command"] == ["actgen-generator", "fetch-model"]
+    assert args[args.index("--model") + 1] == SD21_BASE
+    assert args[args.index("--revision") + 1] == SD21_REVISION  # the code's pin, never a moving branch
+    folder = args[args.index("--to") + 1]
+    assert "nvidia.com/gpu" not in str(job["spec"]["template"]["spec"])  # it downloads and checks on a CPU
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+
+    def claim_of(obj: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, bool]:
+        [mount] = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        [volume] = [v for v in obj["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        source = volume["persistentVolumeClaim"]
+        return source["claimName"], bool(mount.get("readOnly")) and bool(source.get("readOnly"))
+
+    claim, read_only = claim_of(job, fetch, folder)
+    assert not read_only
+    assert "ReadWriteMany" in _one(objects, "PersistentVolumeClaim", claim)["spec"]["accessModes"]
+    deployment = _one(objects, "Deployment", "generator-worker")
+    worker = _container(deployment, "worker")
+    assert _env(worker)["ACTGEN_MODEL"]["value"] == folder
+    assert claim_of(deployment, worker, folder) == (claim, True)
+    [wait] = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert f"{folder}/{MARKER}" in wait["args"][0]  # the marker fetch-model writes once the model loaded
+    assert claim_of(deployment, wait, folder) == (claim, True)
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -391,7 +428,10 @@ def test_secrets_come_from_the_secret_never_inlined(objects: list[dict[str, Any]
                 if SECRET_LIKE.search(env["name"]):
                     assert "value" not in env, f"{obj['metadata']['name']}: {env['name']} is inlined"
                     ref = env["valueFrom"]["secretKeyRef"]
-                    assert ref["name"] == SECRET and ref["key"] in ("api-key", "redis-password")
+                    assert ref["name"] == SECRET and ref["key"] in ("api-key", "redis-password", "hf-token")
+                    assert ref.get("optional", False) == (
+                        ref["key"] == "hf-token"
+                    )  # only the token may be absent
                     seen += 1
                 elif "value" in env:
                     assert not re.search(r"://[^/$]*:[^@$(]+@", env["value"]), (

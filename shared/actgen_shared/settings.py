@@ -3,6 +3,11 @@
 Each field is written once, with its default; its environment variable is ``ACTGEN_`` plus the
 field's name in capitals unless the field names another (``REDIS_URL``, ``ACTGEN_HEARTBEAT_S``).
 ``ENV`` lists them all. An empty variable counts as unset.
+
+Where the model comes from is read by huggingface_hub, not here, and nothing here overrides it:
+``HF_TOKEN`` (a gated or private repository), ``HF_HOME`` (the cache, ``$HF_HOME/hub``),
+``HF_HUB_OFFLINE=1`` (load from the cache only, never the network), ``HF_ENDPOINT`` (a Hub mirror);
+docs/operations.md says how they combine with ``ACTGEN_MODEL`` and ``ACTGEN_MODEL_REVISION``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from actgen_shared.keys import Keys
 ENV_PREFIX = "ACTGEN_"
 
 
+class SettingsError(ValueError):
+    """A variable of the environment holds a value its setting refuses; the message names the variable."""
+
+
 class Settings(BaseSettings):
     """Everything configurable about a deployment (immutable).
 
     ``redis_url`` None means "start an embedded redis-server"; ``model`` None means "build the
-    tiny SD-architecture model". ``Settings()`` reads the environment like
-    :meth:`from_env`, whose errors name the variable at fault.
+    tiny SD-architecture model", otherwise it names a hub id, a diffusers folder or a checkpoint
+    file (actgen_generator.model_source). ``model_revision`` None means the pinned commit for the
+    default SD 2.1 mirror and the default branch for any other hub id. ``Settings()`` reads the
+    environment like :meth:`from_env`, whose errors name the variable at fault.
     """
 
     model_config = SettingsConfigDict(
@@ -29,6 +40,7 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     model: str | None = None
+    model_revision: str | None = None  # hub ids only: branch, tag or commit
     api_key: str | None = None
     public_docs: bool = False  # /docs, /redoc, /openapi.json without the API key
     key_prefix: str = "actgen:"
@@ -62,7 +74,7 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls) -> Settings:
-        """The settings of this process's environment; a bad value raises ValueError naming its variable."""
+        """The settings of this process's environment; a bad value raises SettingsError naming its variable."""
         try:
             return cls()
         except ValidationError as exc:
@@ -71,7 +83,7 @@ class Settings(BaseSettings):
                 name = str(err["loc"][0]) if err["loc"] else "?"
                 var = ENV.get(name, name)  # loc is the alias when the field has one
                 problems.append(f"environment variable {var}: {err['msg']}, got {err.get('input')!r}")
-            raise ValueError("; ".join(problems)) from None
+            raise SettingsError("; ".join(problems)) from None
 
 
 def _env_var(name: str) -> str:

@@ -1,29 +1,54 @@
-"""``actgen-generator``: the generator's command line (one subcommand per task)."""
+"""``actgen-generator``: the generator's command line (one subcommand per task).
+
+A subcommand's module is imported only when that subcommand is named (actgen_shared.commands), so
+``actgen-generator --help`` answers without importing torch or diffusers. A bad ``ACTGEN_*``
+variable is one line naming it and exit status 2.
+"""
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections.abc import Sequence
 
-from actgen_generator import serve, tiny_model
-from actgen_generator.devtools import model_eval, tiny_training
+from actgen_shared.commands import Subcommand, build_parser
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="actgen-generator", description="ActGen generator: guided Stable Diffusion as a service"
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    serve.add_parser(subparsers)
-    tiny_model.add_parser(subparsers)
-    tiny_training.add_parser(subparsers)
-    model_eval.add_parser(subparsers)
-    return parser
+PROG = "actgen-generator"
+DESCRIPTION = "ActGen generator: guided Stable Diffusion as a service."
+SUBCOMMANDS = (
+    Subcommand("serve", "run a generator replica (REST API + worker)", "actgen_generator.serve:add_parser"),
+    Subcommand(
+        "fetch-model",
+        "download a model once (fp16 weights preferred), load it to prove it, print ACTGEN_MODEL",
+        "actgen_generator.model_fetch:add_parser",
+    ),
+    Subcommand(
+        "build-tiny-model",
+        "write the tiny SD-architecture pipeline to DIR",
+        "actgen_generator.tiny_model:add_parser",
+    ),
+    Subcommand(
+        "train-tiny-model",
+        "train the tiny SD-architecture model on the bundled digits (a diffusers folder)",
+        "actgen_generator.devtools.tiny_training:add_parser",
+    ),
+    Subcommand(
+        "eval-model",
+        "check a tiny digits model: class-conditional accuracy, guide faithfulness, diversity",
+        "actgen_generator.devtools.model_eval:add_parser",
+    ),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(PROG, DESCRIPTION, SUBCOMMANDS, argv).parse_args(argv)
+    from actgen_shared.settings import SettingsError  # pydantic: only once a subcommand runs
+
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DECISION_SEED_OFFSET = 0x9E3779B97F4A7C15
 
 StepCallback = Callable[[int, int], bool]  # (step, total) -> False to stop the batch
+SAMPLERS = ("guided", "echo")  # what `serve --sampler` can run: the model, or guides echoed back
 
 
 @dataclass
@@ -180,6 +181,7 @@ def item_record(
 
 __all__ = [
     "Cancelled",
+    "SAMPLERS",
     "Classifier",
     "ItemDraw",
     "SampleItem",

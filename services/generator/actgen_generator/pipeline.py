@@ -1,7 +1,11 @@
-"""Load the diffusion pipeline a generator replica holds: SD 2.1, a local folder, or the tiny model.
+"""Load the diffusion pipeline a generator replica holds: a hub id, a local folder, one checkpoint
+file, or the tiny model (:mod:`actgen_generator.model_source` tells which).
 
-All three go through ``StableDiffusionPipeline.from_pretrained``; the tiny model is first built
-once into a cache folder. Nothing is downloaded unless a hub id is named.
+Folders go through ``StableDiffusionPipeline.from_pretrained`` (safetensors only, the fp16 variant
+when the folder has one); a hub id is first fetched into the Hugging Face cache (only the files a
+pipeline needs, :mod:`actgen_generator.model_fetch`), the tiny model first built once into a cache
+folder, and a single file goes through ``from_single_file`` with SD 2.1 base's shipped configs.
+Nothing is downloaded unless a hub id is named.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from actgen_generator.diffusers_classes import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from actgen_generator.model_source import SD21_BASE, SourceKind, resolve_model_source
 from actgen_generator.tiny_model import (
     SD21_SCHEDULER,
     TINY_MODEL_VERSION,
@@ -31,7 +36,7 @@ from actgen_generator.tiny_model import (
 
 CACHE_ENV = "ACTGEN_CACHE_DIR"
 TINY_MODEL_ID = f"actgen/{TINY_MODEL_VERSION}"
-SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+FP16_VARIANT = "fp16"
 DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
@@ -101,28 +106,56 @@ def _finish(
     )
 
 
-def load_pipeline(
-    model: str | None = None, device: str | None = None, dtype: str | None = None
-) -> LoadedModel:
-    """Load ``model`` (hub id or local diffusers folder; None: the tiny model) for sampling.
+def fp16_variant(folder: Path) -> str | None:
+    """The fp16 variant when some component of ``folder`` has fp16 weights (diffusers loads the plain
+    weights of the others), else None: one download serves float16 on a GPU and float32 on the CPU."""
+    found = any(folder.glob(f"*/*.{FP16_VARIANT}.safetensors")) or any(
+        folder.glob(f"*/*.{FP16_VARIANT}-*.safetensors")
+    )
+    return FP16_VARIANT if found else None
 
+
+def pipeline_from_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """The pipeline of a diffusers folder, on the CPU: safetensors only, its fp16 variant when it has one."""
+    return StableDiffusionPipeline.from_pretrained(
+        str(folder),
+        dtype=dtype,
+        variant=fp16_variant(folder),
+        use_safetensors=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_pipeline(
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load ``model`` (hub id, local diffusers folder, checkpoint file; None: the tiny model) for sampling.
+
+    ``revision`` applies to a hub id (default: the pinned one for SD 2.1 base, see model_source).
     The device defaults to CUDA when present, the dtype to float16 there and float32 on the CPU.
     """
+    source = resolve_model_source(model, revision)  # a bad path fails here, before any weight is read
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if model in (None, ""):
-        source, model_id = str(ensure_tiny_model()), TINY_MODEL_ID
+    if source.kind is SourceKind.file:
+        from actgen_generator.single_file import load_single_file  # its tokenizer data: only when used
+
+        pipe = load_single_file(source.location, dt)
+        return _finish(pipe, str(model), dev, dt)
+    if source.kind is SourceKind.tiny:
+        folder, model_id = ensure_tiny_model(), TINY_MODEL_ID
+    elif source.kind is SourceKind.hub:
+        from actgen_generator.model_fetch import download_pipeline
+
+        folder = download_pipeline(source.location, source.revision)
+        model_id = f"{source.location}@{source.revision}" if source.revision else source.location
     else:
-        source, model_id = model, model
-        local = Path(model).expanduser()
-        if local.exists():
-            if not (local / "model_index.json").is_file():
-                raise ValueError(f"model folder {model!r} has no model_index.json (not a diffusers pipeline)")
-            source = str(local)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        source, dtype=dt, safety_checker=None, requires_safety_checker=False
-    )
-    return _finish(pipe, model_id, dev, dt)
+        folder, model_id = Path(source.location), str(model)
+    return _finish(pipeline_from_folder(folder, dt), model_id, dev, dt)
 
 
 def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dtype) -> LoadedModel:

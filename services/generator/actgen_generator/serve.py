@@ -3,6 +3,10 @@
 With no ``REDIS_URL`` a private redis-server is started and its URL printed; with no model
 the tiny SD-architecture model is built. SIGTERM stops the worker at once (its batch is
 interrupted at the next step and unfinished jobs go back to the queue), then uvicorn drains.
+
+The environment and the model's name are checked first, before Redis starts or torch, diffusers
+and uvicorn are imported (seconds): a bad ``ACTGEN_*`` value or a model path that does not exist
+is one line naming it and exit status 2, at once.
 """
 
 from __future__ import annotations
@@ -11,25 +15,33 @@ import argparse
 import signal
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import uvicorn
+from actgen_generator.contract import SAMPLERS
+from actgen_generator.model_source import ModelSourceError, resolve_model_source
 
-from actgen_generator import events
-from actgen_generator.api import SAMPLERS, Service, claim_replica_id, create_app
-from actgen_shared.queue import ReplicaIdInUse
-from actgen_shared.settings import Settings
+if TYPE_CHECKING:  # pragma: no cover
+    import uvicorn
+
+    from actgen_generator.api import Service
+    from actgen_shared.settings import Settings
 
 GRACEFUL_SHUTDOWN_S = 5
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("serve", help="run a generator replica (REST API + worker)")
+    parser = subparsers.add_parser(
+        "serve",
+        help="run a generator replica (REST API + worker)",
+        description="Run one generator replica: the REST API and (unless --no-worker) a worker holding the "
+        "model. Settings come from ACTGEN_* variables (docs/operations.md).",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument(
         "--model",
         default=None,
-        help="diffusers model id or folder (default: ACTGEN_MODEL, else the tiny model)",
+        help="hub id, diffusers folder or .safetensors/.ckpt file (default: ACTGEN_MODEL, else the tiny model)",
     )
     parser.add_argument(
         "--device",
@@ -55,11 +67,33 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(func=run)
 
 
+def docs_note(settings: Settings) -> str:
+    """Where the interactive docs are and who may read them (the API key guards them unless public)."""
+    if settings.api_key and not settings.public_docs:
+        return "docs at /docs with the API key; ACTGEN_PUBLIC_DOCS=1 makes them public"
+    return "docs at /docs"
+
+
 def run(args: argparse.Namespace) -> int:
+    from actgen_shared.settings import Settings
+
+    settings = Settings.from_env()  # SettingsError: the CLI prints it, exit 2
+    if not args.no_worker and args.sampler == "guided":
+        try:
+            resolve_model_source(args.model or settings.model, settings.model_revision)
+        except ModelSourceError as exc:
+            print(f"actgen-generator serve: error: {exc}", file=sys.stderr)
+            return 2
+    return _serve(args, settings)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from actgen_generator import events
+    from actgen_generator.api import claim_replica_id, create_app
+    from actgen_shared.queue import ReplicaIdInUse
     from actgen_shared.redis_embedded import EmbeddedRedis
 
     events.configure()
-    settings = Settings.from_env()
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis().start()
@@ -80,20 +114,14 @@ def run(args: argparse.Namespace) -> int:
         except ReplicaIdInUse as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        config = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-            lifespan="on",
-        )
-        server = _Server(config, svc)
+        server = _server(app, svc, args)
         # uvicorn re-raises the signal after its graceful shutdown: make that a clean exit 0
         signal.signal(signal.SIGTERM, _exit_after_shutdown)
         svc.on_fatal = lambda: setattr(server, "should_exit", True)
-        print(f"generator {svc.replica_id} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+        print(
+            f"generator {svc.replica_id} on http://{args.host}:{args.port} ({docs_note(settings)})",
+            flush=True,
+        )
         server.run()
         if svc.fatal:
             print(f"error: {svc.fatal}", file=sys.stderr)
@@ -108,17 +136,26 @@ def _exit_after_shutdown(sig: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, which also stops the worker the moment a signal arrives."""
+def _server(app: object, svc: Service, args: argparse.Namespace) -> uvicorn.Server:
+    """uvicorn's server for ``app``, which also stops the worker the moment a signal arrives."""
+    import uvicorn
 
-    def __init__(self, config: uvicorn.Config, svc: Service) -> None:
-        super().__init__(config)
-        self.svc = svc
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if svc.worker is not None:
+                svc.worker.request_stop()
+            super().handle_exit(sig, frame)
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.svc.worker is not None:
-            self.svc.worker.request_stop()
-        super().handle_exit(sig, frame)
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]  # a FastAPI app: an ASGI application
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        lifespan="on",
+    )
+    return Server(config)
 
 
-__all__ = ["add_parser", "run"]
+__all__ = ["GRACEFUL_SHUTDOWN_S", "add_parser", "docs_note", "run"]

@@ -5,6 +5,9 @@ Usage::
     actgen-trainer train --config FILE [--set key=value ...] [--resume] [--sync] [--generator-url URL]
     actgen-trainer report RUN_DIR
     actgen-trainer ablate [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
+
+A subcommand's modules (torch and the rest) are imported only when that subcommand is named
+(actgen_shared.commands), so ``actgen-trainer --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -13,20 +16,31 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
-from actgen_trainer.checkpoint import CheckpointError
-from actgen_trainer.config import ConfigError, TrainMode, load_config
-from actgen_trainer.data import DataError
-from actgen_trainer.link import GeneratorUnavailable
+from actgen_shared.commands import Subcommand, build_parser
 
+PROG = "actgen-trainer"
+DESCRIPTION = "Train a classifier with ActGen, or rebuild a run's report."
 GENERATOR_URL_ENV = "ACTGEN_GENERATOR_URL"
+SUBCOMMANDS = (
+    Subcommand("train", "train a classifier (Algorithm 1)", "actgen_trainer.cli:add_train_parser"),
+    Subcommand("report", "(re)build RUN_DIR/report.html", "actgen_trainer.cli:add_report_parser"),
+    Subcommand(
+        "ablate",
+        "the ablation: every arm x seed on the low-data digits (resumable)",
+        "actgen_trainer.cli:add_ablate_parser",
+    ),
+)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actgen-trainer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train a classifier (Algorithm 1)")
+def add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = sub.add_parser(
+        "train",
+        help="train a classifier (Algorithm 1)",
+        description="Train a classifier with ActGen (the paper's Algorithm 1): each epoch's hard samples go "
+        "to the generator, and the images it makes are folded into the training set.",
+    )
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
     train.add_argument(
         "--set",
@@ -50,10 +64,16 @@ def _parser() -> argparse.ArgumentParser:
         help="stop cleanly after this epoch (0-based); --resume continues",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train)
 
+
+def add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = sub.add_parser("report", help="(re)build RUN_DIR/report.html")
     report.add_argument("run_dir")
+    report.set_defaults(func=_report)
 
+
+def add_ablate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from actgen_trainer import ablation
 
     ablate = sub.add_parser(
@@ -98,10 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         help="override a base config value for every arm",
     )
     ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+    ablate.set_defaults(func=_ablate)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from actgen_trainer.config import TrainMode, load_config
+
     overrides = list(args.overrides)
     if args.sync:
         overrides.append("generation.sync=true")
@@ -140,6 +162,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _ablate(args: argparse.Namespace) -> int:
     from actgen_trainer import ablation
+    from actgen_trainer.config import ConfigError
 
     arms = ablation.parse_arms(args.arms)  # names the unknown arm before anything starts
     ablation.check_seeds(args.seeds)
@@ -164,18 +187,32 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _report(args: argparse.Namespace) -> int:
+    from actgen_trainer.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(PROG, DESCRIPTION, SUBCOMMANDS, argv).parse_args(argv)
+    from actgen_shared.settings import Settings, SettingsError
+
+    if args.command in ("train", "ablate"):
+        try:  # the deployment's ACTGEN_* variables (ablate starts a generator that reads them all)
+            Settings.from_env()
+        except SettingsError as exc:  # before torch is imported: one line, at once
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+    from actgen_trainer.checkpoint import CheckpointError
+    from actgen_trainer.config import ConfigError
+    from actgen_trainer.data import DataError
+    from actgen_trainer.link import GeneratorUnavailable
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "ablate":
-            return _ablate(args)
-        from actgen_trainer.report import write_report
-
-        print(f"report: {write_report(args.run_dir)}")
-        return 0
+        return int(args.func(args) or 0)
     except (
         ConfigError,
         DataError,
@@ -184,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         FileNotFoundError,
     ) as exc:
-        print(f"actgen-trainer: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         from actgen_shared.client import GeneratorError
 
         if isinstance(exc, GeneratorError):
-            print(f"actgen-trainer: generator error: {exc}", file=sys.stderr)
+            print(f"{PROG}: generator error: {exc}", file=sys.stderr)
             return 3
         raise
 

@@ -20,14 +20,13 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from actgen_generator.classifiers import ClassifierCache, ClassifierStore
-from actgen_generator.contract import Sampler
+from actgen_generator.contract import SAMPLERS, Sampler
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import Worker
 from actgen_shared.queue import Heartbeat, JobQueue, ReplicaIdInUse, connect, new_token
 from actgen_shared.settings import Settings
 
-SAMPLERS = ("guided", "echo")
 MAX_WAIT_S = 60.0  # longest long-poll a request may ask for (ACTGEN_MAX_WAIT_S may cut it shorter)
 REDIS_TIMEOUT_MARGIN_S = 10.0
 
@@ -84,7 +83,7 @@ def load_sampler(svc: Service) -> tuple[Sampler, str, str, str]:
     from actgen_generator.pipeline import load_pipeline  # diffusers: seconds to import
     from actgen_generator.sampler import GuidedSampler
 
-    loaded = load_pipeline(svc.model, svc.device, svc.dtype)
+    loaded = load_pipeline(svc.model, svc.device, svc.dtype, revision=svc.settings.model_revision)
     sampler = GuidedSampler(loaded, prompt_cache_size=svc.settings.prompt_cache_size)
     return sampler, loaded.model_id, str(loaded.device), str(loaded.dtype).removeprefix("torch.")
 
