@@ -156,7 +156,8 @@ def normalized_update(
     ``global`` (the paper's text): the norm over each item's whole embedding, so it moves by nu.
     ``token`` (the released code's ``F.normalize(grad)`` on (2, 77, D), i.e. dim 1): each channel
     normalised over the tokens, so each embedding moves by nu * sqrt(D). A zero gradient (no bank
-    latent within the margin, not adversarial) leaves the item where it is, in both.
+    latent within the margin, not adversarial) leaves the item where it is, in both. A non-finite
+    gradient gives a non-finite result: the sampler skips that item's move (loss_scale.py).
     """
     if norm == "token":
         step = F.normalize(grad.float(), dim=1, eps=1e-30)
@@ -165,5 +166,4 @@ def normalized_update(
         step = grad.float() / size.clamp(min=1e-30)
     else:
         raise ValueError(f"unknown grad_norm {norm!r} (token, global)")
-    step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
     return embeds - lr * step.to(embeds.dtype)
