@@ -145,6 +145,7 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
             svc.metrics,
             classifiers=ClassifierCache(classifiers, device),
             heartbeat=svc.heartbeat,
+            on_fatal=lambda reason: _worker_fatal(svc, reason),
         )
         svc.worker_task = asyncio.create_task(svc.worker.run())
         svc.ready = True
@@ -154,6 +155,15 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
         log_event("replica.fatal", None, replica=svc.replica_id, error=svc.fatal)
         if svc.on_fatal is not None:
             svc.on_fatal()
+
+
+def _worker_fatal(svc: Service, reason: str) -> None:
+    """The worker cannot go on (its device is lost): out of ready, with the reason, and the process ends."""
+    svc.fatal = reason
+    svc.ready = False
+    log_event("replica.fatal", None, replica=svc.replica_id, error=reason)
+    if svc.on_fatal is not None:
+        svc.on_fatal()
 
 
 def redis_client(url: str) -> aioredis.Redis:
