@@ -131,9 +131,8 @@ def classifier_input(
     x = (images.float() / 2 + 0.5).clamp(0, 1)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    # per channel with Python floats: a (1, 3, 1, 1) tensor made for it would be a blocking copy to a GPU
+    return torch.stack([(x[:, c] - mean[c]) / std[c] for c in range(3)], dim=1)
 
 
 def classifier_size_latents(latents: torch.Tensor, input_size: int, vae_scale_factor: int) -> torch.Tensor:

@@ -75,6 +75,13 @@ AdvDecode = Literal["full", "classifier"]
 ADV_DECODES: tuple[AdvDecode, ...] = ("full", "classifier")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for it: a plain copy to a GPU waits for the stream."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def with_banks(
     items: list[SampleItem], banks: Mapping[int, torch.Tensor], group: str | None = None
 ) -> list[SampleItem]:
@@ -100,14 +107,14 @@ class GradientTargets:
     margin: float  # rho
     adv_weight: float  # lambda
     classifier: Classifier | None = None
-    adv_indices: list[int] | None = None  # positions of the adversarial items, known on the host
+    adv_positions: torch.Tensor | None = None  # (A,) adv_rows when known already (no device sync)
 
     @property
     def adv_rows(self) -> torch.Tensor:
-        """(A,) positions of the adversarial items (from the host's list: no device sync)."""
-        if self.adv_indices is None:
+        """(A,) positions of the adversarial items."""
+        if self.adv_positions is None:
             return self.adversarial.nonzero().flatten()
-        return torch.tensor(self.adv_indices, dtype=torch.long, device=self.adversarial.device)
+        return self.adv_positions
 
 
 @dataclass
@@ -125,6 +132,7 @@ class GradientPlan:
     keep: torch.Tensor  # (B - G,) batch positions of the others
     row_list: list[int]  # rows, on the host
     adv_list: list[bool]  # adversarial, on the host
+    adv_rows: torch.Tensor  # (A,) positions in rows of the adversarial items
     class_ids: torch.Tensor  # (G,)
     adversarial: torch.Tensor  # (G,) bool
     stored: list[torch.Tensor | None]  # per row: (n, D) stored bank latents on the device
@@ -167,7 +175,7 @@ class GradientPlan:
                 kept = min(len(stored), self.bank_sample)
                 if len(stored) > self.bank_sample:
                     pick = torch.randperm(len(stored), generator=draw)[: self.bank_sample]
-                    self.bank[r, :kept] = stored[pick.to(stored.device)]
+                    self.bank[r, :kept] = stored[to_device(pick, stored.device)]
             if peers.numel():
                 self.bank[r, kept : kept + len(peers)] = flat[peers]
         return GradientTargets(
@@ -178,7 +186,7 @@ class GradientPlan:
             margin=self.margin,
             adv_weight=self.adv_weight,
             classifier=self.classifier,
-            adv_indices=[r for r, adv in enumerate(self.adv_list) if adv],
+            adv_positions=self.adv_rows,
         )
 
 
@@ -724,6 +732,9 @@ class GuidedSampler:
             keep=torch.tensor(others, dtype=torch.long, device=self.device),
             row_list=rows,
             adv_list=adv_list,
+            adv_rows=torch.tensor(
+                [r for r, adv in enumerate(adv_list) if adv], dtype=torch.long, device=self.device
+            ),
             class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
             adversarial=torch.tensor(adv_list, device=self.device),
             draws=[draws[i].decisions for i in rows],
