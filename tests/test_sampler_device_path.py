@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from actgen_generator import loss_scale
+from actgen_generator import checkpointing, loss_scale
 from actgen_generator.guidance import PosteriorStep, normalized_update
 from actgen_generator.loss_scale import LossScale, gradient_health, scaled_gradients
 from actgen_generator.sampler import Classifier, GuidedSampler, SampleItem, with_banks
@@ -117,6 +117,45 @@ def test_checkpointing_on_reruns_the_guided_forward_and_changes_nothing(sampler:
     assert runs["auto"][1] == off_calls and not any(flag for _, flag in off_calls)
     for latent_on, latent_off in zip(runs["on"][0], runs["off"][0], strict=True):
         torch.testing.assert_close(latent_on, latent_off, atol=1e-5, rtol=1e-5)
+
+
+def _saved_elements(model: torch.nn.Module, run) -> int:  # type: ignore[no-untyped-def]
+    """Elements autograd keeps for the backward of ``run()`` (the model's weights not counted)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in weights:
+            sizes[key] = max(sizes.get(key, 0), t.untyped_storage().nbytes() // t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(sizes.values())
+
+
+def test_the_graph_estimate_that_auto_decides_by_matches_diffusers_blocks(
+    sampler: GuidedSampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` weighs the guided graph against the free memory: its estimate is within a quarter
+    of what autograd really keeps for the tiny UNet and VAE, and the decision follows the margin."""
+    unet, vae = sampler.unet, sampler.vae
+    x, c = torch.randn(1, *SHAPE), torch.randn(1, 77, unet.config.cross_attention_dim, requires_grad=True)
+    kept = _saved_elements(unet, lambda: unet(x, 500, encoder_hidden_states=c).sample)
+    assert 0.75 < kept / checkpointing.unet_graph_elements(unet.config, SHAPE[1:]) < 1.25
+    z = torch.randn(1, *SHAPE, requires_grad=True)
+    kept = _saved_elements(vae, lambda: vae.decode(z).sample)
+    assert 0.75 < kept / checkpointing.vae_decode_graph_elements(vae.config, SHAPE[1:]) < 1.25
+
+    gpu, free = torch.device("cuda", 0), 10 * 2**30
+    monkeypatch.setattr(checkpointing, "free_bytes", lambda device: free)
+    fits = int(free * checkpointing.FREE_SHARE / checkpointing.GRAPH_MARGIN)
+    assert not checkpointing.wants_checkpointing("auto", gpu, fits - 2**20)
+    assert checkpointing.wants_checkpointing("auto", gpu, fits + 2**20)
+    assert not checkpointing.wants_checkpointing("auto", torch.device("cpu"), 10 * free)
+    assert checkpointing.wants_checkpointing("on", torch.device("cpu"), 0)
+    assert not checkpointing.wants_checkpointing("off", gpu, 10 * free)
 
 
 # ---------------------------------------------------------------- loss scaling, non-finite gradients
