@@ -281,3 +281,50 @@ def test_every_mode_is_finite_in_reduced_precision(low_precision: GuidedSampler,
             assert all(
                 r.l_contra > 0 and r.l_adv is not None and np.isfinite(r.l_adv) for r in record.grad_records
             )
+
+
+# ---------------------------------------------------------------- on a GPU (the lead's device check)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the device machine")
+def test_on_a_gpu_the_step_loop_never_waits_for_the_device() -> None:
+    """float16 on CUDA, actgen with a bank larger than N (redrawn each step), a peer and the
+    classifier: after the first step, nothing in the loop synchronises with the device (torch's
+    sync debug mode would warn), and everything comes out finite with every gradient usable."""
+    import warnings
+
+    from actgen_generator.pipeline import load_pipeline
+
+    loaded = load_pipeline(None, device="cuda", dtype="float16")
+    assert loaded.device == torch.device("cuda", torch.cuda.current_device())
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    sampler = GuidedSampler(loaded)
+    assert sampler.loss_scale.enabled
+    torch.manual_seed(0)
+    classifier = Classifier(build_classifier("simple_cnn", 10).eval(), 32, (0.5,) * 3, (0.5,) * 3)
+    items = _items(["cat", "cat", "dog"], group="job")
+    for k, item in enumerate(items):
+        item.class_id = [0, 0, 1][k]
+    opts = GenerationOptions(
+        mode=Mode.actgen,
+        num_inference_steps=5,
+        grad_steps=3,
+        adv_prob=1.0,
+        contrastive_margin=400.0,
+        bank_sample=2,
+    )
+
+    def strict_after_the_first_step(step: int, total: int) -> bool:
+        torch.cuda.set_sync_debug_mode("warn" if step < total else "default")
+        return True
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            outs = sampler(with_banks(items, _near_banks(2)), opts, classifier, strict_after_the_first_step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert syncs == [], syncs
+    for out in outs:
+        assert bool(torch.isfinite(out.latent).all())
+        assert (out.record.zero_grad_steps, out.record.nonfinite_grad_steps) == (0, 0)
+        assert len(out.record.grad_records) == 3
