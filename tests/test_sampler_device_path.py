@@ -187,9 +187,15 @@ def test_a_gradient_that_underflows_in_float16_moves_with_the_loss_scale(dtype: 
 
 def test_the_loss_scale_halves_at_a_nonfinite_gradient_and_grows_after_a_finite_run() -> None:
     scale = LossScale(torch.float16, torch.device("cpu"))
-    scale.update(torch.tensor([True, False]))
+    scale.begin_batch()
+    for _ in range(3):  # a batch whose gradient stays NaN halves it once, not once a step
+        scale.update(torch.tensor([True, False]))
     assert float(scale.value) == loss_scale.INIT_SCALE / 2
-    for _ in range(loss_scale.GROWTH_INTERVAL):
+    scale.begin_batch()
+    scale.update(torch.tensor([False]))
+    assert float(scale.value) == loss_scale.INIT_SCALE / 4
+    scale.begin_batch()
+    for _ in range(2 * loss_scale.GROWTH_INTERVAL):
         scale.update(torch.tensor([True, True]))
     assert float(scale.value) == loss_scale.INIT_SCALE
     fixed = LossScale(torch.float32, torch.device("cpu"))

@@ -6,7 +6,9 @@ item's gradient, so the loss can be multiplied by any constant before the backwa
 gradient divided by it after at no cost: a power of two that lifts the gradients out of the
 subnormal range. :class:`LossScale` adjusts it as ``torch.amp.GradScaler`` does (halved at a
 non-finite gradient, doubled after a run of finite ones), on the device, so no step waits for
-the host. float32 and bfloat16 (float32's exponent range) need no scale: it stays 1.
+the host; it halves at most once a batch, so one batch whose gradient is NaN whatever the scale
+(a broken classifier, say) cannot push it down into underflow for the batches after. float32 and
+bfloat16 (float32's exponent range) need no scale: it stays 1.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ class LossScale:
         self.enabled = dtype == torch.float16
         self.value = torch.tensor(INIT_SCALE if self.enabled else 1.0, device=device)
         self._finite_run = torch.zeros((), dtype=torch.int64, device=device)
+        self._floor = self.value / 2  # the lowest this batch may take it to
+
+    def begin_batch(self) -> None:
+        """A new batch may halve the scale once more."""
+        if self.enabled:
+            self._floor = (self.value / 2).clamp(min=MIN_SCALE)
 
     def update(self, finite: torch.Tensor) -> None:
         """After a guided step: halve at any non-finite item gradient, double after a finite run."""
@@ -61,7 +69,7 @@ class LossScale:
         run = torch.where(ok, self._finite_run + 1, torch.zeros_like(self._finite_run))
         grow = run >= GROWTH_INTERVAL
         grown = torch.where(grow, (self.value * 2).clamp(max=MAX_SCALE), self.value)
-        self.value = torch.where(ok, grown, (self.value / 2).clamp(min=MIN_SCALE))
+        self.value = torch.where(ok, grown, torch.maximum(self.value / 2, self._floor))
         self._finite_run = torch.where(grow, torch.zeros_like(run), run)
 
 

@@ -379,6 +379,7 @@ class GuidedSampler:
         grad_steps = min(opts.grad_steps, total) if plan is not None else 0
         history = GradHistory.empty(grad_steps, len(plan.row_list) if plan else 0, self.device)
         self._checkpoint_for(plan, opts, latent_hw)
+        self.loss_scale.begin_batch()
 
         # 5. Denoising loop
         attention = None  # class-token attention accumulated over steps (eq. 8's m before scaling)
