@@ -203,6 +203,10 @@ class ItemResult(BaseModel):
     adversarial: bool = False
     image_guidance_strength: float
     grad_records: list[GradStepRecord] = Field(default_factory=list)
+    # gradient steps whose eq. 11 gradient was all zero (nothing within the margin, or underflow)
+    # or not finite (that step's move skipped): docs/architecture.md 5
+    zero_grad_steps: int = 0
+    nonfinite_grad_steps: int = 0
     width: int
     height: int
 
@@ -229,6 +233,9 @@ class JobState(BaseModel):
     finished_at: float | None = None
     replica: str | None = None
     deliveries: int = 0
+    cancel_requested: bool = Field(
+        False, description="DELETE asked this running job to stop; it stops at its next step"
+    )
 
 
 class ResultItem(BaseModel):
@@ -290,6 +297,12 @@ class Info(BaseModel):
     max_items_per_job: int | None = Field(None, description="items in one job (ACTGEN_MAX_ITEMS_PER_JOB)")
     max_job_image_steps: int | None = Field(
         None, description="items x steps x (height x width / 512^2) of one job (ACTGEN_MAX_JOB_IMAGE_STEPS)"
+    )
+    adv_decode: str | None = Field(
+        None, description="eq. 10's decode (ACTGEN_ADV_DECODE): full or classifier"
+    )
+    grad_checkpointing: str | None = Field(
+        None, description="eq. 11's backward (ACTGEN_GRAD_CHECKPOINTING): auto, on or off"
     )
 
 

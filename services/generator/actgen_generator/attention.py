@@ -107,6 +107,12 @@ class AttentionRecorder:
         total.index_add_(0, items, maps)
         count.index_add_(0, items, torch.ones_like(items, dtype=torch.float32))
 
+    def reset(self) -> None:
+        """Stop recording and drop this step's sums (after the loop, however it ended)."""
+        self.recording = False
+        self._rows = self._items = self._weights = None
+        self._sum = self._count = None
+
     def step_maps(self) -> torch.Tensor:
         """This step's class-token map per item, averaged over layers: (batch, h, w)."""
         self.recording = False

@@ -159,6 +159,8 @@ def item_record(
     draw: ItemDraw,
     native_size: int,
     grad_records: Sequence[GradStepRecord] = (),
+    zero_grad_steps: int = 0,
+    nonfinite_grad_steps: int = 0,
 ) -> ItemResult:
     """An item's provenance: what made it. ``width``/``height`` are the generation size
     (docs/architecture.md 3: options.width/height); ``output_size`` is in the job's options; a plain draw
@@ -174,6 +176,8 @@ def item_record(
         adversarial=draw.adversarial,
         image_guidance_strength=draw.strength,
         grad_records=list(grad_records),
+        zero_grad_steps=zero_grad_steps,
+        nonfinite_grad_steps=nonfinite_grad_steps,
         width=width,
         height=height,
     )

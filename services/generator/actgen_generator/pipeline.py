@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from actgen_generator.devices import resolve_device
+from actgen_generator.devices import enable_fast_cuda_math, resolve_device
 from actgen_generator.diffusers_classes import (
     AutoencoderKL,
     DDPMScheduler,
@@ -98,6 +98,8 @@ def _finish(
     pipe: StableDiffusionPipeline, model_id: str, device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
     pipe = pipe.to(device)
+    if device.type == "cuda":
+        enable_fast_cuda_math()  # TF32 and cuDNN autotuning (devices.py)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
