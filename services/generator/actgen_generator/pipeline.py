@@ -28,6 +28,7 @@ from actgen_generator.tiny_model import (
     build_tokenizer,
     tiny_fingerprint,
 )
+from actgen_shared.presets import ModelDefaults, read_model_defaults
 
 CACHE_ENV = "ACTGEN_CACHE_DIR"
 TINY_MODEL_ID = f"actgen/{TINY_MODEL_VERSION}"
@@ -51,6 +52,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     native_size: int  # px: unet sample size times the VAE's scale factor
+    defaults: ModelDefaults | None = None  # its folder's actgen_defaults.json (actgen_shared.presets)
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -122,7 +124,10 @@ def load_pipeline(
     pipe = StableDiffusionPipeline.from_pretrained(
         source, dtype=dt, safety_checker=None, requires_safety_checker=False
     )
-    return _finish(pipe, model_id, dev, dt)
+    loaded = _finish(pipe, model_id, dev, dt)
+    # values tuned on this model live in its folder; a hub id (SD 2.1) has none: the released preset
+    loaded.defaults = read_model_defaults(source) if Path(source).is_dir() else None
+    return loaded
 
 
 def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dtype) -> LoadedModel:

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from actgen_generator.attention import (
-    PROMPT_TEMPLATE,
     class_token_weights,
     install_recorder,
     normalize_mask,
@@ -49,7 +48,8 @@ from actgen_generator.guidance import (
     normalized_update,
 )
 from actgen_generator.pipeline import LoadedModel
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode
+from actgen_shared.presets import ModelDefaults, prompt_text, resolve_options
+from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode, ResolvedOptions
 
 __all__ = [
     "Cancelled",
@@ -225,16 +225,22 @@ class GuidedSampler:
         self.device, self.dtype = model.device, model.dtype
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.model_defaults: ModelDefaults | None = model.defaults  # what its folder says (presets)
         self.recorder = install_recorder(self.unet)
         if self.device.type == "cuda":  # graph memory of the gradient steps (only active with grad)
             self.unet.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()
-        # per class name: its embeddings and class-token weights (None for the empty prompt)
-        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        # per (template, class name), i.e. per full prompt and where the class sits in it: its
+        # embeddings and class-token weights (None for the empty prompt)
+        self._prompts: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
     @property
     def native_size(self) -> int:
         return int(self.model.native_size)
+
+    def resolve(self, options: GenerationOptions) -> ResolvedOptions:
+        """The options the request left to the preset or this model's defaults (docs/architecture.md 3)."""
+        return resolve_options(options, self.model_defaults)
 
     def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
         return latent_shape(
@@ -254,6 +260,7 @@ class GuidedSampler:
         if not items:
             return []
         opts, mode = options, options.mode
+        res = self.resolve(opts)  # the preset-dependent values: explicit > preset > model file > released
         if mode is Mode.actgen and opts.adv_prob > 0 and classifier is None:
             raise ValueError("a classifier is needed when options.adv_prob > 0 in actgen mode")
         height = opts.height or self.model.native_size
@@ -270,7 +277,7 @@ class GuidedSampler:
         guide_eps = self._randn(noise, shape)  # drawn in every mode: a seed's noise is mode-independent
 
         # 3. Prompts, guide latents, and what gradient guidance pushes against
-        uncond, cond, token_weights = self._encode_prompts(items)
+        uncond, cond, token_weights = self._encode_prompts(items, res.prompt)
         guide = self._encode_guides(items, guide_eps, height, width) if guided else None
         plan = self._gradient_plan(items, draws, opts, classifier, shape)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
@@ -295,8 +302,8 @@ class GuidedSampler:
             if masked:
                 self.recorder.begin_step(len(items), latent_hw, self.device)
             # one UNet batch for [x, x] x [uncond, c]; a graph only through the embeddings moved
-            noise_pred = self.predict_noise(x, t, uncond, cond, token_weights, rows, opts.update_uncond)
-            eps = cfg_noise(noise_pred.uncond, noise_pred.cond, opts.guidance_scale)  # eq. 4
+            noise_pred = self.predict_noise(x, t, uncond, cond, token_weights, rows, res.update_uncond)
+            eps = cfg_noise(noise_pred.uncond, noise_pred.cond, res.guidance_scale)  # eq. 4
             x0 = post.predict_x0(x, eps)  # x0_hat
             if plan is not None and rows is not None:  # gradient guidance, eq. 9-11
                 loss = self.guidance_loss(x0[rows], plan.targets(x0))
@@ -307,11 +314,11 @@ class GuidedSampler:
                 )
                 # eq. 11: the moved embeddings carry over to every later step
                 cond = cond.index_copy(
-                    0, rows, normalized_update(leaves[0].detach(), grads[0], opts.lr, opts.grad_norm)
+                    0, rows, normalized_update(leaves[0].detach(), grads[0], res.lr, res.grad_norm)
                 )
                 if len(leaves) > 1:  # the released code moves [uncond, c] together
                     uncond = uncond.index_copy(
-                        0, rows, normalized_update(leaves[1].detach(), grads[1], opts.lr, opts.grad_norm)
+                        0, rows, normalized_update(leaves[1].detach(), grads[1], res.lr, res.grad_norm)
                     )
                 x0 = x0.detach()
                 self._record(records, rows, k, loss, plan.adversarial)
@@ -324,11 +331,11 @@ class GuidedSampler:
                     step_maps = self.recorder.step_maps()
                     if attention is None:  # the released code's sum starts from ones
                         attention = (
-                            torch.zeros_like(step_maps) if opts.normalize_mask else torch.ones_like(step_maps)
+                            torch.zeros_like(step_maps) if res.normalize_mask else torch.ones_like(step_maps)
                         )
                     attention = attention + step_maps
                     m = upsample_mask(
-                        normalize_mask(attention) if opts.normalize_mask else attention, latent_hw
+                        normalize_mask(attention) if res.normalize_mask else attention, latent_hw
                     )
                 gamma_k = gamma(k, strength) * guide_on  # eq. 7; plain items: 0
                 x_prev = image_guidance(x_prev, x_guide, gamma_k, m)  # eq. 8
@@ -351,6 +358,7 @@ class GuidedSampler:
                     options=opts,
                     draw=draws[i].decided,
                     native_size=self.native_size,
+                    resolved=res,
                     grad_records=records[i],
                 ),
             )
@@ -479,21 +487,26 @@ class GuidedSampler:
         return torch.stack(draws).to(self.device)
 
     @torch.no_grad()
-    def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
+    def _encode_prompts(
+        self, items: list[SampleItem], template: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Empty-prompt and ``template`` (options.prompt, one ``{}``; None: this model's default)
+        embeddings per item (float32), and the class-token weights."""
+        template = template or self.resolve(GenerationOptions()).prompt
         batch: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # the empty prompt, then the classes in item order: a set's order follows the string hash,
         # which made what the LRU evicts differ from one process to the next
         for name in ["", *dict.fromkeys(item.class_name for item in items)]:
-            entry = self._prompts.get(name)
+            key = (template, name) if name else ("", "")
+            entry = self._prompts.get(key)
             if entry is None:
-                prompt = PROMPT_TEMPLATE.format(name) if name else ""
+                prompt = prompt_text(template, name) if name else ""
                 embeds, _ = self.model.pipe.encode_prompt(prompt, self.device, 1, False)
-                weights = class_token_weights(self.tokenizer, name) if name else None
+                weights = class_token_weights(self.tokenizer, name, template) if name else None
                 entry = (embeds[0].float(), weights)
-            batch[name] = self._prompts[name] = entry
-            self._prompts.move_to_end(name)
-        while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per class name seen
+            batch[name] = self._prompts[key] = entry
+            self._prompts.move_to_end(key)
+        while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per prompt seen
             self._prompts.popitem(last=False)
         cond = torch.stack([batch[item.class_name][0] for item in items])
         item_weights: list[torch.Tensor] = []
@@ -582,7 +595,7 @@ class GuidedSampler:
             class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
             adversarial=adversarial,
             draws=[draws[i].decisions for i in rows],
-            margin=opts.contrastive_margin,
+            margin=self.resolve(opts).contrastive_margin,
             adv_weight=opts.adv_weight,
             classifier=classifier,
         )
