@@ -96,7 +96,8 @@ def job_seed(seed: int, epoch: int, rank: int) -> int:
 def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
     """The options the loop owns for the job of ``epoch``: mode, guidance and its schedule.
 
-    ``adv_schedule=paper``: adv_prob = 0.5 e / E. ``authors``: a share r = max(1 - e / (0.5 E - 1),
+    ``GenerationConfig.schedule`` (``adv_schedule``, else the preset's) ``paper``: adv_prob =
+    0.5 e / E. ``authors``: a share r = max(1 - e / (0.5 E - 1),
     0) / 2 of the items is drawn as plain SD and adv_prob = 0.5 - r (the released train.py).
     ``guidance`` picks Table 4's rows: contrastive only (adv_prob 0), adversarial only (no bank
     sample), both, or none (``aig`` mode).
@@ -110,7 +111,7 @@ def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
     if gen.guidance is Guidance.aig:
         return {"mode": Mode.aig.value, "adv_prob": 0.0}
     out: dict[str, Any] = {"mode": mode.value}
-    if gen.adv_schedule is AdvSchedule.authors:
+    if gen.schedule is AdvSchedule.authors:
         ramp = 0.5 * epochs - 1
         plain = max(1.0 - epoch / ramp, 0.0) * 0.5 if ramp > 0 else 0.0
         out.update(plain_prob=plain, adv_prob=0.5 - plain)
@@ -268,7 +269,9 @@ class GeneratorLink:
                 )
             )
         seed = job_seed(cfg.seed, epoch, self.dist.rank)
-        options = GenerationOptions.model_validate({**gen.options, **job_options(cfg, epoch), "seed": seed})
+        options = GenerationOptions.model_validate(
+            {**gen.options, **gen.section_options, **job_options(cfg, epoch), "seed": seed}
+        )
         names: dict[str, Any] = (
             {"label_set": gen.label_set} if gen.label_set else {"class_names": self.classes}
         )
