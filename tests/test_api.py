@@ -64,8 +64,9 @@ def _png_size(data: bytes) -> tuple[int, int]:
         ("aig", {"options": {"output_size": 32}}),
         ("actgen", {"memory_bank_key": "bank-a"}),
         ("actgen", {"memory_bank_key": "bank-a", "options": {"adv_prob": 1.0}, "classifier": True}),
+        ("aig", {"options": {"preset": "paper", "prompt": "a picture of {}"}}),
     ],
-    ids=["random", "ig", "aig-resized", "actgen", "actgen-adversarial"],
+    ids=["random", "ig", "aig-resized", "actgen", "actgen-adversarial", "aig-paper-prompt"],
 )
 def test_job_in_each_mode(client: GeneratorClient, classifier_ref: str, mode: str, extra: dict) -> None:
     extra = dict(extra)
@@ -79,6 +80,12 @@ def test_job_in_each_mode(client: GeneratorClient, classifier_ref: str, mode: st
     assert (state.progress.step, state.progress.total) == (STEPS, STEPS)  # done: every step, not 2 of 3
     assert state.result is not None and len(state.result.items) == n
     assert [r.index for r in state.result.items] == list(range(n))
+    # each item records what its options left to the preset (the tiny model has no defaults file)
+    options = extra.get("options", {})
+    for record in state.result.items:
+        assert record.resolved is not None and record.resolved.defaults == options.get("preset", "released")
+        assert record.resolved.prompt == options.get("prompt", "a photo of {}")
+        assert record.resolved.guidance_scale == (15.0 if options.get("preset") == "paper" else 7.5)
     want = extra.get("options", {}).get("output_size") or SIZE
     for k in range(n):
         assert _png_size(client.image(accepted.job_id, k)) == (want, want)
@@ -199,6 +206,9 @@ def test_info_metrics_and_docs(client: GeneratorClient, server: GeneratorProcess
     native = TINY_UNET["sample_size"] * 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
     assert info.replica_id == "api-test" and info.native_size == native and info.max_batch == 4
     assert "tiny" in info.model and info.device == "cpu"
+    # the preset-dependent defaults as this replica's model resolves them: no defaults file, released
+    assert info.resolved_defaults is not None and info.resolved_defaults.defaults == "released"
+    assert (info.resolved_defaults.guidance_scale, info.resolved_defaults.normalize_mask) == (7.5, False)
     job = client.submit(job_body(new_run_id(), n_items=1, mode="random")).job_id
     assert client.wait(job, timeout_s=WAIT_S).status is JobStatus.done
     text = client._http.get("/metrics").text

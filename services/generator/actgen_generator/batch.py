@@ -31,6 +31,7 @@ from actgen_generator.contract import (
 )
 from actgen_shared import codecs
 from actgen_shared.consumer import Delivery, StoredItem
+from actgen_shared.presets import ModelDefaults, resolve_options
 from actgen_shared.schemas import ItemResult, JobRequest
 from actgen_shared.seeds import item_seed
 
@@ -73,10 +74,11 @@ class ActiveJob:
             req.memory_bank_key,
         )
 
-    def record_of(self, index: int, native_size: int) -> ItemResult:
+    def record_of(self, index: int, native_size: int, model_defaults: ModelDefaults | None) -> ItemResult:
         """Item ``index``'s record as the sampler wrote it, for an item an earlier delivery of the
-        job stored (maybe on another replica): its decisions redrawn from its seed; its
-        gradient-step losses are known only to the sampler that ran it."""
+        job stored (maybe on another replica): its decisions redrawn from its seed, its options
+        resolved for this replica's model; its gradient-step losses are known only to the sampler
+        that ran it."""
         options, item = self.request.options, self.request.items[index]
         seed = item_seed(options.seed or 0, index)
         return item_record(
@@ -88,6 +90,7 @@ class ActiveJob:
             options=options,
             draw=item_draw(seed, item.confidence, options),
             native_size=native_size,
+            resolved=resolve_options(options, model_defaults),
         )
 
 

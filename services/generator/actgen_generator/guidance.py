@@ -84,6 +84,18 @@ def gamma(step: int, strength: torch.Tensor | float) -> torch.Tensor | float:
     return 1.0 / (1.0 + math.exp(step - strength))
 
 
+def gamma_midpoint(strength: float, steps: int, reference_steps: int | None) -> float:
+    """The i of eq. 7 for a run of ``steps`` steps, when ``strength`` is stated for ``reference_steps``.
+
+    gamma's midpoint is a step index, so a strength stated for the paper's 40 steps (section 5.1:
+    i = 12.5) keeps its place in the schedule at other step counts: i * steps / reference (6.25
+    of 20). ``reference_steps`` None: i as given. (The released code runs 40 steps only.)
+    """
+    if reference_steps is None:
+        return strength
+    return strength * steps / reference_steps
+
+
 def image_guidance(
     x: torch.Tensor, x_guide: torch.Tensor, gamma_k: torch.Tensor, mask: torch.Tensor | float
 ) -> torch.Tensor:

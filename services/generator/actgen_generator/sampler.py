@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from actgen_generator.attention import (
-    PROMPT_TEMPLATE,
     class_token_weights,
     install_recorder,
     normalize_mask,
@@ -59,7 +58,8 @@ from actgen_generator.guidance import (
 )
 from actgen_generator.loss_scale import LossScale, gradient_health, scaled_gradients
 from actgen_generator.pipeline import LoadedModel
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode
+from actgen_shared.presets import ModelDefaults, prompt_text, resolve_options
+from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode, ResolvedOptions
 
 __all__ = [
     "Cancelled",
@@ -313,15 +313,21 @@ class GuidedSampler:
         self.device, self.dtype = model.device, model.dtype
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.model_defaults: ModelDefaults | None = model.defaults  # what its folder says (presets)
         self.recorder = install_recorder(self.unet)
         self.loss_scale = LossScale(self.dtype, self.device)  # float16: keeps eq. 11's gradient in range
         set_checkpointing((self.unet, self.vae), grad_checkpointing == "on")
-        # per class name: its embeddings and class-token weights (None for the empty prompt)
-        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        # per (template, class name), i.e. per full prompt and where the class sits in it: its
+        # embeddings and class-token weights (None for the empty prompt)
+        self._prompts: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
 
     @property
     def native_size(self) -> int:
         return int(self.model.native_size)
+
+    def resolve(self, options: GenerationOptions) -> ResolvedOptions:
+        """The options the request left to the preset or this model's defaults (docs/architecture.md 3)."""
+        return resolve_options(options, self.model_defaults)
 
     def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
         return latent_shape(
@@ -341,6 +347,7 @@ class GuidedSampler:
         if not items:
             return []
         opts, mode = options, options.mode
+        res = self.resolve(opts)  # the preset-dependent values: explicit > preset > model file > released
         if mode is Mode.actgen and opts.adv_prob > 0 and classifier is None:
             raise ValueError("a classifier is needed when options.adv_prob > 0 in actgen mode")
         height = opts.height or self.model.native_size
@@ -371,14 +378,14 @@ class GuidedSampler:
         step_noise = self._step_noise(noise, shape, total)  # (steps, B, C, h, w): z of each step
 
         # 4. Prompts, guide latents, and what gradient guidance pushes against
-        uncond, cond, token_weights = self._encode_prompts(items)
+        uncond, cond, token_weights = self._encode_prompts(items, res.prompt)
         guide = self._encode_guides(items, guide_eps, height, width) if guided else None
         plan = self._gradient_plan(items, draws, opts, classifier, shape)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
         guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
         grad_steps = min(opts.grad_steps, total) if plan is not None else 0
         history = GradHistory.empty(grad_steps, len(plan.row_list) if plan else 0, self.device)
-        self._checkpoint_for(plan, opts, latent_hw)
+        self._checkpoint_for(plan, res, latent_hw)
         self.loss_scale.begin_batch()
 
         # 5. Denoising loop
@@ -397,10 +404,10 @@ class GuidedSampler:
                     cond,
                     token_weights,
                     rows,
-                    opts.update_uncond,
+                    res.update_uncond,
                     keep=plan.keep if plan is not None else None,
                 )
-                eps = cfg_noise(noise_pred.uncond, noise_pred.cond, opts.guidance_scale)  # eq. 4
+                eps = cfg_noise(noise_pred.uncond, noise_pred.cond, res.guidance_scale)  # eq. 4
                 x0 = post.predict_x0(x, eps)  # x0_hat
                 if plan is not None and rows is not None:  # gradient guidance, eq. 9-11
                     loss = self.guidance_loss(x0[rows], plan.targets(x0))
@@ -410,9 +417,9 @@ class GuidedSampler:
                     finite, zero = gradient_health(grads)  # a non-finite gradient: no move this step
                     self.loss_scale.update(finite)
                     # eq. 11: the moved embeddings carry over to every later step
-                    cond = cond.index_copy(0, rows, self._moved(leaves[0], grads[0], finite, opts))
+                    cond = cond.index_copy(0, rows, self._moved(leaves[0], grads[0], finite, res))
                     if len(leaves) > 1:  # the released code moves [uncond, c] together
-                        uncond = uncond.index_copy(0, rows, self._moved(leaves[1], grads[1], finite, opts))
+                        uncond = uncond.index_copy(0, rows, self._moved(leaves[1], grads[1], finite, res))
                     x0 = x0.detach()
                     history.add(k, loss, finite, zero)
                 z = step_noise[k]  # the same z for both chains
@@ -425,12 +432,12 @@ class GuidedSampler:
                         if attention is None:  # the released code's sum starts from ones
                             attention = (
                                 torch.zeros_like(step_maps)
-                                if opts.normalize_mask
+                                if res.normalize_mask
                                 else torch.ones_like(step_maps)
                             )
                         attention = attention + step_maps
                         m = upsample_mask(
-                            normalize_mask(attention) if opts.normalize_mask else attention, latent_hw
+                            normalize_mask(attention) if res.normalize_mask else attention, latent_hw
                         )
                     gamma_k = gamma(k, strength) * guide_on  # eq. 7; plain items: 0
                     x_prev = image_guidance(x_prev, x_guide, gamma_k, m)  # eq. 8
@@ -459,6 +466,7 @@ class GuidedSampler:
                     options=opts,
                     draw=draws[i].decided,
                     native_size=self.native_size,
+                    resolved=res,
                     grad_records=grad_records[i],
                     zero_grad_steps=zero_steps[i],
                     nonfinite_grad_steps=nonfinite_steps[i],
@@ -468,19 +476,19 @@ class GuidedSampler:
         ]
 
     def _moved(
-        self, leaf: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, opts: GenerationOptions
+        self, leaf: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, res: ResolvedOptions
     ) -> torch.Tensor:
         """Eq. 11 for each guided item whose gradient is finite; the others stay where they are."""
-        moved = normalized_update(leaf.detach(), grad, opts.lr, opts.grad_norm)
+        moved = normalized_update(leaf.detach(), grad, res.lr, res.grad_norm)
         return torch.where(finite.view(-1, *([1] * (leaf.dim() - 1))), moved, leaf.detach())
 
     def _checkpoint_for(
-        self, plan: GradientPlan | None, opts: GenerationOptions, latent_hw: tuple[int, int]
+        self, plan: GradientPlan | None, res: ResolvedOptions, latent_hw: tuple[int, int]
     ) -> None:
         """Gradient checkpointing on for this batch when its policy says so (checkpointing.py)."""
         need = 0
         if plan is not None and self.grad_checkpointing == "auto" and self.device.type == "cuda":
-            unet_rows = len(plan.row_list) * (2 if opts.update_uncond else 1)
+            unet_rows = len(plan.row_list) * (2 if res.update_uncond else 1)
             need = unet_rows * unet_graph_elements(self.unet.config, latent_hw)
             adversarial = sum(plan.adv_list)
             if adversarial and plan.classifier is not None:
@@ -629,21 +637,26 @@ class GuidedSampler:
         return z.to(self.device, non_blocking=pinned)
 
     @torch.no_grad()
-    def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
+    def _encode_prompts(
+        self, items: list[SampleItem], template: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Empty-prompt and ``template`` (options.prompt, one ``{}``; None: this model's default)
+        embeddings per item (float32), and the class-token weights."""
+        template = template or self.resolve(GenerationOptions()).prompt
         batch: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # the empty prompt, then the classes in item order: a set's order follows the string hash,
         # which made what the LRU evicts differ from one process to the next
         for name in ["", *dict.fromkeys(item.class_name for item in items)]:
-            entry = self._prompts.get(name)
+            key = (template, name) if name else ("", "")
+            entry = self._prompts.get(key)
             if entry is None:
-                prompt = PROMPT_TEMPLATE.format(name) if name else ""
+                prompt = prompt_text(template, name) if name else ""
                 embeds, _ = self.model.pipe.encode_prompt(prompt, self.device, 1, False)
-                weights = class_token_weights(self.tokenizer, name) if name else None
+                weights = class_token_weights(self.tokenizer, name, template) if name else None
                 entry = (embeds[0].float(), weights)
-            batch[name] = self._prompts[name] = entry
-            self._prompts.move_to_end(name)
-        while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per class name seen
+            batch[name] = self._prompts[key] = entry
+            self._prompts.move_to_end(key)
+        while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per prompt seen
             self._prompts.popitem(last=False)
         cond = torch.stack([batch[item.class_name][0] for item in items])
         item_weights: list[torch.Tensor] = []
@@ -739,7 +752,7 @@ class GuidedSampler:
             class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
             adversarial=torch.tensor(adv_list, device=self.device),
             draws=[draws[i].decisions for i in rows],
-            margin=opts.contrastive_margin,
+            margin=self.resolve(opts).contrastive_margin,
             adv_weight=opts.adv_weight,
             classifier=classifier,
         )

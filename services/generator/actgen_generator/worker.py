@@ -580,7 +580,8 @@ class Worker:
         """The job's result: each item's record, redrawn for those an earlier delivery stored."""
         request = job.request
         items = [
-            records.get(k) or job.record_of(k, self.sampler.native_size) for k in range(len(request.items))
+            records.get(k) or job.record_of(k, self.sampler.native_size, self.sampler.model_defaults)
+            for k in range(len(request.items))
         ]
         return JobResult(
             items=items, options=request.options, classifier_ref=request.classifier_ref, replica=self.name

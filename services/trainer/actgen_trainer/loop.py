@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -96,17 +95,29 @@ class Summary:
         return out
 
 
-def images_per_rank_epoch(cfg: Config, train_size: int, world: int) -> int:
-    """Hard samples each rank posts per generation epoch.
+def share(total: int, parts: int, part: int) -> int:
+    """Part ``part`` of ``total`` split into ``parts`` near-equal shares, the remainder to the low parts."""
+    return total // parts + (1 if part < total % parts else 0)
 
-    ``generation.budget`` (a fraction of the ``train_size`` images, e.g. 0.10) is spread evenly
-    over the generation epochs and the ranks, rounded up; without it, ``images_per_epoch``.
+
+def images_for_epoch(cfg: Config, train_size: int, epoch: int) -> int:
+    """Hard samples the whole run (all ranks together) posts after generation epoch ``epoch``.
+
+    ``images_per_epoch``; or, with ``generation.budget`` (a fraction of the ``train_size`` images,
+    e.g. 0.10), that many images over the run, spread over the generation epochs (the remainder
+    to the early ones), so the run asks for exactly the budget however many ranks share it.
     """
     budget = cfg.generation.budget
     if budget is None:
         return cfg.generation.images_per_epoch
     total = max(1, round(budget * train_size))
-    return max(1, math.ceil(total / (cfg.generation_epochs * world)))
+    return share(total, cfg.generation_epochs, epoch)
+
+
+def images_per_rank_epoch(cfg: Config, train_size: int, world: int, rank: int, epoch: int) -> int:
+    """Rank ``rank``'s share of epoch ``epoch``'s images (docs/architecture.md 6): the run's count
+    split over the ranks, the remainder to the low ranks; a rank whose share is 0 posts nothing."""
+    return share(images_for_epoch(cfg, train_size, epoch), world, rank)
 
 
 class Trainer(Checkpoints, GeneratorLink):
@@ -169,9 +180,9 @@ class Trainer(Checkpoints, GeneratorLink):
         global_batch = cfg.train.batch_size * self.dist.world
         self.optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs, global_batch)
-        self.images_per_epoch = images_per_rank_epoch(
-            cfg, len(self.split.train) + len(self.split.val), self.dist.world
-        )
+        self.train_size = len(self.split.train) + len(
+            self.split.val
+        )  # what generation.budget is a fraction of
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.mixer, self.loss_fn = build_mixing(cfg, self.num_classes)  # mixer: None unless Mixup/CutMix
@@ -196,7 +207,7 @@ class Trainer(Checkpoints, GeneratorLink):
             "mode": self.mode.value,
             "epochs": self.cfg.train.epochs,
             "generation_epochs": self.cfg.generation_epochs,
-            "images_per_epoch": self.images_per_epoch * self.dist.world,
+            "images_per_epoch": images_for_epoch(self.cfg, self.train_size, 0),  # the whole run's
             "budget": self.cfg.generation.budget,
             "sync": self.cfg.generation.sync,
             "dataset": self.cfg.data.dataset,
@@ -383,9 +394,8 @@ class Trainer(Checkpoints, GeneratorLink):
             self.amp,
         )
         rng = np.random.default_rng([cfg.seed, epoch, rank])
-        chosen, n_rank_hard = select_guides(
-            probs, targets, gen.selection, gen.threshold, self.images_per_epoch, rng
-        )
+        count = images_per_rank_epoch(cfg, self.train_size, self.dist.world, rank, epoch)
+        chosen, n_rank_hard = select_guides(probs, targets, gen.selection, gen.threshold, count, rng)
         val_correct, val_count, n_hard = self.dist.sum(
             float((probs.argmax(1) == targets).sum()), float(len(targets)), float(n_rank_hard)
         )

@@ -26,7 +26,9 @@ from actgen_generator.contract import SAMPLERS, Sampler
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import Worker
+from actgen_shared.presets import resolve_options
 from actgen_shared.queue import Heartbeat, JobQueue, ReplicaIdInUse, connect, new_token
+from actgen_shared.schemas import GenerationOptions, ResolvedOptions
 from actgen_shared.settings import Settings
 
 MAX_WAIT_S = 60.0  # longest long-poll a request may ask for (ACTGEN_MAX_WAIT_S may cut it shorter)
@@ -50,6 +52,7 @@ class Service:
     classifiers: ClassifierStore | None = None
     model_id: str = "(not loaded)"
     native_size: int = 512
+    resolved_defaults: ResolvedOptions | None = None  # the loaded model's (None: API-only, or loading)
     ready: bool = False
     fatal: str | None = None
     worker: Worker | None = None
@@ -136,6 +139,7 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
     try:
         sampler, svc.model_id, device, svc.dtype = await asyncio.to_thread(load_sampler, svc)
         svc.device, svc.native_size = device, sampler.native_size
+        svc.resolved_defaults = resolve_options(GenerationOptions(), sampler.model_defaults)
         svc.worker = Worker(
             queue,
             svc.replica_id,

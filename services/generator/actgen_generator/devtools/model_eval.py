@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from actgen_generator.devtools.tiny_training import load_digits_split
+from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_shared.digits import FEATURE_SIDE, ReferenceClassifier
@@ -52,8 +53,8 @@ class EvalReport:
     n_diversity_guides: int
     seeds_per_guide: int
     num_inference_steps: int
-    guidance_scale: float
-    image_guidance_strength: float
+    guidance_scale: float  # as resolved for the model (its defaults file, else the released preset)
+    image_guidance_strength: float  # the i gamma used: the option's, scaled to the steps
     seconds: float
 
     @property
@@ -195,8 +196,10 @@ def evaluate(
         n_diversity_guides=len(picked),
         seeds_per_guide=seeds_per_guide,
         num_inference_steps=steps,
-        guidance_scale=base.guidance_scale,
-        image_guidance_strength=base.image_guidance_strength,
+        guidance_scale=sampler.resolve(base).guidance_scale,
+        image_guidance_strength=gamma_midpoint(
+            base.image_guidance_strength, base.num_inference_steps, base.image_guidance_reference_steps
+        ),
         seconds=round(time.monotonic() - start, 1),
     )
 
@@ -223,7 +226,7 @@ def add_parser(subparsers) -> None:
         "--guidance-scale",
         type=float,
         default=None,
-        help=f"CFG scale (default: the service's, {GenerationOptions().guidance_scale:g})",
+        help="CFG scale (default: the service's for the model: its defaults file, else the released preset)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of guide choice and noise")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
-from actgen_generator.attention import PROMPT_TEMPLATE
 from actgen_generator.diffusers_classes import (
     AutoencoderKL,
     DDPMScheduler,
@@ -54,11 +53,13 @@ from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, build_tiny_pi
 from actgen_shared.digits import DigitsSplit
 from actgen_shared.digits import load_digits_split as shared_digits_split
 from actgen_shared.labels import DIGITS
+from actgen_shared.presets import PAPER
 
 TINY_DIGITS_VERSION = "tiny-digits-v1"
 IMAGE_SIZE = 32  # px: the generation size (digits upscaled from 8x8)
-# The sampler's prompt template first; the longer one too, so both prompts work.
-PROMPT_TEMPLATES = (PROMPT_TEMPLATE, "a photo of the digit {}")
+# The paper's prompt template first (the default of both presets); the longer one too, so
+# both prompts work.
+PROMPT_TEMPLATES = (PAPER["prompt"], "a photo of the digit {}")
 DATASETS = ("digits",)
 
 TINY_DIGITS_VAE = dict(

@@ -24,6 +24,7 @@ async def info(svc: ServiceDep) -> Info:
         max_batch=settings.max_batch,
         native_size=svc.native_size,
         defaults=GenerationOptions(),
+        resolved_defaults=svc.resolved_defaults,
         max_items_per_job=settings.max_items_per_job,
         max_job_image_steps=settings.max_job_image_steps,
         adv_decode=getattr(sampler, "adv_decode", None),
