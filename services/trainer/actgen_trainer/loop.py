@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from actgen_shared.ranks import share
 from actgen_shared.seeds import derive_seed
 from actgen_trainer.checkpoint import (
     METRICS_NAME,
@@ -93,11 +94,6 @@ class Summary:
         if d.get("asked"):
             out += f" | asked {d['asked']}: on time {d['on_time']}, late {d['late']}, never {d['never']}"
         return out
-
-
-def share(total: int, parts: int, part: int) -> int:
-    """Part ``part`` of ``total`` split into ``parts`` near-equal shares, the remainder to the low parts."""
-    return total // parts + (1 if part < total % parts else 0)
 
 
 def images_for_epoch(cfg: Config, train_size: int, epoch: int) -> int:
