@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench ablation chaos up down compose-gpus k8s-render clean
+.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation chaos up down compose-gpus k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
@@ -40,6 +40,23 @@ serve: setup
 BENCH_ARGS ?=
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# gpu-check: on a GPU host, offline, under 8 minutes: the generator (every mode, fp16 and bf16, gradient
+# checkpointing, batching, out-of-memory halving, a served replica) and the trainer on SD 2.1's
+# architecture at random weights, then the sd21gpu bench; a report in runs/gpu-check.json
+# (docs/operations.md). Without CUDA the same script runs the tiny model (about a minute). The host
+# needs no venv: python3 with the wheels of `make gpu-bundle`. GPU_CHECK_ARGS="--sections serve,oom".
+GPU_CHECK_ARGS ?=
+CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# gpu-bundle: the wheels gpu-check needs beyond a CUDA PyTorch image, into .whl/ (at most 60 MB),
+# for the GPU host's Python and platform; it prints the one line that installs them there.
+PYVER ?= 3.12
+PLATFORM ?= x86_64
+gpu-bundle: setup
+	$(PY) bench/gpu_bundle.py --python-version $(PYVER) --platform $(PLATFORM)
 
 # ablation: every arm x 5 seeds on the low-data digits (resumable; ends with its wall time).
 # ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actgen_shared.architectures import ARCHITECTURES
 from actgen_shared.labels import LabelSetName
@@ -176,8 +176,21 @@ class TrainConfig(_Section):
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
-    amp: bool = Field(False, description="mixed precision on CUDA")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto",
+        description="mixed precision (actgen_trainer.precision): auto = bf16 on a CUDA GPU that has it, "
+        "fp16 on an older one, off on the CPU; fp16 scales the loss (GradScaler); bf16 and fp16 also "
+        "run on the CPU",
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_switch(cls, value: Any) -> Any:
+        """``true``/``false`` (the older switch, and YAML's ``on``/``off``): auto / off."""
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
 
 
 class GenerationConfig(_Section):
