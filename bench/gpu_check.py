@@ -156,6 +156,9 @@ class Context:
 
     @property
     def device(self) -> torch.device:
+        # indexed: torch.cuda's memory calls refuse a bare "cuda"
+        if self.profile.cuda:
+            return torch.device("cuda", torch.cuda.current_device())
         return torch.device(self.profile.device)
 
     @property
