@@ -332,7 +332,7 @@ class GenerationConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """Where the per-epoch metrics go besides metrics.jsonl: TensorBoard, MLflow (actgen_trainer.tracking)."""
+    """Where the per-epoch metrics go besides metrics.jsonl: TensorBoard, MLflow, W&B (actgen_trainer.tracking)."""
 
     tensorboard: bool = Field(True, description="write run_dir/tensorboard when tensorboard is installed")
     mlflow: bool = Field(
@@ -345,11 +345,26 @@ class TrackingConfig(_Section):
     )
     mlflow_experiment: str = Field("actgen", min_length=1, description="MLflow experiment name")
     mlflow_samples: int = Field(8, ge=0, description="generated images logged as artifacts at the end")
+    wandb: bool = Field(
+        False,
+        description="log metrics, config, final numbers, records and sample images to Weights & "
+        "Biases (the [wandb] extra); files under run_dir/wandb",
+    )
+    wandb_project: str = Field("actgen", min_length=1, description="W&B project")
+    wandb_entity: str | None = Field(None, min_length=1, description="W&B team or user; null: yours")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="offline: no network, no account (wandb sync later); null: WANDB_MODE, else online",
+    )
+    wandb_samples: int = Field(8, ge=0, description="generated images logged at the end")
 
     @model_validator(mode="after")
     def _uri_needs_mlflow(self) -> TrackingConfig:
         if self.mlflow_uri is not None and not self.mlflow:
             raise ValueError("tracking.mlflow_uri is set but tracking.mlflow is off")
+        for key in ("wandb_entity", "wandb_mode"):
+            if getattr(self, key) is not None and not self.wandb:
+                raise ValueError(f"tracking.{key} is set but tracking.wandb is off")
         return self
 
 
