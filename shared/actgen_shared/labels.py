@@ -130,12 +130,27 @@ CIFAR100 = (
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
+def _bundled_lines(name: str) -> tuple[str, ...]:
+    text = resources.files("actgen_shared").joinpath(name).read_text("utf-8")
+    lines = tuple(line.strip() for line in text.splitlines() if line.strip())
+    assert len(lines) == 1000, f"{name} has {len(lines)} lines, expected 1000"
+    return lines
+
+
 @lru_cache(maxsize=1)
 def _imagenet() -> tuple[str, ...]:
-    text = resources.files("actgen_shared").joinpath("imagenet_classes.txt").read_text("utf-8")
-    names = tuple(line.strip() for line in text.splitlines() if line.strip())
-    assert len(names) == 1000, f"imagenet_classes.txt has {len(names)} names, expected 1000"
-    return names
+    """ImageNet-1k's class names in class-index order (the order of the sorted synset ids)."""
+    return _bundled_lines("imagenet_classes.txt")
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> dict[str, str]:
+    """ImageNet-1k synset id (the folder names of its train/ and val/, n01440764 ...) -> class name.
+
+    imagenet_wnids.txt lists the 1000 synset ids in class-index order (timm's
+    ``imagenet_synsets.txt``), so its line k is the synset of imagenet_classes.txt's line k.
+    """
+    return dict(zip(_bundled_lines("imagenet_wnids.txt"), _imagenet(), strict=True))
 
 
 LABEL_SETS: dict[str, tuple[str, ...] | Callable[[], tuple[str, ...]]] = {

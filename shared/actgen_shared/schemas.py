@@ -42,6 +42,10 @@ class JobStatus(str, Enum):  # noqa: UP042  (str() stays "Name.member", as befor
         return self in (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
 
 
+# How a guide of another aspect is fit to the generation size (actgen_generator.guide_fit).
+GuideFit = Literal["crop", "pad", "stretch"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -114,6 +118,11 @@ class GenerationOptions(_Strict):
     height: int | None = Field(None, ge=64, le=2048, description="None: the model's native size")
     width: int | None = Field(None, ge=64, le=2048, description="None: the model's native size")
     output_size: int | None = Field(None, ge=8, le=2048, description="also resize to this square")
+    guide_fit: GuideFit = Field(
+        "crop",
+        description="a guide of another aspect than height x width: its centre kept (crop), all of it "
+        "with mid-grey borders (pad), or squashed to fit (stretch)",
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="fixes all noise of the job")
     return_latents: bool = True
     prompt: str | None = Field(

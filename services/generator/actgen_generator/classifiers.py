@@ -1,8 +1,8 @@
 """Uploaded classifiers: safetensors-only store in Redis, and a per-replica LRU of loaded models.
 
 A classifier is its weights (safetensors bytes, never pickle) plus :class:`ClassifierMeta`
-(an architecture name from the fixed registry in ``actgen_shared.architectures``, the number
-of classes, input size, mean/std). The reference is ``sha256:<hex>`` of the canonical metadata
+(an architecture name of ``actgen_shared.architectures``: its registry, or ``timm/<name>``; the
+number of classes, input size, mean/std). The reference is ``sha256:<hex>`` of the canonical metadata
 JSON followed by the weights, so the same upload always gets the same ref (idempotent) and two
 uploads that would behave differently never share one. Weights are checked against the
 architecture before they are stored, so a job can only name a classifier that loads.
@@ -86,13 +86,12 @@ def read_state_dict(weights: bytes) -> dict[str, Any]:
 
 def build_checked(weights: bytes, meta: ClassifierMeta) -> nn.Module:
     """The classifier rebuilt from the registry with the weights loaded strictly (eval mode)."""
-    from actgen_shared.architectures import ARCHITECTURES, load_classifier
+    from actgen_shared.architectures import check_architecture, load_classifier
 
-    if meta.architecture not in ARCHITECTURES:
-        raise ClassifierError(
-            "metadata.architecture",
-            f"unknown architecture {meta.architecture!r}; known: {sorted(ARCHITECTURES)}",
-        )
+    try:  # a registry name or timm/<a name of timm.list_models()>: never code from the request
+        check_architecture(meta.architecture)
+    except ValueError as exc:
+        raise ClassifierError("metadata.architecture", str(exc)) from None
     state_dict = read_state_dict(weights)
     try:
         return load_classifier(meta.architecture, meta.num_classes, state_dict)

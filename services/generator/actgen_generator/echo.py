@@ -23,6 +23,7 @@ from actgen_generator.contract import (
     item_record,
     latent_shape,
 )
+from actgen_generator.guide_fit import fit_guide_image
 from actgen_shared.presets import ModelDefaults, resolve_options
 from actgen_shared.schemas import GenerationOptions
 
@@ -81,7 +82,8 @@ class EchoSampler:
                 resolved=resolved,
             )
             size = (options.output_size or record.width, options.output_size or record.height)
-            image = np.asarray(Image.fromarray(item.guide).resize(size), dtype=np.uint8)
+            fitted = fit_guide_image(Image.fromarray(item.guide), size[1], size[0], options.guide_fit)
+            image = np.asarray(fitted, dtype=np.uint8)
             outputs.append(SampleOutput(image=image, latent=torch.zeros(shape), record=record))
         return outputs
 

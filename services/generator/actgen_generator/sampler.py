@@ -56,10 +56,11 @@ from actgen_generator.guidance import (
     image_guidance,
     normalized_update,
 )
+from actgen_generator.guide_fit import fit_guide
 from actgen_generator.loss_scale import LossScale, gradient_health, scaled_gradients
 from actgen_generator.pipeline import LoadedModel
 from actgen_shared.presets import ModelDefaults, prompt_text, resolve_options
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode, ResolvedOptions
+from actgen_shared.schemas import GenerationOptions, GradStepRecord, GuideFit, Mode, ResolvedOptions
 
 __all__ = [
     "Cancelled",
@@ -379,7 +380,7 @@ class GuidedSampler:
 
         # 4. Prompts, guide latents, and what gradient guidance pushes against
         uncond, cond, token_weights = self._encode_prompts(items, res.prompt)
-        guide = self._encode_guides(items, guide_eps, height, width) if guided else None
+        guide = self._encode_guides(items, guide_eps, height, width, opts.guide_fit) if guided else None
         plan = self._gradient_plan(items, draws, opts, classifier, shape)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
         guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
@@ -671,9 +672,9 @@ class GuidedSampler:
 
     @torch.no_grad()
     def _encode_guides(
-        self, items: list[SampleItem], eps: torch.Tensor, height: int, width: int
+        self, items: list[SampleItem], eps: torch.Tensor, height: int, width: int, fit: GuideFit = "crop"
     ) -> torch.Tensor:
-        """Guide images -> VAE latents (a posterior sample, scaled), resized to the generation size."""
+        """Guide images -> VAE latents (a posterior sample, scaled), fit to the generation size."""
         pixels = []
         for k, item in enumerate(items):
             guide = np.asarray(item.guide)
@@ -682,11 +683,7 @@ class GuidedSampler:
                     f"items[{k}].guide must be a uint8 HxWx3 array, got {guide.dtype} {guide.shape}"
                 )
             img = torch.from_numpy(np.ascontiguousarray(guide)).permute(2, 0, 1)[None].float() / 255.0
-            if img.shape[-2:] != (height, width):
-                img = F.interpolate(
-                    img, size=(height, width), mode="bilinear", align_corners=False, antialias=True
-                )
-            pixels.append(img[0])
+            pixels.append(fit_guide(img, height, width, fit)[0])  # crop, pad or stretch
         batch = (torch.stack(pixels) * 2 - 1).to(self.device, self.dtype)
         dist = self.vae.encode(batch).latent_dist
         return (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor

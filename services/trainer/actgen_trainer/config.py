@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from actgen_shared.architectures import ARCHITECTURES
+from actgen_shared.architectures import check_architecture, timm_name
 from actgen_shared.labels import LabelSetName
 from actgen_shared.schemas import RUN_ID_PATTERN, GenerationOptions, Mode, PresetName
 
@@ -77,7 +77,25 @@ class DataConfig(_Section):
     """Where images come from and how the validation slice is cut."""
 
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
-    root: str | None = Field(None, description="dataset folder (CIFAR files, or train/ and val/)")
+    root: str | None = Field(
+        None, description="dataset folder: the CIFAR files, or the class folders' parent folders"
+    )
+    train_folder: str = Field("train", min_length=1, description="imagefolder / imagenet: under root")
+    val_folder: str | None = Field(
+        None,
+        min_length=1,
+        description="imagefolder / imagenet: the validation slice from this folder under root "
+        "instead of val_size of the train folder",
+    )
+    test_folder: str = Field(
+        "val", min_length=1, description="imagefolder / imagenet: the held-out test set, under root"
+    )
+    class_names: list[str] | str | None = Field(
+        None,
+        description="the class names for the prompts, in class-id order (the sorted folder "
+        "names): a list, or a file with one name per line; null: the dataset's own names "
+        "(folder names; ImageNet synset ids read as their names)",
+    )
     download: bool = Field(False, description="let torchvision download CIFAR into root")
     image_size: int = Field(32, ge=8, le=1024, description="training resolution")
     val_size: float = Field(
@@ -139,14 +157,32 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    architecture: str = "simple_cnn"
+    """The classifier: a registry name or ``timm/<name>`` (actgen_shared.architectures)."""
+
+    architecture: str = Field(
+        "simple_cnn", description="a registry name, or timm/<name> for any model of timm.list_models()"
+    )
+    pretrained: bool | str = Field(
+        False,
+        description="timm/<name> only: true: timm's pretrained weights from the Hugging Face cache "
+        "(or the Hub when online); a path: a .safetensors (or .pth/.pt/.bin, read with "
+        "weights_only) checkpoint of the model; the classifier head is new when the class count "
+        "differs; false: random init",
+    )
 
     @model_validator(mode="after")
     def _known(self) -> ModelConfig:
-        if self.architecture not in ARCHITECTURES:
+        try:
+            check_architecture(self.architecture)
+        except ValueError as exc:
+            raise ValueError(f"model.architecture: {exc}") from None
+        if self.pretrained is not False and timm_name(self.architecture) is None:
             raise ValueError(
-                f"model.architecture {self.architecture!r} is not one of {sorted(ARCHITECTURES)}"
+                f"model.pretrained needs a timm/<name> architecture, got {self.architecture!r} "
+                f"(e.g. timm/resnet18)"
             )
+        if isinstance(self.pretrained, str) and not self.pretrained:
+            raise ValueError("model.pretrained: an empty path (true, false or a checkpoint file)")
         return self
 
 
@@ -296,7 +332,7 @@ class GenerationConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """Where the per-epoch metrics go besides metrics.jsonl: TensorBoard, MLflow (actgen_trainer.tracking)."""
+    """Where the per-epoch metrics go besides metrics.jsonl: TensorBoard, MLflow, W&B (actgen_trainer.tracking)."""
 
     tensorboard: bool = Field(True, description="write run_dir/tensorboard when tensorboard is installed")
     mlflow: bool = Field(
@@ -309,11 +345,26 @@ class TrackingConfig(_Section):
     )
     mlflow_experiment: str = Field("actgen", min_length=1, description="MLflow experiment name")
     mlflow_samples: int = Field(8, ge=0, description="generated images logged as artifacts at the end")
+    wandb: bool = Field(
+        False,
+        description="log metrics, config, final numbers, records and sample images to Weights & "
+        "Biases (the [wandb] extra); files under run_dir/wandb",
+    )
+    wandb_project: str = Field("actgen", min_length=1, description="W&B project")
+    wandb_entity: str | None = Field(None, min_length=1, description="W&B team or user; null: yours")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="offline: no network, no account (wandb sync later); null: WANDB_MODE, else online",
+    )
+    wandb_samples: int = Field(8, ge=0, description="generated images logged at the end")
 
     @model_validator(mode="after")
     def _uri_needs_mlflow(self) -> TrackingConfig:
         if self.mlflow_uri is not None and not self.mlflow:
             raise ValueError("tracking.mlflow_uri is set but tracking.mlflow is off")
+        for key in ("wandb_entity", "wandb_mode"):
+            if getattr(self, key) is not None and not self.wandb:
+                raise ValueError(f"tracking.{key} is set but tracking.wandb is off")
         return self
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler
 from actgen_shared.codecs import png_encode
 from actgen_shared.digits import load_digits_split
 from actgen_shared.labels import DIGITS, class_names_for
+from actgen_trainer.class_names import ClassNamesError, class_names
 from actgen_trainer.config import DataConfig
 
 MAX_GUIDE_SIDE = 512  # guides larger than this are shrunk before posting
@@ -74,17 +75,37 @@ class ArrayImages:
 
 
 class FolderImages:
-    """A folder of class subfolders (torchvision ImageFolder layout), read lazily."""
+    """A folder of class subfolders (torchvision ImageFolder layout), read lazily.
 
-    def __init__(self, root: Path) -> None:
-        from torchvision.datasets import ImageFolder
+    ``class_to_idx``: the train folder's classes, for a validation or test folder, so that a
+    class id means the same class in every folder (a folder may lack some classes, never add
+    one). ``classes`` are the folder names until the caller names them (actgen_trainer.class_names).
+    """
+
+    def __init__(self, root: Path, class_to_idx: dict[str, int] | None = None) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist")
-        folder = ImageFolder(str(root))
-        self.samples = folder.samples
-        self.targets = np.asarray(folder.targets, dtype=np.int64)
-        self.classes = [name.replace("_", " ") for name in folder.classes]
+        try:
+            folders, own = find_classes(str(root))
+        except FileNotFoundError as exc:  # no class subfolder at all
+            raise DataError(f"image folder {root}: {exc}") from None
+        if class_to_idx is not None:
+            unknown = sorted(set(folders) - set(class_to_idx))
+            if unknown:
+                raise DataError(
+                    f"image folder {root} has class folders the train folder lacks: {unknown[:5]}"
+                )
+        self.class_to_idx = own if class_to_idx is None else class_to_idx
+        try:
+            self.samples = make_dataset(
+                str(root), self.class_to_idx, IMG_EXTENSIONS, allow_empty=class_to_idx is not None
+            )
+        except FileNotFoundError as exc:  # a train class folder without images
+            raise DataError(f"image folder {root}: {exc}") from None
+        self.targets = np.asarray([target for _, target in self.samples], dtype=np.int64)
+        self.classes = sorted(self.class_to_idx, key=self.class_to_idx.__getitem__)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -95,6 +116,26 @@ class FolderImages:
 
     def target(self, index: int) -> int:
         return int(self.targets[index])
+
+
+class JoinedImages:
+    """The train folder followed by the validation folder (``data.val_folder``), as one source:
+    the validation slice is its tail, merged into training at mid-training as any slice."""
+
+    def __init__(self, train: ImageSource, val: ImageSource) -> None:
+        self.train, self.val = train, val
+        self.classes = train.classes
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.val)
+
+    def image(self, index: int) -> Image.Image:
+        n = len(self.train)
+        return self.train.image(index) if index < n else self.val.image(index - n)
+
+    def target(self, index: int) -> int:
+        n = len(self.train)
+        return self.train.target(index) if index < n else self.val.target(index - n)
 
 
 def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
@@ -124,19 +165,49 @@ def _cifar(cfg: DataConfig, hundred: bool) -> tuple[ArrayImages, ArrayImages]:
     return ArrayImages(train.data, train.targets, names), ArrayImages(test.data, test.targets, names)
 
 
-def load_sources(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
-    """(train, test) sources for the configured dataset."""
+def load_sources(cfg: DataConfig, prompts: bool = True) -> tuple[ImageSource, ImageSource]:
+    """(train, test) sources for the configured dataset, classes named for the prompts.
+
+    ``prompts``: the class names go into the generator's prompts (generation on, no label set),
+    so a folder named only by an id is an error (actgen_trainer.class_names).
+    """
     if cfg.dataset == "digits":
-        return digits_images(cfg.image_size)
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return _cifar(cfg, cfg.dataset == "cifar100")
-    if cfg.root is None:
-        raise DataError(f"data.root is required for {cfg.dataset}: a folder with train/ and val/")
-    root = Path(cfg.root)
-    train, test = FolderImages(root / "train"), FolderImages(root / "val")
-    if cfg.dataset == "imagenet" and len(train.classes) == 1000:
-        train.classes = test.classes = class_names_for("imagenet")
+        train, test = digits_images(cfg.image_size)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        train, test = _cifar(cfg, cfg.dataset == "cifar100")
+    else:
+        return _folders(cfg, prompts)
+    if cfg.class_names is not None:
+        train.classes = test.classes = _named(train.classes, cfg, prompts)
     return train, test
+
+
+def _folders(cfg: DataConfig, prompts: bool) -> tuple[ImageSource, ImageSource]:
+    """imagefolder / imagenet: root/train_folder, root/test_folder and maybe root/val_folder."""
+    if cfg.root is None:
+        raise DataError(
+            f"data.root is required for {cfg.dataset}: the folder holding "
+            f"{cfg.train_folder}/ and {cfg.test_folder}/ (one subfolder per class in each)"
+        )
+    root = Path(cfg.root)
+    train = FolderImages(root / cfg.train_folder)
+    test = FolderImages(root / cfg.test_folder, train.class_to_idx)
+    names = _named(train.classes, cfg, prompts)
+    source: ImageSource = train
+    if cfg.val_folder is not None:
+        val = FolderImages(root / cfg.val_folder, train.class_to_idx)
+        if not len(val):
+            raise DataError(f"data.val_folder: {root / cfg.val_folder} holds no images")
+        source = JoinedImages(train, val)
+    source.classes = test.classes = names
+    return source, test
+
+
+def _named(folders: list[str], cfg: DataConfig, prompts: bool) -> list[str]:
+    try:
+        return class_names(folders, cfg.class_names, prompts)
+    except ClassNamesError as exc:
+        raise DataError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -158,6 +229,16 @@ def partition(n: int, val_size: float, seed: int, subset: int | None = None) -> 
             f"data.val_size={val_size} gives a validation slice of {n_val} out of {len(order)} images"
         )
     return Partition(train=np.sort(order[n_val:]), val=np.sort(order[:n_val]))
+
+
+def split_train(source: ImageSource, cfg: DataConfig, seed: int) -> Partition:
+    """The validation slice: ``data.val_folder``'s images when set, else ``data.val_size`` of the
+    train images (drawn from ``seed``); ``data.train_subset`` limits the train images either way."""
+    if isinstance(source, JoinedImages):
+        n = len(source.train)
+        order = np.random.default_rng(seed).permutation(n)[: cfg.train_subset]
+        return Partition(train=np.sort(order), val=np.arange(n, len(source)))
+    return partition(len(source), cfg.val_size, seed, cfg.train_subset)
 
 
 def transforms_for(cfg: DataConfig, train: bool):  # -> torchvision transform

@@ -52,7 +52,7 @@ from actgen_trainer.data import (
     Subset,
     TrainingImages,
     load_sources,
-    partition,
+    split_train,
     transforms_for,
 )
 from actgen_trainer.distributed import device_for, local_rank, rank_seed, setup_dist, unwrap
@@ -151,10 +151,11 @@ class Trainer(Checkpoints, GeneratorLink):
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        self.train_source, self.test_source = load_sources(cfg.data)
+        prompts = self.mode is not TrainMode.real and cfg.generation.label_set is None  # names in prompts
+        self.train_source, self.test_source = load_sources(cfg.data, prompts)
         self.classes = list(self.train_source.classes)
         self.num_classes = len(self.classes)
-        self.split = partition(len(self.train_source), cfg.data.val_size, cfg.seed, cfg.data.train_subset)
+        self.split = split_train(self.train_source, cfg.data, cfg.seed)  # val_folder, or val_size of train
         self.train_tf = transforms_for(cfg.data, train=True)
         self.eval_tf = transforms_for(cfg.data, train=False)
         test_idx = np.arange(len(self.test_source))[: cfg.data.test_subset]

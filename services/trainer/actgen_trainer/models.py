@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from actgen_shared.architectures import build_classifier
+from actgen_shared.architectures import build_classifier, timm_name
 from actgen_shared.run import model_weights
 from actgen_shared.schemas import ClassifierMeta
 from actgen_trainer.config import Config, OptimConfig
@@ -21,6 +21,12 @@ from actgen_trainer.precision import Compute
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The configured classifier: random init, or ``model.pretrained`` weights (timm/<name>)."""
+    name = timm_name(cfg.model.architecture)
+    if name is not None and cfg.model.pretrained is not False:
+        from actgen_trainer.pretrained import pretrained_timm
+
+        return pretrained_timm(name, num_classes, cfg.model.pretrained)
     return build_classifier(cfg.model.architecture, num_classes)
 
 

@@ -1,14 +1,21 @@
-"""Experiment tracking beside metrics.jsonl: TensorBoard and MLflow behind one small interface.
+"""Experiment tracking beside metrics.jsonl: TensorBoard, MLflow and W&B behind one small interface.
 
-Rank 0 writes; on every other rank ``Tracking`` is a no-op (it still checks that MLflow can be
-imported, so a missing extra stops every rank at start rather than stranding them at a
-barrier). Per epoch each writer gets the same scalars (``EPOCH_METRICS``); at the end MLflow
+Rank 0 writes; on every other rank ``Tracking`` is a no-op (it still checks that MLflow and
+wandb can be imported, so a missing extra stops every rank at start rather than stranding them
+at a barrier). Per epoch each writer gets the same scalars (``EPOCH_METRICS``); at the end MLflow
 also gets the run's records (report.html, run.json, metrics.jsonl, ... : every JSON / JSONL /
 HTML file at the run folder's top level), the final numbers and a few generated images.
 
 MLflow: ``tracking.mlflow_uri`` names a server (``http://...``) or a store; without it, a file
 store under ``run_dir/mlruns`` (open it with ``mlflow ui --backend-store-uri run_dir/mlruns``).
 A resumed run continues the same MLflow run, found by its ``actgen.run_id`` tag.
+
+W&B: one run per trainer run, its id the trainer's run id (a resumed run continues it), files
+under ``run_dir/wandb``. ``tracking.wandb_mode=offline`` (or ``WANDB_MODE=offline``) needs no
+network and no account: ``wandb sync run_dir/wandb/offline-run-*`` uploads it later, ``wandb
+leet inspect`` reads it locally. Per epoch the same scalars, stepped by epoch; the config
+(API key redacted) at start; the final numbers in the summary, the run's records as files and a
+few generated images at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ log = logging.getLogger("actgen_trainer")
 
 EPOCH_METRICS = ("test_acc", "val_acc", "train_loss", "train_acc", "generated_total", "lr")
 MLFLOW_EXTRA = "pip install 'actgen-trainer[mlflow]'"
+WANDB_EXTRA = "pip install 'actgen-trainer[wandb]'"
+WANDB_DIR = "wandb"  # W&B's run files: wandb.init(dir=run_dir) writes run_dir/wandb
 MLFLOW_STORE_DIR = "mlruns"  # the local file store, under the run folder
 RUN_ID_TAG = "actgen.run_id"
 RECORD_SUFFIXES = (".json", ".jsonl", ".html")  # config.yaml goes up redacted, at start
@@ -89,12 +98,25 @@ def _redacted(tree: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _mlflow_installed() -> bool:
-    """Whether ``import mlflow`` would find it (mlflow-skinny or the full mlflow), without importing it."""
+def _installed(module: str) -> bool:
+    """Whether ``import module`` would find it (mlflow: mlflow-skinny or the full mlflow), without importing it."""
     try:
-        return importlib.util.find_spec("mlflow") is not None
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a None entry in sys.modules: import would fail
         return False
+
+
+def _sample_records(generated: GeneratedSet, count: int) -> list[GeneratedRecord]:
+    """Up to ``count`` generated images, evenly spread over the folding order."""
+    records = generated.records
+    n = min(count, len(records))
+    return [records[(i * len(records)) // n] for i in range(n)]
+
+
+def _sample_name(generated: GeneratedSet, k: int, record: GeneratedRecord) -> str:
+    """``07-epoch3-golden_retriever``: what a sample image is, in its name."""
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", generated.classes[record.class_id])
+    return f"{k:02d}-epoch{record.epoch}-{label}"
 
 
 def _is_file_store(uri: str) -> bool:
@@ -177,23 +199,69 @@ class MlflowWriter:
         for path in sorted(self.run_dir.iterdir()):
             if path.is_file() and path.suffix in RECORD_SUFFIXES:
                 self.client.log_artifact(self.run_id, str(path), "run")
-        samples = self._sample_records(generated)
+        samples = _sample_records(generated, self.samples)
         if samples:
             with tempfile.TemporaryDirectory() as tmp:
                 for k, record in enumerate(samples):  # named so the artifact view says what it is
-                    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", generated.classes[record.class_id])
-                    shutil.copyfile(
-                        generated.root / record.file, Path(tmp) / f"{k:02d}-epoch{record.epoch}-{label}.png"
-                    )
+                    name = _sample_name(generated, k, record)
+                    shutil.copyfile(generated.root / record.file, Path(tmp) / f"{name}.png")
                 self.client.log_artifacts(self.run_id, tmp, "samples")
         # a run stopped early (--stop-after-epoch, resumable) is KILLED until --resume reopens it
         self.client.set_terminated(self.run_id, "FINISHED" if complete else "KILLED")
 
-    def _sample_records(self, generated: GeneratedSet) -> list[GeneratedRecord]:
-        """Up to ``mlflow_samples`` generated images, evenly spread over the folding order."""
-        records = generated.records
-        n = min(self.samples, len(records))
-        return [records[(i * len(records)) // n] for i in range(n)]
+
+class WandbWriter:
+    """One W&B run per trainer run (its id the trainer's run id): config at start, the scalars
+    per epoch, then the final numbers, the run's records and sample images."""
+
+    def __init__(self, cfg: Config, run_id: str, resume: bool) -> None:
+        import wandb
+
+        tracking = cfg.tracking
+        self.run_dir = cfg.run_dir
+        self.samples = tracking.wandb_samples
+        self.step = 0
+        try:
+            self.run = wandb.init(
+                project=tracking.wandb_project,
+                entity=tracking.wandb_entity,
+                mode=tracking.wandb_mode,  # None: WANDB_MODE, else online
+                dir=str(cfg.run_dir),  # files under run_dir/WANDB_DIR
+                id=re.sub(r"[^A-Za-z0-9_-]", "-", run_id),
+                name=cfg.run_name,
+                resume="allow",  # --resume: the same run goes on
+                config=_redacted(cfg.model_dump(mode="json")),
+                settings=wandb.Settings(console="off"),  # the trainer's own output stays its own
+            )
+        except Exception as exc:
+            raise TrackingUnavailable(
+                f"tracking.wandb: cannot start a W&B run in project {tracking.wandb_project!r} ({exc}); "
+                "log in (wandb login, or WANDB_API_KEY) or run offline (tracking.wandb_mode=offline)"
+            ) from None
+        log.info(
+            "W&B: run %s (%s) in project %r", self.run.id, self.run.settings.mode, tracking.wandb_project
+        )
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.step = epoch
+        self.run.log(metrics, step=epoch)
+
+    def finish(self, final: dict[str, float], generated: GeneratedSet, complete: bool) -> None:
+        import wandb
+
+        self.run.summary.update(final)
+        for path in sorted(self.run_dir.iterdir()):
+            if path.is_file() and path.suffix in RECORD_SUFFIXES:
+                self.run.save(str(path), base_path=str(self.run_dir), policy="now")
+        images = [
+            wandb.Image(str(generated.root / record.file), caption=_sample_name(generated, k, record))
+            for k, record in enumerate(_sample_records(generated, self.samples))
+        ]
+        if images:
+            self.run.log({"samples": images}, step=self.step)
+        if not complete:  # stopped early (--stop-after-epoch): resumable, as a preempted run is
+            self.run.mark_preempting()
+        self.run.finish()
 
 
 class Tracking:
@@ -204,17 +272,19 @@ class Tracking:
     """
 
     def __init__(self, cfg: Config, main: bool, broadcast: Callable[[Any], Any] = lambda obj: obj) -> None:
-        if cfg.tracking.mlflow and not _mlflow_installed():
+        if cfg.tracking.mlflow and not _installed("mlflow"):
             raise TrackingUnavailable(f"tracking.mlflow is on but MLflow is not installed: {MLFLOW_EXTRA}")
+        if cfg.tracking.wandb and not _installed("wandb"):
+            raise TrackingUnavailable(f"tracking.wandb is on but wandb is not installed: {WANDB_EXTRA}")
         self.cfg = cfg
         self.main = main
         self.broadcast = broadcast  # rank 0's object on every rank (the loop's _Dist.broadcast)
         self.writers: list[Writer] = []
 
     def start(self, run_id: str, resume: bool) -> None:
-        """Open the writers on rank 0; ``resume`` continues the MLflow run of ``run_id``.
+        """Open the writers on rank 0; ``resume`` continues the MLflow and W&B runs of ``run_id``.
 
-        Collective: when rank 0 cannot open its MLflow run, every rank raises, none is left
+        Collective: when rank 0 cannot open its MLflow or W&B run, every rank raises, none is left
         waiting at the first barrier."""
         error: str | None = None
         if self.main:
@@ -235,6 +305,8 @@ class Tracking:
                 log.info("no TensorBoard logs: pip install 'actgen-trainer[tensorboard]' for them")
         if tracking.mlflow:
             self.writers.append(MlflowWriter(self.cfg, run_id, resume))
+        if tracking.wandb:
+            self.writers.append(WandbWriter(self.cfg, run_id, resume))
 
     def log_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         """The epoch's ``EPOCH_METRICS`` (those with a value) to every writer."""
