@@ -188,8 +188,11 @@ def test_trainer_gets_a_gpu_shared_memory_and_the_generator_url_from_its_environ
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
     assert trainer["shm_size"].endswith("gb}")
     assert trainer["environment"]["ACTGEN_GENERATOR_URL"].endswith("http://generator:8000}")
-    # every trainer command in the README keeps the URL: no override, or one read from the env
-    readme = (ROOT / "README.md").read_text()
+    # every trainer command in the README and the operations guide keeps the URL: no override,
+    # or one read from the env
+    readme = (ROOT / "README.md").read_text() + (ROOT / "docs" / "operations.md").read_text()
+    commands = [line for line in readme.splitlines() if "--profile train run" in line]
+    assert commands, "no `docker compose --profile train run` command documented"
     for line in readme.splitlines():
         if "--profile train run" in line and "trainer train" in line:
             assert "--generator-url" in line or "ACTGEN_GENERATOR_URL" in readme

@@ -1,4 +1,4 @@
-"""Class names for the prompts of a dataset of class folders (``a photo of a {name}``).
+"""Class names for the prompts of a dataset of class folders (``a photo of {name}``, the default prompt).
 
 A folder's name is its class name, underscores read as spaces (``golden_retriever``); an
 ImageNet synset id (``n02099601``, the folders of ImageNet's train/ and val/) is named from the
