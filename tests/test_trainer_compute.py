@@ -119,6 +119,41 @@ def test_loaders_are_built_once_and_their_workers_load_images_generated_since(tm
     assert all(os.path.exists(f"/proc/{pid}") for pid in workers or [])
 
 
+def test_a_run_ends_its_loaders_persistent_workers(tmp_path: Path) -> None:
+    """Workers end with the loop, not at garbage collection, so a later fork (a second run in the
+    same process) inherits none of their queues; a failed epoch ends them too."""
+    trainer = _real(tmp_path, "data.num_workers=2", "train.epochs=1")
+    epoch = trainer._epoch
+    pids: list[int] = []
+
+    def recording_epoch(e: int) -> dict:
+        row = epoch(e)
+        for loader in (trainer.train_loader, trainer.test_loader):  # mode real scores no slice
+            pids.extend(w.pid for w in loader._iterator._workers)  # type: ignore[union-attr]
+        return row
+
+    trainer._epoch = recording_epoch  # type: ignore[method-assign]
+    trainer.run()
+    assert len(pids) == 4 and all(pid is not None for pid in pids)
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    assert not alive, f"DataLoader workers still running after the run: {alive}"
+    assert all(loader._iterator is None for loader in (trainer.train_loader, trainer.test_loader))
+
+    failing = _real(tmp_path / "failing", "data.num_workers=2", "train.epochs=2")
+    started: list[int] = []
+    train_epoch = failing._train_epoch
+
+    def failing_train_epoch(*args: object, **kwargs: object) -> object:
+        train_epoch(*args, **kwargs)  # type: ignore[arg-type]
+        started.extend(w.pid for w in failing.train_loader._iterator._workers)  # type: ignore[union-attr]
+        raise RuntimeError("an epoch that fails")
+
+    failing._train_epoch = failing_train_epoch  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="an epoch that fails"):
+        failing.run()
+    assert len(started) == 2 and not [pid for pid in started if os.path.exists(f"/proc/{pid}")]
+
+
 def test_a_training_step_reads_nothing_back_to_the_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

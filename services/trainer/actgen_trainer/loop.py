@@ -233,14 +233,17 @@ class Trainer(Checkpoints, GeneratorLink):
             total=epochs,
         )
         stopped = False
-        for epoch in bar:
-            row = self._epoch(epoch)
-            bar.set_postfix(test_acc=f"{row['test_acc']:.3f}", gen=row["generated_total"])
-            if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch:
-                log.info("stopping after epoch %d as asked", epoch)
-                stopped = True
-                break
-        bar.close()
+        try:
+            for epoch in bar:
+                row = self._epoch(epoch)
+                bar.set_postfix(test_acc=f"{row['test_acc']:.3f}", gen=row["generated_total"])
+                if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch:
+                    log.info("stopping after epoch %d as asked", epoch)
+                    stopped = True
+                    break
+        finally:
+            bar.close()
+            self._stop_loader_workers()
         if not stopped:
             self._cancel_leftovers()
         if self.client is not None and self.dist.main and self.state.epoch >= epochs:
@@ -310,6 +313,17 @@ class Trainer(Checkpoints, GeneratorLink):
         if self.dist.rank == 0:
             return self.cfg.seed * 10_007 + epoch
         return derive_seed(self.cfg.seed, epoch, self.dist.rank, 1) % 2**63
+
+    def _stop_loader_workers(self) -> None:
+        """End the loaders' persistent workers (and, on CUDA, their pin-memory threads) with the
+        loop rather than at garbage collection: a process that forks again later (a second run, as
+        gpu-check's trainer section does) would hand their open queues to its children, which print
+        QueueFeederThread errors when they exit. A later loop over a loader starts its workers again."""
+        for loader in (self.train_loader, self.test_loader, self.val_loader):
+            iterator = getattr(loader, "_iterator", None)  # a persistent loader keeps its iterator here
+            if iterator is not None:
+                iterator._shutdown_workers()
+                loader._iterator = None
 
     def _build_loaders(self, val_idx: np.ndarray) -> None:
         """The run's three loaders, built once: training (its sampler follows the growing set),
