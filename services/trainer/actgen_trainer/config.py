@@ -58,11 +58,13 @@ class AdvSchedule(str, Enum):  # noqa: UP042  (str() stays "Name.member", as bef
 
     ``paper``: adv_prob = 0.5 * epoch / epochs (section 4.3). ``authors``: the released code,
     with r = max(1 - epoch / (0.5 * epochs - 1), 0) * 0.5 of the items drawn as plain SD and
-    adv_prob = 0.5 - r, so it reaches 0.5 by mid-training.
+    adv_prob = 0.5 - r, so it reaches 0.5 by mid-training. ``constant``: adv_prob = 0.5 (the
+    schedules' end value) from the first job: eq. 10 alone gets as many items as it will ever have.
     """
 
     paper = "paper"
     authors = "authors"
+    constant = "constant"
 
 
 class _Section(BaseModel):
@@ -72,7 +74,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where images come from and how the validation slice is cut."""
 
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    dataset: Literal["digits", "backgrounds", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
     root: str | None = Field(None, description="dataset folder (CIFAR files, or train/ and val/)")
     download: bool = Field(False, description="let torchvision download CIFAR into root")
     image_size: int = Field(32, ge=8, le=1024, description="training resolution")
