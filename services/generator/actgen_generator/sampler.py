@@ -231,6 +231,9 @@ class GuidedSampler:
             self.vae.enable_gradient_checkpointing()
         # per class name: its embeddings and class-token weights (None for the empty prompt)
         self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        # for diagnostics: the last call's class-token attention summed over its steps, (batch, h, w)
+        # at the mask resolution (eq. 8's m before normalising and upsampling); None unless aig/actgen
+        self.last_attention: torch.Tensor | None = None
 
     @property
     def native_size(self) -> int:
@@ -337,6 +340,7 @@ class GuidedSampler:
                 raise Cancelled(f"cancelled after step {k + 1} of {total}")
 
         # 6. Decode
+        self.last_attention = attention
         images = self._decode(x, opts.output_size)
         return [
             SampleOutput(
