@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench ablation chaos up down compose-gpus k8s-render clean
+.PHONY: setup lock lint test demo serve bench ablation tiny-backgrounds-model chaos up down compose-gpus k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
@@ -42,10 +42,19 @@ bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # ablation: every arm x 5 seeds on the low-data digits (resumable; ends with its wall time).
-# ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds.
+# ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds. TESTBED=backgrounds: the digits on
+# class-correlated backgrounds, 10 seeds (models/tiny-backgrounds; docs/ablation.md).
 ABLATION_ARGS ?=
+TESTBED ?= digits
 ablation: setup
-	$(VENV)/bin/actgen-trainer ablate $(ABLATION_ARGS)
+	$(VENV)/bin/actgen-trainer ablate --testbed $(TESTBED) $(ABLATION_ARGS)
+
+# tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
+# (about 25 min on a 2-core CPU, one thread, niced; the model card gives its figures).
+tiny-backgrounds-model: setup
+	nice -n 19 $(VENV)/bin/actgen-generator train-tiny-model --data backgrounds --out models/tiny-backgrounds \
+	    --minutes 24 --seed 0 --vae-steps 600 --unet-steps 2500 --text-lr 0.0005 --renders 8 \
+	    --attn-weight 0.2 --threads 1
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after
