@@ -322,12 +322,15 @@ def add_parser(subparsers) -> None:
     """``actgen-generator eval-model``."""
     p = subparsers.add_parser(
         "eval-model",
-        help="check a tiny digits model: class-conditional accuracy, guide faithfulness, diversity",
-        description="Generate on the digits test split through the service's sampler and report (a) the "
-        "share of random-mode images classified as their prompt's digit, (b) the share of "
-        "aig-mode images classified as their guide's digit, (c) same-guide diversity next to "
-        "real same-digit diversity. Exit status 1 when (a) < "
-        f"{MIN_RANDOM_ACCURACY}, (b) < {MIN_AIG_FAITHFULNESS} or (c) is 0.",
+        help="check a tiny digits or backgrounds model: class-conditional accuracy, guide faithfulness, "
+        "diversity (and eq. 8's mask on backgrounds)",
+        description="Generate on the digits (or backgrounds) test split through the service's sampler and "
+        "report (a) the share of random-mode images classified as their prompt's digit, (b) the share "
+        "of aig-mode images classified as their guide's digit, (c) same-guide diversity next to "
+        "real same-digit diversity; on backgrounds also (d) eq. 8's mask IoU with the true digit "
+        "mask and (e) the change inside vs outside the digit. Exit status 1 when (a) < "
+        f"{MIN_RANDOM_ACCURACY}, (b) < {MIN_AIG_FAITHFULNESS} (backgrounds: {MIN_BACKGROUNDS_RANDOM_ACCURACY}, "
+        f"{MIN_BACKGROUNDS_FAITHFULNESS}), (c) is 0 or (d) is not above a uniform mask's.",
     )
     p.add_argument("model", help="diffusers folder (or hub id) of a digits or backgrounds model")
     p.add_argument(

@@ -580,6 +580,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="VAE phase steps at most")
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps, help="UNet phase steps at most")
     p.add_argument(
+        "--vae-share",
+        type=float,
+        default=defaults.vae_share,
+        help="share of the time budget the VAE phase may take at most",
+    )
+    p.add_argument(
         "--text-lr",
         type=float,
         default=defaults.text_lr,
@@ -614,6 +620,8 @@ def _run(args) -> int:
         raise SystemExit("actgen-generator train-tiny-model: --minutes must be positive")
     if args.text_lr < 0:
         raise SystemExit("actgen-generator train-tiny-model: --text-lr must be >= 0")
+    if not 0 < args.vae_share < 1:
+        raise SystemExit("actgen-generator train-tiny-model: --vae-share must be between 0 and 1")
     if args.renders < 1:
         raise SystemExit("actgen-generator train-tiny-model: --renders must be >= 1")
     if args.attn_weight < 0:
@@ -632,6 +640,7 @@ def _run(args) -> int:
         seed=args.seed,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
+        vae_share=args.vae_share,
         text_lr=args.text_lr,
         renders=args.renders,
         attn_weight=args.attn_weight,
@@ -642,7 +651,9 @@ def _run(args) -> int:
     command = (
         f"actgen-generator train-tiny-model --data {cfg.data} --out {args.out} --minutes {cfg.minutes:g} "
         f"--seed {cfg.seed} --vae-steps {cfg.vae_steps} --unet-steps {cfg.unet_steps} "
-        f"--text-lr {cfg.text_lr:g}{extra}" + (f" --threads {args.threads}" if args.threads else "")
+        + (f"--vae-share {cfg.vae_share:g} " if cfg.vae_share != TinyTrainingConfig.vae_share else "")
+        + f"--text-lr {cfg.text_lr:g}{extra}"
+        + (f" --threads {args.threads}" if args.threads else "")
     )
     try:
         train_tiny_model(args.out, cfg, command=command)
