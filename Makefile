@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench ablation tiny-backgrounds-model chaos up down compose-gpus k8s-render clean
+.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation tiny-backgrounds-model chaos up down compose-gpus k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
@@ -41,6 +41,23 @@ BENCH_ARGS ?=
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# gpu-check: on a GPU host, offline, under 8 minutes: the generator (every mode, fp16 and bf16, gradient
+# checkpointing, batching, out-of-memory halving, a served replica) and the trainer on SD 2.1's
+# architecture at random weights, then the sd21gpu bench; a report in runs/gpu-check.json
+# (docs/operations.md). Without CUDA the same script runs the tiny model (about a minute). The host
+# needs no venv: python3 with the wheels of `make gpu-bundle`. GPU_CHECK_ARGS="--sections serve,oom".
+GPU_CHECK_ARGS ?=
+CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# gpu-bundle: the wheels gpu-check needs beyond a CUDA PyTorch image, into .whl/ (at most 60 MB),
+# for the GPU host's Python and platform; it prints the one line that installs them there.
+PYVER ?= 3.12
+PLATFORM ?= x86_64
+gpu-bundle: setup
+	$(PY) bench/gpu_bundle.py --python-version $(PYVER) --platform $(PLATFORM)
+
 # ablation: every arm x 5 seeds on the low-data digits (resumable; ends with its wall time).
 # ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds. TESTBED=backgrounds: the digits on
 # class-correlated backgrounds, 10 seeds (models/tiny-backgrounds; docs/ablation.md).
@@ -50,11 +67,12 @@ ablation: setup
 	$(VENV)/bin/actgen-trainer ablate --testbed $(TESTBED) $(ABLATION_ARGS)
 
 # tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
-# (about 25 min on a 2-core CPU, one thread, niced; the model card gives its figures).
+# (about 15 min and 1 more for its reference CNN on a 2-core CPU, one thread, niced; then
+# `actgen-generator eval-model models/tiny-backgrounds` gives the model card's figures).
 tiny-backgrounds-model: setup
 	nice -n 19 $(VENV)/bin/actgen-generator train-tiny-model --data backgrounds --out models/tiny-backgrounds \
-	    --minutes 24 --seed 0 --vae-steps 600 --unet-steps 2500 --text-lr 0.0005 --renders 8 \
-	    --attn-weight 0.2 --threads 1
+	    --minutes 16 --seed 0 --vae-steps 650 --unet-steps 2500 --vae-share 0.2 --text-lr 0.0005 \
+	    --renders 8 --attn-weight 0.2 --threads 1
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after

@@ -200,8 +200,10 @@ def guided_step_split(sampler: Any, items: list[Any], options: Any, classifier: 
     _sync(device)
     start = time.perf_counter()
     sampler.recorder.begin_step(len(items), shape[1:], device)
-    pred = sampler.predict_noise(x, t, uncond, cond, weights, plan.rows, options.update_uncond)
-    x0 = post.predict_x0(x, cfg_noise(pred.uncond, pred.cond, options.guidance_scale))
+    pred = sampler.predict_noise(
+        x, t, uncond, cond, weights, plan.rows, sampler.resolve(options).update_uncond
+    )
+    x0 = post.predict_x0(x, cfg_noise(pred.uncond, pred.cond, sampler.resolve(options).guidance_scale))
     x0_rows = x0[plan.rows]
     now = mark("unet_forward", start)
     x0_leaf = x0_rows.detach().requires_grad_(True)

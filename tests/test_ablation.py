@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from actgen_shared.presets import read_model_defaults, resolve_options
+from actgen_shared.schemas import GenerationOptions
 from actgen_trainer import ablation
 from actgen_trainer.ablation import mean_std, paired_difference
 from actgen_trainer.cli import main
@@ -54,6 +56,34 @@ def test_every_arm_is_a_valid_config() -> None:
         assert cfg.seed == 3 and cfg.generation.sync
     mine = ablation.cell_config(REPO / ablation.DEFAULT_CONFIG, [], "actgen+lowconf", 0, Path("/tmp/x"))
     assert mine.generation.selection == "lowest_confidence"
+
+
+def test_the_digits_arms_run_on_the_digits_models_own_defaults() -> None:
+    """The arms keep their meaning when the service's defaults change: they name no preset, so the
+    digits model's defaults file decides what an arm does not set (and the text's schedule)."""
+    digits = read_model_defaults(REPO / ablation.DEFAULT_MODEL)
+
+    def resolved(arm: str):
+        gen = ablation.cell_config(REPO / ablation.DEFAULT_CONFIG, [], arm, 0, Path("/tmp/x")).generation
+        options = GenerationOptions.model_validate({**gen.options, **gen.section_options})
+        return gen, resolve_options(options, digits)
+
+    gen, actgen = resolved("actgen")
+    assert gen.preset is None and gen.schedule.value == "paper" and actgen.defaults == "model"
+    assert (actgen.lr, actgen.guidance_scale, actgen.grad_norm, actgen.normalize_mask) == (
+        0.01,
+        15.0,
+        "token",
+        True,
+    )
+    _, nu = resolved("actgen-nu0.05")
+    assert nu.model_dump(exclude={"lr"}) == actgen.model_dump(exclude={"lr"}) and nu.lr == 0.05
+    _, text = resolved("actgen-global")
+    assert (text.grad_norm, text.update_uncond, text.lr) == ("global", False, 0.05)
+    gen, released = resolved("actgen-released")
+    assert (
+        released.defaults == "released" and released.guidance_scale == 7.5 and gen.schedule.value == "authors"
+    )
 
 
 # A grid small enough for the suite: 4 epochs (jobs after epochs 0 and 1), 3 images a job, 4 steps.

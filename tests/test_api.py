@@ -13,6 +13,7 @@ from PIL import Image
 from service_helpers import (
     CLASSIFIER_META,
     SIZE,
+    STEPS,
     classifier_weights,
     job_body,
     key_prefix_for,
@@ -23,7 +24,8 @@ from service_helpers import (
 from actgen_generator.tiny_model import TINY_UNET, TINY_VAE
 from actgen_shared.client import AsyncGeneratorClient, GeneratorClient, GeneratorError
 from actgen_shared.launcher import GeneratorProcess
-from actgen_shared.schemas import JobStatus
+from actgen_shared.schemas import JobRequest, JobResult, JobState, JobStatus
+from actgen_shared.settings import Settings
 
 pytestmark = pytest.mark.slow
 WAIT_S = 120.0
@@ -62,8 +64,9 @@ def _png_size(data: bytes) -> tuple[int, int]:
         ("aig", {"options": {"output_size": 32}}),
         ("actgen", {"memory_bank_key": "bank-a"}),
         ("actgen", {"memory_bank_key": "bank-a", "options": {"adv_prob": 1.0}, "classifier": True}),
+        ("aig", {"options": {"preset": "paper", "prompt": "a picture of {}"}}),
     ],
-    ids=["random", "ig", "aig-resized", "actgen", "actgen-adversarial"],
+    ids=["random", "ig", "aig-resized", "actgen", "actgen-adversarial", "aig-paper-prompt"],
 )
 def test_job_in_each_mode(client: GeneratorClient, classifier_ref: str, mode: str, extra: dict) -> None:
     extra = dict(extra)
@@ -74,8 +77,15 @@ def test_job_in_each_mode(client: GeneratorClient, classifier_ref: str, mode: st
     assert accepted.status_url == f"/v1/jobs/{accepted.job_id}"
     state = client.wait(accepted.job_id, timeout_s=WAIT_S)
     assert state.status is JobStatus.done, state.error
+    assert (state.progress.step, state.progress.total) == (STEPS, STEPS)  # done: every step, not 2 of 3
     assert state.result is not None and len(state.result.items) == n
     assert [r.index for r in state.result.items] == list(range(n))
+    # each item records what its options left to the preset (the tiny model has no defaults file)
+    options = extra.get("options", {})
+    for record in state.result.items:
+        assert record.resolved is not None and record.resolved.defaults == options.get("preset", "released")
+        assert record.resolved.prompt == options.get("prompt", "a photo of {}")
+        assert record.resolved.guidance_scale == (15.0 if options.get("preset") == "paper" else 7.5)
     want = extra.get("options", {}).get("output_size") or SIZE
     for k in range(n):
         assert _png_size(client.image(accepted.job_id, k)) == (want, want)
@@ -168,10 +178,11 @@ def test_cancel_queued_and_running(client: GeneratorClient) -> None:
     assert state.progress.total == LONG_STEPS
     assert client.status(queued_job).status is JobStatus.queued
     assert client.cancel(queued_job).status is JobStatus.cancelled  # at once
-    client.cancel(long_job)
-    final = client.wait(long_job, timeout_s=WAIT_S)
-    assert final.status is JobStatus.cancelled
-    assert final.progress.step < LONG_STEPS
+    # a running job: DELETE waits (here up to a minute) until the worker has stopped it
+    response = client._http.delete(f"/v1/jobs/{long_job}", params={"wait": 60})
+    final = JobState.model_validate_json(response.content)
+    assert response.status_code == 200 and final.status is JobStatus.cancelled and not final.cancel_requested
+    assert 0 < final.progress.step < LONG_STEPS
     assert client.results(run).items == []
     # the replica keeps serving after the cancels
     assert (
@@ -195,6 +206,9 @@ def test_info_metrics_and_docs(client: GeneratorClient, server: GeneratorProcess
     native = TINY_UNET["sample_size"] * 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
     assert info.replica_id == "api-test" and info.native_size == native and info.max_batch == 4
     assert "tiny" in info.model and info.device == "cpu"
+    # the preset-dependent defaults as this replica's model resolves them: no defaults file, released
+    assert info.resolved_defaults is not None and info.resolved_defaults.defaults == "released"
+    assert (info.resolved_defaults.guidance_scale, info.resolved_defaults.normalize_mask) == (7.5, False)
     job = client.submit(job_body(new_run_id(), n_items=1, mode="random")).job_id
     assert client.wait(job, timeout_s=WAIT_S).status is JobStatus.done
     text = client._http.get("/metrics").text
@@ -262,6 +276,51 @@ def test_memory_bank_is_live_and_per_job(client: GeneratorClient) -> None:
     assert [len(s) for s in contrastive_steps(second)] == [2] and min(contrastive_steps(second)[0]) > 0
     other = run(f"other-{new_run_id()}", n_items=1, seed=2)  # same request, an empty bank of its own
     assert contrastive_steps(other) == [[]]  # no entries: no gradient step at all
+
+
+def test_cancel_of_a_job_still_running_says_so_and_a_done_job_shows_all_its_steps(settings: Settings) -> None:
+    """API only, the job run by hand as a worker would (no model): DELETE of a running job that
+    has not stopped within ``wait`` answers 202 with ``cancel_requested``; once done (it finished
+    before it saw the flag), it shows every step done and no pending cancel."""
+    from starlette.testclient import TestClient
+
+    from actgen_generator.api import create_app
+    from actgen_shared.consumer import Consumer
+    from actgen_shared.queue import JobQueue, connect
+
+    body = job_body(new_run_id(), n_items=1, steps=10)
+
+    async def worker_side(finish: bool) -> str:
+        client = connect(settings.redis_url or "")
+        try:
+            q = JobQueue(client, settings)
+            await q.ensure_group()
+            consumer = Consumer(q, "by-hand", token="by-hand-token")  # one consumer, two calls
+            if not finish:
+                job_id, _ = await q.submit(JobRequest.model_validate(body))
+                [delivery] = await consumer.fetch(count=1, block_ms=100, start=True)
+                await consumer.progress(job_id, 9, 10)  # the last step posts no progress
+                return job_id
+            [delivery] = await consumer.fetch(count=1, block_ms=0)  # its own pending entry
+            options = delivery.request.options
+            await consumer.complete(delivery, JobResult(items=[], options=options))
+            return delivery.job_id
+        finally:
+            await client.aclose()
+
+    with TestClient(create_app(settings, worker=False)) as api:
+        job_id = asyncio.run(worker_side(finish=False))
+        response = api.delete(f"/v1/jobs/{job_id}", params={"wait": 0.2})
+        state = JobState.model_validate(response.json())
+        assert response.status_code == 202 and state.status is JobStatus.running and state.cancel_requested
+        assert JobState.model_validate(api.get(f"/v1/jobs/{job_id}").json()).cancel_requested
+        assert asyncio.run(worker_side(finish=True)) == job_id
+        done = JobState.model_validate(api.get(f"/v1/jobs/{job_id}").json())
+        assert done.status is JobStatus.done and not done.cancel_requested
+        assert (done.progress.step, done.progress.total) == (10, 10)
+        again = api.delete(f"/v1/jobs/{job_id}")  # a final job: unchanged, at once
+        assert again.status_code == 200 and again.json()["status"] == "done"
+        assert api.delete(f"/v1/jobs/{job_id}", params={"wait": -1}).status_code == 422
 
 
 def test_public_docs_open_the_docs_only(redis_url: str, key_prefix: str) -> None:

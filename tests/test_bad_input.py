@@ -139,6 +139,36 @@ BAD_JOBS: list[tuple[str, Any, str]] = [
     ("grad-steps-over-steps", lambda: _with(job_body("r", steps=4), grad_steps=9), "grad_steps"),
     ("fewshot-outside-ig", lambda: _with(job_body("r", mode="aig"), fewshot_u=0.5), "options.fewshot_u"),
     ("unknown-grad-norm", lambda: _with(job_body("r"), grad_norm="l1"), "options.grad_norm"),
+    (
+        "unknown-preset",
+        lambda: _with(job_body("r"), preset="authors"),
+        "options.preset: Input should be 'released' or 'paper'",
+    ),
+    (
+        "prompt-two-placeholders",
+        lambda: _with(job_body("r"), prompt="a {} and a {}"),
+        "options.prompt: must hold exactly one {}",
+    ),
+    (
+        "prompt-no-placeholder",
+        lambda: _with(job_body("r"), prompt="a photo of a cat"),
+        "options.prompt: must hold exactly one {}",
+    ),
+    (
+        "prompt-format-field",
+        lambda: _with(job_body("r"), prompt="a {0.__class__} {}"),
+        "options.prompt: must hold exactly one {}",
+    ),
+    (
+        "prompt-glued-to-a-word",
+        lambda: _with(job_body("r"), prompt="a photo of {}s"),
+        "options.prompt: the class name must stand",
+    ),
+    (
+        "prompt-too-long",
+        lambda: _with(job_body("r"), prompt="a " * 200 + "{}"),
+        "options.prompt: String should have at most 300",
+    ),
     ("height-not-multiple-of-8", lambda: _with(job_body("r"), height=100), "options.height"),
     ("adv-prob-out-of-range", lambda: _with(job_body("r"), adv_prob=1.5), "options.adv_prob"),
     ("adv-without-classifier", lambda: _with(job_body("r", mode="actgen"), adv_prob=0.5), "classifier_ref"),

@@ -179,9 +179,11 @@ def test_guided_step_split_gives_the_samplers_gradient(sampler) -> None:
         t = scheduler.timesteps[0]
         x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         sampler.recorder.begin_step(2, (16, 16), sampler.device)
-        pred = sampler.predict_noise(x, t, uncond, cond, weights, plan.rows, opts.update_uncond)
+        pred = sampler.predict_noise(
+            x, t, uncond, cond, weights, plan.rows, sampler.resolve(opts).update_uncond
+        )
         x0 = PosteriorStep.at(scheduler, t).predict_x0(
-            x, cfg_noise(pred.uncond, pred.cond, opts.guidance_scale)
+            x, cfg_noise(pred.uncond, pred.cond, sampler.resolve(opts).guidance_scale)
         )
         loss = sampler.guidance_loss(x0[plan.rows], plan.targets(x0))
         (direct,) = original(loss.total.sum(), pred.leaves[:1], retain_graph=True)

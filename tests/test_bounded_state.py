@@ -132,11 +132,15 @@ def test_prompt_cache_is_an_lru_with_a_cap(sampler) -> None:  # type: ignore[no-
         _, cond, _ = capped._encode_prompts([SimpleNamespace(class_name=name)])
         first[name] = cond[0].clone()
         assert len(capped._prompts) <= 3
-    assert list(capped._prompts)[-1] == "five"
+    assert list(capped._prompts)[-1] == ("a photo of {}", "five")  # keyed by (template, class)
     _, again, _ = capped._encode_prompts([SimpleNamespace(class_name="zero")])  # evicted: encoded again
     assert np.allclose(again[0].numpy(), first["zero"].numpy())
     _, batch, _ = capped._encode_prompts([SimpleNamespace(class_name=n) for n in names])  # more than the cap
     assert batch.shape[0] == len(names) and len(capped._prompts) <= 3
+    # another template, the same class: another prompt, another entry (not the cached one)
+    _, other, _ = capped._encode_prompts([SimpleNamespace(class_name="zero")], "the digit {}")
+    assert ("the digit {}", "zero") in capped._prompts
+    assert not np.allclose(other[0].numpy(), first["zero"].numpy())
 
 
 def test_redis_near_its_memory_cap_makes_submit_and_readyz_say_503() -> None:

@@ -25,8 +25,10 @@ from actgen_shared.redis_embedded import free_port
 from actgen_trainer.checkpoint import load_checkpoint
 from actgen_trainer.distributed import rank_seed
 from actgen_trainer.link import _stream_key
+from actgen_trainer.loop import Trainer
 
 WORLD = 2
+PER_EPOCH = 3  # generation.images_per_epoch: the whole run's, split 2 + 1 over the ranks
 
 
 def _torchrun(config_file: Path, url: str, *extra: str) -> list[str]:
@@ -78,8 +80,14 @@ def test_rank_seeds_differ_and_rank_zero_keeps_the_run_seed() -> None:
 def test_two_gloo_ranks_fold_the_same_set_and_survive_kill_and_resume(
     tmp_path: Path, client: GeneratorClient, generator: GeneratorProcess
 ) -> None:
-    # 101 test images in batches of 25: the ranks' shards (51, 50) take 3 and 2 batches
-    cfg = small_config(tmp_path, "data.test_subset=101", "train.eval_batch_size=25")
+    # 101 test images in batches of 25: the ranks' shards (51, 50) take 3 and 2 batches; 3 images
+    # per epoch for the whole run: rank 0 posts 2, rank 1 posts 1
+    cfg = small_config(
+        tmp_path,
+        "data.test_subset=101",
+        "train.eval_batch_size=25",
+        f"generation.images_per_epoch={PER_EPOCH}",
+    )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(cfg.to_yaml())
     run_dir = cfg.run_dir
@@ -134,21 +142,29 @@ def test_two_gloo_ranks_fold_the_same_set_and_survive_kill_and_resume(
             assert hashlib.sha256((folder / r["file"]).read_bytes()).hexdigest() == r["sha256"]
     # none lost, none twice: exactly the finished items up to the final cursor
     assert sorted(ids) == sorted(_stream_ids_up_to(client, final["run_id"], final["cursor"]))
-    # each rank posted its own share each generation epoch; 2 images per rank per epoch
+    # each rank posted its own share of the run's images each generation epoch: 2 and 1
     jobs = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
-    assert sorted((j["epoch"], j["rank"]) for j in jobs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted((j["epoch"], j["rank"], j["items"]) for j in jobs) == [
+        (0, 0, 2),
+        (0, 1, 1),
+        (1, 0, 2),
+        (1, 1, 1),
+    ]
     assert len({j["job_id"] for j in jobs}) == 4
-    assert len(ids) == 8, "the final wait at mid-training takes in every image asked for"
+    assert len(ids) == 2 * PER_EPOCH, "the final wait at mid-training takes in every image asked for"
     # one classifier per epoch, uploaded by rank 0 and shared (epoch 0 has adv_prob 0: none)
     refs = {e: {j["classifier_ref"] for j in jobs if j["epoch"] == e} for e in (0, 1)}
     assert refs[0] == {None} and len(refs[1]) == 1 and None not in refs[1]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(cfg.train.epochs))
     assert sum(m["folded"] for m in metrics) == len(ids)
-    assert [m["posted"] for m in metrics[:2]] == [4, 4]
+    assert [m["posted"] for m in metrics[:2]] == [PER_EPOCH, PER_EPOCH]
     # test accuracy over the whole test set (101 images, sharded and summed): a multiple of 1/101
     assert all(abs(m["test_acc"] * 101 - round(m["test_acc"] * 101)) < 1e-6 for m in metrics)
     assert (run_dir / "report.html").exists()
+    # one process with the same config asks for and gets as many images: the count is the run's
+    one = Trainer(cfg.model_copy(update={"output_dir": str(tmp_path / "one")}), client=client, progress=False)
+    assert one.run().images_generated == len(ids) == 2 * PER_EPOCH
 
 
 def torch_equal_rng(a: dict, b: dict) -> bool:

@@ -9,6 +9,7 @@ import pytest
 
 from actgen_generator.contract import SampleItem, item_draw, item_record
 from actgen_generator.echo import EchoSampler
+from actgen_shared.presets import resolve_options
 from actgen_shared.schemas import GenerationOptions, ItemResult, Mode
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,7 +32,9 @@ def _items(confidence: bool) -> list[SampleItem]:
     ]
 
 
-def _fallback(item: SampleItem, index: int, options: GenerationOptions, native_size: int) -> ItemResult:
+def _fallback(
+    item: SampleItem, index: int, options: GenerationOptions, native_size: int, model_defaults=None
+) -> ItemResult:
     """What the worker writes for an item stored by an earlier delivery (it has no sampler output)."""
     return item_record(
         index=index,
@@ -42,6 +45,7 @@ def _fallback(item: SampleItem, index: int, options: GenerationOptions, native_s
         options=options,
         draw=item_draw(item.seed, item.confidence, options),
         native_size=native_size,
+        resolved=resolve_options(options, model_defaults),
     )
 
 
@@ -111,6 +115,6 @@ def test_the_workers_two_record_sites_agree() -> None:
     echo = EchoSampler(native_size=32)
     done = compute_batch(echo, [(job, k) for k in range(N_ITEMS)], {}, lambda step, total: True, 1024)
     made = [record for record, _ in done]
-    assert made == [job.record_of(k, echo.native_size) for k in range(N_ITEMS)]
+    assert made == [job.record_of(k, echo.native_size, echo.model_defaults) for k in range(N_ITEMS)]
     assert {r.mode for r in made} == {Mode.random, Mode.ig}
     assert {(r.width, r.height) for r in made} == {(96, request.options.height)}

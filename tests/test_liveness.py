@@ -22,6 +22,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from service_helpers import wait_until
 
+from actgen_generator import worker as worker_module
 from actgen_generator.echo import EchoSampler
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import Worker
@@ -329,6 +330,38 @@ def test_out_of_memory_halves_the_batch_and_fails_nothing(fast: Settings) -> Non
         w.stop()
     assert sampler.batches[0] == 6 and max(sampler.batches[1:]) <= 3 and sampler.batches[-1] <= 2
     assert all(s.deliveries == 1 for s in states)
+
+
+class TransientAllocFailure(EchoSampler):
+    """cuBLAS cannot allocate its workspace once, in the first batch of more than four items (as
+    a GPU near its limit says it); every batch after runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def __call__(self, items, options, classifier=None, on_step=None):  # type: ignore[no-untyped-def]
+        self.batches.append(len(items))
+        if len(items) > 4 and len(self.batches) == 1:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return super().__call__(items, options, classifier=classifier, on_step=on_step)
+
+
+def test_a_cublas_allocation_failure_halves_the_batch_and_it_grows_back(fast: Settings) -> None:
+    """An allocation failure worded by cuBLAS is an out-of-memory error, not a failed job: the
+    batch halves, and after a run of full batches at the halved size it doubles back to max_batch."""
+    assert fast.max_batch == 8 and worker_module.REGROW_AFTER_BATCHES == 4
+    job_ids = [_on_queue(fast, lambda q: q.submit(_request("run-regrow", n_items=8)))[0] for _ in range(4)]
+    sampler = TransientAllocFailure()
+    w = WorkerThread(fast, "regrow", sampler).start()  # started after the submits: jobs in order
+    try:
+        states = [_wait(lambda j=j: (s := _state(fast, j)).status.is_final and s, "final") for j in job_ids]
+        assert all(s.status is JobStatus.done for s in states), [s.error for s in states]
+        assert w.worker is not None and w.worker.batch_limit == 8
+    finally:
+        w.stop()
+    assert sampler.batches == [8, 4, 4, 4, 4, 8, 8]  # failed at 8, four full batches of 4, back at 8
+    assert all(s.deliveries == 1 and s.error is None for s in states)
 
 
 def _pending_per_consumer(settings: Settings) -> dict[str, int]:

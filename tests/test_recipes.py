@@ -58,12 +58,26 @@ def test_imagenet_recipe_scales_lr_and_spreads_a_ten_percent_budget() -> None:
     assert scaled_lr(cfg.optim, 8 * cfg.train.batch_size) == pytest.approx(0.4)  # 8 GPUs
     assert scaled_lr(cfg.optim, 32 * cfg.train.batch_size) == pytest.approx(1.6)  # Table 5
     assert cfg.generation.budget == 0.10 and cfg.generation_epochs == 45
-    per_rank = images_per_rank_epoch(cfg, IMAGENET_TRAIN, world=8)
-    assert per_rank == math.ceil(round(0.10 * IMAGENET_TRAIN) / (45 * 8)) == 356
-    assert per_rank * 45 * 8 >= 0.10 * IMAGENET_TRAIN  # the whole budget, not 1.8 %
-    # without a budget, images_per_epoch per rank as before
+    budget = round(0.10 * IMAGENET_TRAIN)
+    # the budget is the whole run's, exactly, however many ranks share it (not 1.8 %, nor x 8)
+    for world in (1, 3, 8):
+        shares = [
+            [images_per_rank_epoch(cfg, IMAGENET_TRAIN, world, rank, e) for rank in range(world)]
+            for e in range(45)
+        ]
+        assert sum(map(sum, shares)) == budget
+        assert all(max(epoch) - min(epoch) <= 1 for epoch in shares)  # near-equal, low ranks first
+        assert all(epoch == sorted(epoch, reverse=True) for epoch in shares)
+    assert images_per_rank_epoch(cfg, IMAGENET_TRAIN, 8, 0, 0) == 356  # 2,848 over 8 GPUs
+    # without a budget, images_per_epoch is the run's per epoch: 64 x 150 = 9.6K on 1 GPU or 4
     plain = load_config(REPO / "configs" / "cifar10_resnet50.yaml")
-    assert images_per_rank_epoch(plain, 50_000, world=4) == 64
+    for world in (1, 4):
+        per_run = sum(
+            images_per_rank_epoch(plain, 50_000, world, r, e) for r in range(world) for e in range(150)
+        )
+        assert per_run == 9_600
+    assert [images_per_rank_epoch(plain, 50_000, 3, r, 0) for r in range(3)] == [22, 21, 21]
+    assert images_per_rank_epoch(plain, 50_000, 128, 64, 0) == 0  # a rank whose share is 0 posts nothing
 
 
 def test_warmup_is_per_iteration() -> None:

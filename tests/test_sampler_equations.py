@@ -14,6 +14,7 @@ from actgen_generator.attention import RecordingAttnProcessor, normalize_mask, u
 from actgen_generator.guidance import (
     PosteriorStep,
     cfg_noise,
+    classifier_input,
     contrastive_loss,
     fewshot_strength,
     gamma,
@@ -189,7 +190,12 @@ def _reference_run(
 @pytest.mark.parametrize("mode", [Mode.ig, Mode.random])
 def test_guided_steps_match_ddpm_posterior_plus_image_guidance(sampler: GuidedSampler, mode: Mode) -> None:
     opts = GenerationOptions(
-        mode=mode, num_inference_steps=3, grad_steps=0, guidance_scale=5.0, image_guidance_strength=1.5
+        mode=mode,
+        num_inference_steps=3,
+        grad_steps=0,
+        guidance_scale=5.0,
+        image_guidance_strength=1.5,
+        image_guidance_reference_steps=None,  # i as given: the reference takes it so
     )
     out = sampler([SampleItem(guide=_guide(), class_id=3, class_name="cat", seed=SEED)], opts)[0]
     ref = _reference_run(sampler, mode, steps=3, scale=5.0, strength=1.5)
@@ -208,6 +214,7 @@ def test_aig_mask_accumulates_over_steps_as_the_reference(
         grad_steps=0,
         guidance_scale=5.0,
         image_guidance_strength=2.5,
+        image_guidance_reference_steps=None,
         normalize_mask=normalize_mask,
     )
     out = sampler([SampleItem(guide=_guide(), class_id=3, class_name="cat", seed=SEED)], opts)[0]
@@ -230,6 +237,8 @@ def test_actgen_loop_matches_the_reference_and_carries_c(
         grad_steps=2,
         guidance_scale=5.0,
         image_guidance_strength=2.5,
+        image_guidance_reference_steps=None,
+        normalize_mask=True,  # the reference's mask
         lr=0.5,
         grad_norm=norm,
         update_uncond=update_uncond,
@@ -409,6 +418,24 @@ def test_update_size_for_both_norms_by_hand() -> None:
     assert torch.equal(t[1], big[1]) and torch.equal(f[1], big[1])  # zero gradient: no move
     with pytest.raises(ValueError, match="grad_norm"):
         normalized_update(c, grad, 0.1, norm="cosine")
+
+
+def test_classifier_input_is_the_decoded_image_in_0_1_normalised_once() -> None:
+    """Eq. 10's classifier sees (y - mean) / std of the decoded image y = (x / 2 + 0.5) clamped to
+    [0, 1], as it saw its training images. Not the released code's: it maps y into [0, 1] and then
+    applies normalize_sd2cls, which expects [-1, 1], to y again: (0.5 y + 0.5 - mean) / std, a
+    half-contrast image shifted up (docs/architecture.md 5)."""
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)  # VAE output
+    y = torch.tensor([0.0, 0.5, 1.0, 1.0]).view(1, 1, 2, 2)  # in [0, 1], clamped
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    got = classifier_input(x, 2, mean, std)
+    torch.testing.assert_close(got, (y - m) / s)
+    released = (0.5 * y + 0.5 - m) / s  # guided_gen.py l. 301 then l. 303 (normalize_sd2cls, l. 114)
+    assert float((got - released).abs().max()) > 1.0  # a black pixel: -mean/std, not (0.5 - mean)/std
+    torch.testing.assert_close(got[0, :, 0, 0], -torch.tensor(mean) / torch.tensor(std))
+    # resized to the classifier's input (antialiased: 2x2 -> 1x1 is the mean), then normalised
+    torch.testing.assert_close(classifier_input(x, 1, mean, std), (y.mean() - m) / s)
 
 
 class CountingClassifier(torch.nn.Module):

@@ -21,7 +21,7 @@ from actgen_trainer.loop import Trainer
 def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
     tmp_path: Path, client: GeneratorClient
 ) -> None:
-    cfg = small_config(tmp_path, "generation.sync=true")
+    cfg = small_config(tmp_path, "generation.sync=true", "generation.prompt=a picture of {}")
     trainer = Trainer(cfg, client=client, progress=False)
     summary = trainer.run()
     rows = trainer.state.metrics
@@ -40,6 +40,11 @@ def test_sync_run_posts_first_half_merges_slice_and_folds_labelled_images(
         assert state.result.options.adv_prob == pytest.approx(0.5 * job["epoch"] / EPOCHS)
         assert state.result.options.mode.value == "actgen"
         assert state.result.options.seed is not None
+        # generation.prompt reaches every item; the demo names no preset: the model's defaults
+        assert state.result.options.prompt == "a picture of {}" and state.result.options.preset is None
+        assert {(r.resolved.prompt, r.resolved.defaults) for r in state.result.items} == {
+            ("a picture of {}", "released")
+        }
 
     # the validation slice trains from mid-training on; generated images train once folded
     assert [r.get("merged_validation", False) for r in rows] == [False, False, True, False]

@@ -70,6 +70,10 @@ def test_dotted_overrides_are_typed(tmp_path: Path) -> None:
     )
     assert cfg.train.epochs == 3 and cfg.optim.weight_decay == 5e-4 and cfg.generation.sync is True
     assert cfg.generation.options["num_inference_steps"] == 7 and cfg.run_name == "other"
+    # preset and prompt have keys of their own, and go into every job's options
+    gen = load_config(None, ["generation.prompt=a picture of {}"]).generation
+    assert gen.section_options == {"preset": "released", "prompt": "a picture of {}"}
+    assert load_config(None, ["generation.preset=null"]).generation.section_options == {}
 
 
 @pytest.mark.parametrize(
@@ -81,6 +85,9 @@ def test_dotted_overrides_are_typed(tmp_path: Path) -> None:
         ("generation.options.num_inferance_steps=3", "num_inferance_steps"),
         ("train.epochs", "key=value"),
         ("optim.lr=-1", "optim.lr"),
+        ("generation.preset=authors", "generation.preset"),
+        ("generation.options.prompt=a photo of {}", "set generation.prompt instead"),
+        ("generation.prompt=a photo", "must hold exactly one"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, fragment: str) -> None:
@@ -288,13 +295,17 @@ def test_job_options_run_every_row_of_table_4_and_both_schedules() -> None:
     from actgen_trainer.link import job_options
 
     def opts(epoch: int, *sets: str) -> dict:
-        return job_options(load_config(None, ["train.epochs=30", *sets]), epoch)
+        return job_options(load_config(None, ["train.epochs=30", "generation.preset=paper", *sets]), epoch)
 
     # paper: adv_prob = 0.5 e / E, no plain-SD items
     assert opts(0) == {"mode": "actgen", "adv_prob": 0.0}
     assert opts(12) == {"mode": "actgen", "adv_prob": pytest.approx(0.2)}
+    assert opts(12, "generation.preset=null") == opts(12)  # a model's own defaults: the text's schedule
     # authors: r = max(1 - e / (0.5 E - 1), 0) / 2 plain-SD items, adv_prob = 0.5 - r (0.5 by mid-training)
     authors = "generation.adv_schedule=authors"
+    assert opts(7, "generation.preset=released") == opts(7, authors)  # the released preset's schedule
+    assert job_options(load_config(None, ["train.epochs=30"]), 7) == opts(7, authors)  # the default
+    assert opts(7, "generation.preset=released", "generation.adv_schedule=paper") == opts(7)  # explicit wins
     assert opts(0, authors) == {"mode": "actgen", "plain_prob": 0.5, "adv_prob": 0.0}
     assert opts(7, authors) == {"mode": "actgen", "plain_prob": 0.25, "adv_prob": 0.25}
     assert opts(14, authors) == {"mode": "actgen", "plain_prob": 0.0, "adv_prob": 0.5}

@@ -23,8 +23,9 @@ How the images join the training data: Lightning builds the next epoch's train l
 ``reload_dataloaders_every_n_epochs=1`` is required (checked at setup): without it the loader of
 epoch 0 would be used throughout. ``hard_samples`` yields ``(normalised image tensor, label)``
 like a validation set (the run's ``mean``/``std`` undo the normalisation for the guides);
-``images_per_epoch`` is what each rank posts. Under DDP each rank scores its own shard of
-``hard_samples`` and posts its own share; every rank receives every image (ActGenRun's rule), and
+``images_per_epoch`` counts all ranks together, as the trainer's does (the paper's budget is the
+run's): under DDP each rank scores its own shard of ``hard_samples`` and posts its share of it
+(``ranks.share``: near-equal, the remainder to the low ranks); every rank receives every image (ActGenRun's rule), and
 Lightning's DistributedSampler shards the grown training set. The callback's state (cursor, jobs)
 is saved in Lightning checkpoints; a resumed fit reads the arrived images again from the service.
 """
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from actgen_shared.ranks import share
 from actgen_shared.run import ActGenRun
 from actgen_shared.schemas import Mode
 from actgen_shared.selection import Rule, select_guides
@@ -145,7 +147,8 @@ class ActGenCallback(pl.Callback):
         pl_module.train(was_training)
         p, t = torch.cat(probs).numpy(), torch.cat(targets).numpy()
         rng = np.random.default_rng([self.seed, epoch, rank])
-        chosen, n_hard = select_guides(p, t, self.selection, self.threshold, self.images_per_epoch, rng)
+        count = share(self.images_per_epoch, world, rank)  # the run's count, split over the ranks
+        chosen, n_hard = select_guides(p, t, self.selection, self.threshold, count, rng)
         return {
             "images": [shard[int(k)][0] for k in chosen],
             "labels": t[chosen],

@@ -172,13 +172,11 @@ class JobQueue:
             "replica",
             "deliveries",
         )
-        values = dict(
-            zip(
-                fields,
-                (as_str(v) for v in await self.redis.hmget(self.keys.job(job_id), fields)),
-                strict=True,
-            )
-        )
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip
+            pipe.hmget(self.keys.job(job_id), fields)
+            pipe.exists(self.keys.cancel(job_id))
+            raw, cancel_flag = await pipe.execute()
+        values = dict(zip(fields, (as_str(v) for v in raw), strict=True))
         if values["status"] is None:
             return None
 
@@ -186,20 +184,27 @@ class JobQueue:
             raw = values[name]
             return kind(raw) if raw not in (None, "") else None
 
-        result = values["result"]
+        raw_result = values["result"]
+        status = JobStatus(values["status"])
+        result = JobResult.model_validate_json(raw_result) if raw_result else None
+        progress = Progress(step=num("progress_step", int) or 0, total=num("progress_total", int) or 0)
+        if status is JobStatus.done:  # the last step posts no progress: a done job did all its steps
+            total = result.options.num_inference_steps if result is not None else progress.total
+            progress = Progress(step=total, total=total)
         return JobState(
             job_id=job_id,
             run_id=values["run_id"] or "",
             epoch=num("epoch", int) or 0,
-            status=JobStatus(values["status"]),
-            progress=Progress(step=num("progress_step", int) or 0, total=num("progress_total", int) or 0),
+            status=status,
+            progress=progress,
             error=values["error"],
-            result=JobResult.model_validate_json(result) if result else None,
+            result=result,
             created_at=num("created_at"),
             started_at=num("started_at"),
             finished_at=num("finished_at"),
             replica=values["replica"],
             deliveries=num("deliveries", int) or 0,
+            cancel_requested=bool(cancel_flag) and not status.is_final,
         )
 
     async def request(self, job_id: str) -> JobRequest | None:

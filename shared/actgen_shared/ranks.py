@@ -12,6 +12,12 @@ import sys
 from typing import Any, Protocol
 
 
+def share(total: int, parts: int, part: int) -> int:
+    """Part ``part`` of ``total`` split into ``parts`` near-equal shares, the remainder to the low
+    parts: how a run's image count is split over its ranks (and a budget over its epochs)."""
+    return total // parts + (1 if part < total % parts else 0)
+
+
 class Ranks(Protocol):
     """What the client API needs of a DDP job (``actgen_trainer.distributed.Dist`` is one)."""
 

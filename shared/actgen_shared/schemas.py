@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actgen_shared.labels import LABEL_SETS, LabelSetName, class_names_for
 from actgen_shared.seeds import MAX_SEED
@@ -46,14 +46,47 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+PresetName = Literal["released", "paper"]
+# The options whose default depends on the preset and the model (actgen_shared.presets resolves them).
+PRESET_FIELDS = (
+    "guidance_scale",
+    "lr",
+    "grad_norm",
+    "update_uncond",
+    "contrastive_margin",
+    "normalize_mask",
+    "prompt",
+)
+PROMPT_MAX_CHARS = 300
+
+
 class GenerationOptions(_Strict):
-    """Sampler options; defaults are the paper's (section 5.1, appendix A.4)."""
+    """Sampler options. The paper's where it states them (section 5.1, appendix A.4); the fields
+    left None come from the preset, the model's defaults file or the released code
+    (actgen_shared.presets, docs/architecture.md 3)."""
 
     mode: Mode = Mode.actgen
+    preset: PresetName | None = Field(
+        None,
+        description="released: the authors' released code; paper: the text. None: the model's own "
+        "defaults file, else released. Options set here override it",
+    )
     num_inference_steps: int = Field(40, ge=1, le=500, description="DDPM steps")
-    guidance_scale: float = Field(15.0, ge=0.0, le=100.0, description="CFG scale s (eq. 4)")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=100.0, description="CFG scale s (eq. 4); released 7.5, paper 15"
+    )
     image_guidance_strength: float = Field(
-        12.5, ge=-1000.0, le=1000.0, description="i in gamma = 1 - sigmoid(step - i) (eq. 7)"
+        12.5,
+        ge=-1000.0,
+        le=1000.0,
+        description="i in gamma = 1 - sigmoid(step - i) (eq. 7), stated for image_guidance_reference_steps",
+    )
+    image_guidance_reference_steps: int | None = Field(
+        40,
+        ge=1,
+        le=1000,
+        description="the step count i (and few-shot eta_f) is stated for (the paper's 40): the "
+        "midpoint used is i * num_inference_steps / this (12.5 of 40 -> 6.25 of 20); null: i as given",
     )
     grad_steps: int = Field(
         10,
@@ -61,22 +94,20 @@ class GenerationOptions(_Strict):
         le=1000,
         description="gradient guidance on the first steps (the default clamps to num_inference_steps)",
     )
-    lr: float = Field(
-        0.01,
-        ge=0.0,
-        le=100.0,
-        description="nu, step of the normalised update (eq. 11); the paper and its code use 0.05, "
-        "0.01 won the digits ablation (README)",
+    lr: float | None = Field(
+        None, ge=0.0, le=100.0, description="nu, step of the normalised update (eq. 11); released 0.05"
     )
-    grad_norm: Literal["token", "global"] = Field(
-        "token",
+    grad_norm: Literal["token", "global"] | None = Field(
+        None,
         description="eq. 11's norm: token (released code: each channel over the tokens, moves "
         "nu*sqrt(D)) or global (paper text: the whole embedding, moves nu)",
     )
-    update_uncond: bool = Field(
-        True, description="also move the unconditional embedding by its own gradient (released code)"
+    update_uncond: bool | None = Field(
+        None, description="also move the unconditional embedding by its own gradient (released code)"
     )
-    contrastive_margin: float = Field(200.0, ge=0.0, le=1e6, description="rho (eq. 9)")
+    contrastive_margin: float | None = Field(
+        None, ge=0.0, le=1e6, description="rho (eq. 9); released 100, paper 200"
+    )
     bank_sample: int = Field(1024, ge=0, le=65536, description="N, latents sampled from the bank")
     adv_weight: float = Field(0.1, ge=0.0, le=1000.0, description="lambda")
     adv_prob: float = Field(0.0, ge=0.0, le=1.0, description="chance that an item uses L_adv")
@@ -85,8 +116,16 @@ class GenerationOptions(_Strict):
     output_size: int | None = Field(None, ge=8, le=2048, description="also resize to this square")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="fixes all noise of the job")
     return_latents: bool = True
-    # Settings of the paper's released code, so both can be run and compared (docs/architecture.md 5).
-    normalize_mask: bool = Field(True, description="False: the released code's unnormalised sum")
+    prompt: str | None = Field(
+        None,
+        min_length=2,
+        max_length=PROMPT_MAX_CHARS,
+        description="prompt template with exactly one {} for the class name (paper and released "
+        "code: 'a photo of {}')",
+    )
+    normalize_mask: bool | None = Field(
+        None, description="scale the mask to [0, 1] (paper) or keep the sum from ones (released code)"
+    )
     plain_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="chance that an item is drawn as plain SD (released code)"
     )
@@ -94,6 +133,25 @@ class GenerationOptions(_Strict):
     fewshot_u: float | None = Field(
         None, ge=-10.0, le=10.0, description="u of eta_f = L/(1+exp(k(f-u)))+p; needs confidence"
     )
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_placeholder(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.count("{}") != 1 or "{" in value.replace("{}", "") or "}" in value.replace("{}", ""):
+            raise ValueError(
+                "must hold exactly one {} (where the class name goes) and no other brace, "
+                f"e.g. 'a photo of {{}}'; got {value!r}"
+            )
+        if not value.replace("{}", "").strip():
+            raise ValueError("must hold words besides the {} placeholder")
+        before, after = value.split("{}")
+        if before[-1:].isalnum() or after[:1].isalnum():  # "{}s" would tokenise "cats", not "cat"
+            raise ValueError(
+                f"the class name must stand as its own word(s): no letter or digit next to {{}}, got {value!r}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationOptions:
@@ -118,6 +176,21 @@ class GenerationOptions(_Strict):
     def batch_signature(self) -> tuple:
         """Items whose options share this signature can run in one sampler batch."""
         return (self.mode.value, self.num_inference_steps, self.height, self.width)
+
+
+class ResolvedOptions(BaseModel):
+    """The preset-dependent options as a job ran with them (actgen_shared.presets.resolve_options)."""
+
+    defaults: Literal["released", "paper", "model"] = Field(
+        ..., description="where the values the request left out came from: a preset, or the model's file"
+    )
+    guidance_scale: float
+    lr: float
+    grad_norm: Literal["token", "global"]
+    update_uncond: bool
+    contrastive_margin: float
+    normalize_mask: bool
+    prompt: str
 
 
 class JobItem(_Strict):
@@ -201,10 +274,17 @@ class ItemResult(BaseModel):
     seed: int
     mode: Mode
     adversarial: bool = False
-    image_guidance_strength: float
+    image_guidance_strength: float = Field(
+        ..., description="the i gamma used: options' (or few-shot eta_f) scaled to the steps"
+    )
     grad_records: list[GradStepRecord] = Field(default_factory=list)
+    # gradient steps whose eq. 11 gradient was all zero (nothing within the margin, or underflow)
+    # or not finite (that step's move skipped): docs/architecture.md 5
+    zero_grad_steps: int = 0
+    nonfinite_grad_steps: int = 0
     width: int
     height: int
+    resolved: ResolvedOptions | None = Field(None, description="the preset-dependent options it used")
 
 
 class JobResult(BaseModel):
@@ -229,6 +309,9 @@ class JobState(BaseModel):
     finished_at: float | None = None
     replica: str | None = None
     deliveries: int = 0
+    cancel_requested: bool = Field(
+        False, description="DELETE asked this running job to stop; it stops at its next step"
+    )
 
 
 class ResultItem(BaseModel):
@@ -285,11 +368,22 @@ class Info(BaseModel):
     max_batch: int
     native_size: int
     defaults: GenerationOptions
+    resolved_defaults: ResolvedOptions | None = Field(
+        None,
+        description="the options defaults leaves None, as this replica's model resolves them for a "
+        "request naming no preset (None: an API-only replica, which loads no model)",
+    )
     label_sets: list[str] = Field(default_factory=lambda: sorted(LABEL_SETS))
     # the per-job caps, so a client splits its work before a 422 (None: a server too old to say)
     max_items_per_job: int | None = Field(None, description="items in one job (ACTGEN_MAX_ITEMS_PER_JOB)")
     max_job_image_steps: int | None = Field(
         None, description="items x steps x (height x width / 512^2) of one job (ACTGEN_MAX_JOB_IMAGE_STEPS)"
+    )
+    adv_decode: str | None = Field(
+        None, description="eq. 10's decode (ACTGEN_ADV_DECODE): full or classifier"
+    )
+    grad_checkpointing: str | None = Field(
+        None, description="eq. 11's backward (ACTGEN_GRAD_CHECKPOINTING): auto, on or off"
     )
 
 

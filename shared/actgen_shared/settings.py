@@ -12,6 +12,8 @@ docs/operations.md says how they combine with ``ACTGEN_MODEL`` and ``ACTGEN_MODE
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -67,6 +69,10 @@ class Settings(BaseSettings):
     dtype: str | None = None
     replica_id: str | None = None
     echo_step_s: float = 0.0  # `serve --sampler echo` only: seconds per step (chaos runs)
+    # eq. 11's backward re-runs the UNet forward to save graph memory: auto = only when the
+    # device's free memory is short for the batch (never on the CPU)
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
+    adv_decode: Literal["full", "classifier"] = "full"  # eq. 10's decode: full size or the classifier's
 
     @property
     def keys(self) -> Keys:

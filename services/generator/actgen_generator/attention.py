@@ -16,29 +16,38 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from actgen_shared.presets import PLACEHOLDER, prompt_text
+
 MASK_FACTOR = 4  # mask resolution = latent size / 4 (16x16 for 64x64 SD latents)
-PROMPT_TEMPLATE = "a photo of {}"
 
 
-def class_token_weights(tokenizer, class_name: str, template: str = PROMPT_TEMPLATE) -> torch.Tensor:
+def class_token_weights(tokenizer, class_name: str, template: str) -> torch.Tensor:
     """Weights over the prompt's token positions: 1/n on each of the class name's n tokens.
 
-    The positions are found by tokenising, so multi-token names and any template work.
+    ``template`` is ``options.prompt`` (one ``{}``). The positions are found by tokenising, so
+    multi-token names and any template work: where the text before ``{}`` ends, else (a template
+    whose prefix merges with the name) the first place the name's tokens stand whole.
     """
     ids = tokenizer(
-        template.format(class_name),
+        prompt_text(template, class_name),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
     ).input_ids
     name_ids = tokenizer(class_name, add_special_tokens=False).input_ids
     n = len(name_ids)
-    for start in range(1, len(ids) - n + 1):
+    prefix = template.split(PLACEHOLDER)[0]
+    after_prefix = 1 + len(tokenizer(prefix, add_special_tokens=False).input_ids)  # 1: the start token
+    starts = [after_prefix, *range(1, len(ids) - n + 1)]
+    for start in starts:
         if n and ids[start : start + n] == name_ids:
             weights = torch.zeros(len(ids))
             weights[start : start + n] = 1.0 / n
             return weights
-    raise ValueError(f"class name {class_name!r} is not found whole in its tokenised prompt")
+    raise ValueError(
+        f"class name {class_name!r} is not found whole in its tokenised prompt "
+        f"{prompt_text(template, class_name)!r} (within {tokenizer.model_max_length} tokens)"
+    )
 
 
 def mask_block_factor(unet, target: int = MASK_FACTOR) -> int:
@@ -106,6 +115,12 @@ class AttentionRecorder:
         maps = torch.einsum("rhqk,rk->rq", probs.float(), weights) / heads
         total.index_add_(0, items, maps)
         count.index_add_(0, items, torch.ones_like(items, dtype=torch.float32))
+
+    def reset(self) -> None:
+        """Stop recording and drop this step's sums (after the loop, however it ended)."""
+        self.recording = False
+        self._rows = self._items = self._weights = None
+        self._sum = self._count = None
 
     def step_maps(self) -> torch.Tensor:
         """This step's class-token map per item, averaged over layers: (batch, h, w)."""

@@ -10,7 +10,10 @@ job's memory bank, never with another job's.
 
 from __future__ import annotations
 
+import gc
+import sys
 import time
+import traceback
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,6 +31,7 @@ from actgen_generator.contract import (
 )
 from actgen_shared import codecs
 from actgen_shared.consumer import Delivery, StoredItem
+from actgen_shared.presets import ModelDefaults, resolve_options
 from actgen_shared.schemas import ItemResult, JobRequest
 from actgen_shared.seeds import item_seed
 
@@ -70,10 +74,11 @@ class ActiveJob:
             req.memory_bank_key,
         )
 
-    def record_of(self, index: int, native_size: int) -> ItemResult:
+    def record_of(self, index: int, native_size: int, model_defaults: ModelDefaults | None) -> ItemResult:
         """Item ``index``'s record as the sampler wrote it, for an item an earlier delivery of the
-        job stored (maybe on another replica): its decisions redrawn from its seed; its
-        gradient-step losses are known only to the sampler that ran it."""
+        job stored (maybe on another replica): its decisions redrawn from its seed, its options
+        resolved for this replica's model; its gradient-step losses are known only to the sampler
+        that ran it."""
         options, item = self.request.options, self.request.items[index]
         seed = item_seed(options.seed or 0, index)
         return item_record(
@@ -85,6 +90,7 @@ class ActiveJob:
             options=options,
             draw=item_draw(seed, item.confidence, options),
             native_size=native_size,
+            resolved=resolve_options(options, model_defaults),
         )
 
 
@@ -166,10 +172,48 @@ def compute_batch(
     return done
 
 
+# Allocation failures, as torch and the CUDA libraries word them: "CUDA out of memory",
+# "CUDA error: out of memory", cuBLAS and cuDNN failing to get their workspace.
+OUT_OF_MEMORY_MARKERS = (
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+)
+# Errors after which the CUDA context is unusable: only a new process can use the GPU again.
+DEVICE_LOST_MARKERS = ("CUDA error", "illegal memory access", "device-side assert")
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """A (CUDA or CPU) allocation failure: worth retrying with fewer items."""
     name = type(exc).__name__
-    return name == "OutOfMemoryError" or isinstance(exc, MemoryError) or "out of memory" in str(exc)
+    if name == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
+
+
+def device_lost(exc: BaseException) -> bool:
+    """An unrecoverable accelerator error (illegal memory access, device-side assert, any CUDA
+    error that is not an allocation failure, ``torch.AcceleratorError``): no batch can run here again."""
+    if out_of_memory(exc):
+        return False
+    return type(exc).__name__ == "AcceleratorError" or any(m in str(exc) for m in DEVICE_LOST_MARKERS)
+
+
+def free_memory(exc: BaseException) -> None:
+    """Let go of what a failed batch still holds before a smaller one runs: the finished frames of
+    its traceback (they keep its tensors alive), then the garbage, then torch's CUDA cache."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:  # its causes hold frames too
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    gc.collect()
+    torch = sys.modules.get("torch")  # an API-only replica never imports it
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 __all__ = [
@@ -177,6 +221,8 @@ __all__ = [
     "ActiveJob",
     "Bank",
     "compute_batch",
+    "device_lost",
+    "free_memory",
     "next_batch",
     "out_of_memory",
     "runs_inline",

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, ItemResult, Mode
+from actgen_shared.presets import ModelDefaults
+from actgen_shared.schemas import GenerationOptions, GradStepRecord, ItemResult, Mode, ResolvedOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -77,6 +78,11 @@ class Sampler(Protocol):
         ...
 
     @property
+    def model_defaults(self) -> ModelDefaults | None:
+        """The loaded model's own defaults file (actgen_shared.presets), None for none."""
+        ...
+
+    @property
     def inline(self) -> bool:
         """True for a sampler without a model whose call takes microseconds: the worker runs a
         batch of a few small images on its event loop rather than hopping to a thread."""
@@ -114,7 +120,8 @@ class ItemDraw:
 
     plain: bool  # a plain SD draw: no guidance at all (options.plain_prob)
     adversarial: bool  # uses L_adv (options.adv_prob; actgen mode with gradient steps only)
-    strength: float  # i of gamma_t: options.image_guidance_strength, or few-shot from the confidence
+    strength: float  # i of gamma_t: options.image_guidance_strength, or few-shot from the confidence,
+    # scaled to the steps (guidance.gamma_midpoint)
 
 
 def decision_stream(seed: int) -> torch.Generator:
@@ -130,7 +137,7 @@ def draw_decisions(
     """Read an item's decisions from its stream (always two draws, in every mode)."""
     import torch
 
-    from actgen_generator.guidance import fewshot_strength  # imports torch too
+    from actgen_generator.guidance import fewshot_strength, gamma_midpoint  # imports torch too
 
     plain = bool(torch.rand((), generator=decisions) < options.plain_prob)
     adversarial = bool(torch.rand((), generator=decisions) < options.adv_prob)
@@ -140,6 +147,8 @@ def draw_decisions(
         if confidence is None:
             raise ValueError("options.fewshot_u needs a confidence on every item")
         strength = fewshot_strength(confidence, options.fewshot_u)
+    # eta_f is stated for A.3's 40 steps as i is for 5.1's: both scale the same way
+    strength = gamma_midpoint(strength, options.num_inference_steps, options.image_guidance_reference_steps)
     return ItemDraw(plain=plain, adversarial=adversarial, strength=strength)
 
 
@@ -158,11 +167,14 @@ def item_record(
     options: GenerationOptions,
     draw: ItemDraw,
     native_size: int,
+    resolved: ResolvedOptions,
     grad_records: Sequence[GradStepRecord] = (),
+    zero_grad_steps: int = 0,
+    nonfinite_grad_steps: int = 0,
 ) -> ItemResult:
     """An item's provenance: what made it. ``width``/``height`` are the generation size
     (docs/architecture.md 3: options.width/height); ``output_size`` is in the job's options; a plain draw
-    is recorded as mode ``random``."""
+    is recorded as mode ``random``; ``resolved`` is what the options left to the preset or the model."""
     width, height = generation_size(options, native_size)
     return ItemResult(
         index=index,
@@ -174,8 +186,11 @@ def item_record(
         adversarial=draw.adversarial,
         image_guidance_strength=draw.strength,
         grad_records=list(grad_records),
+        zero_grad_steps=zero_grad_steps,
+        nonfinite_grad_steps=nonfinite_grad_steps,
         width=width,
         height=height,
+        resolved=resolved,
     )
 
 

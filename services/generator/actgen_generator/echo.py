@@ -23,6 +23,7 @@ from actgen_generator.contract import (
     item_record,
     latent_shape,
 )
+from actgen_shared.presets import ModelDefaults, resolve_options
 from actgen_shared.schemas import GenerationOptions
 
 
@@ -44,6 +45,7 @@ class EchoSampler:
         # True: small batches run on the worker's event loop (a call takes microseconds; not
         # with step_seconds, and not for a subclass that does more unless it says so)
         self.inline = inline and step_seconds <= 0
+        self.model_defaults: ModelDefaults | None = None  # no model, no defaults file: the released preset
 
     def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
         return latent_shape(options, self.native_size, self.latent_channels, self.scale)
@@ -64,6 +66,7 @@ class EchoSampler:
         elif on_step is not None and not on_step(total, total):
             raise Cancelled("cancelled")
         shape = self.latent_shape(options)
+        resolved = resolve_options(options, self.model_defaults)
         outputs = []
         for position, item in enumerate(items):
             record = item_record(
@@ -75,6 +78,7 @@ class EchoSampler:
                 options=options,
                 draw=item_draw(item.seed, item.confidence, options),
                 native_size=self.native_size,
+                resolved=resolved,
             )
             size = (options.output_size or record.width, options.output_size or record.height)
             image = np.asarray(Image.fromarray(item.guide).resize(size), dtype=np.uint8)

@@ -84,6 +84,18 @@ def gamma(step: int, strength: torch.Tensor | float) -> torch.Tensor | float:
     return 1.0 / (1.0 + math.exp(step - strength))
 
 
+def gamma_midpoint(strength: float, steps: int, reference_steps: int | None) -> float:
+    """The i of eq. 7 for a run of ``steps`` steps, when ``strength`` is stated for ``reference_steps``.
+
+    gamma's midpoint is a step index, so a strength stated for the paper's 40 steps (section 5.1:
+    i = 12.5) keeps its place in the schedule at other step counts: i * steps / reference (6.25
+    of 20). ``reference_steps`` None: i as given. (The released code runs 40 steps only.)
+    """
+    if reference_steps is None:
+        return strength
+    return strength * steps / reference_steps
+
+
 def image_guidance(
     x: torch.Tensor, x_guide: torch.Tensor, gamma_k: torch.Tensor, mask: torch.Tensor | float
 ) -> torch.Tensor:
@@ -131,9 +143,8 @@ def classifier_input(
     x = (images.float() / 2 + 0.5).clamp(0, 1)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    # per channel with Python floats: a (1, 3, 1, 1) tensor made for it would be a blocking copy to a GPU
+    return torch.stack([(x[:, c] - mean[c]) / std[c] for c in range(3)], dim=1)
 
 
 def classifier_size_latents(latents: torch.Tensor, input_size: int, vae_scale_factor: int) -> torch.Tensor:
@@ -156,7 +167,8 @@ def normalized_update(
     ``global`` (the paper's text): the norm over each item's whole embedding, so it moves by nu.
     ``token`` (the released code's ``F.normalize(grad)`` on (2, 77, D), i.e. dim 1): each channel
     normalised over the tokens, so each embedding moves by nu * sqrt(D). A zero gradient (no bank
-    latent within the margin, not adversarial) leaves the item where it is, in both.
+    latent within the margin, not adversarial) leaves the item where it is, in both. A non-finite
+    gradient gives a non-finite result: the sampler skips that item's move (loss_scale.py).
     """
     if norm == "token":
         step = F.normalize(grad.float(), dim=1, eps=1e-30)
@@ -165,5 +177,4 @@ def normalized_update(
         step = grad.float() / size.clamp(min=1e-30)
     else:
         raise ValueError(f"unknown grad_norm {norm!r} (token, global)")
-    step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
     return embeds - lr * step.to(embeds.dtype)

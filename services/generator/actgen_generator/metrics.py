@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -20,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from actgen_shared.schemas import JobStatus
+from actgen_shared.schemas import ItemResult, JobStatus
 
 if TYPE_CHECKING:  # pragma: no cover
     from actgen_shared.queue import JobQueue
@@ -57,6 +58,15 @@ class Metrics:
         )
         self.job_events = Counter("actgen_job_events", "Job events of this replica", ["event"], registry=r)
         self.gpu_memory = Gauge("actgen_gpu_memory_bytes", "GPU memory of this process", ["kind"], registry=r)
+        self.grad_steps = Counter(
+            "actgen_grad_item_steps",
+            "Gradient-guided steps of an item (eq. 11) by outcome: moved, zero gradient (no move), "
+            "non-finite gradient (move skipped)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("moved", "zero", "nonfinite"):
+            self.grad_steps.labels(outcome)  # shown (at 0) before the first guided step
         self._recent: deque[tuple[float, int]] = deque()  # (time, items) of the batches in the window
 
     def record_items(self, n: int) -> None:
@@ -65,6 +75,17 @@ class Metrics:
         self._recent.append((now, n))
         while now - self._recent[0][0] > RATE_WINDOW_S:  # oldest first: drop from the left, O(1) a batch
             self._recent.popleft()
+
+    def record_grad_steps(self, records: Iterable[ItemResult]) -> None:
+        """Count the gradient steps of a batch's items by outcome (from their records)."""
+        zero = nonfinite = total = 0
+        for record in records:
+            zero += record.zero_grad_steps
+            nonfinite += record.nonfinite_grad_steps
+            total += len(record.grad_records)
+        self.grad_steps.labels("moved").inc(max(0, total - zero - nonfinite))
+        self.grad_steps.labels("zero").inc(zero)
+        self.grad_steps.labels("nonfinite").inc(nonfinite)
 
     def _rate(self) -> float:
         now = time.monotonic()

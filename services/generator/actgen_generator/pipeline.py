@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from actgen_generator.devices import resolve_device
+from actgen_generator.devices import enable_fast_cuda_math, resolve_device
 from actgen_generator.diffusers_classes import (
     AutoencoderKL,
     DDPMScheduler,
@@ -33,6 +33,7 @@ from actgen_generator.tiny_model import (
     build_tokenizer,
     tiny_fingerprint,
 )
+from actgen_shared.presets import ModelDefaults, read_model_defaults
 
 CACHE_ENV = "ACTGEN_CACHE_DIR"
 TINY_MODEL_ID = f"actgen/{TINY_MODEL_VERSION}"
@@ -56,6 +57,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     native_size: int  # px: unet sample size times the VAE's scale factor
+    defaults: ModelDefaults | None = None  # its folder's actgen_defaults.json (actgen_shared.presets)
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -98,6 +100,8 @@ def _finish(
     pipe: StableDiffusionPipeline, model_id: str, device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
     pipe = pipe.to(device)
+    if device.type == "cuda":
+        enable_fast_cuda_math()  # TF32 and cuDNN autotuning (devices.py)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
@@ -155,7 +159,10 @@ def load_pipeline(
         model_id = f"{source.location}@{source.revision}" if source.revision else source.location
     else:
         folder, model_id = Path(source.location), str(model)
-    return _finish(pipeline_from_folder(folder, dt), model_id, dev, dt)
+    loaded = _finish(pipeline_from_folder(folder, dt), model_id, dev, dt)
+    # values tuned on this model live in its folder; SD 2.1 has none: the released preset
+    loaded.defaults = read_model_defaults(str(folder))
+    return loaded
 
 
 def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dtype) -> LoadedModel:

@@ -8,6 +8,7 @@ so a batch of 8 gives the same images as 8 batches of 1.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,11 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from actgen_generator.attention import (
-    PROMPT_TEMPLATE,
     class_token_weights,
     install_recorder,
     normalize_mask,
     upsample_mask,
+)
+from actgen_generator.checkpointing import (
+    POLICIES,
+    Policy,
+    set_checkpointing,
+    unet_graph_elements,
+    vae_decode_graph_elements,
+    wants_checkpointing,
 )
 from actgen_generator.contract import (
     Cancelled,
@@ -48,8 +56,10 @@ from actgen_generator.guidance import (
     image_guidance,
     normalized_update,
 )
+from actgen_generator.loss_scale import LossScale, gradient_health, scaled_gradients
 from actgen_generator.pipeline import LoadedModel
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode
+from actgen_shared.presets import ModelDefaults, prompt_text, resolve_options
+from actgen_shared.schemas import GenerationOptions, GradStepRecord, Mode, ResolvedOptions
 
 __all__ = [
     "Cancelled",
@@ -63,6 +73,13 @@ __all__ = [
 
 AdvDecode = Literal["full", "classifier"]
 ADV_DECODES: tuple[AdvDecode, ...] = ("full", "classifier")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for it: a plain copy to a GPU waits for the stream."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def with_banks(
@@ -90,10 +107,14 @@ class GradientTargets:
     margin: float  # rho
     adv_weight: float  # lambda
     classifier: Classifier | None = None
+    adv_positions: torch.Tensor | None = None  # (A,) adv_rows when known already (no device sync)
 
     @property
     def adv_rows(self) -> torch.Tensor:
-        return self.adversarial.nonzero().flatten()
+        """(A,) positions of the adversarial items."""
+        if self.adv_positions is None:
+            return self.adversarial.nonzero().flatten()
+        return self.adv_positions
 
 
 @dataclass
@@ -108,6 +129,10 @@ class GradientPlan:
     """
 
     rows: torch.Tensor  # (G,) batch positions of the guided items
+    keep: torch.Tensor  # (B - G,) batch positions of the others
+    row_list: list[int]  # rows, on the host
+    adv_list: list[bool]  # adversarial, on the host
+    adv_rows: torch.Tensor  # (A,) positions in rows of the adversarial items
     class_ids: torch.Tensor  # (G,)
     adversarial: torch.Tensor  # (G,) bool
     stored: list[torch.Tensor | None]  # per row: (n, D) stored bank latents on the device
@@ -150,7 +175,7 @@ class GradientPlan:
                 kept = min(len(stored), self.bank_sample)
                 if len(stored) > self.bank_sample:
                     pick = torch.randperm(len(stored), generator=draw)[: self.bank_sample]
-                    self.bank[r, :kept] = stored[pick.to(stored.device)]
+                    self.bank[r, :kept] = stored[to_device(pick, stored.device)]
             if peers.numel():
                 self.bank[r, kept : kept + len(peers)] = flat[peers]
         return GradientTargets(
@@ -161,7 +186,62 @@ class GradientPlan:
             margin=self.margin,
             adv_weight=self.adv_weight,
             classifier=self.classifier,
+            adv_positions=self.adv_rows,
         )
+
+
+@dataclass
+class GradHistory:
+    """What gradient guidance did per step and guided item, kept on the device until the batch ends
+    (one copy to the host then, not one a step)."""
+
+    contra: torch.Tensor  # (S, G) L_contra
+    adv: torch.Tensor  # (S, G) L_adv
+    prediction: torch.Tensor  # (S, G) the classifier's class, -1 for non-adversarial items
+    zero: torch.Tensor  # (G,) steps whose gradient was all zero
+    nonfinite: torch.Tensor  # (G,) steps whose gradient was not finite (their move skipped)
+
+    @classmethod
+    def empty(cls, steps: int, rows: int, device: torch.device) -> GradHistory:
+        return cls(
+            contra=torch.zeros(steps, rows, device=device),
+            adv=torch.zeros(steps, rows, device=device),
+            prediction=torch.full((steps, rows), -1, dtype=torch.long, device=device),
+            zero=torch.zeros(rows, dtype=torch.long, device=device),
+            nonfinite=torch.zeros(rows, dtype=torch.long, device=device),
+        )
+
+    def add(self, step: int, loss: GuidanceLoss, finite: torch.Tensor, zero: torch.Tensor) -> None:
+        self.contra[step] = loss.contra.detach()
+        self.adv[step] = loss.adv.detach()
+        self.prediction[step] = loss.prediction
+        self.zero += zero
+        self.nonfinite += ~finite
+
+    def per_item(
+        self, n_items: int, rows: list[int], adversarial: list[bool]
+    ) -> tuple[list[list[GradStepRecord]], list[int], list[int]]:
+        """Each item's step records and its zero and non-finite step counts (rows: guided items)."""
+        records: list[list[GradStepRecord]] = [[] for _ in range(n_items)]
+        zero, nonfinite = [0] * n_items, [0] * n_items
+        contra, adv, pred = (
+            self.contra.cpu().tolist(),
+            self.adv.cpu().tolist(),
+            self.prediction.cpu().tolist(),
+        )
+        zeros, nonfinites = self.zero.cpu().tolist(), self.nonfinite.cpu().tolist()
+        for r, item in enumerate(rows):
+            zero[item], nonfinite[item] = zeros[r], nonfinites[r]
+            for step in range(len(contra)):
+                records[item].append(
+                    GradStepRecord(
+                        step=step,
+                        l_contra=contra[step][r],
+                        l_adv=adv[step][r] if adversarial[r] else None,
+                        prediction=pred[step][r] if adversarial[r] else None,
+                    )
+                )
+        return records, zero, nonfinite
 
 
 @dataclass
@@ -210,14 +290,22 @@ class GuidedSampler:
     inline = False  # the model's work runs in the worker's thread, off the event loop
 
     def __init__(
-        self, model: LoadedModel, prompt_cache_size: int = 1024, adv_decode: AdvDecode = "full"
+        self,
+        model: LoadedModel,
+        prompt_cache_size: int = 1024,
+        adv_decode: AdvDecode = "full",
+        grad_checkpointing: Policy = "auto",
     ) -> None:
         if adv_decode not in ADV_DECODES:
             raise ValueError(f"unknown adv_decode {adv_decode!r}; use one of {ADV_DECODES}")
+        if grad_checkpointing not in POLICIES:
+            raise ValueError(f"unknown grad_checkpointing {grad_checkpointing!r}; use one of {POLICIES}")
         self.model = model
         # eq. 10's decode: at full size, or at the classifier's input size (an attribute: one
         # sampler per UNet, since each installs its own attention recorder on it)
         self.adv_decode: AdvDecode = adv_decode
+        # eq. 11's backward: re-run the forward to save graph memory (checkpointing.py), per batch
+        self.grad_checkpointing: Policy = grad_checkpointing
         self.prompt_cache_size = max(1, prompt_cache_size)  # embeddings kept, least recently used out
         pipe = model.pipe
         self.unet, self.vae = pipe.unet, pipe.vae
@@ -225,12 +313,13 @@ class GuidedSampler:
         self.device, self.dtype = model.device, model.dtype
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.model_defaults: ModelDefaults | None = model.defaults  # what its folder says (presets)
         self.recorder = install_recorder(self.unet)
-        if self.device.type == "cuda":  # graph memory of the gradient steps (only active with grad)
-            self.unet.enable_gradient_checkpointing()
-            self.vae.enable_gradient_checkpointing()
-        # per class name: its embeddings and class-token weights (None for the empty prompt)
-        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.loss_scale = LossScale(self.dtype, self.device)  # float16: keeps eq. 11's gradient in range
+        set_checkpointing((self.unet, self.vae), grad_checkpointing == "on")
+        # per (template, class name), i.e. per full prompt and where the class sits in it: its
+        # embeddings and class-token weights (None for the empty prompt)
+        self._prompts: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         # for diagnostics: the last call's class-token attention summed over its steps, (batch, h, w)
         # at the mask resolution (eq. 8's m before normalising and upsampling); None unless aig/actgen
         self.last_attention: torch.Tensor | None = None
@@ -238,6 +327,10 @@ class GuidedSampler:
     @property
     def native_size(self) -> int:
         return int(self.model.native_size)
+
+    def resolve(self, options: GenerationOptions) -> ResolvedOptions:
+        """The options the request left to the preset or this model's defaults (docs/architecture.md 3)."""
+        return resolve_options(options, self.model_defaults)
 
     def latent_shape(self, options: GenerationOptions) -> tuple[int, int, int]:
         return latent_shape(
@@ -257,6 +350,7 @@ class GuidedSampler:
         if not items:
             return []
         opts, mode = options, options.mode
+        res = self.resolve(opts)  # the preset-dependent values: explicit > preset > model file > released
         if mode is Mode.actgen and opts.adv_prob > 0 and classifier is None:
             raise ValueError("a classifier is needed when options.adv_prob > 0 in actgen mode")
         height = opts.height or self.model.native_size
@@ -265,87 +359,108 @@ class GuidedSampler:
         shape = (self.unet.config.in_channels, *latent_hw)
         guided, masked = mode is not Mode.random, mode in (Mode.aig, Mode.actgen)
 
-        # 2. Each item's noise and decisions, from its own seed
+        # 2. Timesteps, on the host (the UNet gets a device copy): no step waits on the device for them
+        scheduler = DDPMScheduler.from_config(self.model.pipe.scheduler.config)
+        scheduler.set_timesteps(opts.num_inference_steps)
+        steps = [int(t) for t in scheduler.timesteps.tolist()]
+        if max(steps) >= len(scheduler.alphas_cumprod):
+            raise ValueError(
+                f"options.num_inference_steps={opts.num_inference_steps} is more than this model's "
+                f"scheduler supports ({scheduler.config.num_train_timesteps} training timesteps)"
+            )
+        posts = [PosteriorStep.at(scheduler, t) for t in steps]
+        timesteps = scheduler.timesteps.to(self.device)
+        total = len(steps)
+
+        # 3. Each item's noise and decisions, from its own seed, all drawn now
         draws = [self._draw(item, opts) for item in items]
         noise = [d.noise for d in draws]
         x = self._randn(noise, shape)  # sample chain x_T
         x_guide = self._randn(noise, shape)  # guide chain x^g_T
         guide_eps = self._randn(noise, shape)  # drawn in every mode: a seed's noise is mode-independent
+        step_noise = self._step_noise(noise, shape, total)  # (steps, B, C, h, w): z of each step
 
-        # 3. Prompts, guide latents, and what gradient guidance pushes against
-        uncond, cond, token_weights = self._encode_prompts(items)
+        # 4. Prompts, guide latents, and what gradient guidance pushes against
+        uncond, cond, token_weights = self._encode_prompts(items, res.prompt)
         guide = self._encode_guides(items, guide_eps, height, width) if guided else None
         plan = self._gradient_plan(items, draws, opts, classifier, shape)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
         guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
-        records: list[list[GradStepRecord]] = [[] for _ in items]
-
-        # 4. Timesteps
-        scheduler = DDPMScheduler.from_config(self.model.pipe.scheduler.config)
-        scheduler.set_timesteps(opts.num_inference_steps, device=self.device)
-        if int(scheduler.timesteps.max()) >= len(scheduler.alphas_cumprod):
-            raise ValueError(
-                f"options.num_inference_steps={opts.num_inference_steps} is more than this model's "
-                f"scheduler supports ({scheduler.config.num_train_timesteps} training timesteps)"
-            )
-        total = len(scheduler.timesteps)
+        grad_steps = min(opts.grad_steps, total) if plan is not None else 0
+        history = GradHistory.empty(grad_steps, len(plan.row_list) if plan else 0, self.device)
+        self._checkpoint_for(plan, res, latent_hw)
+        self.loss_scale.begin_batch()
 
         # 5. Denoising loop
         attention = None  # class-token attention accumulated over steps (eq. 8's m before scaling)
-        for k, t in enumerate(scheduler.timesteps):
-            post = PosteriorStep.at(scheduler, t)
-            rows = plan.rows if plan is not None and k < opts.grad_steps else None
-            if masked:
-                self.recorder.begin_step(len(items), latent_hw, self.device)
-            # one UNet batch for [x, x] x [uncond, c]; a graph only through the embeddings moved
-            noise_pred = self.predict_noise(x, t, uncond, cond, token_weights, rows, opts.update_uncond)
-            eps = cfg_noise(noise_pred.uncond, noise_pred.cond, opts.guidance_scale)  # eq. 4
-            x0 = post.predict_x0(x, eps)  # x0_hat
-            if plan is not None and rows is not None:  # gradient guidance, eq. 9-11
-                loss = self.guidance_loss(x0[rows], plan.targets(x0))
-                leaves = noise_pred.leaves
-                grads = torch.autograd.grad(loss.total.sum(), leaves, allow_unused=True)
-                grads = tuple(
-                    torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)
-                )
-                # eq. 11: the moved embeddings carry over to every later step
-                cond = cond.index_copy(
-                    0, rows, normalized_update(leaves[0].detach(), grads[0], opts.lr, opts.grad_norm)
-                )
-                if len(leaves) > 1:  # the released code moves [uncond, c] together
-                    uncond = uncond.index_copy(
-                        0, rows, normalized_update(leaves[1].detach(), grads[1], opts.lr, opts.grad_norm)
-                    )
-                x0 = x0.detach()
-                self._record(records, rows, k, loss, plan.adversarial)
-            z = self._randn(noise, shape)  # the same z for both chains
-            x_prev = post.step(x0, x, z)  # eq. 5
-            if guide is not None:  # guided (ig, aig, actgen)
-                x_guide = post.step(guide, x_guide, z)  # eq. 6: x0 := guide latent
-                m: torch.Tensor | float = 1.0  # ig: no mask
+        try:
+            for k, post in enumerate(posts):
+                t = timesteps[k]
+                rows = plan.rows if plan is not None and k < grad_steps else None
                 if masked:
-                    step_maps = self.recorder.step_maps()
-                    if attention is None:  # the released code's sum starts from ones
-                        attention = (
-                            torch.zeros_like(step_maps) if opts.normalize_mask else torch.ones_like(step_maps)
+                    self.recorder.begin_step(len(items), latent_hw, self.device)
+                # one UNet batch for [x, x] x [uncond, c]; a graph only through the embeddings moved
+                noise_pred = self.predict_noise(
+                    x,
+                    t,
+                    uncond,
+                    cond,
+                    token_weights,
+                    rows,
+                    res.update_uncond,
+                    keep=plan.keep if plan is not None else None,
+                )
+                eps = cfg_noise(noise_pred.uncond, noise_pred.cond, res.guidance_scale)  # eq. 4
+                x0 = post.predict_x0(x, eps)  # x0_hat
+                if plan is not None and rows is not None:  # gradient guidance, eq. 9-11
+                    loss = self.guidance_loss(x0[rows], plan.targets(x0))
+                    leaves = noise_pred.leaves
+                    scale = self.loss_scale.value if self.loss_scale.enabled else 1.0
+                    grads = scaled_gradients(loss.total.sum(), leaves, scale)
+                    finite, zero = gradient_health(grads)  # a non-finite gradient: no move this step
+                    self.loss_scale.update(finite)
+                    # eq. 11: the moved embeddings carry over to every later step
+                    cond = cond.index_copy(0, rows, self._moved(leaves[0], grads[0], finite, res))
+                    if len(leaves) > 1:  # the released code moves [uncond, c] together
+                        uncond = uncond.index_copy(0, rows, self._moved(leaves[1], grads[1], finite, res))
+                    x0 = x0.detach()
+                    history.add(k, loss, finite, zero)
+                z = step_noise[k]  # the same z for both chains
+                x_prev = post.step(x0, x, z)  # eq. 5
+                if guide is not None:  # guided (ig, aig, actgen)
+                    x_guide = post.step(guide, x_guide, z)  # eq. 6: x0 := guide latent
+                    m: torch.Tensor | float = 1.0  # ig: no mask
+                    if masked:
+                        step_maps = self.recorder.step_maps()
+                        if attention is None:  # the released code's sum starts from ones
+                            attention = (
+                                torch.zeros_like(step_maps)
+                                if res.normalize_mask
+                                else torch.ones_like(step_maps)
+                            )
+                        attention = attention + step_maps
+                        m = upsample_mask(
+                            normalize_mask(attention) if res.normalize_mask else attention, latent_hw
                         )
-                    attention = attention + step_maps
-                    m = upsample_mask(
-                        normalize_mask(attention) if opts.normalize_mask else attention, latent_hw
-                    )
-                gamma_k = gamma(k, strength) * guide_on  # eq. 7; plain items: 0
-                x_prev = image_guidance(x_prev, x_guide, gamma_k, m)  # eq. 8
-            x = x_prev
-            if on_step is not None and on_step(k + 1, total) is False:
-                raise Cancelled(f"cancelled after step {k + 1} of {total}")
+                    gamma_k = gamma(k, strength) * guide_on  # eq. 7; plain items: 0
+                    x_prev = image_guidance(x_prev, x_guide, gamma_k, m)  # eq. 8
+                x = x_prev
+                if on_step is not None and on_step(k + 1, total) is False:
+                    raise Cancelled(f"cancelled after step {k + 1} of {total}")
+        finally:  # whatever stopped the loop, the recorder must not go on recording the next batch
+            self.recorder.reset()
 
         # 6. Decode
         self.last_attention = attention
         images = self._decode(x, opts.output_size)
+        latents = x.detach().float().cpu()
+        rows_of = plan.row_list if plan is not None else []
+        adversarial = plan.adv_list if plan is not None else []
+        grad_records, zero_steps, nonfinite_steps = history.per_item(len(items), rows_of, adversarial)
         return [
             SampleOutput(
                 image=images[i],
-                latent=x[i].detach().float().cpu(),
+                latent=latents[i],
                 record=item_record(
                     index=i,
                     class_id=item.class_id,
@@ -355,11 +470,40 @@ class GuidedSampler:
                     options=opts,
                     draw=draws[i].decided,
                     native_size=self.native_size,
-                    grad_records=records[i],
+                    resolved=res,
+                    grad_records=grad_records[i],
+                    zero_grad_steps=zero_steps[i],
+                    nonfinite_grad_steps=nonfinite_steps[i],
                 ),
             )
             for i, item in enumerate(items)
         ]
+
+    def _moved(
+        self, leaf: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, res: ResolvedOptions
+    ) -> torch.Tensor:
+        """Eq. 11 for each guided item whose gradient is finite; the others stay where they are."""
+        moved = normalized_update(leaf.detach(), grad, res.lr, res.grad_norm)
+        return torch.where(finite.view(-1, *([1] * (leaf.dim() - 1))), moved, leaf.detach())
+
+    def _checkpoint_for(
+        self, plan: GradientPlan | None, res: ResolvedOptions, latent_hw: tuple[int, int]
+    ) -> None:
+        """Gradient checkpointing on for this batch when its policy says so (checkpointing.py)."""
+        need = 0
+        if plan is not None and self.grad_checkpointing == "auto" and self.device.type == "cuda":
+            unet_rows = len(plan.row_list) * (2 if res.update_uncond else 1)
+            need = unet_rows * unet_graph_elements(self.unet.config, latent_hw)
+            adversarial = sum(plan.adv_list)
+            if adversarial and plan.classifier is not None:
+                side = latent_hw
+                if self.adv_decode == "classifier":
+                    small = math.ceil(plan.classifier.input_size / self.vae_scale_factor)
+                    side = (min(small, latent_hw[0]), min(small, latent_hw[1]))
+                need += adversarial * vae_decode_graph_elements(self.vae.config, side)
+            need *= torch.finfo(self.dtype).bits // 8
+        on = plan is not None and wants_checkpointing(self.grad_checkpointing, self.device, need)
+        set_checkpointing((self.unet, self.vae), on)
 
     # ------------------------------------------------------------------ pieces of a step
     def predict_noise(
@@ -371,13 +515,14 @@ class GuidedSampler:
         token_weights: torch.Tensor,
         grad_rows: torch.Tensor | None = None,
         update_uncond: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> NoisePrediction:
         """eps(x, 0) and eps(x, c) for every item, and the embedding leaves the graph starts from.
 
         Without ``grad_rows``: one UNet call on the 2B-row CFG batch, no graph. With them, those
         items' conditional rows (and unconditional ones with ``update_uncond``) run in a call that
         keeps a graph and every other row in one without, so backward traverses only what eq. 11
-        moves.
+        moves. ``keep``: the other rows, when the caller knows them (saves a device sync a step).
         """
         n = x.shape[0]
         everyone = torch.arange(n, device=self.device)
@@ -385,7 +530,8 @@ class GuidedSampler:
             with torch.no_grad():
                 eps_u, eps_c = self._cfg_rows(x, t, uncond, cond, token_weights, everyone, everyone)
             return NoisePrediction(eps_u, eps_c, ())
-        keep = everyone[~torch.isin(everyone, grad_rows)]
+        if keep is None:
+            keep = everyone[~torch.isin(everyone, grad_rows)]
         u_rest = keep if update_uncond else everyone
         u_grad = grad_rows if update_uncond else grad_rows[:0]
         with torch.no_grad():
@@ -446,7 +592,7 @@ class GuidedSampler:
         adv = torch.zeros_like(contra)
         prediction = torch.full_like(contra, -1, dtype=torch.long)
         adv_rows = targets.adv_rows
-        if adv_rows.numel():  # the classifier runs only for adversarial items
+        if len(adv_rows):  # the classifier runs only for adversarial items
             clf = targets.classifier
             assert clf is not None
             decoded = self.vae.decode(self.adv_latents(x0[adv_rows], clf.input_size), return_dict=False)[0]
@@ -482,22 +628,39 @@ class GuidedSampler:
         draws = [torch.randn(shape, generator=g) for g in generators]
         return torch.stack(draws).to(self.device)
 
+    def _step_noise(
+        self, generators: list[torch.Generator], shape: tuple[int, ...], steps: int
+    ) -> torch.Tensor:
+        """Every step's z at once, (steps, B, *shape): item i's generator read in step order, as a
+        draw per step would (the same values), into one (pinned, on CUDA) tensor copied once."""
+        pinned = self.device.type == "cuda"
+        z = torch.empty((steps, len(generators), *shape), pin_memory=pinned)
+        for i, g in enumerate(generators):
+            for k in range(steps):
+                torch.randn(shape, generator=g, out=z[k, i])
+        return z.to(self.device, non_blocking=pinned)
+
     @torch.no_grad()
-    def _encode_prompts(self, items: list[SampleItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Empty-prompt and ``a photo of {class}`` embeddings per item (float32), class-token weights."""
+    def _encode_prompts(
+        self, items: list[SampleItem], template: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Empty-prompt and ``template`` (options.prompt, one ``{}``; None: this model's default)
+        embeddings per item (float32), and the class-token weights."""
+        template = template or self.resolve(GenerationOptions()).prompt
         batch: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         # the empty prompt, then the classes in item order: a set's order follows the string hash,
         # which made what the LRU evicts differ from one process to the next
         for name in ["", *dict.fromkeys(item.class_name for item in items)]:
-            entry = self._prompts.get(name)
+            key = (template, name) if name else ("", "")
+            entry = self._prompts.get(key)
             if entry is None:
-                prompt = PROMPT_TEMPLATE.format(name) if name else ""
+                prompt = prompt_text(template, name) if name else ""
                 embeds, _ = self.model.pipe.encode_prompt(prompt, self.device, 1, False)
-                weights = class_token_weights(self.tokenizer, name) if name else None
+                weights = class_token_weights(self.tokenizer, name, template) if name else None
                 entry = (embeds[0].float(), weights)
-            batch[name] = self._prompts[name] = entry
-            self._prompts.move_to_end(name)
-        while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per class name seen
+            batch[name] = self._prompts[key] = entry
+            self._prompts.move_to_end(key)
+        while len(self._prompts) > self.prompt_cache_size:  # bounded: one entry per prompt seen
             self._prompts.popitem(last=False)
         cond = torch.stack([batch[item.class_name][0] for item in items])
         item_weights: list[torch.Tensor] = []
@@ -573,9 +736,10 @@ class GuidedSampler:
             peers.append(torch.tensor(mates, dtype=torch.long, device=self.device))
         if not rows:
             return None
-        adversarial = torch.tensor([draws[i].adversarial for i in rows], device=self.device)
-        if bool(adversarial.any()) and classifier is not None:
+        adv_list = [draws[i].adversarial for i in rows]
+        if any(adv_list) and classifier is not None:
             classifier.module.to(self.device).eval()
+        others = [i for i in range(len(items)) if i not in set(rows)]
         return GradientPlan.build(
             stored,
             peers,
@@ -583,37 +747,21 @@ class GuidedSampler:
             bank_sample=opts.bank_sample,
             device=self.device,
             rows=torch.tensor(rows, device=self.device),
+            keep=torch.tensor(others, dtype=torch.long, device=self.device),
+            row_list=rows,
+            adv_list=adv_list,
+            adv_rows=torch.tensor(
+                [r for r, adv in enumerate(adv_list) if adv], dtype=torch.long, device=self.device
+            ),
             class_ids=torch.tensor([items[i].class_id for i in rows], device=self.device),
-            adversarial=adversarial,
+            adversarial=torch.tensor(adv_list, device=self.device),
             draws=[draws[i].decisions for i in rows],
-            margin=opts.contrastive_margin,
+            margin=self.resolve(opts).contrastive_margin,
             adv_weight=opts.adv_weight,
             classifier=classifier,
         )
 
     # ------------------------------------------------------------------ outputs
-    @staticmethod
-    def _record(
-        records: list[list[GradStepRecord]],
-        rows: torch.Tensor,
-        step: int,
-        loss: GuidanceLoss,
-        adversarial: torch.Tensor,
-    ) -> None:
-        contra = loss.contra.detach().tolist()
-        adv = loss.adv.detach().tolist()
-        pred = loss.prediction.tolist()
-        is_adv = adversarial.tolist()
-        for r, item in enumerate(rows.tolist()):
-            records[item].append(
-                GradStepRecord(
-                    step=step,
-                    l_contra=contra[r],
-                    l_adv=adv[r] if is_adv[r] else None,
-                    prediction=pred[r] if is_adv[r] else None,
-                )
-            )
-
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor, output_size: int | None) -> list[np.ndarray]:
         images = self.vae.decode((latents / self.scaling_factor).to(self.dtype), return_dict=False)[0].float()

@@ -21,8 +21,14 @@ batch lets the lease lapse.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
   items are stored (in the same Lua call as its last items), and keep serving. A batch that
   raises fails no job at once: its jobs run again one by one, so only a job that fails alone is
-  failed (with the message); an out-of-memory error halves the batch size instead, and one at a
-  single item is put back on the queue (it counts toward ``max_deliveries``).
+  failed (with the message); an out-of-memory error (cuBLAS and cuDNN allocation failures too)
+  frees what the batch held and halves the batch size instead, and one at a single item is put
+  back on the queue (it counts toward ``max_deliveries``). After a run of full batches the size
+  doubles again, up to ``settings.max_batch`` (each new out-of-memory error doubles the run).
+* An unrecoverable device error (illegal memory access, device-side assert, any other CUDA
+  error) ends the replica: the batch's jobs go back on the queue (the delivery counts), the
+  others are released, ``on_fatal`` takes the replica out of ready and the process exits, so
+  other replicas take the jobs. No job is failed for it.
 * Heartbeat every ``settings.heartbeat_interval_s``, from its own thread. On stop (SIGTERM) the
   running batch is interrupted at the next step and every unfinished job is released.
 """
@@ -33,13 +39,22 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 
 from redis.exceptions import RedisError
 
 from actgen_generator import memory_bank
-from actgen_generator.batch import ActiveJob, Bank, compute_batch, next_batch, out_of_memory, runs_inline
+from actgen_generator.batch import (
+    ActiveJob,
+    Bank,
+    compute_batch,
+    device_lost,
+    free_memory,
+    next_batch,
+    out_of_memory,
+    runs_inline,
+)
 from actgen_generator.classifiers import ClassifierCache
 from actgen_generator.contract import Cancelled, Sampler, StepCallback
 from actgen_generator.events import log_event
@@ -52,6 +67,8 @@ from actgen_shared.settings import Settings
 
 FETCH_BLOCK_MS = 500  # how long an idle worker waits on the stream before looking again
 ERROR_BACKOFF_S = 0.5
+REGROW_AFTER_BATCHES = 4  # full batches at a halved size before it doubles again (doubled at each OOM)
+MAX_REGROW_AFTER = 256
 
 
 def raise_if_outage(exc: RedisError) -> None:
@@ -83,6 +100,7 @@ class Worker:
         metrics: Metrics,
         classifiers: ClassifierCache | None = None,
         heartbeat: Heartbeat | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.queue = queue
         self.name = name
@@ -96,7 +114,11 @@ class Worker:
         self._stop = threading.Event()  # set from a signal handler or the loop; read by the sampler thread
         self._abandoned = False
         self._next_touch = 0.0
+        self.on_fatal = on_fatal  # called with the reason when the device is lost (the replica ends)
         self.batch_limit = settings.max_batch  # halved after an out-of-memory error
+        self._full_batches = 0  # successful batches at the current, reduced, limit
+        self._regrow_after = REGROW_AFTER_BATCHES  # doubled at each out-of-memory error after the first
+        self._oom_errors = 0
         self._solo: set[str] = set()  # jobs whose shared batch failed: they run alone now
         self._cancelled: set[str] = set()
         self._lost: set[str] = set()  # job ids another consumer took from us during this batch
@@ -293,6 +315,9 @@ class Worker:
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
             return None
         except (ValueError, RuntimeError) as exc:  # the classifier does not load (ClassifierError)
+            if device_lost(exc):  # not the job's fault: the GPU is gone
+                await self._device_lost([delivery], f"{type(exc).__name__}: {exc}")
+                return None
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
             return None
         return job
@@ -318,9 +343,18 @@ class Worker:
 
     async def _batch_failed(self, jobs: list[ActiveJob], batch_items: int, exc: Exception) -> None:
         """A failing job fails alone: jobs that shared the batch run again one by one; an
-        out-of-memory error halves the batch (at one item, the job goes back on the queue)."""
+        out-of-memory error halves the batch (at one item, the job goes back on the queue); a
+        lost device ends the replica with its jobs handed back."""
         message = f"{type(exc).__name__}: {exc}"
+        if device_lost(exc):
+            await self._device_lost([job.delivery for job in jobs], message)
+            return
         if out_of_memory(exc):
+            free_memory(exc)  # what the failed batch held, before a smaller one runs
+            self._full_batches = 0
+            if self._oom_errors:  # it did not fit again: wait longer before the next try
+                self._regrow_after = min(MAX_REGROW_AFTER, self._regrow_after * 2)
+            self._oom_errors += 1
             if batch_items > 1:
                 self.batch_limit = max(1, min(self.batch_limit, batch_items) // 2)
                 log_event(
@@ -351,6 +385,34 @@ class Worker:
             return
         self._solo.discard(jobs[0].job_id)
         await self._fail([job.delivery for job in jobs], message)
+
+    async def _device_lost(self, deliveries: list[Delivery], message: str) -> None:
+        """The GPU is unusable for this process: hand the jobs that met it back (the delivery
+        counts, so a job that breaks every GPU ends in the dead letters), stop, let the replica end."""
+        reason = f"the device failed and this replica cannot use it again: {message}"
+        jobs = [d.job_id for d in deliveries]
+        log_event("replica.device_lost", None, replica=self.name, jobs=jobs, error=message)
+        for delivery in deliveries:
+            try:
+                await self.consumer.retry(delivery, f"device lost on replica {self.name}: {message}")
+                log_event("job.requeued", delivery.job_id, replica=self.name, error=message)
+            except RedisError as exc:  # taken by another replica once our lease ends
+                log_event("job.release_failed", delivery.job_id, replica=self.name, error=str(exc))
+            self.active.pop(delivery.job_id, None)
+            self._fetched_at.pop(delivery.entry_id, None)
+        self.request_stop()  # run() releases the other jobs
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    def _batch_succeeded(self, items: int) -> None:
+        """After an out-of-memory halving: double the batch size again after a run of full batches."""
+        if self.batch_limit >= self.settings.max_batch or items < self.batch_limit:
+            return
+        self._full_batches += 1
+        if self._full_batches >= self._regrow_after:
+            self._full_batches = 0
+            self.batch_limit = min(self.settings.max_batch, self.batch_limit * 2)
+            log_event("batch.regrow", None, replica=self.name, batch_limit=self.batch_limit)
 
     # --- running a batch ------------------------------------------------------------------
     async def _run_batch(self, batch: list[tuple[ActiveJob, int]]) -> None:
@@ -386,8 +448,10 @@ class Worker:
             await self._batch_failed(jobs, len(batch), exc)
             return
         elapsed = time.perf_counter() - started
+        self._batch_succeeded(len(batch))
         self.metrics.batch_size.observe(len(batch))
         self.metrics.record_items(len(batch))
+        self.metrics.record_grad_steps(record for record, _ in done)
         log_event(
             "batch.done",
             None,
@@ -516,7 +580,8 @@ class Worker:
         """The job's result: each item's record, redrawn for those an earlier delivery stored."""
         request = job.request
         items = [
-            records.get(k) or job.record_of(k, self.sampler.native_size) for k in range(len(request.items))
+            records.get(k) or job.record_of(k, self.sampler.native_size, self.sampler.model_defaults)
+            for k in range(len(request.items))
         ]
         return JobResult(
             items=items, options=request.options, classifier_ref=request.classifier_ref, replica=self.name

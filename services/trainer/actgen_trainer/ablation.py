@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 
 from actgen_shared.digits import ReferenceClassifier as DigitsReference
 from actgen_shared.digits import load_digits_split
+from actgen_shared.presets import read_model_defaults, resolve_options
 from actgen_shared.schemas import GenerationOptions
 from actgen_trainer.config import Config, ConfigError, TrainMode, load_config
 from actgen_trainer.demo import _in_repo
@@ -56,7 +57,10 @@ from actgen_trainer.loop import Trainer
 from actgen_trainer.models import predict
 from actgen_trainer.report import STYLE, _data_uri
 
-# The arms: name -> ``--set`` overrides of the base config. Adding an arm is one line.
+# The arms: name -> ``--set`` overrides of the base config. Adding an arm is one line. The base
+# config names no preset, so every arm runs on the digits model's own defaults (its folder's
+# actgen_defaults.json: nu 0.01, token norm on [uncond, c], CFG 15, margin 200, [0, 1] mask) but
+# for what the arm sets; ``actgen-released`` names the released preset (and so its schedule).
 ARMS: dict[str, list[str]] = {
     "real": ["generation.mode=real"],
     "focal": ["generation.mode=real", "optim.loss=focal"],
@@ -68,7 +72,8 @@ ARMS: dict[str, list[str]] = {
     "actgen": ["generation.mode=actgen", "generation.guidance=both"],
     # the released code's eq. 11 exactly (the token norm on [uncond, c], nu 0.05): too far on this model
     "actgen-nu0.05": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.05"],
-    # eq. 11 as the paper's text reads it (the global norm, c alone, nu 0.05)
+    # eq. 11 as the paper's text reads it (the global norm, c alone, nu 0.05): with the digits'
+    # CFG 15, margin 200 and [0, 1] mask, the values of the paper preset
     "actgen-global": [
         "generation.mode=actgen",
         "generation.guidance=both",
@@ -81,6 +86,14 @@ ARMS: dict[str, list[str]] = {
         "generation.mode=actgen",
         "generation.guidance=both",
         "generation.adv_schedule=authors",
+    ],
+    # everything as the released code has it: the released preset (CFG 7.5, margin 100, nu 0.05,
+    # token norm on [uncond, c], the mask summed from ones) and the authors' schedule
+    "actgen-released": [
+        "generation.mode=actgen",
+        "generation.guidance=both",
+        "generation.preset=released",
+        "generation.adv_schedule=null",
     ],
     # our own: actgen, but the budget goes to the lowest-confidence slice images, all distinct
     "actgen+lowconf": [
@@ -258,10 +271,11 @@ def fingerprint(cfg: Config, model: str, threads: int) -> str:
         tree.pop(key)
     for key in _NOT_FINGERPRINTED_GENERATION:
         tree["generation"].pop(key)
-    # the options every job gets, defaults resolved: a changed default makes the cell stale
-    tree["generation_options"] = GenerationOptions.model_validate(cfg.generation.options).model_dump(
-        mode="json"
-    )
+    # the options every job gets, defaults resolved (the model's defaults file included): a changed
+    # default makes the cell stale
+    options = GenerationOptions.model_validate({**cfg.generation.options, **cfg.generation.section_options})
+    tree["generation_options"] = options.model_dump(mode="json")
+    tree["resolved_options"] = resolve_options(options, read_model_defaults(model)).model_dump(mode="json")
     tree["generator_model"] = Path(model).name
     tree["torch_threads"] = threads
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

@@ -176,7 +176,8 @@ def echo_steps(seconds: float, step_s: float = ECHO_STEP_S) -> int:
 
 def _workload(cfg: Config, n: int, images: int, tag: str) -> list[JobRequest]:
     """``n`` jobs like the trainer's first one (its options and size), for the busy arm."""
-    options = GenerationOptions.model_validate({**cfg.generation.options, **job_options(cfg, 0)})
+    gen = cfg.generation
+    options = GenerationOptions.model_validate({**gen.options, **gen.section_options, **job_options(cfg, 0)})
     rng = np.random.default_rng(0)
     size = cfg.data.image_size
     return [

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actgen_shared.architectures import ARCHITECTURES
 from actgen_shared.labels import LabelSetName
-from actgen_shared.schemas import RUN_ID_PATTERN, GenerationOptions, Mode
+from actgen_shared.schemas import RUN_ID_PATTERN, GenerationOptions, Mode, PresetName
 
 # GenerationOptions fields the loop fills in per job (Algorithm 1), never from the config.
 LOOP_OWNED_OPTIONS = ("mode", "adv_prob", "seed")
+# GenerationOptions fields with a key of their own in the generation section.
+SECTION_OPTIONS = ("preset", "prompt")
 
 
 class ConfigError(ValueError):
@@ -56,10 +58,13 @@ class Guidance(str, Enum):  # noqa: UP042  (str() stays "Name.member", as before
 class AdvSchedule(str, Enum):  # noqa: UP042  (str() stays "Name.member", as before)
     """How the chance of adversarial guidance grows over the generation epochs.
 
-    ``paper``: adv_prob = 0.5 * epoch / epochs (section 4.3). ``authors``: the released code,
+    ``paper``: adv_prob = 0.5 * epoch / epochs (appendix A.4). ``authors``: the released code,
     with r = max(1 - epoch / (0.5 * epochs - 1), 0) * 0.5 of the items drawn as plain SD and
-    adv_prob = 0.5 - r, so it reaches 0.5 by mid-training. ``constant``: adv_prob = 0.5 (the
-    schedules' end value) from the first job: eq. 10 alone gets as many items as it will ever have.
+    adv_prob = 0.5 - r, so it reaches 0.5 by mid-training (hunto/ActGen@f9f3aa7
+    classification/tools/train.py:345 sets r; lib/gen/guided_gen.py:203 draws a plain item with
+    probability r, l. 267 an adversarial one with 1 - (r + 0.5) = 0.5 - r). ``constant``:
+    adv_prob = 0.5 (the schedules' end value) from the first job: eq. 10 alone gets as many items
+    as it will ever have.
     """
 
     paper = "paper"
@@ -174,8 +179,21 @@ class TrainConfig(_Section):
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
-    amp: bool = Field(False, description="mixed precision on CUDA")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto",
+        description="mixed precision (actgen_trainer.precision): auto = bf16 on a CUDA GPU that has it, "
+        "fp16 on an older one, off on the CPU; fp16 scales the loss (GradScaler); bf16 and fp16 also "
+        "run on the CPU",
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_switch(cls, value: Any) -> Any:
+        """``true``/``false`` (the older switch, and YAML's ``on``/``off``): auto / off."""
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
 
 
 class GenerationConfig(_Section):
@@ -183,15 +201,31 @@ class GenerationConfig(_Section):
 
     mode: TrainMode = TrainMode.actgen
     guidance: Guidance = Field(Guidance.both, description="actgen mode: which gradient guidance")
-    adv_schedule: AdvSchedule = Field(AdvSchedule.paper, description="paper or authors (see AdvSchedule)")
-    images_per_epoch: int = Field(64, ge=1, description="hard samples posted per epoch (per rank)")
+    preset: PresetName | None = Field(
+        "released",
+        description="options.preset of every job: released (the authors' code) or paper (the "
+        "text); null: the generator model's own defaults file (a toy model's), else released",
+    )
+    prompt: str | None = Field(
+        None, description="options.prompt of every job (one {}); null: the preset's or the model's"
+    )
+    adv_schedule: AdvSchedule | None = Field(
+        None,
+        description="paper or authors (see AdvSchedule); null: authors with preset released, paper otherwise",
+    )
+    images_per_epoch: int = Field(
+        64,
+        ge=1,
+        description="hard samples posted per generation epoch by the whole run (all ranks "
+        "together: rank r posts its share, the remainder going to the low ranks)",
+    )
     budget: float | None = Field(
         None,
         gt=0,
         le=10,
-        description="images to generate as a fraction of the training set "
-        "(0.10: the paper's ImageNet 10 %), spread evenly over the generation epochs and the "
-        "ranks; overrides images_per_epoch when set",
+        description="images the whole run generates, as a fraction of the training set "
+        "(0.10: the paper's ImageNet 10 %), spread evenly over the generation epochs and then "
+        "the ranks; overrides images_per_epoch when set",
     )
     selection: Literal["misclassified", "threshold", "lowest_confidence"] = "misclassified"
     threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")
@@ -244,8 +278,24 @@ class GenerationConfig(_Section):
                 f"generation.options.{reserved[0]} is set by the trainer itself "
                 f"(use generation.mode / the run seed)"
             )
-        GenerationOptions.model_validate(self.options)  # names an unknown or bad field
+        own = sorted(set(self.options) & set(SECTION_OPTIONS))
+        if own:
+            raise ValueError(f"generation.options.{own[0]}: set generation.{own[0]} instead")
+        GenerationOptions.model_validate({**self.options, **self.section_options})  # names a bad field
         return self
+
+    @property
+    def section_options(self) -> dict[str, Any]:
+        """The GenerationOptions this section sets with keys of its own (preset, prompt)."""
+        return {name: getattr(self, name) for name in SECTION_OPTIONS if getattr(self, name) is not None}
+
+    @property
+    def schedule(self) -> AdvSchedule:
+        """``adv_schedule``, else the preset's: the released code's with ``released``, the text's
+        otherwise (``paper``, and null: a toy model's own defaults, as the digits ablation ran)."""
+        if self.adv_schedule is not None:
+            return self.adv_schedule
+        return AdvSchedule.authors if self.preset == "released" else AdvSchedule.paper
 
 
 class TrackingConfig(_Section):

@@ -3,6 +3,12 @@
 Every source serves PIL images plus integer targets, so the same transforms, the same hard-sample
 selection and the same training set apply to all of them. Generated images live on disk under the
 run folder (PNG + ``index.jsonl``), so a resumed run sees exactly the images the checkpoint saw.
+
+The training loader is built once per run (persistent workers) while the training set changes
+every epoch (generated images join, the validation slice merges back): its sampler,
+:class:`EpochSampler`, reads the set when an epoch starts and hands the workers
+:class:`SampleKey` s that name each image outright, so a worker's copy of the dataset, made when
+it started, never goes stale (:class:`TrainingImages`).
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from actgen_shared.codecs import png_encode
 from actgen_shared.digits import load_digits_split
@@ -364,3 +371,112 @@ def training_set(
     if len(generated):
         parts.append(generated)
     return ConcatDataset(parts)
+
+
+@dataclass(frozen=True)
+class SampleKey:
+    """One training image as an epoch's sampler names it: all a loader worker needs to load it.
+
+    ``seed`` is the epoch's worker seed: a worker reseeds its RNGs from it when the first key of a
+    new epoch reaches it, so its augmentations do not depend on how many epochs it has lived
+    through, and a resumed run draws what an uninterrupted one does.
+    """
+
+    epoch: int
+    seed: int
+    real: int = -1  # index into the real source; -1: a generated image
+    file: str = ""  # a generated image: its path under the generated set's root
+    class_id: int = -1  # a generated image: its label
+
+
+class TrainingImages(Dataset):
+    """Real and generated training images by :class:`SampleKey` (map-style: the key is the index)."""
+
+    def __init__(self, source: ImageSource, generated_root: Path, transform) -> None:
+        self.source = source
+        self.generated_root = Path(generated_root)
+        self.transform = transform
+        self._epoch: int | None = None  # the epoch this worker last reseeded for
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
+        self._reseed_worker(key)
+        if key.real >= 0:
+            return self.transform(self.source.image(key.real)), self.source.target(key.real)
+        with Image.open(self.generated_root / key.file) as img:
+            return self.transform(img.convert("RGB")), key.class_id
+
+    def _reseed_worker(self, key: SampleKey) -> None:
+        """In a loader worker, at an epoch's first key: python, numpy and torch RNGs from its seed
+        (as torch seeds a fresh worker: the base seed plus the worker id). The main process
+        (``num_workers`` 0) draws from its own RNGs, which the checkpoint carries."""
+        info = get_worker_info()
+        if info is None or self._epoch == key.epoch:
+            return
+        self._epoch = key.epoch
+        seed = (key.seed + info.id) % 2**63
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+
+class EpochSampler(Sampler[SampleKey]):
+    """An epoch's training keys on this rank: the real indices given, then every generated image
+    so far, shuffled.
+
+    :meth:`set_epoch` reads the generated set, so what was folded since the last epoch joins.
+    The order is the one a fresh ``DataLoader(shuffle=True, generator=...)`` drew: from the
+    epoch's generator (``epoch_seed(epoch)``), first the workers' base seed, then the permutation;
+    under DDP the permutation is a ``DistributedSampler``'s (``shuffle_seed``, the same on every
+    rank) and this rank's shard of it.
+    """
+
+    def __init__(
+        self,
+        generated: GeneratedSet,
+        epoch_seed: Callable[[int], int],
+        rank: int = 0,
+        world: int = 1,
+        shuffle_seed: int = 0,
+    ) -> None:
+        self.generated = generated
+        self.epoch_seed = epoch_seed
+        self.rank, self.world, self.shuffle_seed = rank, world, shuffle_seed
+        self.epoch = 0
+        self.real = np.zeros(0, dtype=np.int64)
+        self.records: list[GeneratedRecord] = []
+
+    def set_epoch(self, epoch: int, real: np.ndarray) -> None:
+        """This epoch's real indices, and the generated images folded so far."""
+        self.epoch = epoch
+        self.real = np.asarray(real, dtype=np.int64)
+        self.records = list(self.generated.records)
+
+    @property
+    def total(self) -> int:
+        """Images in this epoch's training set (all ranks)."""
+        return len(self.real) + len(self.records)
+
+    def __len__(self) -> int:
+        return -(-self.total // self.world)  # DistributedSampler pads to an equal share
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        generator = torch.Generator().manual_seed(self.epoch_seed(self.epoch))
+        seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+        if self.world > 1:
+            shards: DistributedSampler[int] = DistributedSampler(
+                range(self.total),  # type: ignore[arg-type]  # any sized sequence serves
+                num_replicas=self.world,
+                rank=self.rank,
+                seed=self.shuffle_seed,
+            )
+            shards.set_epoch(self.epoch)
+            order = list(shards)
+        else:
+            order = torch.randperm(self.total, generator=generator).tolist()
+        n_real = len(self.real)
+        for position in order:
+            if position < n_real:
+                yield SampleKey(self.epoch, seed, real=int(self.real[position]))
+            else:
+                record = self.records[position - n_real]
+                yield SampleKey(self.epoch, seed, file=record.file, class_id=record.class_id)

@@ -56,7 +56,8 @@ __all__ = [
 def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
     """The options the loop owns for the job of ``epoch``: mode, guidance and its schedule.
 
-    ``adv_schedule=paper``: adv_prob = 0.5 e / E. ``authors``: a share r = max(1 - e / (0.5 E - 1),
+    ``GenerationConfig.schedule`` (``adv_schedule``, else the preset's) ``paper``: adv_prob =
+    0.5 e / E. ``authors``: a share r = max(1 - e / (0.5 E - 1),
     0) / 2 of the items is drawn as plain SD and adv_prob = 0.5 - r (the released train.py).
     ``constant``: adv_prob = 0.5 from the first job.
     ``guidance`` picks Table 4's rows: contrastive only (adv_prob 0), adversarial only (no bank
@@ -71,7 +72,7 @@ def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
     if gen.guidance is Guidance.aig:
         return {"mode": Mode.aig.value, "adv_prob": 0.0}
     out: dict[str, Any] = {"mode": mode.value}
-    if gen.adv_schedule is AdvSchedule.authors:
+    if gen.schedule is AdvSchedule.authors:
         ramp = 0.5 * epochs - 1
         plain = max(1.0 - epoch / ramp, 0.0) * 0.5 if ramp > 0 else 0.0
         out.update(plain_prob=plain, adv_prob=0.5 - plain)
@@ -153,7 +154,7 @@ class GeneratorLink:
             input_size=cfg.data.image_size,
             mean=cfg.data.mean,
             std=cfg.data.std,
-            options=gen.options,
+            options={**gen.options, **gen.section_options},
             seed=cfg.seed,
             max_items_per_job=self.actgen.item_cap if self.actgen is not None else gen.max_items_per_job,
             max_inflight=gen.max_inflight,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from actgen_shared.ranks import share
 from actgen_shared.seeds import derive_seed
 from actgen_trainer.checkpoint import (
     METRICS_NAME,
@@ -47,11 +47,12 @@ from actgen_trainer.checkpoint import (
 )
 from actgen_trainer.config import Config, TrainMode
 from actgen_trainer.data import (
+    EpochSampler,
     GeneratedSet,
     Subset,
+    TrainingImages,
     load_sources,
     partition,
-    training_set,
     transforms_for,
 )
 from actgen_trainer.distributed import device_for, local_rank, rank_seed, setup_dist, unwrap
@@ -64,6 +65,7 @@ from actgen_trainer.models import (
     predict,
     scaled_lr,
 )
+from actgen_trainer.precision import Compute
 from actgen_trainer.report import delivery_counts, write_report
 from actgen_trainer.selection import select_guides
 from actgen_trainer.tracking import Tracking
@@ -96,17 +98,24 @@ class Summary:
         return out
 
 
-def images_per_rank_epoch(cfg: Config, train_size: int, world: int) -> int:
-    """Hard samples each rank posts per generation epoch.
+def images_for_epoch(cfg: Config, train_size: int, epoch: int) -> int:
+    """Hard samples the whole run (all ranks together) posts after generation epoch ``epoch``.
 
-    ``generation.budget`` (a fraction of the ``train_size`` images, e.g. 0.10) is spread evenly
-    over the generation epochs and the ranks, rounded up; without it, ``images_per_epoch``.
+    ``images_per_epoch``; or, with ``generation.budget`` (a fraction of the ``train_size`` images,
+    e.g. 0.10), that many images over the run, spread over the generation epochs (the remainder
+    to the early ones), so the run asks for exactly the budget however many ranks share it.
     """
     budget = cfg.generation.budget
     if budget is None:
         return cfg.generation.images_per_epoch
     total = max(1, round(budget * train_size))
-    return max(1, math.ceil(total / (cfg.generation_epochs * world)))
+    return share(total, cfg.generation_epochs, epoch)
+
+
+def images_per_rank_epoch(cfg: Config, train_size: int, world: int, rank: int, epoch: int) -> int:
+    """Rank ``rank``'s share of epoch ``epoch``'s images (docs/architecture.md 6): the run's count
+    split over the ranks, the remainder to the low ranks; a rank whose share is 0 posts nothing."""
+    return share(images_for_epoch(cfg, train_size, epoch), world, rank)
 
 
 class Trainer(Checkpoints, GeneratorLink):
@@ -156,6 +165,9 @@ class Trainer(Checkpoints, GeneratorLink):
         self.generated = GeneratedSet(self.run_dir / gen_dir, cfg.data.image_size, self.classes)
 
         model = build_model(cfg, self.num_classes).to(self.device)  # same init on every rank
+        # train.amp and channels_last (a conv net on CUDA): actgen_trainer.precision
+        self.compute = Compute.for_model(model, self.device, cfg.train.amp)
+        model = self.compute.prepare(model)
         if self.dist.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -169,12 +181,12 @@ class Trainer(Checkpoints, GeneratorLink):
         global_batch = cfg.train.batch_size * self.dist.world
         self.optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, global_batch))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs, global_batch)
-        self.images_per_epoch = images_per_rank_epoch(
-            cfg, len(self.split.train) + len(self.split.val), self.dist.world
-        )
-        self.amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.train_size = len(self.split.train) + len(
+            self.split.val
+        )  # what generation.budget is a fraction of
+        self.scaler = self.compute.grad_scaler()  # enabled for float16 only
         self.mixer, self.loss_fn = build_mixing(cfg, self.num_classes)  # mixer: None unless Mixup/CutMix
+        self._build_loaders(val_idx=self.split.val[self.dist.rank :: self.dist.world])
 
         if resume:
             self.state = self._restore()
@@ -196,7 +208,7 @@ class Trainer(Checkpoints, GeneratorLink):
             "mode": self.mode.value,
             "epochs": self.cfg.train.epochs,
             "generation_epochs": self.cfg.generation_epochs,
-            "images_per_epoch": self.images_per_epoch * self.dist.world,
+            "images_per_epoch": images_for_epoch(self.cfg, self.train_size, 0),  # the whole run's
             "budget": self.cfg.generation.budget,
             "sync": self.cfg.generation.sync,
             "dataset": self.cfg.data.dataset,
@@ -298,49 +310,92 @@ class Trainer(Checkpoints, GeneratorLink):
             return self.cfg.seed * 10_007 + epoch
         return derive_seed(self.cfg.seed, epoch, self.dist.rank, 1) % 2**63
 
-    def _train_epoch(self, epoch: int, train_idx: np.ndarray) -> tuple[float, float, int]:
-        """One epoch on this rank's shard; loss and accuracy are over all ranks."""
+    def _build_loaders(self, val_idx: np.ndarray) -> None:
+        """The run's three loaders, built once: training (its sampler follows the growing set),
+        test shard, and this rank's share of the validation slice.
+
+        With ``data.num_workers`` > 0 their workers persist across epochs (no start-up per
+        epoch); on CUDA batches come in pinned memory, so the copy to the GPU is asynchronous.
+        """
         cfg = self.cfg
-        dataset = training_set(self.train_source, train_idx, self.generated, self.train_tf)
-        shuffle_gen = torch.Generator().manual_seed(self._loader_seed(epoch))
-        sampler: torch.utils.data.distributed.DistributedSampler[Any] | None = None
-        if self.dist.world > 1:  # same permutation on every rank (same seed), one shard each
-            sampler = torch.utils.data.distributed.DistributedSampler(dataset, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.train.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=shuffle_gen,
-            num_workers=cfg.data.num_workers,
-            drop_last=False,
-            pin_memory=self.device.type == "cuda",
+        workers = cfg.data.num_workers
+        common: dict[str, Any] = {
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "pin_memory": self.device.type == "cuda",
+        }
+        self.train_sampler = EpochSampler(
+            self.generated,
+            self._loader_seed,
+            rank=self.dist.rank,
+            world=self.dist.world,
+            shuffle_seed=cfg.seed,
         )
+        self.train_loader = DataLoader(
+            TrainingImages(self.train_source, self.generated.root, self.train_tf),
+            batch_size=cfg.train.batch_size,
+            sampler=self.train_sampler,
+            drop_last=False,
+            # the workers' first base seed (each epoch reseeds them: SampleKey), kept off the global RNG
+            generator=torch.Generator().manual_seed(self._loader_seed(0)),
+            **common,
+        )
+        self.test_loader = DataLoader(
+            self.test_set, batch_size=cfg.train.eval_batch_size, shuffle=False, **common
+        )
+        self.val_loader = DataLoader(
+            Subset(self.train_source, val_idx, self.eval_tf),
+            batch_size=cfg.train.eval_batch_size,
+            shuffle=False,
+            **common,
+        )
+
+    def _train_epoch(self, epoch: int, train_idx: np.ndarray) -> tuple[float, float, int]:
+        """One epoch on this rank's shard; loss and accuracy are over all ranks.
+
+        Nothing is read back to the host per step: the loss and the correct count are summed on
+        the device and read once, at the end (float16's GradScaler still checks its gradients
+        for infinities each step).
+        """
+        self.train_sampler.set_epoch(epoch, train_idx)  # the set as it is now, generated images included
+        loader = self.train_loader
         self.model.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
         steps = max(len(loader), 1)
+        # one iterator an epoch: given the loader itself, tqdm.auto's bar calls iter() on it once
+        # more (a second start of its workers, and a second shuffle draw)
+        batches = iter(loader)
         for step, (images, labels) in enumerate(
-            _tqdm(loader, self.progress and self.dist.main, leave=False, desc=f"epoch {epoch}", unit="batch")
+            _tqdm(
+                batches,
+                self.progress and self.dist.main,
+                total=steps,
+                leave=False,
+                desc=f"epoch {epoch}",
+                unit="batch",
+            )
         ):
             self.scheduler.set(epoch + (step + 0.5) / steps)  # per-iteration warmup and cosine
-            images = images.to(self.device, non_blocking=True)
+            images = self.compute.inputs(images)
             labels = labels.to(self.device, non_blocking=True)
             targets = labels
             if self.mixer is not None:  # the whole batch, generated images included; soft targets
                 images, targets = self.mixer(images, labels)
-            with torch.autocast(self.device.type, enabled=self.amp):
+            with self.compute.autocast():
                 logits = self.model(images)
                 loss = self.loss_fn(logits, targets)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total_loss += float(loss.detach()) * len(labels)
-            correct += int((logits.detach().argmax(1) == labels).sum())
+            loss_sum += loss.detach().float() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
             seen += len(labels)
-        total, right, count = self.dist.sum(total_loss, correct, seen)
-        return total / max(count, 1), right / max(count, 1), len(dataset)
+        # the epoch's one read from the device
+        total, right, count = self.dist.sum(float(loss_sum), float(correct), seen)
+        return total / max(count, 1), right / max(count, 1), self.train_sampler.total
 
     @property
     def _net(self) -> torch.nn.Module:
@@ -348,19 +403,11 @@ class Trainer(Checkpoints, GeneratorLink):
         shards may differ by a batch, so nothing per batch may be a collective."""
         return unwrap(self.model)
 
-    def _loader(self, dataset) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.train.eval_batch_size,
-            shuffle=False,
-            num_workers=self.cfg.data.num_workers,
-        )
-
     def _test_accuracy(self) -> float:
         """Each rank scores its shard of the test set; the counts are summed."""
         correct, count = 0.0, 0.0
         if len(self.test_set):
-            probs, targets = predict(self._net, self._loader(self.test_set), self.device, self.amp)
+            probs, targets = predict(self._net, self.test_loader, self.device, self.compute)
             correct, count = float((probs.argmax(1) == targets).sum()), float(len(targets))
         correct, count = self.dist.sum(correct, count)
         return correct / max(count, 1.0)
@@ -376,16 +423,10 @@ class Trainer(Checkpoints, GeneratorLink):
         rank = self.dist.rank
         val_idx = self.split.val[rank :: self.dist.world]
         t0 = time.perf_counter()
-        probs, targets = predict(
-            self._net,
-            self._loader(Subset(self.train_source, val_idx, self.eval_tf)),
-            self.device,
-            self.amp,
-        )
+        probs, targets = predict(self._net, self.val_loader, self.device, self.compute)
         rng = np.random.default_rng([cfg.seed, epoch, rank])
-        chosen, n_rank_hard = select_guides(
-            probs, targets, gen.selection, gen.threshold, self.images_per_epoch, rng
-        )
+        count = images_per_rank_epoch(cfg, self.train_size, self.dist.world, rank, epoch)
+        chosen, n_rank_hard = select_guides(probs, targets, gen.selection, gen.threshold, count, rng)
         val_correct, val_count, n_hard = self.dist.sum(
             float((probs.argmax(1) == targets).sum()), float(len(targets)), float(n_rank_hard)
         )

@@ -17,6 +17,7 @@ from actgen_shared.architectures import build_classifier
 from actgen_shared.run import model_weights
 from actgen_shared.schemas import ClassifierMeta
 from actgen_trainer.config import Config, OptimConfig
+from actgen_trainer.precision import Compute
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -138,14 +139,19 @@ def classifier_payload(model: nn.Module, cfg: Config, num_classes: int) -> tuple
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader, device: torch.device, amp: bool = False
+    model: nn.Module, loader, device: torch.device, compute: Compute | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(softmax probabilities N x C, targets N) over a loader, in order."""
+    """(softmax probabilities N x C, targets N) over a loader, in order.
+
+    ``compute``: autocast and memory format (default: float32, as the tensors come); the
+    probabilities stay on the device until the end, one copy to the host instead of one a batch.
+    """
+    compute = compute or Compute(device)
     model.eval()
     probs, targets = [], []
     for images, labels in loader:
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            logits = model(images.to(device, non_blocking=True))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        with compute.autocast():
+            logits = model(compute.inputs(images))
+        probs.append(torch.softmax(logits.float(), dim=1))
         targets.append(labels)
-    return torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    return torch.cat(probs).cpu().numpy(), torch.cat(targets).numpy()

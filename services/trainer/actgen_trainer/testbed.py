@@ -156,8 +156,15 @@ class MaskProbe:
         from actgen_generator.sampler import Classifier, SampleItem
         from actgen_shared.schemas import GenerationOptions, Mode
 
+        gen = cfg.generation
         options = GenerationOptions.model_validate(
-            {**cfg.generation.options, **job_options(cfg, epoch), "seed": cfg.seed, "plain_prob": 0.0}
+            {
+                **gen.options,
+                **gen.section_options,  # preset, prompt: as the loop posts them
+                **job_options(cfg, epoch),
+                "seed": cfg.seed,
+                "plain_prob": 0.0,
+            }
         )
         if options.mode not in (Mode.aig, Mode.actgen):
             return None
@@ -178,7 +185,8 @@ class MaskProbe:
         ]
         self.sampler(items, options, clf)
         maps = self.sampler.last_attention
-        return None if maps is None else (maps, options.normalize_mask)
+        # the value eq. 8 ran with: the option, else the preset's or the model's defaults file's
+        return None if maps is None else (maps, self.sampler.resolve(options).normalize_mask)
 
 
 class BackgroundsDiagnostics:

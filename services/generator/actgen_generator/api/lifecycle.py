@@ -9,12 +9,14 @@ the CLI stops the server.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -24,7 +26,9 @@ from actgen_generator.contract import SAMPLERS, Sampler
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import Worker
+from actgen_shared.presets import resolve_options
 from actgen_shared.queue import Heartbeat, JobQueue, ReplicaIdInUse, connect, new_token
+from actgen_shared.schemas import GenerationOptions, ResolvedOptions
 from actgen_shared.settings import Settings
 
 MAX_WAIT_S = 60.0  # longest long-poll a request may ask for (ACTGEN_MAX_WAIT_S may cut it shorter)
@@ -48,6 +52,7 @@ class Service:
     classifiers: ClassifierStore | None = None
     model_id: str = "(not loaded)"
     native_size: int = 512
+    resolved_defaults: ResolvedOptions | None = None  # the loaded model's (None: API-only, or loading)
     ready: bool = False
     fatal: str | None = None
     worker: Worker | None = None
@@ -83,9 +88,50 @@ def load_sampler(svc: Service) -> tuple[Sampler, str, str, str]:
     from actgen_generator.pipeline import load_pipeline  # diffusers: seconds to import
     from actgen_generator.sampler import GuidedSampler
 
+    warn_if_cpu_fallback(svc)
     loaded = load_pipeline(svc.model, svc.device, svc.dtype, revision=svc.settings.model_revision)
-    sampler = GuidedSampler(loaded, prompt_cache_size=svc.settings.prompt_cache_size)
+    sampler = GuidedSampler(
+        loaded,
+        prompt_cache_size=svc.settings.prompt_cache_size,
+        adv_decode=svc.settings.adv_decode,
+        grad_checkpointing=svc.settings.grad_checkpointing,
+    )
     return sampler, loaded.model_id, str(loaded.device), str(loaded.dtype).removeprefix("torch.")
+
+
+def _names_a_tiny_model(model: str | None) -> bool:
+    """The tiny model (built, or a folder of one: it carries actgen_tiny.json): fine on a CPU."""
+    return not model or (Path(model).expanduser() / "actgen_tiny.json").is_file()
+
+
+def warn_if_cpu_fallback(svc: Service) -> str | None:
+    """Say loudly (one log event on stderr) when ``--device auto`` puts a real model on the CPU:
+    the model, its dtype there, and why CUDA is unusable. Returns the message, None when all is as asked."""
+    from actgen_generator.devices import AUTO, cuda_unusable_reason, resolve_device
+    from actgen_generator.pipeline import resolve_dtype
+
+    if (svc.device is not None and svc.device not in AUTO) or _names_a_tiny_model(svc.model):
+        return None
+    device = resolve_device(svc.device)
+    if device.type != "cpu":
+        return None
+    dtype = str(resolve_dtype(svc.dtype, device)).removeprefix("torch.")
+    reason = cuda_unusable_reason()
+    message = (
+        f"model {svc.model} runs on the CPU in {dtype} (device auto): CUDA is unusable: {reason}; "
+        "an image takes minutes. Fix CUDA, or set ACTGEN_DEVICE=cpu to say the CPU is meant."
+    )
+    log_event(
+        "replica.cpu_fallback",
+        None,
+        level=logging.WARNING,
+        replica=svc.replica_id,
+        model=svc.model,
+        dtype=dtype,
+        reason=reason,
+        message=message,
+    )
+    return message
 
 
 async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierStore) -> None:
@@ -93,6 +139,7 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
     try:
         sampler, svc.model_id, device, svc.dtype = await asyncio.to_thread(load_sampler, svc)
         svc.device, svc.native_size = device, sampler.native_size
+        svc.resolved_defaults = resolve_options(GenerationOptions(), sampler.model_defaults)
         svc.worker = Worker(
             queue,
             svc.replica_id,
@@ -101,6 +148,7 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
             svc.metrics,
             classifiers=ClassifierCache(classifiers, device),
             heartbeat=svc.heartbeat,
+            on_fatal=lambda reason: _worker_fatal(svc, reason),
         )
         svc.worker_task = asyncio.create_task(svc.worker.run())
         svc.ready = True
@@ -110,6 +158,15 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
         log_event("replica.fatal", None, replica=svc.replica_id, error=svc.fatal)
         if svc.on_fatal is not None:
             svc.on_fatal()
+
+
+def _worker_fatal(svc: Service, reason: str) -> None:
+    """The worker cannot go on (its device is lost): out of ready, with the reason, and the process ends."""
+    svc.fatal = reason
+    svc.ready = False
+    log_event("replica.fatal", None, replica=svc.replica_id, error=reason)
+    if svc.on_fatal is not None:
+        svc.on_fatal()
 
 
 def redis_client(url: str) -> aioredis.Redis:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from actgen_generator.devtools.tiny_training import load_digits_split
+from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_shared import backgrounds
@@ -64,8 +65,8 @@ class EvalReport:
     n_diversity_guides: int
     seeds_per_guide: int
     num_inference_steps: int
-    guidance_scale: float
-    image_guidance_strength: float
+    guidance_scale: float  # as resolved for the model (its defaults file, else the released preset)
+    image_guidance_strength: float  # the i gamma used: the option's, scaled to the steps
     seconds: float
     data: str = "digits"
     mask_iou: float | None = None  # (d) backgrounds: eq. 8's mask vs the true digit mask
@@ -270,7 +271,9 @@ def evaluate(
         import torch
 
         masks = ev.test_masks[picked]
-        figures["mask_iou"] = float(np.mean(mask_iou(torch.cat(maps), masks, aig.normalize_mask)))
+        # as eq. 8 applied it: normalised or not as the model's defaults (or the preset) say
+        normalise = bool(sampler.resolve(aig).normalize_mask)
+        figures["mask_iou"] = float(np.mean(mask_iou(torch.cat(maps), masks, normalise)))
         figures["uniform_mask_iou"] = float(masks.mean())
         if generated.shape[1:3] == guides.shape[1:3]:
             change = np.abs(generated.astype(np.float64) - guides.astype(np.float64)).mean(-1) / 255.0
@@ -309,8 +312,10 @@ def evaluate(
         n_diversity_guides=len(picked),
         seeds_per_guide=seeds_per_guide,
         num_inference_steps=steps,
-        guidance_scale=base.guidance_scale,
-        image_guidance_strength=base.image_guidance_strength,
+        guidance_scale=sampler.resolve(base).guidance_scale,
+        image_guidance_strength=gamma_midpoint(
+            base.image_guidance_strength, base.num_inference_steps, base.image_guidance_reference_steps
+        ),
         seconds=round(time.monotonic() - start, 1),
         data=data,
         **figures,
@@ -348,7 +353,7 @@ def add_parser(subparsers) -> None:
         "--guidance-scale",
         type=float,
         default=None,
-        help=f"CFG scale (default: the service's, {GenerationOptions().guidance_scale:g})",
+        help="CFG scale (default: the service's for the model: its defaults file, else the released preset)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of guide choice and noise")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -53,7 +53,6 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from actgen_generator.attention import (
-    PROMPT_TEMPLATE,
     RecordingAttnProcessor,
     class_token_weights,
     install_recorder,
@@ -69,12 +68,14 @@ from actgen_shared.backgrounds import REFERENCE_FILE, ReferenceClassifier, broad
 from actgen_shared.digits import DigitsSplit
 from actgen_shared.digits import load_digits_split as shared_digits_split
 from actgen_shared.labels import DIGITS
+from actgen_shared.presets import PAPER
 
 TINY_DIGITS_VERSION = "tiny-digits-v1"
 TINY_BACKGROUNDS_VERSION = "tiny-backgrounds-v1"
 IMAGE_SIZE = 32  # px: the generation size (digits upscaled from 8x8)
-# The sampler's prompt template first; the longer one too, so both prompts work.
-PROMPT_TEMPLATES = (PROMPT_TEMPLATE, "a photo of the digit {}")
+# The paper's prompt template first (the default of both presets); the longer one too, so
+# both prompts work.
+PROMPT_TEMPLATES = (PAPER["prompt"], "a photo of the digit {}")
 DATASETS = ("digits", "backgrounds")
 
 TINY_DIGITS_VAE = dict(

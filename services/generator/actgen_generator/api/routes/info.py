@@ -14,6 +14,7 @@ router = APIRouter(tags=["service"], dependencies=AUTHED, responses={401: {"mode
 @router.get("/v1/info", response_model=Info)
 async def info(svc: ServiceDep) -> Info:
     settings = svc.settings
+    sampler = svc.worker.sampler if svc.worker is not None else None  # what the sampler runs with
     return Info(
         model=svc.model_id,
         device=svc.device or "none",
@@ -23,6 +24,9 @@ async def info(svc: ServiceDep) -> Info:
         max_batch=settings.max_batch,
         native_size=svc.native_size,
         defaults=GenerationOptions(),
+        resolved_defaults=svc.resolved_defaults,
         max_items_per_job=settings.max_items_per_job,
         max_job_image_steps=settings.max_job_image_steps,
+        adv_decode=getattr(sampler, "adv_decode", None),
+        grad_checkpointing=getattr(sampler, "grad_checkpointing", None),
     )

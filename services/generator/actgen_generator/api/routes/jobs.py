@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
 from actgen_generator.api.deps import AUTHED, ClassifiersDep, JobId, QueueDep, ServiceDep, refuse_when_full
 from actgen_generator.api.errors import ERROR_RESPONSES, ApiError
-from actgen_generator.api.lifecycle import Service
+from actgen_generator.api.lifecycle import MAX_WAIT_S, Service
 from actgen_generator.classifiers import ClassifierStore
 from actgen_generator.events import log_event
 from actgen_shared import codecs
@@ -23,6 +24,8 @@ WORK_UNIT_PIXELS = 512 * 512  # a job's work is counted in image-steps at SD 2.1
 RANDOM_SEED_BITS = 32  # seed + item index stays far below MAX_SEED
 INLINE_DECODE_CHARS = 64 * 1024  # base64 guides up to this are decoded on the event loop
 MAX_IMAGE_INDEX = 1_000_000
+CANCEL_WAIT_S = 5.0  # how long DELETE waits for a running job to stop (a step or two on a GPU)
+CANCEL_POLL_S = (0.02, 0.25)  # first and longest pause between two looks at the job meanwhile
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHED, responses=ERROR_RESPONSES)
 
@@ -118,12 +121,38 @@ async def get_job(job_id: JobId, queue: QueueDep) -> JobState:
     return await _state(queue, job_id)
 
 
-@router.delete("/{job_id}", response_model=JobState, summary="cancel a queued or running job")
-async def cancel_job(job_id: JobId, queue: QueueDep, svc: ServiceDep) -> JobState:
+@router.delete(
+    "/{job_id}",
+    response_model=JobState,
+    summary="cancel a queued or running job",
+    responses={202: {"model": JobState, "description": "running: asked to stop, not stopped yet"}},
+)
+async def cancel_job(
+    job_id: JobId,
+    queue: QueueDep,
+    svc: ServiceDep,
+    response: Response,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a running job to stop")
+    ] = CANCEL_WAIT_S,
+) -> JobState:
+    """A queued job is cancelled at once. A running one stops at its worker's next denoising step:
+    the call waits up to ``wait`` seconds for that. 200 with the final state (``cancelled``, or
+    ``done``/``failed`` if it ended first); 202 with status ``running`` and ``cancel_requested``
+    when it has not stopped yet (GET it again)."""
     if await queue.cancel(job_id) is None:
         raise ApiError(404, f"job_id: no job {job_id} (unknown or expired)")
     log_event("job.cancel_requested", job_id, replica=svc.replica_id)
-    return await _state(queue, job_id)
+    state = await _state(queue, job_id)
+    deadline = time.monotonic() + min(wait, svc.settings.max_wait_s)
+    pause, longest = CANCEL_POLL_S
+    while not state.status.is_final and time.monotonic() < deadline:
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, longest)
+        state = await _state(queue, job_id)
+    if not state.status.is_final:
+        response.status_code = 202
+    return state
 
 
 @router.get(
