@@ -103,9 +103,11 @@ ARMS: dict[str, list[str]] = {
     ],
 }
 
-# The backgrounds testbed's arms. gamma's midpoint i is stated for 40 steps (12.5, section 5.1):
-# the config scales it to its 20 steps (6.25) until the options do that themselves.
-# `released` and `paper` spell their option values out (they become presets later).
+# The backgrounds testbed's arms. Options no arm sets come from models/tiny-backgrounds'
+# actgen_defaults.json (the settings the testbed's predictions were written for: CFG 15, margin 200,
+# nu 0.01 with the token norm on [uncond, c], the [0, 1] mask); `released` and `paper` name a preset
+# instead, which replaces that file. gamma's midpoint 12.5 is scaled to the 20 steps (6.25) by
+# options.image_guidance_reference_steps.
 _ACTGEN = ["generation.mode=actgen", "generation.guidance=both"]
 ARMS_BACKGROUNDS: dict[str, list[str]] = {
     "real": ["generation.mode=real"],
@@ -123,27 +125,12 @@ ARMS_BACKGROUNDS: dict[str, list[str]] = {
         "generation.adv_schedule=constant",
     ],
     "actgen": _ACTGEN,
-    # the released code: CFG 7.5, margin 100, nu 0.05 with the token norm on [uncond, c], the
-    # unnormalised mask, plain-SD items early on (train.py's schedule)
-    "released": [
-        *_ACTGEN,
-        "generation.adv_schedule=authors",
-        "generation.options.guidance_scale=7.5",
-        "generation.options.contrastive_margin=100",
-        "generation.options.lr=0.05",
-        "generation.options.grad_norm=token",
-        "generation.options.update_uncond=true",
-        "generation.options.normalize_mask=false",
-    ],
-    # the paper's text: CFG 15, margin 200, nu 0.05 with the global norm on c alone
-    "paper": [
-        *_ACTGEN,
-        "generation.options.guidance_scale=15",
-        "generation.options.contrastive_margin=200",
-        "generation.options.lr=0.05",
-        "generation.options.grad_norm=global",
-        "generation.options.update_uncond=false",
-    ],
+    # the released code: its preset (CFG 7.5, margin 100, nu 0.05 with the token norm on
+    # [uncond, c], the unnormalised mask) and train.py's schedule (plain-SD items early on)
+    "released": [*_ACTGEN, "generation.preset=released", "generation.adv_schedule=authors"],
+    # the paper's text: its preset (CFG 15, margin 200, nu 0.05 with the global norm on c alone,
+    # the [0, 1] mask) and its schedule (adv_prob 0.5 * epoch / epochs)
+    "paper": [*_ACTGEN, "generation.preset=paper"],
     # as in real use: the trainer does not wait for its images (they arrive an epoch or more later)
     "actgen-async": [*_ACTGEN, "generation.sync=false"],
     # our own: eq. 9's margin scaled to these latents, 200 x sqrt(4*8*8 / (4*64*64)) = 25, so the
