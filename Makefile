@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation chaos up down compose-gpus kubectl k8s-render clean
+.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation ablation-backgrounds tiny-backgrounds-model chaos up down compose-gpus kubectl k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
@@ -59,10 +59,29 @@ gpu-bundle: setup
 	$(PY) bench/gpu_bundle.py --python-version $(PYVER) --platform $(PLATFORM)
 
 # ablation: every arm x 5 seeds on the low-data digits (resumable; ends with its wall time).
-# ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds.
+# ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds. TESTBED=backgrounds: the digits on
+# class-correlated backgrounds, 10 seeds (models/tiny-backgrounds; docs/ablation.md).
 ABLATION_ARGS ?=
+TESTBED ?= digits
 ablation: setup
-	$(VENV)/bin/actgen-trainer ablate $(ABLATION_ARGS)
+	$(VENV)/bin/actgen-trainer ablate --testbed $(TESTBED) $(ABLATION_ARGS)
+
+# ablation-backgrounds: the backgrounds testbed's table (docs/ablation.md 5), niced, seed by seed so
+# that a run stopped early leaves every arm with the same seeds: every arm x 5 seeds (about 45 min on
+# a 2-core CPU), then one more seed for every arm at a time up to SEEDS. Resumable like ablation.
+SEEDS ?= 10
+ablation-backgrounds: setup
+	@first=$$(( $(SEEDS) < 5 ? $(SEEDS) : 5 )); for n in $$(seq $$first $(SEEDS)); do \
+	    nice -n 19 $(VENV)/bin/actgen-trainer ablate --testbed backgrounds --seeds $$n $(ABLATION_ARGS) || exit 1; \
+	done
+
+# tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
+# (about 15 min and 1 more for its reference CNN on a 2-core CPU, one thread, niced; then
+# `actgen-generator eval-model models/tiny-backgrounds` gives the model card's figures).
+tiny-backgrounds-model: setup
+	nice -n 19 $(VENV)/bin/actgen-generator train-tiny-model --data backgrounds --out models/tiny-backgrounds \
+	    --minutes 16 --seed 0 --vae-steps 650 --unet-steps 2500 --vae-share 0.2 --text-lr 0.0005 \
+	    --renders 8 --attn-weight 0.2 --threads 1
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after

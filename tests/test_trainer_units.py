@@ -310,6 +310,14 @@ def test_job_options_run_every_row_of_table_4_and_both_schedules() -> None:
     assert opts(7, authors) == {"mode": "actgen", "plain_prob": 0.25, "adv_prob": 0.25}
     assert opts(14, authors) == {"mode": "actgen", "plain_prob": 0.0, "adv_prob": 0.5}
     assert job_options(load_config(None, ["train.epochs=2", authors]), 0)["plain_prob"] == 0.0  # 0.5E-1 <= 0
+    # constant: adv_prob 0.5 from the first job (eq. 10 on as many items as the schedules end with)
+    constant = "generation.adv_schedule=constant"
+    assert opts(0, constant) == opts(14, constant) == {"mode": "actgen", "adv_prob": 0.5}
+    assert opts(0, constant, "generation.guidance=adversarial") == {
+        "mode": "actgen",
+        "adv_prob": 0.5,
+        "bank_sample": 0,
+    }
     # the rows: aig, contrastive only, adversarial only, both
     assert opts(12, "generation.guidance=aig") == {"mode": "aig", "adv_prob": 0.0}
     assert opts(12, "generation.guidance=contrastive") == {"mode": "actgen", "adv_prob": 0.0}

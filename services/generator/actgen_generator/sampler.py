@@ -321,6 +321,9 @@ class GuidedSampler:
         # per (template, class name), i.e. per full prompt and where the class sits in it: its
         # embeddings and class-token weights (None for the empty prompt)
         self._prompts: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        # for diagnostics: the last call's class-token attention summed over its steps, (batch, h, w)
+        # at the mask resolution (eq. 8's m before normalising and upsampling); None unless aig/actgen
+        self.last_attention: torch.Tensor | None = None
 
     @property
     def native_size(self) -> int:
@@ -449,6 +452,7 @@ class GuidedSampler:
             self.recorder.reset()
 
         # 6. Decode
+        self.last_attention = attention
         images = self._decode(x, opts.output_size)
         latents = x.detach().float().cpu()
         rows_of = plan.row_list if plan is not None else []

@@ -1,4 +1,11 @@
-"""``actgen-trainer ablate`` (``make ablation``): what each part of ActGen buys, on the digits.
+"""``actgen-trainer ablate`` (``make ablation``): what each part of ActGen buys, on a testbed.
+
+Two testbeds (:data:`TESTBEDS`, ``--testbed``): the low-data ``digits`` (the 8x8 digits, where
+every guided arm ties plain generation: docs/ablation.md says why), and ``backgrounds``
+(``make ablation TESTBED=backgrounds``): the digits on procedural backgrounds correlated with the
+class in training and random in test, a generator trained on every digit on every background,
+and diagnostics that see what each mechanism did (:mod:`actgen_trainer.testbed`). Each testbed has
+its own config, generator model, output folder and arm table; what follows holds for both.
 
 Paper Table 4 in a low-data setting a CPU runs in minutes: every arm of :data:`ARMS` x every
 seed is one *cell*, a full run of the real :class:`~actgen_trainer.loop.Trainer` on
@@ -14,7 +21,7 @@ half-finished cell from scratch. ``OUT/table.md`` and ``OUT/index.html`` are reb
 A cell is "the same" when its config, torch threads and generator model folder are: after changing
 the generator's code, start over in a fresh ``--out``.
 
-Diagnostics of each cell's generated images: *hardness*, the final classifier's mean
+Diagnostics of each digits cell's generated images: *hardness*, the final classifier's mean
 cross-entropy on them; *diversity*, the mean pairwise RMS pixel distance between generated
 images of one class; *faithfulness*, the share that a reference classifier (an RBF SVM on 8x8
 grey levels, trained here on the real digits training split) reads as the labelled class.
@@ -30,11 +37,11 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -95,6 +102,41 @@ ARMS: dict[str, list[str]] = {
         "generation.selection=lowest_confidence",
     ],
 }
+
+# The backgrounds testbed's arms. Options no arm sets come from models/tiny-backgrounds'
+# actgen_defaults.json (the settings the testbed's predictions were written for: CFG 15, margin 200,
+# nu 0.01 with the token norm on [uncond, c], the [0, 1] mask); `released` and `paper` name a preset
+# instead, which replaces that file. gamma's midpoint 12.5 is scaled to the 20 steps (6.25) by
+# options.image_guidance_reference_steps.
+_ACTGEN = ["generation.mode=actgen", "generation.guidance=both"]
+ARMS_BACKGROUNDS: dict[str, list[str]] = {
+    "real": ["generation.mode=real"],
+    "focal": ["generation.mode=real", "optim.loss=focal"],
+    "random": ["generation.mode=random"],
+    "ig": ["generation.mode=ig"],
+    "aig": ["generation.mode=aig"],
+    # eq. 8 with the released code's unnormalised attention sum (m >= 1 everywhere) instead
+    "aig-unnormalised": ["generation.mode=aig", "generation.options.normalize_mask=false"],
+    "aig+contrastive": ["generation.mode=actgen", "generation.guidance=contrastive"],
+    # L_adv on half the items from the first job (the paper's schedule reaches only 0.25 by mid-run)
+    "aig+adversarial": [
+        "generation.mode=actgen",
+        "generation.guidance=adversarial",
+        "generation.adv_schedule=constant",
+    ],
+    "actgen": _ACTGEN,
+    # the released code: its preset (CFG 7.5, margin 100, nu 0.05 with the token norm on
+    # [uncond, c], the unnormalised mask) and train.py's schedule (plain-SD items early on)
+    "released": [*_ACTGEN, "generation.preset=released", "generation.adv_schedule=authors"],
+    # the paper's text: its preset (CFG 15, margin 200, nu 0.05 with the global norm on c alone,
+    # the [0, 1] mask) and its schedule (adv_prob 0.5 * epoch / epochs)
+    "paper": [*_ACTGEN, "generation.preset=paper"],
+    # as in real use: the trainer does not wait for its images (they arrive an epoch or more later)
+    "actgen-async": [*_ACTGEN, "generation.sync=false"],
+    # our own: eq. 9's margin scaled to these latents, 200 x sqrt(4*8*8 / (4*64*64)) = 25, so the
+    # hinge repels near-duplicates as 200 does on SD 2.1's, instead of pushing every image away
+    "ours": [*_ACTGEN, "generation.options.contrastive_margin=25"],
+}
 BASELINES = ("real", "random")  # the paired differences of the table
 DEFAULT_CONFIG = "configs/ablation.yaml"
 DEFAULT_MODEL = "models/tiny-digits"
@@ -110,17 +152,55 @@ _NOT_FINGERPRINTED = ("output_dir", "run_name")
 _NOT_FINGERPRINTED_GENERATION = ("generator_url", "api_key", "request_timeout_s", "wait_timeout_s")
 
 
+# ----------------------------------------------------------------------- the testbeds
+@dataclass(frozen=True)
+class Testbed:
+    """A data set, its base config, its generator, its arms, and where its results go."""
+
+    name: str
+    title: str
+    config: str
+    model: str
+    out: str
+    seeds: int
+    arms: Mapping[str, list[str]]
+
+
+TESTBEDS: dict[str, Testbed] = {
+    "digits": Testbed(
+        "digits", "the digits (low data)", DEFAULT_CONFIG, DEFAULT_MODEL, DEFAULT_OUT, DEFAULT_SEEDS, ARMS
+    ),
+    "backgrounds": Testbed(
+        "backgrounds",
+        "digits on backgrounds (class-correlated in training, random in test)",
+        "configs/ablation_backgrounds.yaml",
+        "models/tiny-backgrounds",
+        "runs/ablation-backgrounds",
+        10,
+        ARMS_BACKGROUNDS,
+    ),
+}
+
+
+def testbed_named(name: str) -> Testbed:
+    """The testbed called ``name``; an unknown one fails naming the known ones."""
+    try:
+        return TESTBEDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown testbed {name!r}: the testbeds are {', '.join(TESTBEDS)}") from None
+
+
 # ----------------------------------------------------------------------- the grid
-def parse_arms(text: str | None) -> list[str]:
-    """``a,b,c`` -> the arms in that order (all of :data:`ARMS` for None); unknown names fail."""
+def parse_arms(text: str | None, table: Mapping[str, list[str]] = ARMS) -> list[str]:
+    """``a,b,c`` -> the arms in that order (all of ``table`` for None); unknown names fail."""
     if text is None:
-        return list(ARMS)
+        return list(table)
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ConfigError("--arms is empty: give arm names separated by commas")
-    unknown = [name for name in names if name not in ARMS]
+    unknown = [name for name in names if name not in table]
     if unknown:
-        raise ConfigError(f"unknown arm {unknown[0]!r}: the arms are {', '.join(ARMS)}")
+        raise ConfigError(f"unknown arm {unknown[0]!r}: the arms are {', '.join(table)}")
     return list(dict.fromkeys(names))
 
 
@@ -144,17 +224,25 @@ def _slug(arm: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", arm)
 
 
-def cell_config(config: Path, overrides: Sequence[str], arm: str, seed: int, out: Path) -> Config:
-    """The config of one cell: base file, the user's overrides, the arm's, then the harness's."""
+def cell_config(
+    config: Path,
+    overrides: Sequence[str],
+    arm: str,
+    seed: int,
+    out: Path,
+    table: Mapping[str, list[str]] = ARMS,
+) -> Config:
+    """The config of one cell: base file, the user's overrides, the harness's sync (which an arm
+    may turn off), the arm's, then the cell's seed and folder."""
     return load_config(
         config,
         [
             *overrides,
-            *ARMS[arm],
+            "generation.sync=true",
+            *table[arm],
             f"seed={seed}",
             f"output_dir={out / 'cells'}",
             f"run_name={_slug(arm)}-seed{seed}",
-            "generation.sync=true",
         ],
     )
 
@@ -254,6 +342,47 @@ def diagnostics(trainer: Trainer, reference: ReferenceClassifier) -> dict[str, f
     return {"hardness": hardness, "diversity": class_diversity(images, labels), "faithfulness": faithfulness}
 
 
+class Diagnostics(Protocol):
+    """How a testbed measures a finished cell (the digits' below, the backgrounds' in testbed.py)."""
+
+    trainer_class: type[Trainer]
+
+    def setup(self) -> dict[str, Any]:
+        """What results.json keeps of the references (their own scores)."""
+        ...
+
+    def measure(self, trainer: Trainer) -> dict[str, Any]:
+        """The cell's figures; a ``test_acc`` among them replaces the loop's."""
+        ...
+
+
+class DigitsDiagnostics:
+    """Hardness, diversity and faithfulness on the digits (:func:`diagnostics`)."""
+
+    trainer_class = Trainer
+
+    def __init__(self, image_size: int) -> None:
+        self.reference = ReferenceClassifier(image_size)
+
+    def setup(self) -> dict[str, Any]:
+        return {
+            "test_accuracy": self.reference.test_accuracy,
+            "real_diversity": self.reference.real_diversity,
+        }
+
+    def measure(self, trainer: Trainer) -> dict[str, Any]:
+        return dict(diagnostics(trainer, self.reference))
+
+
+def testbed_diagnostics(testbed: Testbed, cfg: Config, model: str) -> Diagnostics:
+    """The diagnostics of ``testbed`` (the backgrounds' import the generator lazily)."""
+    if testbed.name == "backgrounds":
+        from actgen_trainer.testbed import BackgroundsDiagnostics
+
+        return BackgroundsDiagnostics(model)
+    return DigitsDiagnostics(cfg.data.image_size)
+
+
 def _examples(trainer: Trainer, out: Path, count: int = EXAMPLES_PER_CELL) -> list[dict[str, Any]]:
     """A few guide -> generated pairs spread over the run, as paths relative to ``out``."""
     records = trainer.generated.records
@@ -298,6 +427,7 @@ class CellResult:
     faithfulness: float | None
     run_dir: str
     examples: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)  # a testbed's own figures (backgrounds)
 
 
 def load_results(out: Path) -> dict[str, Any]:
@@ -329,22 +459,22 @@ def _store(results: dict[str, Any], cell: CellResult) -> None:
 
 
 # ----------------------------------------------------------------------- one cell
-def run_cell(
-    cfg: Config, arm: str, print_: str, client: Any, reference: ReferenceClassifier, out: Path
-) -> CellResult:
+def run_cell(cfg: Config, arm: str, print_: str, client: Any, measure: Diagnostics, out: Path) -> CellResult:
     """Run one cell from scratch (its folder is wiped first) and measure it."""
     if cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir)  # a half-finished cell is redone, never continued
     started = time.perf_counter()
     generating = cfg.generation.mode is not TrainMode.real
-    trainer = Trainer(cfg, client=client if generating else None, progress=False)
+    trainer = measure.trainer_class(cfg, client=client if generating else None, progress=False)
     summary = trainer.run()
-    diag = diagnostics(trainer, reference)
+    diag = measure.measure(trainer)
+    common = {k: diag.pop(k, None) for k in ("hardness", "diversity", "faithfulness")}
+    test_acc = diag.pop("test_acc", summary.test_acc)
     return CellResult(
         arm=arm,
         seed=cfg.seed,
         fingerprint=print_,
-        test_acc=summary.test_acc,
+        test_acc=test_acc,
         images_generated=summary.images_generated,
         images_asked=int(sum(row.get("posted", 0) for row in trainer.state.metrics)),
         seconds=round(time.perf_counter() - started, 2),
@@ -352,7 +482,8 @@ def run_cell(
         seconds_waiting=round(summary.seconds_waiting, 2),
         run_dir=str(cfg.run_dir.relative_to(out)),
         examples=_examples(trainer, out),
-        **diag,
+        extra=diag,
+        **common,
     )
 
 
@@ -368,26 +499,38 @@ class AblationRun:
 
 
 def run_ablation(
-    config: str | Path = DEFAULT_CONFIG,
+    config: str | Path | None = None,
     arms: Sequence[str] | None = None,
-    seeds: int = DEFAULT_SEEDS,
-    out: str | Path = DEFAULT_OUT,
+    seeds: int | None = None,
+    out: str | Path | None = None,
     overrides: Sequence[str] = (),
-    model: str | Path = DEFAULT_MODEL,
+    model: str | Path | None = None,
     threads: int = DEFAULT_THREADS,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    testbed: str = "digits",
 ) -> AblationRun:
-    """Run every unfinished arm x seed cell, then write results.json, table.md and index.html."""
+    """Run every unfinished arm x seed cell, then write results.json, table.md and index.html.
+
+    ``config``, ``seeds``, ``out`` and ``model`` default to the testbed's.
+    """
     started = time.perf_counter()
-    arms = list(ARMS) if arms is None else parse_arms(",".join(arms))
-    seed_list = check_seeds(seeds)
-    out = Path(out).resolve()
-    config = _in_repo(str(config))  # from the working directory, else the repository's
-    model = str(_in_repo(str(model)))
+    bed = testbed_named(testbed)
+    table = bed.arms
+    arms = list(table) if arms is None else parse_arms(",".join(arms), table)
+    seed_list = check_seeds(bed.seeds if seeds is None else seeds)
+    out = Path(bed.out if out is None else out).resolve()
+    config = _in_repo(
+        str(bed.config if config is None else config)
+    )  # the working directory's, else the repo's
+    model = str(_in_repo(str(bed.model if model is None else model)))
 
     # every cell's config is validated before anything starts: a bad override fails in a second
-    grid = [(arm, seed, cell_config(config, overrides, arm, seed, out)) for arm in arms for seed in seed_list]
+    grid = [
+        (arm, seed, cell_config(config, overrides, arm, seed, out, table))
+        for arm in arms
+        for seed in seed_list
+    ]
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(out)
     todo: list[tuple[str, int, Config, str]] = []  # (arm, seed, config, fingerprint)
@@ -396,10 +539,12 @@ def run_ablation(
         print_ = fingerprint(cfg, model, threads)
         (skipped if _finished(results, arm, seed, print_) else todo).append((arm, seed, cfg, print_))
     results["setup"] = {
+        "testbed": bed.name,
+        "title": bed.title,
         "config": _shown(config),
         "overrides": list(overrides),
         "model": _shown(Path(model)),
-        "arms": dict(ARMS),
+        "arms": dict(table),
         "torch_threads": threads,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -408,20 +553,16 @@ def run_ablation(
         f"[ablation] {len(grid)} cells ({len(arms)} arms x {len(seed_list)} seeds): {len(todo)} to run, "
         f"{len(skipped)} already in {out / RESULTS_NAME}"
     )
-    reference = ReferenceClassifier(grid[0][2].data.image_size)
-    results["reference"] = {
-        "test_accuracy": reference.test_accuracy,
-        "real_diversity": reference.real_diversity,
-    }
-
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ran = _run_cells(todo, results, reference, out, model, threads, progress, log)
+        measure = testbed_diagnostics(bed, grid[0][2], model)
+        results["reference"] = measure.setup()
+        ran = _run_cells(todo, results, measure, out, model, threads, progress, log)
     finally:
         torch.set_num_threads(threads_before)
     save_results(out, results)
-    current = current_cells(results, config, overrides, model, threads, out)
+    current = current_cells(results, config, overrides, model, threads, out, table)
     write_table(out, current, results)
     write_page(out, current, results)
     return AblationRun(
@@ -432,7 +573,7 @@ def run_ablation(
 def _run_cells(
     todo: list[tuple[str, int, Config, str]],
     results: dict[str, Any],
-    reference: ReferenceClassifier,
+    measure: Diagnostics,
     out: Path,
     model: str,
     threads: int,
@@ -454,7 +595,7 @@ def _run_cells(
                 cfg = cfg.model_copy(
                     update={"generation": cfg.generation.model_copy(update={"generator_url": url})}
                 )
-            cell = run_cell(cfg, arm, print_, client, reference, out)
+            cell = run_cell(cfg, arm, print_, client, measure, out)
             _store(results, cell)
             save_results(out, results)
             ran.append((arm, seed))
@@ -496,19 +637,25 @@ def _start_generator(
 
 
 def current_cells(
-    results: dict[str, Any], config: Path, overrides: Sequence[str], model: str, threads: int, out: Path
+    results: dict[str, Any],
+    config: Path,
+    overrides: Sequence[str],
+    model: str,
+    threads: int,
+    out: Path,
+    table: Mapping[str, list[str]] = ARMS,
 ) -> list[dict[str, Any]]:
     """The cells of results.json that match the present config of their arm (known arms only)."""
     kept, prints = [], {}
     for cell in results["cells"]:
-        if cell["arm"] not in ARMS:
+        if cell["arm"] not in table:
             continue
         key = (cell["arm"], cell["seed"])
         if key not in prints:
-            prints[key] = fingerprint(cell_config(config, overrides, *key, out), model, threads)
+            prints[key] = fingerprint(cell_config(config, overrides, *key, out, table), model, threads)
         if cell["fingerprint"] == prints[key]:
             kept.append(cell)
-    order = {arm: i for i, arm in enumerate(ARMS)}
+    order = {arm: i for i, arm in enumerate(table)}
     return sorted(kept, key=lambda c: (order[c["arm"]], c["seed"]))
 
 
@@ -527,6 +674,9 @@ class ArmSummary:
     hardness: float | None
     diversity: float | None
     faithfulness: float | None
+    # a testbed's own figures: (mean, std) over seeds per key, and worst-group paired differences
+    extra: dict[str, tuple[float, float]] = field(default_factory=dict)
+    worst_vs: dict[str, PairedDiff | None] = field(default_factory=dict)
 
 
 def _mean_or_none(values: Iterable[float | None]) -> float | None:
@@ -540,9 +690,22 @@ def summarize(cells: list[dict[str, Any]]) -> list[ArmSummary]:
     for cell in cells:
         by_arm.setdefault(cell["arm"], {})[cell["seed"]] = cell
     acc = {arm: {s: c["test_acc"] for s, c in seeds.items()} for arm, seeds in by_arm.items()}
+    worst = {
+        arm: {
+            s: c["extra"]["worst_group_accuracy"]
+            for s, c in seeds.items()
+            if "worst_group_accuracy" in c.get("extra", {})
+        }
+        for arm, seeds in by_arm.items()
+    }
     rows = []
     for arm, seeds in by_arm.items():
         mean, std = mean_std(list(acc[arm].values()))
+        extra: dict[str, tuple[float, float]] = {}
+        for key in dict.fromkeys(k for c in seeds.values() for k in c.get("extra", {})):
+            values = [c["extra"][key] for c in seeds.values() if c.get("extra", {}).get(key) is not None]
+            if values:
+                extra[key] = mean_std(values)
         rows.append(
             ArmSummary(
                 arm=arm,
@@ -558,6 +721,13 @@ def summarize(cells: list[dict[str, Any]]) -> list[ArmSummary]:
                 hardness=_mean_or_none(c["hardness"] for c in seeds.values()),
                 diversity=_mean_or_none(c["diversity"] for c in seeds.values()),
                 faithfulness=_mean_or_none(c["faithfulness"] for c in seeds.values()),
+                extra=extra,
+                worst_vs={
+                    b: paired_difference(worst[arm], worst[b])
+                    if worst[arm] and b in worst and b != arm
+                    else None
+                    for b in BASELINES
+                },
             )
         )
     return rows
@@ -574,6 +744,96 @@ def _pp(diff: PairedDiff | None) -> str:
 
 def _num(value: float | None, fmt: str = ".3f") -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _pm(value: tuple[float, float] | None, scale: float = 100.0, fmt: str = ".1f") -> str:
+    """``mean ± std`` of a (mean, std) pair, scaled (percent by default); ``-`` when missing."""
+    if value is None:
+        return "-"
+    return f"{format(scale * value[0], fmt)} ± {format(scale * value[1], fmt)}"
+
+
+def _extra(r: ArmSummary, key: str, fmt: str = ".3f") -> str:
+    value = r.extra.get(key)
+    return "-" if value is None else format(value[0], fmt)
+
+
+def testbed_tables(rows: list[ArmSummary]) -> list[tuple[list[str], list[list[str]]]]:
+    """The backgrounds testbed's two tables: accuracy by group, and what the images were."""
+    accuracy = (
+        [
+            "arm",
+            "seeds",
+            "test accuracy % (mean ± std)",
+            "Δ vs real, pp [95 % CI]",
+            "Δ vs random, pp [95 % CI]",
+            "worst-group % (mean ± std)",
+            "Δ worst-group vs real, pp [95 % CI]",
+            "minority-bg %",
+            "majority-bg %",
+            "images",
+            "s / cell",
+        ],
+        [
+            [
+                r.arm,
+                str(len(r.seeds)),
+                f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}",
+                _pp(r.vs["real"]),
+                _pp(r.vs["random"]),
+                _pm(r.extra.get("worst_group_accuracy")),
+                _pp(r.worst_vs.get("real")),
+                _pm(r.extra.get("minority_accuracy")),
+                _pm(r.extra.get("majority_accuracy")),
+                f"{r.images:.0f}",
+                f"{r.seconds:.0f}",
+            ]
+            for r in rows
+        ],
+    )
+    images = (
+        [
+            "arm",
+            "hardness at ask: generated / guide",
+            "within-guide diversity",
+            "repeat share",
+            "distance to guide",
+            "change inside / outside digit",
+            "faithfulness",
+            "eq. 8 mask IoU / attention IoU",
+        ],
+        [
+            [
+                r.arm,
+                f"{_extra(r, 'hardness_at_ask', '.2f')} / {_extra(r, 'guide_hardness_at_ask', '.2f')}",
+                _extra(r, "guide_diversity"),
+                _extra(r, "repeat_share", ".2f"),
+                _extra(r, "distance_to_guide"),
+                f"{_extra(r, 'change_inside')} / {_extra(r, 'change_outside')}",
+                _extra(r, "faithfulness", ".2f")
+                if "faithfulness" in r.extra
+                else _num(r.faithfulness, ".2f"),
+                f"{_extra(r, 'mask_iou', '.2f')} / {_extra(r, 'attention_iou', '.2f')}",
+            ]
+            for r in rows
+            if r.images
+        ],
+    )
+    return [accuracy, images]
+
+
+TESTBED_NOTE = (
+    "Δ: mean over seeds of (arm - baseline), paired by seed, 95 % t-interval. Test accuracy on the "
+    "whole test split (random backgrounds); worst-group: the lowest accuracy over the (class, "
+    "background kind) groups; minority-bg / majority-bg: test images whose background is not / is "
+    "their class's majority kind in training. hardness at ask: cross-entropy under the classifier "
+    "of the epoch that asked for the image, of the generated image / of its guide; within-guide "
+    "diversity: mean pairwise RMS pixel distance between the images of one guide; repeat share: "
+    "images whose guide had guided an earlier one; change inside / outside: mean absolute pixel "
+    "change from the guide inside / outside the guide's true digit mask; faithfulness: share the "
+    "reference CNN reads as their class; eq. 8 mask IoU: IoU with the true digit mask of the mask "
+    "eq. 8 applies (cut at 0.5), attention IoU: of the min-max normalised attention sum."
+)
 
 
 def table_rows(rows: list[ArmSummary]) -> tuple[list[str], list[list[str]]]:
@@ -608,38 +868,62 @@ def table_rows(rows: list[ArmSummary]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def _is_testbed(results: dict[str, Any]) -> bool:
+    return results.get("setup", {}).get("testbed", "digits") != "digits"
+
+
 def _setup_line(results: dict[str, Any], cells: list[dict[str, Any]]) -> str:
     setup, ref = results.get("setup", {}), results.get("reference", {})
     total = sum(c["seconds"] for c in cells)
     given = "".join(f" `--set {o}`" for o in setup.get("overrides", []))
-    return (
+    head = (
         f"Config `{setup.get('config')}`{given}; generator `{setup.get('model')}`; {setup.get('cpus')} CPUs, {setup.get('torch_threads')} torch "
         f"thread(s) per process, torch {setup.get('torch')}; {len(cells)} cells, {total / 60:.1f} min of "
-        f"cell time. Reference classifier: {ref.get('test_accuracy', math.nan):.3f} on the real test "
+        f"cell time."
+    )
+    if _is_testbed(results):
+        test = ref.get("reference_test", {})
+        return (
+            f"{head} Reference CNN on the {ref.get('test_images')} real test images: "
+            f"{test.get('accuracy', math.nan):.3f} (worst group {test.get('worst_group_accuracy', math.nan):.3f}); "
+            f"a uniform mask's IoU with the digit: {ref.get('uniform_mask_iou', math.nan):.3f}."
+        )
+    return (
+        f"{head} Reference classifier: {ref.get('test_accuracy', math.nan):.3f} on the real test "
         f"split; real same-class diversity {_num(ref.get('real_diversity'))}."
     )
 
 
-def write_table(out: Path, cells: list[dict[str, Any]], results: dict[str, Any]) -> Path:
-    """OUT/table.md: mean ± std per arm and paired differences (by seed) against real and random."""
-    header, body = table_rows(summarize(cells))
-    lines = [
-        "# Ablation on the digits (low data)",
-        "",
-        _setup_line(results, cells),
-        "",
+def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
+    return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in body),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines += [
-        "",
-        "Δ: mean over seeds of (arm - baseline) test accuracy, paired by seed, with a 95 % "
-        "t-interval. hardness: the final classifier's mean cross-entropy on the arm's generated "
-        "images; diversity: mean pairwise RMS pixel distance between generated images of one class; "
-        "faithfulness: share of generated images the reference classifier reads as their class.",
-        "",
-    ]
+
+
+def _title(results: dict[str, Any]) -> str:
+    return f"Ablation on {results.get('setup', {}).get('title', 'the digits (low data)')}"
+
+
+def write_table(out: Path, cells: list[dict[str, Any]], results: dict[str, Any]) -> Path:
+    """OUT/table.md: mean ± std per arm and paired differences (by seed) against real and random."""
+    rows = summarize(cells)
+    lines = [f"# {_title(results)}", "", _setup_line(results, cells), ""]
+    if _is_testbed(results):
+        for header, body in testbed_tables(rows):
+            lines += [*_markdown(header, body), ""]
+        lines += [TESTBED_NOTE, ""]
+    else:
+        lines += _markdown(*table_rows(rows))
+        lines += [
+            "",
+            "Δ: mean over seeds of (arm - baseline) test accuracy, paired by seed, with a 95 % "
+            "t-interval. hardness: the final classifier's mean cross-entropy on the arm's generated "
+            "images; diversity: mean pairwise RMS pixel distance between generated images of one class; "
+            "faithfulness: share of generated images the reference classifier reads as their class.",
+            "",
+        ]
     path = out / TABLE_NAME
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -724,31 +1008,42 @@ def _thumbnails(out: Path, cells: list[dict[str, Any]]) -> str:
 def write_page(out: Path, cells: list[dict[str, Any]], results: dict[str, Any]) -> Path:
     """OUT/index.html, self-contained: the bar chart, the table, per-arm diagnostics and thumbnails."""
     rows = summarize(cells)
-    header, body = table_rows(rows)
-    table = (
-        "<table><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in body)
-        + "</table>"
-    )
+
+    def html_table(header: list[str], body: list[list[str]]) -> str:
+        return (
+            "<table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in body)
+            + "</table>"
+        )
+
+    if _is_testbed(results):
+        tables = [html_table(*t) for t in testbed_tables(rows)]
+        note = f"<p>{html.escape(TESTBED_NOTE)}</p>"
+    else:
+        tables = [html_table(*table_rows(rows))]
+        note = (
+            "<p>Δ: paired by seed, 95 % t-interval, percentage points. hardness: the final classifier's "
+            "mean cross-entropy on the arm's generated images; diversity: mean pairwise RMS pixel distance "
+            "between generated images of one class; faithfulness: share read as their class by the "
+            "reference classifier (RBF SVM on 8x8 grey levels of the real training split).</p>"
+        )
     sections = [
-        "<h1>Ablation on the digits (low data)</h1>",
+        f"<h1>{html.escape(_title(results))}</h1>",
         f"<p>{html.escape(_setup_line(results, cells))}</p>",
         "<h2>Mean test accuracy ± std over seeds</h2>",
         bar_chart_svg(rows),
         "<h2>Per arm</h2>",
-        table,
-        "<p>Δ: paired by seed, 95 % t-interval, percentage points. hardness: the final classifier's "
-        "mean cross-entropy on the arm's generated images; diversity: mean pairwise RMS pixel distance "
-        "between generated images of one class; faithfulness: share read as their class by the "
-        "reference classifier (RBF SVM on 8x8 grey levels of the real training split).</p>",
+        *tables,
+        note,
     ]
+    arm_table = results.get("setup", {}).get("arms", ARMS)
     for r in rows:
         arm_cells = [c for c in cells if c["arm"] == r.arm]
         per_seed = ", ".join(f"{c['seed']}: {100 * c['test_acc']:.1f}" for c in arm_cells)
         sections.append(
-            f"<h2>{html.escape(r.arm)}</h2><p><code>{html.escape(' '.join(ARMS[r.arm]))}</code>"
+            f"<h2>{html.escape(r.arm)}</h2><p><code>{html.escape(' '.join(arm_table.get(r.arm, [])))}</code>"
             f"<br>test accuracy by seed: {html.escape(per_seed)}<br>hardness {_num(r.hardness)}, "
             f"diversity {_num(r.diversity)}, faithfulness {_num(r.faithfulness, '.2f')}</p>"
         )

@@ -4,7 +4,7 @@ Usage::
 
     actgen-trainer train --config FILE [--set key=value ...] [--resume] [--sync] [--generator-url URL]
     actgen-trainer report RUN_DIR
-    actgen-trainer ablate [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
+    actgen-trainer ablate [--testbed digits|backgrounds] [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
 
 A subcommand's modules (torch and the rest) are imported only when that subcommand is named
 (actgen_shared.commands), so ``actgen-trainer --help`` answers at once.
@@ -78,31 +78,29 @@ def add_ablate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     ablate = sub.add_parser(
         "ablate",
-        help="the ablation: every arm x seed on the low-data digits (resumable)",
+        help="the ablation: every arm x seed on a testbed (the low-data digits, or digits on backgrounds)",
         description="Runs every arm x seed cell not yet in OUT/results.json through the trainer, with one "
         "private redis-server and one generator, and writes OUT/results.json, OUT/table.md "
-        f"and OUT/index.html. Arms: {', '.join(ablation.ARMS)}.",
+        "and OUT/index.html. "
+        + " ".join(f"Arms of {t.name}: {', '.join(t.arms)}." for t in ablation.TESTBEDS.values()),
     )
     ablate.add_argument(
-        "--config",
-        default=ablation.DEFAULT_CONFIG,
-        help=f"base trainer config (default {ablation.DEFAULT_CONFIG})",
+        "--testbed",
+        default="digits",
+        help=f"{' or '.join(ablation.TESTBEDS)}: its config, model, output folder, seeds and arms "
+        "are the defaults below (default digits)",
     )
-    ablate.add_argument("--arms", help="comma-separated arm names (default: all)")
+
+    def per_bed(attr: str) -> str:
+        return ", ".join(f"{t.name}: {getattr(t, attr)}" for t in ablation.TESTBEDS.values())
+
+    ablate.add_argument("--config", default=None, help=f"base trainer config (default {per_bed('config')})")
+    ablate.add_argument("--arms", help="comma-separated arm names (default: all of the testbed's)")
     ablate.add_argument(
-        "--seeds",
-        type=int,
-        default=ablation.DEFAULT_SEEDS,
-        help=f"seeds 0..N-1 per arm (default {ablation.DEFAULT_SEEDS})",
+        "--seeds", type=int, default=None, help=f"seeds 0..N-1 per arm (default {per_bed('seeds')})"
     )
-    ablate.add_argument(
-        "--out", default=ablation.DEFAULT_OUT, help=f"output folder (default {ablation.DEFAULT_OUT})"
-    )
-    ablate.add_argument(
-        "--model",
-        default=ablation.DEFAULT_MODEL,
-        help=f"generator model folder (default {ablation.DEFAULT_MODEL})",
-    )
+    ablate.add_argument("--out", default=None, help=f"output folder (default {per_bed('out')})")
+    ablate.add_argument("--model", default=None, help=f"generator model folder (default {per_bed('model')})")
     ablate.add_argument(
         "--threads",
         type=int,
@@ -164,8 +162,9 @@ def _ablate(args: argparse.Namespace) -> int:
     from actgen_trainer import ablation
     from actgen_trainer.config import ConfigError
 
-    arms = ablation.parse_arms(args.arms)  # names the unknown arm before anything starts
-    ablation.check_seeds(args.seeds)
+    bed = ablation.testbed_named(args.testbed)
+    arms = ablation.parse_arms(args.arms, bed.arms)  # names the unknown arm before anything starts
+    ablation.check_seeds(bed.seeds if args.seeds is None else args.seeds)
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     for name in ("actgen_trainer", "httpx"):  # per-epoch and per-request lines: the bar says enough
@@ -179,6 +178,7 @@ def _ablate(args: argparse.Namespace) -> int:
         model=args.model,
         threads=args.threads,
         progress=not args.no_progress,
+        testbed=bed.name,
     )
     print(
         f"[ablation] {len(done.ran)} cells run, {len(done.skipped)} skipped (already done) | "

@@ -62,11 +62,14 @@ class AdvSchedule(str, Enum):  # noqa: UP042  (str() stays "Name.member", as bef
     with r = max(1 - epoch / (0.5 * epochs - 1), 0) * 0.5 of the items drawn as plain SD and
     adv_prob = 0.5 - r, so it reaches 0.5 by mid-training (hunto/ActGen@f9f3aa7
     classification/tools/train.py:345 sets r; lib/gen/guided_gen.py:203 draws a plain item with
-    probability r, l. 267 an adversarial one with 1 - (r + 0.5) = 0.5 - r).
+    probability r, l. 267 an adversarial one with 1 - (r + 0.5) = 0.5 - r). ``constant``:
+    adv_prob = 0.5 (the schedules' end value) from the first job: eq. 10 alone gets as many items
+    as it will ever have.
     """
 
     paper = "paper"
     authors = "authors"
+    constant = "constant"
 
 
 class _Section(BaseModel):
@@ -76,7 +79,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where images come from and how the validation slice is cut."""
 
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    dataset: Literal["digits", "backgrounds", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
     root: str | None = Field(
         None, description="dataset folder: the CIFAR files, or the class folders' parent folders"
     )

@@ -147,6 +147,20 @@ def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
     )
 
 
+def backgrounds_images() -> tuple[ArrayImages, ArrayImages]:
+    """The digits on procedural backgrounds (``actgen_shared.backgrounds``), 32 px: (train, test).
+
+    The train source's backgrounds are correlated with the class (90 %), the test source's random.
+    """
+    from actgen_shared.backgrounds import load_backgrounds_split
+
+    split = load_backgrounds_split()
+    return (
+        ArrayImages(split.train.images, split.train.labels, DIGITS),
+        ArrayImages(split.test.images, split.test.labels, DIGITS),
+    )
+
+
 def _cifar(cfg: DataConfig, hundred: bool) -> tuple[ArrayImages, ArrayImages]:
     from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -173,6 +187,8 @@ def load_sources(cfg: DataConfig, prompts: bool = True) -> tuple[ImageSource, Im
     """
     if cfg.dataset == "digits":
         train, test = digits_images(cfg.image_size)
+    elif cfg.dataset == "backgrounds":
+        train, test = backgrounds_images()
     elif cfg.dataset in ("cifar10", "cifar100"):
         train, test = _cifar(cfg, cfg.dataset == "cifar100")
     else:

@@ -59,6 +59,7 @@ def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
     ``GenerationConfig.schedule`` (``adv_schedule``, else the preset's) ``paper``: adv_prob =
     0.5 e / E. ``authors``: a share r = max(1 - e / (0.5 E - 1),
     0) / 2 of the items is drawn as plain SD and adv_prob = 0.5 - r (the released train.py).
+    ``constant``: adv_prob = 0.5 from the first job.
     ``guidance`` picks Table 4's rows: contrastive only (adv_prob 0), adversarial only (no bank
     sample), both, or none (``aig`` mode).
     """
@@ -75,6 +76,8 @@ def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
         ramp = 0.5 * epochs - 1
         plain = max(1.0 - epoch / ramp, 0.0) * 0.5 if ramp > 0 else 0.0
         out.update(plain_prob=plain, adv_prob=0.5 - plain)
+    elif gen.adv_schedule is AdvSchedule.constant:
+        out["adv_prob"] = 0.5
     else:
         out["adv_prob"] = 0.5 * epoch / epochs
     if gen.guidance is Guidance.contrastive:

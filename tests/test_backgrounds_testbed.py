@@ -1,0 +1,172 @@
+"""The backgrounds testbed: its data set, its diagnostics by hand, and one tiny ablation grid on the
+shipped model (``make ablation TESTBED=backgrounds`` in miniature)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actgen_shared import backgrounds as bg
+from actgen_shared.presets import read_model_defaults
+from actgen_trainer import ablation
+from actgen_trainer.config import AdvSchedule, load_config
+from actgen_trainer.data import load_sources, partition
+from actgen_trainer.testbed import change_by_region, mask_iou, within_guide_diversity
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "tiny-backgrounds"
+CONFIG = REPO / "configs" / "ablation_backgrounds.yaml"
+
+
+@pytest.fixture(scope="module")
+def split() -> bg.BackgroundsSplit:
+    return bg.load_backgrounds_split()
+
+
+def _luminance(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float64).mean(-1) / 255.0
+
+
+def test_training_backgrounds_follow_the_class_and_test_backgrounds_do_not(split) -> None:
+    train, test = split.train, split.test
+    assert len(train) == 1438 and len(test) == 359 * bg.TEST_RENDERS
+    # train: 90 % of the images on their class's kind; every class reaches every other kind too
+    assert 0.87 < bg.majority_background(train).mean() < 0.93
+    for c in range(10):
+        kinds = train.kinds[train.labels == c]
+        assert np.mean(kinds == c) > 0.8 and len(np.unique(kinds)) > 5
+    # the trainer's small set and its validation slice (cut from the train source) carry it too
+    cfg = load_config(CONFIG)
+    part = partition(len(train), cfg.data.val_size, 0, cfg.data.train_subset)
+    for rows in (part.train, part.val):
+        assert 0.8 < bg.majority_background(train).take(rows).mean() < 0.97
+    # test: uniform kinds, so the shortcut holds for a tenth of the images only
+    assert 0.07 < bg.majority_background(test).mean() < 0.13
+    assert len(np.unique(test.kinds)) == len(bg.BACKGROUND_KINDS)
+    # the trainer serves the same arrays
+    train_source, test_source = load_sources(cfg.data)
+    assert len(train_source) == len(train) and np.array_equal(
+        np.asarray(test_source.image(5)), test.images[5]
+    )
+
+
+def test_masks_mark_the_digit(split) -> None:
+    for scenes in (split.train, split.test):
+        share = scenes.masks.mean((1, 2))
+        assert share.min() > 0.02 and share.max() < 0.4  # a digit, never the whole image
+        lum = _luminance(scenes.images)
+        inside = (lum * scenes.masks).sum((1, 2)) / scenes.masks.sum((1, 2))
+        outside = (lum * ~scenes.masks).sum((1, 2)) / (~scenes.masks).sum((1, 2))
+        # light digit on dark or dark on light (bands 0.15 apart at least): the mask is the digit
+        contrast = np.abs(inside - outside)
+        assert contrast.min() > 0.12 and contrast.mean() > 0.35
+    # deterministic from the seed
+    digits = np.random.default_rng(0).integers(0, 17, size=(3, 8, 8))
+    a = bg.render_scenes(digits, [1, 2, 3], [0, 4, 9], seed=7)
+    b = bg.render_scenes(digits, [1, 2, 3], [0, 4, 9], seed=7)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
+
+
+def test_group_accuracies_by_hand() -> None:
+    scenes = bg.Scenes(
+        images=np.zeros((6, 2, 2, 3), np.uint8),
+        masks=np.zeros((6, 2, 2), bool),
+        labels=np.array([0, 0, 0, 1, 1, 1]),
+        kinds=np.array([0, 0, 3, 1, 2, 2]),  # majority: kind == class (rows 0, 1, 3)
+    )
+    got = bg.group_accuracies(np.array([1, 1, 0, 1, 1, 0]), scenes)
+    assert got["accuracy"] == pytest.approx(4 / 6)
+    assert got["majority_accuracy"] == 1.0 and got["minority_accuracy"] == pytest.approx(1 / 3)
+    assert got["worst_group_accuracy"] == 0.0  # group (0, kind 3)
+
+
+def test_diagnostics_by_hand() -> None:
+    grey = lambda v: np.full((4, 4, 3), v, np.uint8)  # noqa: E731
+    images = np.stack([grey(0), grey(255), grey(0), grey(51)])
+    div, repeats = within_guide_diversity(images, ["a", "a", "b", None])
+    assert div == pytest.approx(1.0) and repeats == pytest.approx(1 / 4)  # guide a: black vs white
+    assert within_guide_diversity(images[:2], ["a", "b"]) == (None, 0.0)
+    guide = np.stack([grey(0)])
+    image = guide.copy()
+    image[0, :2] = 255  # the top half changed
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 2:] = True  # the digit is the bottom half
+    assert change_by_region(image, guide, mask) == (0.0, 1.0)
+    # a map that is high on the left half, against a mask of the left half: IoU 1; uniform: 1/2
+    maps = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]) + 3.0
+    left = np.zeros((1, 8, 8), bool)
+    left[0, :, :4] = True
+    assert mask_iou(maps, left, normalise=True)[0] == pytest.approx(1.0)
+    assert mask_iou(maps, left, normalise=False)[0] == pytest.approx(0.5)  # the raw sum covers all
+
+
+def test_every_backgrounds_arm_is_a_valid_config() -> None:
+    table = ablation.TESTBEDS["backgrounds"].arms
+    for arm in table:
+        cfg = ablation.cell_config(CONFIG, [], arm, 3, Path("/tmp/x"), table)
+        assert cfg.seed == 3 and cfg.data.dataset == "backgrounds"
+        assert cfg.generation.sync is (arm != "actgen-async")  # as in real use: it does not wait
+    # the presets replace the model's defaults file; the other arms run on that file
+    cells = {arm: ablation.cell_config(CONFIG, [], arm, 0, Path("/tmp/x"), table) for arm in table}
+    assert cells["released"].generation.preset == "released"
+    assert cells["released"].generation.schedule is AdvSchedule.authors
+    assert cells["paper"].generation.preset == "paper"
+    assert cells["paper"].generation.schedule is AdvSchedule.paper
+    assert cells["aig+adversarial"].generation.schedule is AdvSchedule.constant
+    for arm in set(table) - {"released", "paper", "aig+adversarial"}:
+        assert cells[arm].generation.preset is None and cells[arm].generation.schedule is AdvSchedule.paper
+    assert cells["aig-unnormalised"].generation.options["normalize_mask"] is False
+    assert "image_guidance_strength" not in cells["aig"].generation.options  # scaled to 20 steps
+    defaults = read_model_defaults(MODEL)
+    assert defaults is not None and defaults.options["normalize_mask"] is True
+
+
+# Two cells small enough for the suite: 4 epochs (jobs after epochs 0 and 1), 4 images a job, 6 steps.
+MINI = [
+    "train.epochs=4",
+    "generation.images_per_epoch=4",
+    "generation.options.num_inference_steps=6",
+    "generation.options.grad_steps=1",
+    "data.test_subset=100",
+]
+
+
+@pytest.mark.slow
+def test_miniature_backgrounds_grid_measures_what_the_mechanisms_did(tmp_path: Path) -> None:
+    out = tmp_path / "ablation"
+    run = ablation.run_ablation(
+        testbed="backgrounds",
+        arms=["real", "aig"],
+        seeds=1,
+        out=out,
+        overrides=MINI,
+        model=MODEL,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert run.ran == [("real", 0), ("aig", 0)]
+    results = json.loads((out / "results.json").read_text())
+    cells = {c["arm"]: c for c in results["cells"]}
+    real, aig = cells["real"], cells["aig"]
+    ref = results["reference"]
+    assert ref["test_images"] == 3590 and ref["reference_test"]["accuracy"] > 0.8
+    for cell in (real, aig):  # group accuracies on the whole test split, not the loop's 100
+        extra = cell["extra"]
+        assert 0 <= extra["worst_group_accuracy"] <= cell["test_acc"] <= 1
+        assert extra["minority_accuracy"] is not None and extra["majority_accuracy"] is not None
+    assert real["extra"]["mask_iou"] is None and real["extra"]["hardness_at_ask"] is None
+    extra = aig["extra"]
+    assert aig["images_generated"] == 8
+    assert extra["hardness_at_ask"] > 0 and extra["guide_hardness_at_ask"] > 0
+    assert 0 <= extra["repeat_share"] <= 1 and 0 <= aig["faithfulness"] <= 1  # a cell-level figure
+    # eq. 8's mask on the shipped model: found where the digit is, better than a uniform mask
+    assert 0 <= extra["mask_iou"] <= 1 and 0 <= extra["attention_iou"] <= 1
+    assert extra["mask_iou"] > ref["uniform_mask_iou"] + 0.1
+    # and eq. 8 keeps the digit more than the background
+    assert extra["change_inside"] < extra["change_outside"]
+    table = (out / "table.md").read_text()
+    assert "worst-group" in table and "| aig |" in table and "eq. 8 mask IoU" in table
