@@ -32,9 +32,14 @@ IMAGENET_TRAIN = 1_281_167
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_validates_and_trains_one_step_on_fake_data(path: Path, one_torch_thread: None) -> None:
     cfg = load_config(path)
-    num_classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "imagefolder": 10}[
-        cfg.data.dataset
-    ]
+    num_classes = {
+        "digits": 10,
+        "backgrounds": 10,
+        "cifar10": 10,
+        "cifar100": 100,
+        "imagenet": 1000,
+        "imagefolder": 10,
+    }[cfg.data.dataset]
     torch.manual_seed(0)
     model = build_model(cfg, num_classes)
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim, cfg.train.batch_size))
