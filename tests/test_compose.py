@@ -98,14 +98,19 @@ def test_model_init_fills_the_model_volume_once_before_the_gpu_generators(compos
     assert gen["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
     assert "models:/models:ro" in gen["volumes"]
     for gpus in (2, 4):
-        out = subprocess.run(
-            [sys.executable, str(ROOT / "deploy" / "compose_gpus.py"), str(gpus)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        out = _compose_gpus(gpus)
         for name, svc in _load(out)["services"].items():
             assert svc["depends_on"]["model-init"]["condition"] == "service_completed_successfully", name
+
+
+def _compose_gpus(gpus: int) -> str:
+    """The override file `make compose-gpus N=gpus` writes."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "compose_gpus.py"), str(gpus)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def test_cpu_profile_runs_the_tiny_model_without_a_gpu(compose: dict) -> None:
@@ -130,12 +135,7 @@ def test_trainer_is_a_one_shot_profile_with_data_and_runs_volumes(compose: dict)
 
 @pytest.mark.parametrize("gpus", [1, 2, 4])
 def test_gpu_override_pins_replica_i_to_gpu_i(gpus: int) -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "deploy" / "compose_gpus.py"), str(gpus)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = _compose_gpus(gpus)
     services = _load(out)["services"]
     assert len(services) == gpus - 1
     ports = set()

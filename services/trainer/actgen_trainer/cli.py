@@ -28,7 +28,7 @@ SUBCOMMANDS = (
     Subcommand("report", "(re)build RUN_DIR/report.html", "actgen_trainer.cli:add_report_parser"),
     Subcommand(
         "ablate",
-        "the ablation: every arm x seed on the low-data digits (resumable)",
+        "the ablation: every arm x seed on a testbed (the low-data digits, or digits on backgrounds)",
         "actgen_trainer.cli:add_ablate_parser",
     ),
 )
