@@ -2,7 +2,8 @@
 
 Each image is kept decoded in memory (resized to ``image_size`` when given, so a long run holds
 small arrays) with its provenance; ``dataset[i]`` is ``(image tensor, class id)`` like any
-labelled dataset, so it joins a training set with ``ConcatDataset``. ``dataset.items[i]`` is the
+labelled dataset (the label a 0-dim tensor, so a batch may mix it with int or tensor labels), so
+it joins a training set with ``ConcatDataset``. ``dataset.items[i]`` is the
 :class:`~actgen_shared.run.Arrival` behind it: job id, epoch, guide id, class id, stream id.
 """
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from actgen_shared.run import Arrival
+from actgen_shared.ledger import Arrival
 
 
 class ArrivedImages(Dataset):
@@ -59,9 +60,12 @@ class ArrivedImages(Dataset):
     def labels(self) -> list[int]:
         return [a.class_id for a in self.items]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image, label)``; the label a 0-dim int64 tensor, which batches with int labels
+        (ImageFolder's) and with tensor labels (a TensorDataset's) alike in a ConcatDataset."""
         arrival = self.items[index]
+        label = torch.tensor(arrival.class_id, dtype=torch.long)
         if self.transform is not None:
-            return self.transform(Image.fromarray(arrival.image)), arrival.class_id
+            return self.transform(Image.fromarray(arrival.image)), label
         # H x W x 3 uint8 -> 3 x H x W float in [0, 1]
-        return torch.from_numpy(arrival.image).permute(2, 0, 1).float().div(255.0), arrival.class_id
+        return torch.from_numpy(arrival.image).permute(2, 0, 1).float().div(255.0), label

@@ -141,8 +141,10 @@ class GeneratorClient:
         response = self._request("POST", "/v1/jobs", content=_job_body(request), headers=JSON_HEADERS)
         return JobAccepted.model_validate_json(response.content)
 
-    def status(self, job_id: str) -> JobState:
-        return JobState.model_validate_json(self._request("GET", f"/v1/jobs/{job_id}").content)
+    def status(self, job_id: str, timeout_s: float | None = None) -> JobState:
+        """The job's state; ``timeout_s`` bounds this request (default: the client's timeout)."""
+        kwargs: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
+        return JobState.model_validate_json(self._request("GET", f"/v1/jobs/{job_id}", **kwargs).content)
 
     def cancel(self, job_id: str) -> JobState:
         return JobState.model_validate_json(self._request("DELETE", f"/v1/jobs/{job_id}").content)
@@ -177,14 +179,22 @@ class GeneratorClient:
 
     # --- results ------------------------------------------------------------------------
     def results(
-        self, run_id: str, after: str = START_CURSOR, limit: int = 100, wait_s: float = 0.0
+        self,
+        run_id: str,
+        after: str = START_CURSOR,
+        limit: int = 100,
+        wait_s: float = 0.0,
+        timeout_s: float | None = None,
     ) -> ResultsPage:
-        """Finished items of a run after ``after``, long-polling up to ``wait_s`` seconds."""
+        """Finished items of a run after ``after``, long-polling up to ``wait_s`` seconds;
+        ``timeout_s`` bounds the whole request (default: the client's timeout plus ``wait_s``)."""
+        if timeout_s is None:
+            timeout_s = self._http.timeout.read + wait_s if self._http.timeout.read else None
         response = self._request(
             "GET",
             f"/v1/runs/{run_id}/results",
             params=_results_params(after, limit, wait_s),
-            timeout=self._http.timeout.read + wait_s if self._http.timeout.read else None,
+            timeout=timeout_s,
         )
         return ResultsPage.model_validate_json(response.content)
 
@@ -202,6 +212,14 @@ class GeneratorClient:
         files, data = _classifier_files(weights, meta)
         response = self._request("POST", "/v1/classifiers", files=files, data=data)
         return ClassifierRef.model_validate_json(response.content)
+
+    def classifier_known(self, ref: str) -> bool:
+        """Whether the generator still holds an uploaded classifier (False: 404)."""
+        response = self._http.request("GET", f"/v1/classifiers/{ref}")
+        if response.status_code == 404:
+            return False
+        _raise_for(response)
+        return True
 
     def delete_classifier(self, ref: str) -> bool:
         """Delete an uploaded classifier: True deleted, False unknown (already gone);

@@ -4,14 +4,22 @@
 It posts a loop's hard samples (tensors, PIL images, arrays or PNG bytes) with the current model,
 and hands back the images that have arrived as a growing torch Dataset. What a loop would
 otherwise write itself is here: base64 and PNG, the classifier as safetensors with its
-metadata (uploaded once per change of weights), an idempotency key per (run, epoch, rank), jobs
-split to the service's per-job cap, retries with backoff on network trouble and 5xx, paging
-through the results with a cursor that a checkpoint can keep, errors that say what to fix, and
-cleanup of the run's classifiers and memory bank at the end.
+metadata (uploaded once per change of weights, ``uploads.py``), an idempotency key per (run,
+epoch, rank), jobs split to the service's per-job cap, retries with backoff on network trouble
+and 5xx, paging through the results with a cursor that a checkpoint can keep (``intake.py``),
+the run's ledger of jobs and its per-epoch tally (``ledger.py``), errors that say what to fix,
+and cleanup of the run's classifiers and memory bank at the end.
+
+The whole method by default: given ``epochs=`` (the run's length) the jobs follow the preset's
+adversarial schedule (actgen_shared.schedule: the paper's ramp of adv_prob to 0.5, as the
+trainer and the Lightning callback), so the classifier is uploaded once the ramp starts. A part
+of the method that is off (no ``epochs=``, no ``architecture=``, a mode without gradient
+guidance) is said once in the log. ``images_per_epoch=`` or ``budget=`` caps what is posted.
 
 Generation is auxiliary: network trouble or a 5xx (``client.is_retryable``) that outlasts the
-retries is logged and the loop goes on (a submit says so in :attr:`Submission.error`); a 4xx is
-the caller's fault and is raised, explained.
+retries is logged and the loop goes on (a submit says so in :attr:`Submission.error`); a job the
+generator forgot (404: it restarted without its Redis) is counted as lost and the loop goes on;
+a 4xx on a request is the caller's fault and is raised, explained.
 
 DDP (torch.distributed initialised, or ``ranks=`` given): :meth:`ActGenRun.submit`,
 :meth:`~ActGenRun.refresh`, :meth:`~ActGenRun.drain` and :meth:`~ActGenRun.upload` are
@@ -25,36 +33,45 @@ torch is imported only inside the methods that need it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import numpy as np
 
 from actgen_shared.client import GeneratorClient, GeneratorError, is_retryable
-from actgen_shared.codecs import DecodeError, b64encode, image_from_b64
+from actgen_shared.codecs import b64encode
 from actgen_shared.guides import guide_pngs
+from actgen_shared.intake import RESULTS_PAGE, ResultsIntake, ResultsLost
 from actgen_shared.labels import class_names_for
-from actgen_shared.ranks import Ranks, current_ranks
-from actgen_shared.schemas import (
-    START_CURSOR,
-    ClassifierMeta,
-    GenerationOptions,
-    Info,
-    JobItem,
-    JobRequest,
-    JobStatus,
-    Mode,
-    ResultItem,
+from actgen_shared.ledger import (
+    Arrival,
+    EpochTally,
+    ImageSink,
+    RunLedger,
+    Submission,
+    idempotency_key,
+    job_seed,
+    record_jobs,
+    stream_key,
 )
+from actgen_shared.ranks import Ranks, current_ranks, share
+from actgen_shared.schedule import (
+    adversarial_options,
+    final_wait_epoch,
+    generation_epochs,
+    images_for_epoch,
+    schedule_for,
+)
+from actgen_shared.schemas import GenerationOptions, Info, JobItem, JobRequest, JobStatus, Mode
 from actgen_shared.seeds import derive_seed
 from actgen_shared.settings import ClientSettings
+from actgen_shared.uploads import ClassifierUploads, model_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -62,10 +79,30 @@ if TYPE_CHECKING:  # pragma: no cover
     from actgen_shared.arrived import ArrivedImages
 
 T = TypeVar("T")
-RESULTS_PAGE = 100
 HTTP_LOGGERS = ("httpx", "httpcore")
+RUN_ID_BYTES = 16  # 128 random bits: no two runs on one service share an id (or its memory bank)
 
 log = logging.getLogger("actgen_shared.run")
+
+__all__ = [
+    "RESULTS_PAGE",
+    "ActGenRun",
+    "Arrival",
+    "GeneratorRefused",
+    "GeneratorUnavailable",
+    "ImageSink",
+    "ResultsLost",
+    "RunLedger",
+    "Submission",
+    "connect",
+    "explain",
+    "http_logging",
+    "idempotency_key",
+    "job_seed",
+    "model_weights",
+    "new_run_id",
+    "stream_key",
+]
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -80,10 +117,6 @@ class GeneratorRefused(GeneratorError):
     def __init__(self, exc: GeneratorError, explanation: str) -> None:
         super().__init__(exc.status, exc.code, exc.message)
         self.args = (explanation,)
-
-
-class ResultsLost(RuntimeError):
-    """The results stream no longer holds images a checkpoint names (they expired)."""
 
 
 def explain(exc: GeneratorError, url: str, has_key: bool) -> str:
@@ -123,103 +156,52 @@ def http_logging(enabled: bool | None = None) -> None:
         logging.getLogger(name).setLevel(logging.NOTSET if enabled else logging.WARNING)
 
 
-# --- what a run keeps ---------------------------------------------------------------------
-@dataclass
-class RunLedger:
-    """A run's bookkeeping, identical on every rank, all a checkpoint needs to resume the link."""
-
-    run_id: str
-    cursor: str = START_CURSOR  # results folded up to here (a stream id)
-    # job -> epoch / items / folded / rank: jobs whose items have not all arrived
-    pending: dict[str, dict[str, int]] = field(default_factory=dict)
-    jobs: list[dict[str, Any]] = field(default_factory=list)  # every job posted, in order
-    classifiers: list[str] = field(default_factory=list)  # uploaded refs not yet deleted
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """One generated image that arrived, with its provenance."""
-
-    stream_id: str  # the results-stream id: unique, so nothing is taken twice
-    job_id: str
-    index: int  # the item's index within its job
-    epoch: int  # the epoch whose hard samples guided it
-    class_id: int
-    guide_id: str | None
-    first_epoch: int | None  # the first epoch to train on it (refresh's ``epoch``)
-    image: np.ndarray = field(repr=False)  # H x W x 3 uint8
-
-
-class ImageSink(Protocol):
-    """Where arrived images go: the default is an in-memory :class:`~actgen_shared.arrived.ArrivedImages`;
-    the trainer's writes them to its run folder."""
-
-    def __contains__(self, stream_id: object) -> bool: ...
-
-    def add(self, arrival: Arrival) -> bool:
-        """Keep it; False when this stream id is already kept."""
-        ...
-
-
-@dataclass
-class Submission:
-    """What one :meth:`ActGenRun.submit` did."""
-
-    jobs: list[tuple[str, int]]  # this rank's (job id, items)
-    posted: int  # items posted by all ranks together
-    classifier_ref: str | None = None
-    skipped: bool = False  # this rank had max_inflight jobs out: it posted nothing
-    folded: int = 0  # images taken in before deciding to skip (see max_inflight)
-    error: str | None = None  # why this rank posted nothing though it had items (generator away)
-
-
-def stream_key(stream_id: str) -> tuple[int, int]:
-    """A Redis stream id as a sortable pair."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def idempotency_key(run_id: str, epoch: int, rank: int) -> str:
-    """One job per (run, epoch, rank): a resumed loop that re-posts gets the same job."""
-    return f"{run_id}:epoch{epoch}:rank{rank}"
-
-
-def job_seed(seed: int, epoch: int, rank: int) -> int:
-    """The noise seed of one job: a hash of (run seed, epoch, rank), so no two jobs share one."""
-    return derive_seed(seed, epoch, rank)
+def new_run_id(prefix: str = "run") -> str:
+    """A fresh run id: ``prefix`` and 128 random bits in hex."""
+    return f"{prefix}-{os.urandom(RUN_ID_BYTES).hex()}"
 
 
 def _item_cap_from(exc: Exception) -> int | None:
     """The per-job item cap a 422 names ("... more than the cap of 256 per job"), else None."""
-    import re
-
     if isinstance(exc, GeneratorError) and exc.status == 422 and exc.message.startswith("items"):
         found = re.search(r"cap of (\d+)", exc.message)
         return int(found.group(1)) if found else None
     return None
 
 
-def model_weights(model: nn.Module) -> bytes:
-    """A model's weights as safetensors bytes (never a pickle), unwrapped from DDP."""
-    from safetensors.torch import save
-    from torch.nn.parallel import DistributedDataParallel
+def _unknown_class_names(info: Info, names: Sequence[str]) -> list[str]:
+    """The class names the served model declares it was not trained on ([] when it declares none)."""
+    known = getattr(info, "model_classes", None)
+    if not known:
+        return []
+    return [name for name in names if name not in set(known)]
 
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    return save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
 
-
-class ActGenRun:
+class ActGenRun(ClassifierUploads, ResultsIntake):
     """One training run's link to the generator; a context manager that cleans up at the end.
 
     ``classes`` (the class names, for the prompts) or ``label_set`` (cifar10, imagenet, ...);
     ``url``/``api_key`` default to ACTGEN_GENERATOR_URL / ACTGEN_API_KEY. To send the model
-    (gradient guidance with adv_prob > 0), ``architecture`` names it in the service's registry
+    (gradient guidance), ``architecture`` names it in the service's registry
     (actgen_shared.architectures) and ``input_size``/``mean``/``std`` say what it eats; the
-    same ``mean``/``std`` undo a normalised batch given to :meth:`submit` (``normalized=True``).
-    ``options`` are GenerationOptions fields for every job; ``seed`` fixes each job's noise
-    (a hash of seed, epoch, rank). Arrived images are resized to ``image_size`` and served
-    through ``transform`` (a PIL -> tensor callable; default: float CHW in [0, 1]).
-    ``max_inflight``: a rank with that many unfinished jobs posts nothing (backpressure).
+    same ``mean``/``std`` undo a normalised batch given to :meth:`submit` (seen from its
+    values, or ``normalized=True``).
+
+    ``epochs``: the run's length; with it the jobs follow ``schedule`` (default: the preset's,
+    actgen_shared.schedule) and :meth:`generating` / :meth:`drain_epoch` say when to post and
+    when to wait (the first ``generate_fraction`` of the epochs; the epoch after). Budget:
+    ``images_per_epoch`` (all ranks together), or ``budget`` (a share of ``train_size`` over
+    the whole run, spread over the generating epochs); a larger submit posts a random subset.
+
+    ``options`` are GenerationOptions fields for every job (an ``adv_prob`` there replaces the
+    schedule); ``seed`` fixes each job's noise (a hash of seed, epoch, rank). Arrived images
+    are resized to ``image_size`` and served through ``transform`` (a PIL -> tensor callable;
+    default: float CHW in [0, 1]). ``max_inflight``: a rank with that many unfinished jobs posts
+    nothing (backpressure).
+
+    ``history``: one dict per epoch (the rows of the per-epoch log line): ``epoch``, ``posted``,
+    ``arrived``, ``late``, ``lost`` (images in that epoch), ``in_flight`` (images still out at
+    its end), ``arrived_total`` (see actgen_shared.ledger.EpochTally).
     """
 
     def __init__(
@@ -235,6 +217,12 @@ class ActGenRun:
         input_size: int | None = None,
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
+        epochs: int | None = None,
+        generate_fraction: float = 0.5,
+        schedule: str | None = None,
+        images_per_epoch: int | None = None,
+        budget: float | None = None,
+        train_size: int | None = None,
         options: Mapping[str, Any] | None = None,
         seed: int | None = None,
         image_size: int | None = None,
@@ -264,6 +252,12 @@ class ActGenRun:
         self.mean, self.std = tuple(mean), tuple(std)
         self.options = dict(options or {})
         GenerationOptions.model_validate(self.options)  # a bad option is named now, not per epoch
+        self._check_schedule(epochs, generate_fraction, images_per_epoch, budget, train_size)
+        self.epochs = epochs
+        self.generate_fraction = generate_fraction
+        self.schedule = schedule or schedule_for(self.options.get("preset"))
+        adversarial_options(self.schedule, 0, 1)  # an unknown schedule is named now
+        self.images_per_epoch, self.budget, self.train_size = images_per_epoch, budget, train_size
         self.seed = seed
         self.max_inflight = max_inflight
         self.retries, self.backoff_s, self.backoff_max_s = retries, backoff_s, backoff_max_s
@@ -297,15 +291,112 @@ class ActGenRun:
             sink = self.dataset
         self.sink = sink
         if ledger is None:
-            ledger = RunLedger(run_id or self.ranks.broadcast(f"run-{os.urandom(6).hex()}"))
+            ledger = RunLedger(run_id or self.ranks.broadcast(new_run_id()))
         self.ledger = ledger
+        self.tally = EpochTally(ledger, self.log, self.ranks.main)
         self.read_failed = False  # the last refresh could not read the results (generator away)
         self._taken = 0  # images taken in by this object (what refresh counts)
         self._classifier: tuple[str, str] | None = None  # (digest of meta + weights, ref)
+        self._said: set[str] = set()  # notes logged once
+        self._method = self._method_note()
+        if self._method is not None:
+            self._say_once("method", self._method)
+        self._warn_class_names()
 
     @property
-    def run_id(self) -> str:
-        return self.ledger.run_id
+    def history(self) -> list[dict[str, Any]]:
+        """One row per epoch: what was posted, arrived (late), lost and still out (see the class doc)."""
+        return self.ledger.history
+
+    # --- the schedule -----------------------------------------------------------------------
+    @staticmethod
+    def _check_schedule(
+        epochs: int | None,
+        fraction: float,
+        images_per_epoch: int | None,
+        budget: float | None,
+        train_size: int | None,
+    ) -> None:
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"generate_fraction must be in (0, 1], got {fraction}")
+        if images_per_epoch is not None and budget is not None:
+            raise ValueError("give images_per_epoch or budget, not both")
+        if images_per_epoch is not None and images_per_epoch < 0:
+            raise ValueError(f"images_per_epoch must be >= 0, got {images_per_epoch}")
+        if budget is not None:
+            if not 0 < budget <= 1:
+                raise ValueError(f"budget is a share of the training set, in (0, 1], got {budget}")
+            if epochs is None or not train_size:
+                raise ValueError(
+                    "budget= is a share of the training set over the run: give epochs= and train_size= too"
+                )
+
+    @property
+    def generation_epochs(self) -> int | None:
+        """Epochs 0 .. this - 1 post hard samples (None without ``epochs``)."""
+        return None if self.epochs is None else generation_epochs(self.epochs, self.generate_fraction)
+
+    def generating(self, epoch: int) -> bool:
+        """Whether ``epoch`` posts hard samples (all of them, without ``epochs``)."""
+        gen = self.generation_epochs
+        return gen is None or epoch < gen
+
+    @property
+    def drain_epoch(self) -> int | None:
+        """The epoch that starts with :meth:`drain`: the one after the last post (None without
+        ``epochs``, or when no epoch follows the last post)."""
+        gen = self.generation_epochs
+        return None if self.epochs is None or gen is None else final_wait_epoch(self.epochs, gen)
+
+    def epoch_budget(self, epoch: int) -> int | None:
+        """Hard samples the whole run (all ranks) may post after ``epoch``; None: no cap."""
+        if self.images_per_epoch is not None:
+            return self.images_per_epoch
+        if self.budget is not None:
+            assert self.train_size is not None and self.generation_epochs is not None
+            total = max(1, round(self.budget * self.train_size))
+            return images_for_epoch(total, self.generation_epochs, epoch)
+        return None
+
+    def _method_note(self) -> str | None:
+        """Which part of the method is off for this run and why (None: all of it is on)."""
+        mode = self.options.get("mode", Mode.actgen.value)
+        if mode != Mode.actgen.value:
+            return (
+                f"options mode={mode}: gradient guidance (the memory bank and the classifier) is off; "
+                "mode actgen is the whole method"
+            )
+        if "adv_prob" in self.options:
+            if float(self.options["adv_prob"]) == 0:
+                return "options adv_prob=0: adversarial guidance (the classifier's gradient, eq. 10) is off"
+            return None
+        if self.epochs is None:
+            return (
+                "no epochs=: the run cannot follow the adversarial schedule, so its jobs run without the "
+                "classifier (adv_prob 0: eq. 10 off); pass epochs= (the run's length) or options={'adv_prob': ...}"
+            )
+        missing = self.can_upload()
+        if missing is not None:
+            return f"adversarial guidance (eq. 10) is off: {missing}"
+        return None
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key in self._said or not self.ranks.main:
+            return
+        self._said.add(key)
+        self.log.warning(message)
+
+    def _warn_class_names(self) -> None:
+        """Class names the served model was not trained on: refused when it declares its classes."""
+        unknown = _unknown_class_names(self.info, self.class_names)
+        if unknown:
+            known = list(getattr(self.info, "model_classes", []) or [])
+            raise ValueError(
+                f"the generator's model ({self.info.model}) was trained on the classes {', '.join(known)}; "
+                f"not on {', '.join(repr(n) for n in unknown[:5])}: name the classes as it knows them"
+            )
 
     # --- plumbing --------------------------------------------------------------------------
     def _retry(self, call: Callable[[], T], what: str) -> T:
@@ -334,74 +425,25 @@ class ActGenRun:
         rank = self.ranks.rank if rank is None else rank
         return sum(1 for job in self.ledger.pending.values() if job.get("rank", 0) == rank)
 
-    def _options(self, epoch: int, options: Mapping[str, Any] | None) -> GenerationOptions:
-        merged = {**self.options, **(options or {})}
+    def _options(
+        self, epoch: int, options: Mapping[str, Any] | None, model: nn.Module | None
+    ) -> GenerationOptions:
+        """The job's options: the schedule's (when the run follows it), the run's, the call's."""
+        given = {**self.options, **(options or {})}
+        scheduled: dict[str, Any] = {}
+        if self.epochs is not None and self._method is None and "adv_prob" not in given:
+            scheduled = adversarial_options(self.schedule, epoch, self.epochs)
+            if model is None and scheduled["adv_prob"] > 0:
+                self._say_once(
+                    "no-model",
+                    f"epoch {epoch}: submit got no model=, so its jobs run without adversarial guidance "
+                    "(eq. 10); pass model= to submit",
+                )
+                scheduled = {"adv_prob": 0.0}
+        merged = {**scheduled, **given}
         if self.seed is not None:
             merged["seed"] = job_seed(self.seed, epoch, self.ranks.rank)
         return GenerationOptions.model_validate(merged)
-
-    # --- the classifier --------------------------------------------------------------------
-    def _upload(self, model: nn.Module | None) -> str:
-        """Upload the model's weights, or reuse the last ref when they did not change."""
-        if model is None:
-            raise ValueError("rank 0 has no model to upload: pass model= on every rank")
-        if self.architecture is None or self.input_size is None:
-            raise ValueError(
-                "uploading the model needs architecture= (a name of actgen_shared.architectures) "
-                "and input_size= (or image_size=) on the ActGenRun"
-            )
-        weights = model_weights(model)
-        meta = ClassifierMeta(
-            architecture=self.architecture,
-            num_classes=self.num_classes,
-            input_size=self.input_size,
-            mean=self.mean,
-            std=self.std,
-        )
-        digest = hashlib.sha256(meta.model_dump_json().encode() + b"\0" + weights).hexdigest()
-        if self._classifier is not None and self._classifier[0] == digest:
-            return self._classifier[1]
-        ref = self._retry(lambda: self.client.upload_classifier(weights, meta).ref, "classifier upload")
-        self._classifier = (digest, ref)
-        return ref
-
-    def upload(self, model: nn.Module | None) -> str | None:
-        """Collective: rank 0 uploads ``model`` (unless its weights are those of the last upload)
-        and every rank gets the ref; the run's earlier classifiers are deleted. None when the
-        generator stayed away through the retries (logged); a refusal (4xx) is raised on every rank."""
-        outcome: Any = None
-        error: BaseException | None = None
-        if self.ranks.main:
-            try:
-                outcome = self._upload(model)
-                self.retire_classifiers(keep=outcome)  # earlier uploads: not needed any more
-            except Exception as exc:
-                if is_retryable(exc):
-                    self.log.warning("classifier upload failed (%s); no job this epoch", exc)
-                else:
-                    error, outcome = exc, ("error", str(exc))
-        outcome = self.ranks.broadcast(outcome)
-        if isinstance(outcome, (tuple, list)):
-            raise error if error is not None else RuntimeError(f"rank 0: {outcome[1]}")
-        return outcome
-
-    def retire_classifiers(self, keep: str | None = None) -> None:
-        """Delete the classifiers this run uploaded before, except ``keep`` (each can be tens of
-        MB). The generator refuses (409) while a job still uses one: it stays listed and is
-        tried again after the next upload (or expires on the generator)."""
-        s = self.ledger
-        if keep is not None and keep not in s.classifiers:
-            s.classifiers.append(keep)
-        delete = getattr(self.client, "delete_classifier", None)
-        if delete is None:
-            return
-        for ref in [r for r in s.classifiers if r != keep]:
-            try:
-                delete(ref)
-            except Exception as exc:  # in use (409) or unreachable: later
-                self.log.info("classifier %s kept for now: %s", ref, exc)
-                continue
-            s.classifiers.remove(ref)
 
     # --- posting ---------------------------------------------------------------------------
     def _items(
@@ -410,27 +452,27 @@ class ActGenRun:
         labels: Sequence[int] | Any,
         confidences: Sequence[float] | Any | None,
         guide_ids: Sequence[str | None] | None,
-        normalized: bool,
+        normalized: bool | None,
     ) -> list[JobItem]:
-        pngs = guide_pngs(images, *((self.mean, self.std) if normalized else (None, None)))
         labels = [int(x) for x in _as_list(labels)]
+        for k, label in enumerate(labels):  # before any image work: a wrong label is the usual slip
+            if not 0 <= label < len(self.class_names):
+                raise ValueError(f"labels[{k}] is {label}, outside 0..{len(self.class_names) - 1}")
+        # normalized None: the batch's values say whether the run's mean/std must be undone
+        pngs = guide_pngs(images, self.mean, self.std, normalized=normalized)
         confs = None if confidences is None else [float(x) for x in _as_list(confidences)]
         for name, seq in (("labels", labels), ("confidences", confs), ("guide_ids", guide_ids)):
             if seq is not None and len(seq) != len(pngs):
                 raise ValueError(f"{len(pngs)} images but {len(seq)} {name}")
-        items = []
-        for k, png in enumerate(pngs):
-            if not 0 <= labels[k] < len(self.class_names):
-                raise ValueError(f"labels[{k}] is {labels[k]}, outside 0..{len(self.class_names) - 1}")
-            items.append(
-                JobItem(
-                    image=b64encode(png),
-                    class_id=labels[k],
-                    guide_id=None if guide_ids is None else guide_ids[k],
-                    confidence=None if confs is None else float(np.clip(confs[k], 0.0, 1.0)),
-                )
+        return [
+            JobItem(
+                image=b64encode(png),
+                class_id=labels[k],
+                guide_id=None if guide_ids is None else guide_ids[k],
+                confidence=None if confs is None else float(np.clip(confs[k], 0.0, 1.0)),
             )
-        return items
+            for k, png in enumerate(pngs)
+        ]
 
     def _post(
         self, epoch: int, items: list[JobItem], options: GenerationOptions, ref: str | None
@@ -479,6 +521,18 @@ class ActGenRun:
                 )
                 self.item_cap = learnt
 
+    def _budgeted(self, epoch: int, n: int) -> np.ndarray | None:
+        """Positions of this rank's ``n`` hard samples to post when the budget caps them (a random
+        subset, seeded by the run's seed, the epoch and the rank); None when all go."""
+        cap = self.epoch_budget(epoch)
+        if cap is None:
+            return None
+        mine = share(cap, self.ranks.world, self.ranks.rank)
+        if n <= mine:
+            return None
+        rng = np.random.default_rng([self.seed or 0, epoch, self.ranks.rank])
+        return np.sort(rng.choice(n, size=mine, replace=False))
+
     def submit(
         self,
         images: Any,
@@ -489,19 +543,29 @@ class ActGenRun:
         confidences: Sequence[float] | Any | None = None,
         guide_ids: Sequence[str | None] | None = None,
         options: Mapping[str, Any] | None = None,
-        normalized: bool = False,
+        normalized: bool | None = None,
     ) -> Submission:
         """Post this rank's hard samples of ``epoch`` (possibly none). Collective under DDP.
 
-        ``images``: a batch (N x C x H x W tensor) or a sequence of CHW tensors (float in [0, 1]
-        or uint8; ``normalized=True``: normalised with the run's mean/std), PIL images, uint8
-        arrays or PNG/JPEG bytes; ``labels`` their true classes. ``model`` is needed when the
-        options ask for adversarial guidance (mode actgen, adv_prob > 0). One call per epoch
-        and rank: the idempotency key makes a second call for the same epoch the first job.
+        ``images``: a batch (N x C x H x W tensor) or a sequence of CHW tensors (float in [0, 1],
+        uint8, or normalised with the run's mean/std: ``normalized`` None tells from the
+        values), PIL images, uint8 arrays or PNG/JPEG bytes; ``labels`` their true classes.
+        ``model``: the classifier, uploaded when the job uses adversarial guidance (the
+        schedule's adv_prob > 0, or the options'). The budget (``images_per_epoch``/``budget``)
+        keeps a random subset. One call per epoch and rank: the idempotency key makes a second
+        call for the same epoch the first job.
         """
+        self.tally.at(epoch)
         n = len(_as_list(labels))
         rank, world = self.ranks.rank, self.ranks.world
         out = Submission(jobs=[], posted=0)
+        keep = self._budgeted(epoch, n)
+        if keep is not None:
+            out.capped = n - len(keep)
+            images, labels = _pick(images, keep), _pick(labels, keep)
+            confidences = None if confidences is None else _pick(confidences, keep)
+            guide_ids = None if guide_ids is None else _pick(guide_ids, keep)
+            n = len(keep)
         cap = self.max_inflight
         if cap is not None and any(self.inflight(r) >= cap for r in range(world)):
             out.folded = self.refresh(epoch + 1)  # take in what arrived first (the same on all ranks)
@@ -516,12 +580,16 @@ class ActGenRun:
             )
             out.skipped = True
         posting = n > 0 and not out.skipped
-        job_options = self._options(epoch, options)
+        job_options = self._options(epoch, options, model)
+        out.adv_prob = job_options.adv_prob if job_options.mode is Mode.actgen else 0.0
         adversarial = job_options.mode is Mode.actgen and job_options.adv_prob > 0
         if adversarial and model is None:
             raise ValueError(
                 "these options use adversarial guidance (mode actgen, adv_prob > 0): pass model="
             )
+        items: list[JobItem] = []
+        if posting:  # a bad image or label is named before anything is uploaded
+            items = self._items(images, labels, confidences, guide_ids, normalized)
         ref: str | None = None
         if any(self.ranks.gather(adversarial and posting)):  # rank 0 uploads once for all ranks
             ref = out.classifier_ref = self.upload(model)
@@ -529,7 +597,6 @@ class ActGenRun:
             out.error = "no classifier uploaded"
         elif posting:
             try:
-                items = self._items(images, labels, confidences, guide_ids, normalized)
                 out.jobs = self._post(epoch, items, job_options, ref)
             except Exception as exc:
                 if not is_retryable(exc):
@@ -538,22 +605,7 @@ class ActGenRun:
                 out.error = str(exc)
         per_rank = self.ranks.gather(out.jobs)
         out.posted = sum(count for rank_jobs in per_rank for _, count in rank_jobs)
-        known = {j["job_id"] for j in self.ledger.jobs}
-        for r, rank_jobs in enumerate(per_rank):
-            for job_id, count in rank_jobs:
-                if job_id in known:  # re-posted after a resume: the same job
-                    continue
-                self.ledger.pending[job_id] = {"epoch": epoch, "items": count, "folded": 0, "rank": r}
-                self.ledger.jobs.append(
-                    {
-                        "job_id": job_id,
-                        "epoch": epoch,
-                        "items": count,
-                        "rank": r,
-                        "classifier_ref": ref,
-                        "posted_at": time.time(),
-                    }
-                )
+        record_jobs(self.ledger, per_rank, epoch, ref, time.time())
         return out
 
     def wait(
@@ -579,6 +631,8 @@ class ActGenRun:
                 timeouts += 1
                 continue
             except Exception as exc:
+                if isinstance(exc, GeneratorError) and exc.status == 404:
+                    continue  # gone: the next refresh counts it as lost (and says so, once)
                 if not is_retryable(exc):
                     raise
                 self.log.warning("waiting for job %s failed (%s); training goes on", job_id, exc)
@@ -586,147 +640,6 @@ class ActGenRun:
             if final.status is not JobStatus.done:
                 self.log.warning("job %s ended %s: %s", job_id, final.status.value, final.error)
         return timeouts
-
-    # --- reading the results ---------------------------------------------------------------
-    def refresh(self, epoch: int | None = None, wait_s: float = 0.0) -> int:
-        """Take in the images that arrived (``epoch``: the first epoch to train on them, kept as
-        provenance); returns how many. Collective: rank 0 reads first (long-polling up to
-        ``wait_s`` for the first one) and says how far; every rank then takes exactly the images
-        up to there, in stream order. Jobs that ended stop counting as unfinished."""
-        s = self.ledger
-        before = self._taken
-        target: str | None = None
-        if self.ranks.main:
-            try:
-                self._read(epoch, until=None, wait_s=wait_s)
-                self.read_failed = False
-            except Exception as exc:
-                if not is_retryable(exc):
-                    raise
-                self.log.warning("epoch %s: could not read results (%s); they fold in later", epoch, exc)
-                self.read_failed = True
-            target = s.cursor
-        target = self.ranks.broadcast(target)
-        if not self.ranks.main:
-            self._retry(lambda: self._read(epoch, until=target), "read results")
-        dropped: list[str] = []
-        if self.ranks.main:
-            try:
-                dropped = self._ended_jobs()
-            except Exception as exc:
-                if not is_retryable(exc):
-                    raise
-                self.log.warning("could not check pending jobs (%s)", exc)
-        for job_id in self.ranks.broadcast(dropped):
-            s.pending.pop(job_id, None)
-        return self._taken - before
-
-    def _read(self, epoch: int | None, until: str | None, wait_s: float = 0.0) -> None:
-        """Page through the results after the cursor (up to ``until``, inclusive, if given)."""
-        s = self.ledger
-        while until is None or stream_key(s.cursor) < stream_key(until):
-            after = s.cursor
-            page = self.client.results(s.run_id, after=after, limit=RESULTS_PAGE, wait_s=wait_s)
-            wait_s = 0.0
-            for item in page.items:
-                if until is not None and stream_key(item.id) > stream_key(until):
-                    s.cursor = until
-                    return
-                self._take(item, epoch)
-                s.cursor = item.id
-            if until is None or stream_key(page.next) <= stream_key(until):
-                s.cursor = page.next  # past entries whose images expired, too
-            if page.next == after:  # nothing more in the stream
-                if until is not None and stream_key(s.cursor) < stream_key(until):
-                    raise ResultsLost(f"results of run {s.run_id} end before {until} (expired?)")
-                break
-
-    def _arrival(self, item: ResultItem, first_epoch: int | None) -> Arrival:
-        try:
-            image = image_from_b64(item.image)
-        except DecodeError as exc:
-            raise DecodeError(f"result {item.id} (job {item.job_id}, item {item.index}): {exc}") from None
-        return Arrival(
-            stream_id=item.id,
-            job_id=item.job_id,
-            index=item.index,
-            epoch=item.epoch,
-            class_id=item.class_id,
-            guide_id=item.guide_id,
-            first_epoch=first_epoch,
-            image=image,
-        )
-
-    def _take(self, item: ResultItem, epoch: int | None) -> None:
-        if item.id in self.sink or not self.sink.add(self._arrival(item, epoch)):
-            return
-        self._taken += 1
-        job = self.ledger.pending.get(item.job_id)
-        if job is not None:
-            job["folded"] += 1
-            if job["folded"] >= job["items"]:
-                del self.ledger.pending[item.job_id]
-
-    def _ended_jobs(self) -> list[str]:
-        """Pending jobs that have ended (rank 0 asks): they are no longer out.
-
-        A failed or cancelled job will never deliver; a done job's items are all in the
-        results stream already (result and ack are one step), so they are taken regardless.
-        """
-        out = []
-        for job_id in list(self.ledger.pending):
-            state = self.client.status(job_id)
-            if state.status in (JobStatus.failed, JobStatus.cancelled):
-                self.log.warning("job %s %s: %s", job_id, state.status.value, state.error)
-                out.append(job_id)
-            elif state.status is JobStatus.done:
-                out.append(job_id)
-        return out
-
-    def drain(self, timeout_s: float, epoch: int | None = None) -> int:
-        """Wait up to ``timeout_s`` for the jobs still out, taking their images in; returns how
-        many arrived. Collective."""
-        deadline = time.monotonic() + timeout_s
-        taken = 0
-        while True:
-            left = deadline - time.monotonic() if self.ranks.main else 0.0
-            if self.ranks.broadcast(not self.ledger.pending or left <= 0):
-                break
-            taken += self.refresh(epoch, wait_s=min(max(left, 0.0), 2.0))
-            if self.ranks.main and self.read_failed:  # the generator is away: do not spin
-                time.sleep(min(self.backoff_s, max(left, 0.0)))
-        if self.ledger.pending:
-            self.log.warning(
-                "after waiting %.0fs, %d jobs (%d images) are still out; their images fold in if they arrive",
-                timeout_s,
-                len(self.ledger.pending),
-                sum(j["items"] - j["folded"] for j in self.ledger.pending.values()),
-            )
-        return taken
-
-    def replay(self, until: str, wanted: Mapping[str, int | None]) -> None:
-        """Take again, from the start of the stream up to ``until``, the images whose stream ids
-        ``wanted`` names (id -> first epoch): a checkpoint's images, on a machine without them.
-        The run's bookkeeping is not touched. ResultsLost when one is no longer there."""
-        after = START_CURSOR
-        while stream_key(after) < stream_key(until):
-            page = self._retry(
-                partial(self.client.results, self.run_id, after=after, limit=RESULTS_PAGE), "read results"
-            )
-            for item in page.items:
-                if stream_key(item.id) > stream_key(until):
-                    break
-                if item.id in wanted and item.id not in self.sink:
-                    self.sink.add(self._arrival(item, wanted[item.id]))
-            if page.next == after:
-                break
-            after = page.next
-        missing = [sid for sid in wanted if sid not in self.sink]
-        if missing:
-            raise ResultsLost(
-                f"the results stream of run {self.run_id} no longer holds {len(missing)} generated "
-                f"images of the checkpoint (e.g. {missing[0]}; expired?)"
-            )
 
     # --- the end ---------------------------------------------------------------------------
     def cancel_pending(self) -> None:
@@ -743,6 +656,7 @@ class ActGenRun:
     def finish(self) -> None:
         """The run is over (rank 0): none of its classifiers is needed, nor (once no job of it
         is left to run) its memory bank. What cannot be deleted now expires on the generator."""
+        self.tally.close()
         if not self.ranks.main:
             return
         self.retire_classifiers()
@@ -784,25 +698,41 @@ class ActGenRun:
             "classifiers": list(s.classifiers),
             "item_cap": self.item_cap,
             "classifier": list(self._classifier) if self._classifier else None,
+            "arrived": s.arrived,
+            "late": s.late,
+            "history": [dict(row) for row in s.history],
         }
         if self.dataset is not None:
             out["images"] = [[a.stream_id, a.first_epoch] for a in self.dataset.items]
         return out
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = False) -> None:
         """Continue the run a :meth:`state_dict` describes; the arrived images are read again
-        from the results stream (ResultsLost when they expired)."""
+        from the results stream. Images the stream no longer holds (a generator that restarted
+        without its Redis, or expiry) are named in a warning and the run goes on without them;
+        ``strict``: ResultsLost instead. Its jobs still out are checked at the next refresh."""
         s = self.ledger
         s.run_id, s.cursor = state["run_id"], state["cursor"]
         s.pending = {k: dict(v) for k, v in state["pending"].items()}
         s.jobs = [dict(j) for j in state["jobs"]]
         s.classifiers = list(state["classifiers"])
+        s.arrived, s.late = int(state.get("arrived", 0)), int(state.get("late", 0))
+        s.history = [dict(row) for row in state.get("history", [])]
+        self.tally = EpochTally(s, self.log, self.ranks.main)
         self.item_cap = state.get("item_cap", self.item_cap)
         last = state.get("classifier")
         self._classifier = (str(last[0]), str(last[1])) if last else None
         if self.dataset is not None:
             self.dataset.clear()
-            self.replay(s.cursor, {sid: first for sid, first in state.get("images", [])})
+            try:
+                self.replay(s.cursor, {sid: first for sid, first in state.get("images", [])})
+            except ResultsLost as exc:
+                if strict:
+                    raise
+                if self.ranks.main:
+                    self.log.warning(
+                        "%s: the resumed run goes on with the %d it found", exc, len(self.dataset)
+                    )
 
 
 def _as_list(values: Any) -> list[Any]:
@@ -810,3 +740,17 @@ def _as_list(values: Any) -> list[Any]:
     if hasattr(values, "tolist"):
         return list(values.tolist())
     return list(values)
+
+
+def _pick(values: Any, keep: np.ndarray) -> Any:
+    """The entries of a batch (tensor, array) or a sequence at positions ``keep``."""
+    if hasattr(values, "shape") and hasattr(values, "__getitem__") and not isinstance(values, (list, tuple)):
+        import sys
+
+        if "torch" in sys.modules and hasattr(values, "detach"):
+            import torch
+
+            return values[torch.as_tensor(keep, dtype=torch.long)]
+        return values[keep]
+    seq = list(values)
+    return [seq[int(k)] for k in keep]

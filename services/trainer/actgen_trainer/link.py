@@ -30,9 +30,10 @@ from actgen_shared.run import (
     job_seed,
 )
 from actgen_shared.run import stream_key as _stream_key
+from actgen_shared.schedule import adversarial_options
 from actgen_shared.schemas import Info, Mode
 from actgen_trainer.checkpoint import JOBS_NAME, State, _write_jsonl
-from actgen_trainer.config import AdvSchedule, Config, Guidance
+from actgen_trainer.config import Config, Guidance
 from actgen_trainer.data import DataError, GeneratedSet, ImageSource, guide_png
 from actgen_trainer.distributed import Dist
 
@@ -71,15 +72,8 @@ def job_options(cfg: Config, epoch: int) -> dict[str, Any]:
         return {"mode": mode.value, "adv_prob": 0.0}
     if gen.guidance is Guidance.aig:
         return {"mode": Mode.aig.value, "adv_prob": 0.0}
-    out: dict[str, Any] = {"mode": mode.value}
-    if gen.schedule is AdvSchedule.authors:
-        ramp = 0.5 * epochs - 1
-        plain = max(1.0 - epoch / ramp, 0.0) * 0.5 if ramp > 0 else 0.0
-        out.update(plain_prob=plain, adv_prob=0.5 - plain)
-    elif gen.adv_schedule is AdvSchedule.constant:
-        out["adv_prob"] = 0.5
-    else:
-        out["adv_prob"] = 0.5 * epoch / epochs
+    # the one schedule code of the trainer, the client API and the Lightning callback
+    out: dict[str, Any] = {"mode": mode.value, **adversarial_options(gen.schedule.value, epoch, epochs)}
     if gen.guidance is Guidance.contrastive:
         out["adv_prob"] = 0.0
     elif gen.guidance is Guidance.adversarial:
@@ -155,6 +149,9 @@ class GeneratorLink:
             mean=cfg.data.mean,
             std=cfg.data.std,
             options={**gen.options, **gen.section_options},
+            epochs=cfg.train.epochs,  # each job's options come from job_options (the same schedule)
+            generate_fraction=gen.generate_fraction,
+            schedule=gen.schedule.value,
             seed=cfg.seed,
             max_items_per_job=self.actgen.item_cap if self.actgen is not None else gen.max_items_per_job,
             max_inflight=gen.max_inflight,
@@ -250,6 +247,9 @@ class GeneratorLink:
             return
         rows = []
         for job in self.state.jobs:
+            if job.get("lost"):  # the generator forgot it (logged when it was found lost)
+                rows.append({**job, "status": "lost"})
+                continue
             try:
                 st = self.client.status(job["job_id"])
             except Exception as exc:  # the report can live without one job's timing

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from actgen_shared.ranks import share
+from actgen_shared.run import new_run_id
 from actgen_shared.seeds import derive_seed
 from actgen_trainer.checkpoint import (
     METRICS_NAME,
@@ -193,7 +193,7 @@ class Trainer(Checkpoints, GeneratorLink):
             self.state = self._restore()
         else:
             self._fresh_run_folder()
-            run_id = self.dist.broadcast(f"{cfg.run_name}-{os.urandom(4).hex()}")
+            run_id = self.dist.broadcast(new_run_id(cfg.run_name))  # 128 random bits
             self.state = State(run_id=run_id)
         if client is not None and self.mode is not TrainMode.real:
             self._link(self.state)
