@@ -21,7 +21,10 @@ How the images join the training data: Lightning builds the next epoch's train l
     L.Trainer(max_epochs=100, reload_dataloaders_every_n_epochs=1, callbacks=[actgen]).fit(Module())
 
 ``reload_dataloaders_every_n_epochs=1`` is required (checked at setup): without it the loader of
-epoch 0 would be used throughout. ``hard_samples`` yields ``(normalised image tensor, label)``
+epoch 0 would be used throughout. The callback is drop-in or loud: DataLoaders given to ``fit()``
+directly stop it at setup, and a ``train_dataloader`` that does not call
+``actgen.train_dataset(...)`` stops it before the first training step, each with the fix; a
+wrong keyword (one ActGenRun does not take) is refused when the callback is built. ``hard_samples`` yields ``(normalised image tensor, label)``
 like a validation set (the run's ``mean``/``std`` undo the normalisation for the guides);
 ``images_per_epoch`` counts all ranks together, as the trainer's does (the paper's budget is the
 run's): under DDP each rank scores its own shard of ``hard_samples`` and posts its share of it
@@ -32,8 +35,9 @@ is saved in Lightning checkpoints; a resumed fit reads the arrived images again 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -41,10 +45,32 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from actgen_shared.guides import GuideError
 from actgen_shared.ranks import share
 from actgen_shared.run import ActGenRun
-from actgen_shared.schemas import Mode
+from actgen_shared.schedule import final_wait_epoch, generation_epochs
 from actgen_shared.selection import Rule, select_guides
+
+# ActGenRun's arguments the callback sets itself
+OWN_RUN_ARGS = ("epochs", "generate_fraction", "images_per_epoch", "seed")
+
+
+def _check_run_kwargs(run_kwargs: dict[str, Any]) -> None:
+    """A keyword ActGenRun does not take is named now, with the callback's own way to say it."""
+    if "normalized" in run_kwargs:
+        raise TypeError(
+            "ActGenCallback takes no normalized=: hard_samples are normalised images, undone with the "
+            "callback's mean= and std= (pass those)"
+        )
+    taken = set(inspect.signature(ActGenRun.__init__).parameters) - {"self", *OWN_RUN_ARGS}
+    unknown = sorted(set(run_kwargs) - taken)
+    if unknown:
+        raise TypeError(
+            f"ActGenCallback got unexpected keyword {unknown[0]!r}; it takes its own arguments "
+            f"(images_per_epoch, generate_fraction, ...) and ActGenRun's: {', '.join(sorted(taken))}"
+        )
+    if (run_kwargs.get("classes") is None) == (run_kwargs.get("label_set") is None):
+        raise ValueError("ActGenCallback needs exactly one of classes= (the class names) or label_set=")
 
 
 class ActGenCallback(pl.Callback):
@@ -54,8 +80,9 @@ class ActGenCallback(pl.Callback):
     ``architecture``, ``image_size``, ``mean``, ``std``, ``transform``, ``options``, ``url``,
     ``api_key``, ...). ``classifier`` picks the network to upload out of the LightningModule
     (default: the module itself; its state_dict keys must be the registry architecture's).
-    The adversarial chance grows as in the paper (section 4.3): adv_prob = 0.5 * epoch / epochs,
-    unless ``options`` fixes ``adv_prob`` (or the mode is not actgen).
+    The adversarial chance grows as in the paper (section 4.3): the run is given ``epochs`` (the
+    Trainer's max_epochs) and follows the preset's schedule (actgen_shared.schedule), unless
+    ``options`` fixes ``adv_prob`` (or the mode is not actgen).
     """
 
     def __init__(
@@ -75,6 +102,23 @@ class ActGenCallback(pl.Callback):
     ) -> None:
         if not 0 < generate_fraction <= 1:
             raise ValueError(f"generate_fraction must be in (0, 1], got {generate_fraction}")
+        if images_per_epoch < 1:
+            raise ValueError(f"images_per_epoch must be at least 1, got {images_per_epoch}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if selection not in get_args(Rule):
+            raise ValueError(f"selection must be one of {', '.join(get_args(Rule))}, got {selection!r}")
+        if final_wait_s < 0:
+            raise ValueError(f"final_wait_s must be >= 0, got {final_wait_s}")
+        if (
+            not hasattr(hard_samples, "__getitem__")
+            or not hasattr(hard_samples, "__len__")
+            or not len(hard_samples)
+        ):  # type: ignore[arg-type]
+            raise ValueError(
+                "hard_samples must be a non-empty map-style Dataset of (normalised image, label)"
+            )
+        _check_run_kwargs(run_kwargs)
         self.hard_samples = hard_samples
         self.images_per_epoch = images_per_epoch
         self.generate_fraction = generate_fraction
@@ -89,31 +133,26 @@ class ActGenCallback(pl.Callback):
         self.run: ActGenRun | None = None
         self.history: list[dict[str, Any]] = []  # per epoch: hard, posted, taken in, arrived so far
         self._restored: Mapping[str, Any] | None = None
+        self._asked = 0  # calls of train_dataset since setup: the user's train_dataloader cooperates
 
     # --- the data --------------------------------------------------------------------------
     def train_dataset(self, base: Dataset) -> Dataset:
         """``base`` plus every generated image arrived so far: call it in ``train_dataloader``."""
+        self._asked += 1
         if self.run is None or self.run.dataset is None or not len(self.run.dataset):
             return base
         return ConcatDataset([base, self.run.dataset])
 
-    # --- the schedule (as actgen_trainer.config.Config) ---------------------------------------
+    # --- the schedule (actgen_shared.schedule, as the trainer and ActGenRun) -----------------
     @staticmethod
     def generation_epochs(epochs: int, fraction: float) -> int:
         """Hard samples are posted after epochs 0 .. this - 1."""
-        return max(1, int(epochs * fraction))
+        return generation_epochs(epochs, fraction)
 
     @staticmethod
     def final_wait_epoch(epochs: int, generation_epochs: int) -> int | None:
         """The epoch that starts after the wait for the jobs still out: one after the last post's."""
-        last = epochs - 1
-        return min(generation_epochs + 1, last) if last >= generation_epochs else None
-
-    def _options(self, epoch: int, epochs: int) -> dict[str, Any]:
-        fixed = dict(self.run_kwargs.get("options") or {})
-        if "adv_prob" in fixed or fixed.get("mode", Mode.actgen.value) != Mode.actgen.value:
-            return {}
-        return {"adv_prob": 0.5 * epoch / epochs}  # paper section 4.3
+        return final_wait_epoch(epochs, generation_epochs)
 
     # --- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -128,11 +167,35 @@ class ActGenCallback(pl.Callback):
                 "ActGenCallback adds the generated images to the training data at each epoch: "
                 "create the Trainer with reload_dataloaders_every_n_epochs=1"
             )
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        instance = getattr(source, "instance", None)
+        if instance is not None and not isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
+            raise ValueError(
+                "ActGenCallback cannot add its images to DataLoaders given to fit(): build the loader in "
+                "your LightningModule's (or DataModule's) train_dataloader() as "
+                "DataLoader(actgen.train_dataset(real_train_set), ...), and call fit(module) without loaders"
+            )
+        self._asked = 0
         if self.run is None:
-            self.run = ActGenRun(**self.run_kwargs)
+            self.run = ActGenRun(
+                epochs=int(trainer.max_epochs),
+                generate_fraction=self.generate_fraction,
+                images_per_epoch=self.images_per_epoch,
+                **self.run_kwargs,
+            )
         if self._restored is not None:
             self.run.load_state_dict(self._restored)
             self._restored = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Epoch 0's loader is built: it must have come through :meth:`train_dataset`, or the
+        generated images would never be trained on."""
+        if self._asked == 0:
+            raise RuntimeError(
+                "ActGenCallback: your train_dataloader() did not call actgen.train_dataset(real_train_set), "
+                "so the generated images would never reach training; return "
+                "DataLoader(actgen.train_dataset(real_train_set), ...) from it"
+            )
 
     def _mine(self, pl_module: pl.LightningModule, rank: int, world: int, epoch: int) -> dict[str, Any]:
         """This rank's share of the hard-sample set, scored; the chosen guides."""
@@ -165,15 +228,19 @@ class ActGenCallback(pl.Callback):
         if epoch < generation_epochs:
             mined = self._mine(pl_module, run.ranks.rank, run.ranks.world, epoch)
             model = self.classifier(pl_module) if self.classifier is not None else pl_module
-            sub = run.submit(
-                mined["images"],
-                mined["labels"],
-                epoch=epoch,
-                model=model,
-                confidences=mined["confidences"],
-                options=self._options(epoch, epochs),
-                normalized=True,
-            )
+            try:  # the run follows the schedule (epochs=max_epochs): the paper's ramp of adv_prob
+                sub = run.submit(
+                    mined["images"],
+                    mined["labels"],
+                    epoch=epoch,
+                    model=model,
+                    confidences=mined["confidences"],
+                    normalized=True,
+                )
+            except GuideError as exc:
+                raise GuideError(
+                    f"hard_samples: {exc} (the callback undoes the normalisation with its mean= and std=)"
+                ) from None
             if self.sync:
                 run.wait(sub.jobs)
             row.update(hard=mined["hard"], posted=sub.posted, error=sub.error)
