@@ -7,7 +7,7 @@ import json
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from actgen_shared.architectures import build_classifier
 from actgen_shared.digits import load_digits_split
@@ -40,7 +40,7 @@ with run:
         if epoch == run.drain_epoch:
             run.drain(timeout_s=120, epoch=epoch)  # once, after the last post: wait for what is out
         run.refresh(epoch)  # what arrived since the last epoch
-        train = ConcatDataset([real, run.dataset])
+        train = run.train_dataset(real)  # real + what arrived, its labels served as real's are
         model.train()
         for images, labels in DataLoader(train, batch_size=50, shuffle=True):
             loss = F.cross_entropy(model(images), labels)

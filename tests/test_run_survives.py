@@ -78,7 +78,7 @@ def test_a_replica_restarted_mid_run_loses_its_jobs_and_the_run_goes_on(
         run.wait(first.jobs)
         assert run.refresh(1) == 2
         slow = run.submit(guides, [3, 4], epoch=1, options=SLOW)
-        (slow_job, _), = slow.jobs
+        ((slow_job, _),) = slow.jobs
         checkpoint = run.state_dict()  # the loop's checkpoint of epoch 1
 
         replica.restart()  # the embedded Redis, its jobs and results: gone

@@ -2,8 +2,9 @@
 
 Each image is kept decoded in memory (resized to ``image_size`` when given, so a long run holds
 small arrays) with its provenance; ``dataset[i]`` is ``(image tensor, class id)`` like any
-labelled dataset (the label a 0-dim tensor, so a batch may mix it with int or tensor labels), so
-it joins a training set with ``ConcatDataset``. ``dataset.items[i]`` is the
+labelled dataset, so it joins a training set with ``ConcatDataset``; ``run.train_dataset(real)``
+does that and serves the labels as ``real`` does (int, or a TensorDataset's 0-dim tensors), so
+a shuffled batch that mixes both collates. ``dataset.items[i]`` is the
 :class:`~actgen_shared.run.Arrival` behind it: job id, epoch, guide id, class id, stream id.
 """
 
@@ -35,6 +36,7 @@ class ArrivedImages(Dataset):
         self.transform = transform
         self.items: list[Arrival] = []
         self._ids: set[str] = set()
+        self.label_dtype: torch.dtype | None = None  # None: int labels (see labels_like)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -60,11 +62,20 @@ class ArrivedImages(Dataset):
     def labels(self) -> list[int]:
         return [a.class_id for a in self.items]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(image, label)``; the label a 0-dim int64 tensor, which batches with int labels
-        (ImageFolder's) and with tensor labels (a TensorDataset's) alike in a ConcatDataset."""
+    def labels_like(self, dataset: Any) -> None:
+        """Serve labels of the type ``dataset`` serves (its first item's): a 0-dim tensor of its
+        dtype for a TensorDataset, an int for an ImageFolder, so a batch that mixes both collates."""
+        if len(dataset) == 0:
+            return
+        label = dataset[0][1]
+        self.label_dtype = label.dtype if isinstance(label, torch.Tensor) and label.ndim == 0 else None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        """``(image, label)``; the label an int, or a 0-dim tensor after :meth:`labels_like`."""
         arrival = self.items[index]
-        label = torch.tensor(arrival.class_id, dtype=torch.long)
+        label: Any = arrival.class_id
+        if self.label_dtype is not None:
+            label = torch.tensor(arrival.class_id, dtype=self.label_dtype)
         if self.transform is not None:
             return self.transform(Image.fromarray(arrival.image)), label
         # H x W x 3 uint8 -> 3 x H x W float in [0, 1]

@@ -43,7 +43,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from actgen_shared.guides import GuideError
 from actgen_shared.ranks import share
@@ -141,7 +141,7 @@ class ActGenCallback(pl.Callback):
         self._asked += 1
         if self.run is None or self.run.dataset is None or not len(self.run.dataset):
             return base
-        return ConcatDataset([base, self.run.dataset])
+        return self.run.train_dataset(base)
 
     # --- the schedule (actgen_shared.schedule, as the trainer and ActGenRun) -----------------
     @staticmethod

@@ -303,6 +303,16 @@ class ActGenRun(ClassifierUploads, ResultsIntake):
             self._say_once("method", self._method)
         self._warn_class_names()
 
+    def train_dataset(self, real: Any) -> Any:
+        """``real`` (a labelled Dataset) plus every image arrived so far, as one ConcatDataset; the
+        generated images' labels are served as ``real``'s are (int, or 0-dim tensors)."""
+        from torch.utils.data import ConcatDataset
+
+        if self.dataset is None:
+            raise ValueError("this run's images go to its sink, not to run.dataset: nothing to add")
+        self.dataset.labels_like(real)
+        return ConcatDataset([real, self.dataset])
+
     @property
     def history(self) -> list[dict[str, Any]]:
         """One row per epoch: what was posted, arrived (late), lost and still out (see the class doc)."""
