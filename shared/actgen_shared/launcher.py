@@ -30,8 +30,9 @@ class GeneratorStartError(RuntimeError):
 class GeneratorProcess:
     """One ``actgen-generator serve`` child process; use as a context manager.
 
-    ``env`` entries are added to (not replacing) the current environment; ``redis_url`` None
-    lets the replica start its own embedded Redis. ``model`` None means the tiny model.
+        ``env`` entries are added to (not replacing) the current environment; ``redis_url`` None
+        lets the replica start its own embedded Redis. ``model`` None means the random-weight tiny model
+    (unless ACTGEN_MODEL names one); ``""`` leaves ``serve`` its default (the shipped digits model).
     """
 
     def __init__(
@@ -80,6 +81,8 @@ class GeneratorProcess:
         ]
         if self.model:
             args += ["--model", self.model]
+        elif self.model is None and not {**os.environ, **self.env}.get("ACTGEN_MODEL"):
+            args += ["--model", "tiny"]  # the random-weight tiny model; "" leaves serve its own default
         return args + self.extra_args
 
     def start(self) -> GeneratorProcess:

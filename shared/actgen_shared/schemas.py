@@ -370,6 +370,10 @@ class MemoryBankInfo(BaseModel):
 
 class Info(BaseModel):
     model: str
+    model_description: str | None = Field(None, description="what the model is and what it is for")
+    model_classes: list[str] | None = Field(
+        None, description="the class names the model was trained on (None: any, as SD 2.1)"
+    )
     device: str
     dtype: str
     replica_id: str

@@ -1,7 +1,8 @@
 """``actgen-generator serve``: one replica (API + worker) under uvicorn.
 
 With no ``REDIS_URL`` a private redis-server is started and its URL printed; with no model
-the tiny SD-architecture model is built. SIGTERM stops the worker at once (its batch is
+the trained tiny digits model shipped in the package is served (the start-up line says which
+model, and what it is for). SIGTERM stops the worker at once (its batch is
 interrupted at the next step and unfinished jobs go back to the queue), then uvicorn drains.
 
 The environment and the model's name are checked first, before Redis starts or torch, diffusers
@@ -18,7 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from actgen_generator.contract import SAMPLERS
-from actgen_generator.model_source import ModelSourceError, resolve_model_source
+from actgen_generator.model_source import ModelSourceError, describe_model, resolve_model_source, serve_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import uvicorn
@@ -41,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--model",
         default=None,
-        help="hub id, diffusers folder or .safetensors/.ckpt file (default: ACTGEN_MODEL, else the tiny model)",
+        help="hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny' (random weights, for tests) "
+        "(default: ACTGEN_MODEL, else the trained digits model shipped in the package)",
     )
     parser.add_argument(
         "--device",
@@ -79,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()  # SettingsError: the CLI prints it, exit 2
     if not args.no_worker and args.sampler == "guided":
-        try:
-            resolve_model_source(args.model or settings.model, settings.model_revision)
+        try:  # no model named: the packaged trained digits model (or a refusal), never noise
+            args.model = serve_model(args.model or settings.model)
+            resolve_model_source(args.model, settings.model_revision)
         except ModelSourceError as exc:
             print(f"actgen-generator serve: error: {exc}", file=sys.stderr)
             return 2
@@ -118,8 +121,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         # uvicorn re-raises the signal after its graceful shutdown: make that a clean exit 0
         signal.signal(signal.SIGTERM, _exit_after_shutdown)
         svc.on_fatal = lambda: setattr(server, "should_exit", True)
+        serving = ""
+        if not args.no_worker and args.sampler == "guided":
+            serving = f", model {describe_model(args.model, settings.model_revision).line()}"
         print(
-            f"generator {svc.replica_id} on http://{args.host}:{args.port} ({docs_note(settings)})",
+            f"generator {svc.replica_id} on http://{args.host}:{args.port} ({docs_note(settings)}){serving}",
             flush=True,
         )
         server.run()
