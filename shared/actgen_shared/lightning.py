@@ -114,7 +114,7 @@ class ActGenCallback(pl.Callback):
             not hasattr(hard_samples, "__getitem__")
             or not hasattr(hard_samples, "__len__")
             or not len(hard_samples)
-        ):  # type: ignore[arg-type]
+        ):
             raise ValueError(
                 "hard_samples must be a non-empty map-style Dataset of (normalised image, label)"
             )
@@ -199,7 +199,7 @@ class ActGenCallback(pl.Callback):
 
     def _mine(self, pl_module: pl.LightningModule, rank: int, world: int, epoch: int) -> dict[str, Any]:
         """This rank's share of the hard-sample set, scored; the chosen guides."""
-        shard = Subset(self.hard_samples, range(rank, len(self.hard_samples), world))  # type: ignore[arg-type]
+        shard = Subset(self.hard_samples, range(rank, len(self.hard_samples), world))
         was_training = pl_module.training
         pl_module.eval()
         probs, targets = [], []
