@@ -23,7 +23,7 @@ from actgen_shared.schemas import START_CURSOR, JobStatus, ResultItem
 
 RESULTS_PAGE = 100
 # a request made while a deadline runs gets what is left of it, never less than this
-MIN_REQUEST_S = 0.5
+MIN_REQUEST_S = 0.25
 GONE = "the generator no longer knows it (404: a replica restarted without its Redis, or it expired)"
 
 
@@ -105,7 +105,7 @@ class ResultsIntake:
                 after=after,
                 limit=RESULTS_PAGE,
                 wait_s=wait_s,
-                timeout_s=self._timeout(deadline, 0.5),
+                timeout_s=self._timeout(deadline, 0.25),
             )
             wait_s = 0.0
             for item in page.items:
@@ -182,8 +182,8 @@ class ResultsIntake:
             left = deadline - time.monotonic() if self.ranks.main else 0.0
             if self.ranks.broadcast(not self.ledger.pending or left <= 0):
                 break
-            # the long poll ends half a second before the deadline: its answer has time to come
-            taken += self.refresh(epoch, wait_s=min(max(left - 0.5, 0.0), 2.0), deadline=deadline)
+            # the long poll ends a quarter second before the deadline: its answer has time to come
+            taken += self.refresh(epoch, wait_s=min(max(left - 0.25, 0.0), 2.0), deadline=deadline)
             if self.ranks.main and self.read_failed:  # the generator is away: do not spin
                 time.sleep(max(min(self.backoff_s, deadline - time.monotonic()), 0.0))
         if self.ledger.pending:
