@@ -173,8 +173,13 @@ class Worker:
             if heartbeat is not None:
                 heartbeat.cancel()
             await self._release_all()
-            if self.heartbeat is not None:
+            if self.heartbeat is not None:  # no beat may come after stop.lua dropped the key
                 await asyncio.to_thread(self.heartbeat.stop)
+            if not self._abandoned:  # the name is ours still: give it back
+                try:
+                    await self.consumer.stop()
+                except RedisError as exc:
+                    log_event("worker.stop_failed", replica=self.name, error=str(exc))
             log_event("worker.stopped", replica=self.name)
 
     async def _round(self) -> None:
@@ -202,10 +207,6 @@ class Worker:
                 log_event("job.release_failed", delivery.job_id, replica=self.name, error=str(exc))
         self.active.clear()
         self.admitting.clear()
-        try:
-            await self.consumer.stop()
-        except RedisError as exc:
-            log_event("worker.stop_failed", replica=self.name, error=str(exc))
 
     async def _touch_classifiers(self) -> None:
         """Keep the classifiers of running jobs from expiring (at most once a minute)."""
