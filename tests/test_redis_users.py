@@ -149,7 +149,9 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         capture_output=True,
     )  # fmt: skip
     users = tmp_path / "users.acl"
-    users.write_text(f"user default off\nuser trainer-pool on >{PASSWORDS['generator']} ~actgen:* ~ &* +@all\n")
+    users.write_text(
+        f"user default off\nuser trainer-pool on >{PASSWORDS['generator']} ~actgen:* ~ &* +@all\n"
+    )
     port = free_port()
     process = _start(
         [find_redis_server(), "--tls-port", str(port), "--tls-cert-file", str(cert),
