@@ -165,3 +165,31 @@ def test_a_big_body_is_dropped_from_redis_when_its_job_ends(
     finally:
         r.close()
     assert size is not None and size < 2**20, f"{size} bytes"
+
+
+def test_the_server_answers_503_past_its_concurrency_limit(redis_url: str, prefix: str) -> None:
+    """uvicorn's limit_concurrency (ACTGEN_LIMIT_CONCURRENCY): with 8 connections busy (long-polls),
+    the next request is refused at once instead of queueing behind them."""
+    limit = 8
+    env = {"ACTGEN_LIMIT_CONCURRENCY": str(limit)}
+    with replica(redis_url, prefix, None, env=env, extra_args=["--sampler", "echo", "--no-worker"]) as proc:
+        run = new_run_id()
+        with httpx.Client(base_url=proc.url, timeout=30) as client:
+            assert client.post("/v1/jobs", json=job_body(run)).status_code == 202  # the run is known
+
+        async def scenario() -> tuple[int, float]:
+            async with httpx.AsyncClient(base_url=proc.url, timeout=30) as http:
+                polls = [
+                    asyncio.create_task(http.get(f"/v1/runs/{run}/results", params={"wait": 8}))
+                    for _ in range(limit)
+                ]
+                await asyncio.sleep(3.0)  # the polls hold every slot (they end after 8 s)
+                assert not any(t.done() for t in polls)
+                started = time.monotonic()
+                refused = await http.get("/v1/info")
+                took = time.monotonic() - started
+                await asyncio.gather(*polls)
+                return refused.status_code, took
+
+        status, took = asyncio.run(scenario())
+    assert status == 503 and took < 2.0

@@ -214,9 +214,12 @@ class Worker:
         if self.classifiers is None or now < self._next_touch:
             return
         self._next_touch = now + min(60.0, self.settings.classifier_ttl_s / 4)
-        refs = {j.request.classifier_ref for j in self.active.values() if j.request.classifier_ref}
-        if refs:
-            await self.classifiers.store.touch(*sorted(refs))
+        by_tenant: dict[str, set[str]] = {}
+        for job in self.active.values():
+            if job.request.classifier_ref:
+                by_tenant.setdefault(tenant_of_job(job.job_id), set()).add(job.request.classifier_ref)
+        for tenant, refs in sorted(by_tenant.items()):
+            await self.classifiers.store.touch(*sorted(refs), tenant=tenant)
 
     def _tracked(self) -> dict[str, float]:
         """Entry id -> time it was handed to us, for every delivery this worker holds."""
