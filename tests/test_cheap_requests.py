@@ -168,8 +168,8 @@ def test_a_big_body_is_dropped_from_redis_when_its_job_ends(
 
 
 def test_the_server_answers_503_past_its_concurrency_limit(redis_url: str, prefix: str) -> None:
-    """uvicorn's limit_concurrency (ACTGEN_LIMIT_CONCURRENCY): with 8 connections busy (long-polls),
-    the next request is refused at once instead of queueing behind them."""
+    """uvicorn's limit_concurrency (ACTGEN_LIMIT_CONCURRENCY): with the limit's connections open (7
+    long-polls waiting, and the request itself), a request is refused at once instead of queueing."""
     limit = 8
     env = {"ACTGEN_LIMIT_CONCURRENCY": str(limit)}
     with replica(redis_url, prefix, None, env=env, extra_args=["--sampler", "echo", "--no-worker"]) as proc:
@@ -181,14 +181,14 @@ def test_the_server_answers_503_past_its_concurrency_limit(redis_url: str, prefi
             async with httpx.AsyncClient(base_url=proc.url, timeout=30) as http:
                 polls = [
                     asyncio.create_task(http.get(f"/v1/runs/{run}/results", params={"wait": 8}))
-                    for _ in range(limit)
+                    for _ in range(limit - 1)
                 ]
                 await asyncio.sleep(3.0)  # the polls hold every slot (they end after 8 s)
                 assert not any(t.done() for t in polls)
                 started = time.monotonic()
                 refused = await http.get("/v1/info")
                 took = time.monotonic() - started
-                await asyncio.gather(*polls)
+                assert [r.status_code for r in await asyncio.gather(*polls)] == [200] * (limit - 1)
                 return refused.status_code, took
 
         status, took = asyncio.run(scenario())
