@@ -78,9 +78,14 @@ def test_a_hung_step_ends_the_replica_and_another_finishes_its_jobs_once(redis_u
             hung.stop()
         direct = redis.Redis.from_url(redis_url)
         try:
+            losses = []
             for job_id in job_ids:  # back on the queue, no delivery spent on a device's fault
                 job = {k.decode(): v.decode() for k, v in direct.hgetall(f"{prefix}job:{job_id}").items()}
-                assert (job["status"], job["deliveries"], job["device_losses"]) == ("queued", "0", "1"), job
+                assert (job["status"], job["deliveries"]) == ("queued", "0"), job
+                losses.append(job.get("device_losses"))
+            # the hung batch's jobs count a device loss; a job that only waited there (posted after
+            # the batch began) was released without one
+            assert "1" in losses and set(losses) <= {"1", None}, losses
             with replica(redis_url, prefix, "finishes", extra_args=["--sampler", "echo"]) as other:
                 with httpx.Client(base_url=other.url, timeout=10) as client:
                     for job_id in job_ids:

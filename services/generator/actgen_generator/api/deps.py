@@ -53,7 +53,6 @@ async def get_principal(
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-require_api_key = get_principal  # the name routes and tests knew
 
 
 async def get_queue(request: Request) -> JobQueue:
@@ -117,6 +116,5 @@ __all__ = [
     "get_queue",
     "get_service",
     "refuse_when_full",
-    "require_api_key",
     "service_of",
 ]
