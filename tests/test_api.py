@@ -194,9 +194,12 @@ def test_idempotency_key_returns_the_first_job(client: GeneratorClient) -> None:
     run = new_run_id()
     key = f"idem-{run}"
     first = client.submit(job_body(run, n_items=1, idempotency_key=key))
-    again = client.submit(job_body(run, n_items=2, idempotency_key=key))
+    again = client.submit(job_body(run, n_items=1, idempotency_key=key))  # a retry: the same body
     assert not first.duplicate and again.duplicate
     assert again.job_id == first.job_id
+    with pytest.raises(GeneratorError) as err:  # the key bound to another body (issue 27)
+        client.submit(job_body(run, n_items=2, idempotency_key=key))
+    assert err.value.status == 422 and "idempotency_key" in err.value.message
     state = client.wait(first.job_id, timeout_s=WAIT_S)
     assert state.result is not None and len(state.result.items) == 1
 

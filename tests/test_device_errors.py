@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
 from service_helpers import job_body, key_prefix_for, new_run_id, wait_until
@@ -108,7 +109,8 @@ def test_a_nonfinite_gradient_is_in_the_items_record_and_the_metrics(api: TestCl
 
 def test_a_lost_device_ends_the_replica_and_hands_its_job_back(api: TestClient) -> None:
     """The UNet raises what CUDA says after an illegal memory access: the job is not failed but put
-    back on the queue (its delivery counts), /readyz says why the replica is out, and it stops."""
+    back on the queue (as a device loss: its delivery does not count), /readyz says why the
+    replica is out, and it stops."""
     svc = _service(api)
     assert svc.worker is not None and svc.worker_task is not None
     fatal = threading.Event()
@@ -122,7 +124,12 @@ def test_a_lost_device_ends_the_replica_and_hands_its_job_back(api: TestClient) 
     wait_until(lambda: fatal.is_set() or _state(api, job_id).status.is_final, "the replica to react", WAIT_S)
     state = _state(api, job_id)
     assert fatal.is_set(), f"the replica did not end: {state}"
-    assert state.status is JobStatus.queued and state.error is None and state.deliveries == 1
+    assert state.status is JobStatus.queued and state.error is None and state.deliveries == 0
+    direct = redis.Redis.from_url(svc.settings.redis_url or "")
+    try:  # counted apart, against ACTGEN_MAX_DEVICE_LOSSES
+        assert direct.hget(svc.settings.keys.job(job_id), "device_losses") == b"1"
+    finally:
+        direct.close()
     ready = api.get("/readyz")
     assert ready.status_code == 503 and "illegal memory access" in ready.json()["error"]["message"]
     wait_until(svc.worker_task.done, "the worker to stop", WAIT_S)

@@ -191,9 +191,10 @@ def test_scaledobject_reads_the_real_stream_and_group(objects: list[dict[str, An
         assert meta["consumerGroup"] == CONSUMER_GROUP
         assert meta["address"] == address
         assert meta.get("databaseIndex", "0") == "0"
+        assert meta["username"] == "keda"  # Redis's read-only ACL user (tests/test_redis_users.py)
         auth = _one(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
         [ref] = auth["spec"]["secretTargetRef"]
-        assert (ref["parameter"], ref["name"], ref["key"]) == ("password", SECRET, "redis-password")
+        assert (ref["parameter"], ref["name"], ref["key"]) == ("password", SECRET, "redis-keda-password")
     [lag] = [t["metadata"] for t in triggers if "lagCount" in t["metadata"]]
     assert int(lag["lagCount"]) >= 1 and int(lag["activationLagCount"]) == 0
 
@@ -271,7 +272,7 @@ def test_worker_probes_and_replica_id(objects: list[dict[str, Any]]) -> None:
 
 
 def test_generator_env_names_are_the_settings_names(objects: list[dict[str, Any]]) -> None:
-    known = set(ENV.values()) | {"REDIS_PASSWORD", "HF_HOME"}
+    known = set(ENV.values()) | {"REDIS_GENERATOR_PASSWORD", "HF_HOME"}  # expanded into REDIS_URL
     for name in ("generator-api", "generator-worker"):
         deployment = _one(objects, "Deployment", name)
         for container in deployment["spec"]["template"]["spec"]["containers"]:
@@ -420,8 +421,9 @@ def test_generators_reach_redis_by_its_service_with_the_password(objects: list[d
         for container in _one(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]:
             names = [e["name"] for e in container["env"]]
             url = _env(container)["REDIS_URL"]["value"]
-            assert url == "redis://:$(REDIS_PASSWORD)@redis:6379/0"
-            assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")  # the kubelet expands in order
+            assert url == "redis://generator:$(REDIS_GENERATOR_PASSWORD)@redis:6379/0"  # its ACL user
+            assert names.index("REDIS_GENERATOR_PASSWORD") < names.index("REDIS_URL")  # expanded in order
+            assert _env(container)["ACTGEN_DURABLE_ACK"]["value"] == "1"  # Redis 7.4 has WAITAOF
 
 
 # --- secrets ----------------------------------------------------------------------------------
@@ -438,7 +440,13 @@ def test_secrets_come_from_the_secret_never_inlined(objects: list[dict[str, Any]
                 if SECRET_LIKE.search(env["name"]):
                     assert "value" not in env, f"{obj['metadata']['name']}: {env['name']} is inlined"
                     ref = env["valueFrom"]["secretKeyRef"]
-                    assert ref["name"] == SECRET and ref["key"] in ("api-key", "redis-password", "hf-token")
+                    assert ref["name"] == SECRET and ref["key"] in (
+                        "api-key",
+                        "redis-password",
+                        "redis-generator-password",
+                        "redis-keda-password",
+                        "hf-token",
+                    )
                     assert ref.get("optional", False) == (
                         ref["key"] == "hf-token"
                     )  # only the token may be absent

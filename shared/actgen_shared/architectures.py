@@ -14,6 +14,7 @@ registry or in timm's list is built. torch (and timm) are imported lazily so tha
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,6 +152,7 @@ def timm_name(architecture: str) -> str | None:
     return architecture[len(TIMM_PREFIX) :] if architecture.startswith(TIMM_PREFIX) else None
 
 
+@cache  # timm's list is fixed for the process; asked on every upload and every build
 def _timm_models() -> frozenset[str]:
     try:
         import timm

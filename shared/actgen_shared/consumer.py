@@ -236,6 +236,7 @@ class Consumer:
                 DEAD_LETTER_MAXLEN,
                 self.name if start else "",
                 self.token if start else "",
+                q.settings.max_device_losses,
             ],
         )
         if as_str(reply[0]) != "ok":
@@ -307,7 +308,9 @@ class Consumer:
         self, delivery: Delivery, items: list[StoredItem], bank_cap: int, result: JobResult | None
     ) -> tuple[int, int | None]:
         """store.lua: (items that were new, finish.lua's answer when a result was given)."""
-        q, k, req, job_id = self.queue, self._k, delivery.request, delivery.job_id
+        q, req, job_id = self.queue, delivery.request, delivery.job_id
+        k = self._k.for_job(job_id)  # results and bank in the job's tenant
+        bank = req.memory_bank_key or ""
         keys = [
             k.job(job_id),
             k.job_done_items(job_id),
@@ -316,6 +319,7 @@ class Consumer:
             k.jobs_stream,
             k.job_progress(job_id),
             k.cancel(job_id),
+            k.bank_index(bank),
         ]
         args: list[bytes | str | int | float] = [
             q.settings.result_ttl_s,
@@ -332,7 +336,6 @@ class Consumer:
             repr(time.time()),
             "" if result is None else result.model_dump_json(),
         ]
-        bank = req.memory_bank_key or ""
         for item in items:
             keys += [
                 k.job_image(job_id, item.index),
@@ -347,7 +350,7 @@ class Consumer:
                 item.png,
                 item.latent or b"",
             ]
-        reply = await q.scripts.store(keys=keys, args=args)
+        reply = await q.durably(q.scripts.store, keys, args)  # ACTGEN_DURABLE_ACK: fsynced first
         return int(reply[0]), (int(reply[1]) if len(reply) > 1 else None)
 
     async def _finish(self, delivery: Delivery, status: JobStatus, field: str, value: str) -> int:
@@ -383,11 +386,13 @@ class Consumer:
     async def mark_cancelled(self, delivery: Delivery) -> None:
         await self._finish(delivery, JobStatus.cancelled, "", "")
 
-    async def _put_back(self, delivery: Delivery, counts: bool, note: str) -> bool:
+    async def _put_back(self, delivery: Delivery, mode: str, note: str) -> bool:
+        """release.lua; ``mode`` '1': the delivery counts, '0': it does not, 'device': it does
+        not but counts as a device loss (bounded by ``max_device_losses``)."""
         q, k = self.queue, self._k
         n = await q.scripts.release(
             keys=[k.job(delivery.job_id), k.jobs_by_status, k.jobs_stream],
-            args=[q.group, delivery.entry_id, self.name, delivery.job_id, 1 if counts else 0, note],
+            args=[q.group, delivery.entry_id, self.name, delivery.job_id, mode, note],
         )
         return bool(int(n))
 
@@ -396,11 +401,17 @@ class Consumer:
 
         Does not use up a delivery, and does nothing if the entry is no longer ours.
         """
-        await self._put_back(delivery, counts=False, note="")
+        await self._put_back(delivery, "0", note="")
 
     async def retry(self, delivery: Delivery, error: str) -> None:
         """Put the job back after a transient error; the delivery counts toward max_deliveries."""
-        await self._put_back(delivery, counts=True, note=error)
+        await self._put_back(delivery, "1", note=error)
+
+    async def device_lost(self, delivery: Delivery, error: str) -> None:
+        """Put the job back after this replica's device failed (or hung) under it: the delivery
+        does not count toward max_deliveries (the job did nothing wrong) but toward
+        max_deliveries's separate bound for device losses, ``max_device_losses``."""
+        await self._put_back(delivery, "device", note=error)
 
     async def stop(self) -> None:
         """Delete our heartbeat key if it is still ours, and our name in the group if nothing is

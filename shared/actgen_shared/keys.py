@@ -2,13 +2,43 @@
 
 All keys live under a configurable prefix (default ``actgen:``), so several deployments or
 test runs can share one Redis server without seeing each other.
+
+Tenants (docs/architecture.md, "Tenants"): every name a client chooses (run id, memory bank,
+idempotency key, classifier) is scoped by its tenant (``{tenant}/{name}``), and a job id carries
+its tenant (``{tenant}.{hex}``), so two tenants never share a key. The ``default`` tenant (the
+single ``ACTGEN_API_KEY``, or no key) keeps the unscoped names of earlier versions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import uuid
+from dataclasses import dataclass, replace
 
 CONSUMER_GROUP = "generators"
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"  # no '.' (job ids) and no '/' (scoped names)
+_TENANT = re.compile(TENANT_PATTERN)
+JOB_TENANT_SEPARATOR = "."
+
+
+def check_tenant(tenant: str) -> str:
+    """A tenant name as keys use it; ValueError otherwise."""
+    if not _TENANT.match(tenant):
+        raise ValueError(f"tenant {tenant!r} must match {TENANT_PATTERN}")
+    return tenant
+
+
+def new_job_id(tenant: str = DEFAULT_TENANT) -> str:
+    """A fresh job id of ``tenant``: 128 random bits, after ``{tenant}.`` unless the default tenant."""
+    hex_ = uuid.uuid4().hex
+    return hex_ if tenant == DEFAULT_TENANT else f"{tenant}{JOB_TENANT_SEPARATOR}{hex_}"
+
+
+def tenant_of_job(job_id: str) -> str:
+    """The tenant a job id belongs to (what comes before its ``.``; none: the default tenant)."""
+    head, sep, _ = job_id.partition(JOB_TENANT_SEPARATOR)
+    return head if sep else DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -16,6 +46,19 @@ class Keys:
     """Builds the project's Redis key names under one prefix."""
 
     prefix: str = "actgen:"
+    tenant: str = DEFAULT_TENANT  # scopes the names a client chooses (runs, banks, classifiers)
+
+    def for_tenant(self, tenant: str) -> Keys:
+        """The same keys, with names scoped by ``tenant``."""
+        return self if tenant == self.tenant else replace(self, tenant=check_tenant(tenant))
+
+    def for_job(self, job_id: str) -> Keys:
+        """The keys of the tenant that owns ``job_id``."""
+        return self.for_tenant(tenant_of_job(job_id))
+
+    def scoped(self, name: str) -> str:
+        """A client-chosen name inside this tenant (unchanged for the default tenant)."""
+        return name if self.tenant == DEFAULT_TENANT else f"{self.tenant}/{name}"
 
     # --- job queue -------------------------------------------------------------------------
     @property
@@ -48,7 +91,13 @@ class Keys:
         return f"{self.prefix}job:{job_id}:progress"
 
     def idempotency(self, key: str) -> str:
-        return f"{self.prefix}idem:{key}"
+        """String ``{job id} {sha256 of the body}``: a resubmit finds its job, a changed body is refused."""
+        return f"{self.prefix}idem:{self.scoped(key)}"
+
+    @property
+    def usage(self) -> str:
+        """Hash ``jobs`` / ``bytes``: this tenant's queued and running jobs and their request bytes."""
+        return f"{self.prefix}usage:{self.tenant}"
 
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}cancel:{job_id}"
@@ -64,31 +113,36 @@ class Keys:
     # --- results ---------------------------------------------------------------------------
     def run_results(self, run_id: str) -> str:
         """Stream with one entry per finished item of a run; the trainer's cursor is an id in it."""
-        return f"{self.prefix}run:{run_id}:results"
+        return f"{self.prefix}run:{self.scoped(run_id)}:results"
+
+    def run(self, run_id: str) -> str:
+        """A run this tenant submitted to (set at each submit, expires with its results)."""
+        return f"{self.prefix}run:{self.scoped(run_id)}"
+
+    def run_tenants(self, run_id: str) -> str:
+        """Set of the tenants that submitted to a run id (not scoped: it is how another tenant's
+        run is told from one nobody has used, a 404 against an empty page)."""
+        return f"{self.prefix}runtenants:{run_id}"
 
     # --- memory banks and classifiers ------------------------------------------------------
     def bank(self, bank_key: str, class_id: int) -> str:
         """List of float16 latents (safetensors bytes), newest first, capped (LTRIM)."""
-        return f"{self.prefix}bank:{bank_key}:{class_id}"
+        return f"{self.prefix}bank:{self.scoped(bank_key)}:{class_id}"
 
-    def bank_pattern(self, bank_key: str) -> str:
-        return f"{self.prefix}bank:{bank_key}:*"
-
-    def bank_class_id(self, bank_key: str, key: str) -> int | None:
-        """The class id of a key matched by ``bank_pattern``, or None when it is not one."""
-        head = self.bank(bank_key, 0)[:-1]
-        tail = key[len(head) :] if key.startswith(head) else ""
-        return int(tail) if tail.isdigit() else None
+    def bank_index(self, bank_key: str) -> str:
+        """Hash class id -> 1 for each class the bank holds, plus ``_`` from the first submit that
+        names it: GET and DELETE find a bank's lists here, never by a keyspace scan."""
+        return f"{self.prefix}bankidx:{self.scoped(bank_key)}"
 
     def classifier(self, sha256_hex: str) -> str:
         """Safetensors bytes of an uploaded classifier."""
-        return f"{self.prefix}clf:{sha256_hex}"
+        return f"{self.prefix}clf:{self.scoped(sha256_hex)}"
 
     def classifier_meta(self, sha256_hex: str) -> str:
         """JSON metadata of an uploaded classifier."""
-        return f"{self.prefix}clf:{sha256_hex}:meta"
+        return f"{self.prefix}clf:{self.scoped(sha256_hex)}:meta"
 
     def classifier_jobs(self, sha256_hex: str) -> str:
         """Set of the ids of jobs submitted with this classifier (a delete refuses while one of
         them is queued or running)."""
-        return f"{self.prefix}clf:{sha256_hex}:jobs"
+        return f"{self.prefix}clf:{self.scoped(sha256_hex)}:jobs"

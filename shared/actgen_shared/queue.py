@@ -35,20 +35,21 @@ latents are binary. ``connect`` makes a suitable client.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import time
-import uuid
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # the consumer's liveness, re-exported: the API starts a replica with the queue
 from actgen_shared.heartbeat import Heartbeat, ReplicaIdInUse, new_token
-from actgen_shared.keys import CONSUMER_GROUP, Keys
+from actgen_shared.keys import CONSUMER_GROUP, DEFAULT_TENANT, Keys, new_job_id
 from actgen_shared.replies import as_str, stream_entries
 from actgen_shared.schemas import START_CURSOR, JobRequest, JobResult, JobState, JobStatus, Progress
 from actgen_shared.scripts import Scripts
@@ -63,14 +64,57 @@ _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
 
 
-def connect(url: str, socket_timeout: float | None = None) -> aioredis.Redis:
+def connect(
+    url: str,
+    socket_timeout: float | None = None,
+    max_connections: int | None = None,
+    pool_timeout_s: float = 10.0,
+) -> aioredis.Redis:
     """An asyncio Redis client fit for the queue (bytes replies, RESP2).
 
     ``socket_timeout`` must exceed the longest blocking read the caller makes (a long-poll of
-    :meth:`JobQueue.read_results`): redis-py's default would cut it short.
+    :meth:`JobQueue.read_results`): redis-py's default would cut it short. ``max_connections``
+    sizes the pool explicitly: a request that finds every connection busy waits up to
+    ``pool_timeout_s`` for one (a blocking pool) instead of failing with "Too many connections".
+    ``rediss://user:password@host`` (TLS, an ACL user) works as redis-py reads it.
     """
     extra: dict[str, Any] = {} if socket_timeout is None else {"socket_timeout": socket_timeout}
+    if max_connections is not None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=False,
+            health_check_interval=30,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            **extra,
+        )
+        return aioredis.Redis(connection_pool=pool)
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30, **extra)
+
+
+class NotDurable(RuntimeError):
+    """ACTGEN_DURABLE_ACK=1 and the append-only file did not hold a write on disk in time."""
+
+
+class SubmitRefused(Exception):
+    """A submit the queue refused; ``status`` is the HTTP status the API answers with."""
+
+    status = 422
+
+
+class IdempotencyConflict(SubmitRefused):
+    """The idempotency key names an earlier job whose body was different."""
+
+
+class QuotaExceeded(SubmitRefused):
+    """The tenant holds its cap of jobs in flight or of request bytes (the message names it)."""
+
+    status = 429
+
+
+def body_hash(request: JobRequest) -> str:
+    """sha256 of a request's canonical JSON, as sent (before the service fixes its seed)."""
+    return hashlib.sha256(request.model_dump_json().encode("utf-8")).hexdigest()
 
 
 def validate_cursor(cursor: str) -> str:
@@ -96,6 +140,27 @@ class JobQueue:
         self.scripts = Scripts.register(redis)  # public: the Consumer runs them too
         self._memory_checked = -1e9
         self._memory_note: str | None = None
+        self.durable_acks = 0  # writes WAITAOF confirmed on disk (ACTGEN_DURABLE_ACK=1)
+
+    # --- durability --------------------------------------------------------------------------
+    async def durably(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """Run a script; with ``settings.durable_ack``, follow it on the same connection with
+        ``WAITAOF 1 0`` and return only once Redis has fsynced it (NotDurable after
+        ``durable_ack_timeout_s``). Counts ``durable_acks`` (the fsyncs confirmed)."""
+        if not self.settings.durable_ack:
+            return await script(keys=keys, args=args)
+        timeout_ms = max(1, int(self.settings.durable_ack_timeout_s * 1000))
+        async with self.redis.pipeline(transaction=False) as pipe:  # one connection for both
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAITAOF", 1, 0, timeout_ms)
+            reply, (local, _) = await pipe.execute()
+        if int(local) < 1:
+            raise NotDurable(
+                f"Redis did not fsync the write within {self.settings.durable_ack_timeout_s:g} s "
+                "(ACTGEN_DURABLE_ACK_TIMEOUT_S)"
+            )
+        self.durable_acks += 1
+        return reply
 
     # --- jobs --------------------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -106,45 +171,96 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, request: JobRequest, job_id: str | None = None) -> tuple[str, bool]:
-        """Queue a job in one atomic step; returns (job id, duplicate).
+    async def submit(
+        self,
+        request: JobRequest,
+        job_id: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+        request_hash: str = "",
+    ) -> tuple[str, bool]:
+        """Queue a job of ``tenant`` in one atomic step; returns (job id, duplicate).
 
         With ``request.idempotency_key`` set, a resubmit returns the first job's id and
-        ``duplicate=True`` (for ``result_ttl_s``), whatever its body. A ``classifier_ref`` must
-        name a stored classifier (LookupError otherwise, e.g. deleted meanwhile); the job is
-        recorded as one of its users and its TTL starts again.
+        ``duplicate=True`` (for ``result_ttl_s``) when its ``request_hash`` (:func:`body_hash`)
+        is the first one's; another body raises IdempotencyConflict. Keys are the tenant's own:
+        another tenant's key, run or classifier is never seen. A ``classifier_ref`` must name a
+        stored classifier (LookupError otherwise, e.g. deleted meanwhile); the job is recorded as
+        one of its users and its TTL starts again. QuotaExceeded when the tenant holds
+        ``tenant_max_jobs`` jobs in flight or ``tenant_max_bytes`` of request bodies.
         """
-        job_id = job_id or uuid.uuid4().hex
-        k = self.keys
+        k = self.keys.for_tenant(tenant)
+        job_id = job_id or new_job_id(tenant)
         idem = k.idempotency(request.idempotency_key) if request.idempotency_key else ""
         clf = ["", "", ""]
         if request.classifier_ref:
             hex_ = request.classifier_ref.removeprefix("sha256:")
             clf = [k.classifier(hex_), k.classifier_meta(hex_), k.classifier_jobs(hex_)]
-        first, outcome = await self.scripts.submit(
-            keys=[idem, k.job(job_id), k.jobs_stream, k.jobs_by_status, *clf],
+        bank = k.bank_index(request.memory_bank_key) if request.memory_bank_key else ""
+        body = request.model_dump_json()
+        settings = self.settings
+        first, outcome = await self.durably(
+            self.scripts.submit,
+            keys=[
+                idem,
+                k.job(job_id),
+                k.jobs_stream,
+                k.jobs_by_status,
+                *clf,
+                k.usage,
+                k.run(request.run_id),
+                bank,
+                k.run_tenants(request.run_id),
+            ],
             args=[
                 job_id,
-                request.model_dump_json(),
+                body,
                 request.run_id,
                 request.epoch,
                 repr(time.time()),
                 len(request.items),
-                self.settings.result_ttl_s,
-                self.settings.classifier_ttl_s,
+                settings.result_ttl_s,
+                settings.classifier_ttl_s,
+                request_hash,
+                settings.tenant_max_jobs,
+                settings.tenant_max_bytes,
+                settings.bank_ttl_s,
+                1 if request.options.return_latents else 0,
+                k.tenant,
             ],
         )
-        if int(outcome) == 2:
+        outcome = int(outcome)
+        if outcome == 2:
             raise LookupError(f"classifier_ref: {request.classifier_ref} is not known (deleted or expired)")
-        return as_str(first) or job_id, bool(int(outcome))
+        if outcome == 3:
+            raise IdempotencyConflict(
+                f"idempotency_key: {request.idempotency_key!r} was used for job {as_str(first)} with "
+                "another body; a retry must send the same body (or use a new key)"
+            )
+        if outcome == 4:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {settings.tenant_max_jobs} jobs queued or running, its cap "
+                "(ACTGEN_TENANT_MAX_JOBS): wait for some to finish"
+            )
+        if outcome == 5:
+            raise QuotaExceeded(
+                f"tenant {tenant!r}: this job's {len(body)} bytes would take its queued and running "
+                f"jobs over {settings.tenant_max_bytes} bytes, its cap (ACTGEN_TENANT_MAX_BYTES)"
+            )
+        return as_str(first) or job_id, bool(outcome)
 
-    async def memory_pressure(self) -> str | None:
+    async def usage(self, tenant: str = DEFAULT_TENANT) -> tuple[int, int]:
+        """(jobs queued or running, bytes of their request bodies) of a tenant."""
+        raw = await self.redis.hmget(self.keys.for_tenant(tenant).usage, ["jobs", "bytes"])
+        return int(raw[0] or 0), int(raw[1] or 0)
+
+    async def memory_pressure(self, redis: aioredis.Redis | None = None) -> str | None:
         """Why Redis is too full to take more work (used_memory at or over ``redis_memory_high``
-        of maxmemory), or None. Cached for a second: submit asks on every request."""
+        of maxmemory), or None. Cached for a second: submit asks on every request. ``redis``:
+        the client to ask on (/readyz uses its own)."""
         now = time.monotonic()
         if now - self._memory_checked < 1.0:
             return self._memory_note
-        info = await self.redis.info("memory")
+        info = await (redis or self.redis).info("memory")
         used, cap = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
         note = None
         if cap > 0 and used >= self.settings.redis_memory_high * cap:
@@ -208,8 +324,18 @@ class JobQueue:
         )
 
     async def request(self, job_id: str) -> JobRequest | None:
+        """The job's request while it is queued or running (a final job's body is dropped)."""
         raw = await self.redis.hget(self.keys.job(job_id), "request")
         return JobRequest.model_validate_json(raw) if raw else None
+
+    async def latents_wanted(self, job_id: str) -> tuple[int, bool] | None:
+        """(items, whether latents were asked for) of a job; None for an unknown job."""
+        status, n_items, wanted = await self.redis.hmget(
+            self.keys.job(job_id), ["status", "n_items", "return_latents"]
+        )
+        if status is None:
+            return None
+        return int(n_items or 0), (as_str(wanted) or "1") == "1"
 
     async def cancel(self, job_id: str) -> JobStatus | None:
         """Cancel: a queued job at once; a running one by flag (the worker stops between steps).
@@ -264,20 +390,38 @@ class JobQueue:
         ]
 
     # --- results -----------------------------------------------------------------------------
+    async def run_of_another(self, run_id: str, tenant: str = DEFAULT_TENANT) -> bool:
+        """Whether the run id is another tenant's only: this tenant never submitted to it (and
+        has no results of it) while another did (within the result TTL)."""
+        k = self.keys.for_tenant(tenant)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(k.run(run_id), k.run_results(run_id))
+            pipe.scard(k.run_tenants(run_id))
+            ours, users = await pipe.execute()
+        return not int(ours) and int(users) > 0
+
     async def read_results(
-        self, run_id: str, after: str = START_CURSOR, limit: int = 100, wait_s: float = 0.0
+        self,
+        run_id: str,
+        after: str = START_CURSOR,
+        limit: int = 100,
+        wait_s: float = 0.0,
+        tenant: str = DEFAULT_TENANT,
+        redis: aioredis.Redis | None = None,
     ) -> tuple[list[dict[str, str]], str]:
         """Results of a run strictly after the cursor, oldest first, and the next cursor.
 
         When none are there and ``wait_s > 0``, wait up to that long for one (long-poll).
         Each dict: ``id`` plus job_id, index, class_id, guide_id, epoch, image_key, latent_key
         (all strings; ``guide_id`` and ``latent_key`` are "" when absent). ValueError for a
-        cursor that is not a stream id.
+        cursor that is not a stream id. ``redis``: the client to block on (the API keeps its
+        long-polls on a pool of their own, so they never starve its other requests).
         """
         validate_cursor(after)
         limit = max(1, int(limit))
         block = max(1, int(wait_s * 1000)) if wait_s > 0 else None
-        reply = await self.redis.xread({self.keys.run_results(run_id): after}, count=limit, block=block)
+        key = self.keys.for_tenant(tenant).run_results(run_id)
+        reply = await (redis or self.redis).xread({key: after}, count=limit, block=block)
         items = [{"id": entry_id, **fields} for entry_id, fields in stream_entries(reply)]
         return items, (items[-1]["id"] if items else after)
 
@@ -304,18 +448,20 @@ class JobQueue:
         return [found.get(key) for key in keys]
 
     # --- memory banks ------------------------------------------------------------------------
-    async def _bank_keys(self, bank_key: str) -> list[tuple[int, str]]:
-        found = []
-        async for raw in self.redis.scan_iter(match=self.keys.bank_pattern(bank_key), count=1000):
-            key = as_str(raw) or ""
-            class_id = self.keys.bank_class_id(bank_key, key)
-            if class_id is not None:
-                found.append((class_id, key))
-        return sorted(found)
+    async def bank_known(self, bank_key: str, tenant: str = DEFAULT_TENANT) -> bool:
+        """Whether the tenant's jobs named this bank (its index exists; a cleared bank keeps it)."""
+        return bool(await self.redis.exists(self.keys.for_tenant(tenant).bank_index(bank_key)))
 
-    async def bank_counts(self, bank_key: str) -> dict[int, int]:
+    async def _bank_keys(self, bank_key: str, tenant: str) -> list[tuple[int, str]]:
+        """(class id, list key) of each class in the bank, from its index (no keyspace scan)."""
+        k = self.keys.for_tenant(tenant)
+        fields = cast(list[bytes], await self.redis.hkeys(k.bank_index(bank_key)))
+        ids = sorted(int(f) for f in (as_str(f) or "" for f in fields) if f.isdigit())
+        return [(class_id, k.bank(bank_key, class_id)) for class_id in ids]
+
+    async def bank_counts(self, bank_key: str, tenant: str = DEFAULT_TENANT) -> dict[int, int]:
         """class id -> latents in the bank."""
-        found = await self._bank_keys(bank_key)
+        found = await self._bank_keys(bank_key, tenant)
         if not found:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -324,9 +470,11 @@ class JobQueue:
             lengths = await pipe.execute()
         return {class_id: int(n) for (class_id, _), n in zip(found, lengths, strict=True) if int(n) > 0}
 
-    async def bank_sample(self, bank_key: str, class_id: int, n: int, rng: random.Random) -> list[bytes]:
+    async def bank_sample(
+        self, bank_key: str, class_id: int, n: int, rng: random.Random, tenant: str = DEFAULT_TENANT
+    ) -> list[bytes]:
         """Up to n latents of a class, drawn without replacement (all of them when fewer)."""
-        key = self.keys.bank(bank_key, class_id)
+        key = self.keys.for_tenant(tenant).bank(bank_key, class_id)
         size = int(await self.redis.llen(key))
         if n <= 0 or size == 0:
             return []
@@ -339,26 +487,48 @@ class JobQueue:
             values = await pipe.execute()
         return [bytes(v) for v in values if v is not None]
 
-    async def push_bank(self, bank_key: str, class_id: int, latent: bytes, cap: int | None = None) -> None:
-        """Add one latent to a class's bank, newest first, capped."""
-        key = self.keys.bank(bank_key, class_id)
+    async def push_bank(
+        self,
+        bank_key: str,
+        class_id: int,
+        latent: bytes,
+        cap: int | None = None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> None:
+        """Add one latent to a class's bank, newest first, capped (and the class to its index)."""
+        k = self.keys.for_tenant(tenant)
+        key, index = k.bank(bank_key, class_id), k.bank_index(bank_key)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, latent)
             pipe.ltrim(key, 0, (cap or self.settings.bank_cap) - 1)
             pipe.expire(key, self.settings.bank_ttl_s)
+            pipe.hset(index, str(class_id), "1")
+            pipe.expire(index, self.settings.bank_ttl_s)
             await pipe.execute()
 
-    async def clear_bank(self, bank_key: str) -> int:
-        """Delete a memory bank; returns how many latents it held."""
-        counts = await self.bank_counts(bank_key)
-        found = await self._bank_keys(bank_key)
+    async def clear_bank(self, bank_key: str, tenant: str = DEFAULT_TENANT) -> int:
+        """Delete a memory bank's latents; returns how many it held. Its index stays (empty, with
+        its TTL), so the tenant's GET still finds the bank, with no classes."""
+        counts = await self.bank_counts(bank_key, tenant)
+        found = await self._bank_keys(bank_key, tenant)
         if found:
-            await self.redis.delete(*(key for _, key in found))
+            index = self.keys.for_tenant(tenant).bank_index(bank_key)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*(key for _, key in found))
+                pipe.hdel(index, *(str(class_id) for class_id, _ in found))
+                pipe.hset(index, "_", "1")
+                pipe.expire(index, self.settings.bank_ttl_s)
+                await pipe.execute()
         return sum(counts.values())
 
 
 __all__ = [
     "DEAD_LETTER_MAXLEN",
+    "IdempotencyConflict",
+    "NotDurable",
+    "QuotaExceeded",
+    "SubmitRefused",
+    "body_hash",
     "PROGRESS_MAXLEN",
     "REDIS_DOWN",
     "Heartbeat",

@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     model: str | None = None
     model_revision: str | None = None  # hub ids only: branch, tag or commit
-    api_key: str | None = None
+    api_key: str | None = None  # one key: the ``default`` tenant, full access
+    # keys of several tenants: a file, or the entries themselves ("sha256:<hex of the key> <tenant>
+    # <role>" separated by newlines or ';'; role write or read), docs/operations.md
+    api_keys: str | None = None
     public_docs: bool = False  # /docs, /redoc, /openapi.json without the API key
     key_prefix: str = "actgen:"
     result_ttl_s: int = 7 * 24 * 3600
@@ -65,6 +68,24 @@ class Settings(BaseSettings):
     redis_memory_high: float = 0.9  # used_memory / maxmemory at which submit and /readyz say 503
     results_stream_maxlen: int = 1_000_000  # entries kept per run's results stream
     max_wait_s: float = 60.0  # longest long-poll of GET /v1/runs/{run}/results; longer waits are cut to it
+    max_long_polls: int = Field(default=64, ge=1)  # waiting long-polls per replica; past it: at once, or 429
+    redis_pool_size: int = Field(
+        default=64, ge=4
+    )  # the API's Redis connections (long-polls, worker: own pools)
+    limit_concurrency: int = Field(default=1024, ge=8)  # uvicorn: connections + tasks, then 503
+    tenant_max_jobs: int = Field(default=10_000, ge=1)  # a tenant's jobs queued or running
+    tenant_max_bytes: int = Field(default=2 * 1024**3, ge=1)  # the request bodies of those jobs
+    max_classifier_params: int = Field(
+        default=200_000_000, ge=1
+    )  # an upload's architecture, counted on the meta device
+    durable_ack: bool = False  # 202 and stored results only after WAITAOF 1 0 (Redis >= 7.2, appendonly yes)
+    durable_ack_timeout_s: float = Field(default=5.0, gt=0)
+    max_device_losses: int = Field(default=3, ge=1)  # a job's deliveries that ended in a lost device
+    watchdog_step_s: float = Field(default=60.0, ge=0)  # a batch may take (steps x this) + grace; 0: off
+    watchdog_grace_s: float = Field(default=120.0, ge=0)
+    fatal_exit_delay_s: float = Field(
+        default=2.0, ge=0
+    )  # /readyz says 503 this long before a failed replica exits
     device: str | None = None
     dtype: str | None = None
     replica_id: str | None = None
@@ -111,5 +132,8 @@ class ClientSettings(BaseSettings):
     )
 
     generator_url: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
+    api_key: str | None = None  # one key: the ``default`` tenant, full access
+    # keys of several tenants: a file, or the entries themselves ("sha256:<hex of the key> <tenant>
+    # <role>" separated by newlines or ';'; role write or read), docs/operations.md
+    api_keys: str | None = None
     log_http: bool = False

@@ -57,14 +57,15 @@ async def sample_banks(
     n: int,
     seed: int,
     shape: tuple[int, ...] | None = None,
+    tenant: str = "default",
 ) -> dict[int, torch.Tensor]:
-    """Up to ``n`` latents per class from the bank, drawn reproducibly from ``seed``."""
+    """Up to ``n`` latents per class from the bank (of ``tenant``), drawn reproducibly from ``seed``."""
     banks: dict[int, torch.Tensor] = {}
     if n <= 0:
         return banks
     rng = random.Random(seed)
     for class_id in sorted(set(class_ids)):
-        blobs = await queue.bank_sample(bank_key, class_id, n, rng)
+        blobs = await queue.bank_sample(bank_key, class_id, n, rng, tenant=tenant)
         if not blobs:
             continue
         tensor = await asyncio.to_thread(stack_latents, blobs, shape)

@@ -67,6 +67,14 @@ class Metrics:
         )
         for outcome in ("moved", "zero", "nonfinite"):
             self.grad_steps.labels(outcome)  # shown (at 0) before the first guided step
+        self.durable_acks = Gauge(
+            "actgen_durable_acks",
+            "Writes of this replica that WAITAOF confirmed on disk (ACTGEN_DURABLE_ACK=1): its 202s "
+            "and stored batches",
+            ["side"],
+            registry=r,
+        )
+        self.long_polls = Gauge("actgen_long_polls", "Long-polls of results waiting now", registry=r)
         self._recent: deque[tuple[float, int]] = deque()  # (time, items) of the batches in the window
 
     def record_items(self, n: int) -> None:
@@ -94,8 +102,17 @@ class Metrics:
             return 0.0
         return sum(k for _, k in recent) / max(now - recent[0][0], 1.0)
 
-    async def refresh(self, queue: JobQueue | None, device: str | None) -> None:
+    async def refresh(
+        self,
+        queue: JobQueue | None,
+        device: str | None,
+        worker_queue: JobQueue | None = None,
+        long_polls: int = 0,
+    ) -> None:
         """Read the queue-wide gauges from Redis and the GPU memory from torch."""
+        self.long_polls.set(long_polls)
+        for side, q in (("api", queue), ("worker", worker_queue)):
+            self.durable_acks.labels(side).set(q.durable_acks if q is not None else 0)
         if queue is not None:
             self.queue_depth.set(await queue.queue_depth())
             counts = await queue.counts_by_status()

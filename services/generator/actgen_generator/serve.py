@@ -13,6 +13,7 @@ is one line naming it and exit status 2, at once.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from types import FrameType
@@ -93,25 +94,38 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from actgen_generator import events
     from actgen_generator.api import claim_replica_id, create_app
+    from actgen_generator.api.tenants import KeysError
+    from actgen_generator.durability import DurableAckUnavailable, probe_durable_ack
     from actgen_shared.queue import ReplicaIdInUse
     from actgen_shared.redis_embedded import EmbeddedRedis
 
     events.configure()
     embedded = None
+    app: object = None
     if not settings.redis_url:
         embedded = EmbeddedRedis().start()
         settings = settings.model_copy(update={"redis_url": embedded.url})
         print(f"embedded Redis at {embedded.url}", flush=True)
     try:
-        app = create_app(
-            settings,
-            worker=not args.no_worker,
-            sampler=args.sampler,
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        try:
+            app = create_app(
+                settings,
+                worker=not args.no_worker,
+                sampler=args.sampler,
+                model=args.model,
+                device=args.device,
+                dtype=args.dtype,
+            )
+        except KeysError as exc:  # ACTGEN_API_KEYS does not parse: one line naming the entry
+            print(f"actgen-generator serve: error: {exc}", file=sys.stderr)
+            return 2
         svc: Service = app.state.service
+        if settings.durable_ack:  # before the port opens: a Redis without WAITAOF is one line
+            try:
+                svc.durable = probe_durable_ack(settings)
+            except DurableAckUnavailable as exc:
+                print(f"actgen-generator serve: error: {exc}", file=sys.stderr)
+                return 2
         try:
             claim_replica_id(svc)  # before the port opens: a name in use is refused, clearly
         except ReplicaIdInUse as exc:
@@ -136,6 +150,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if embedded is not None:
             embedded.cleanup()
+        if svc_hung(app):
+            # a batch thread is stuck in a kernel: nothing at exit may wait on the device
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+
+
+def svc_hung(app: object) -> bool:
+    """Whether the replica's worker gave up on a hung batch (its thread is still stuck)."""
+    svc = getattr(getattr(app, "state", None), "service", None)
+    worker = getattr(svc, "worker", None)
+    return bool(getattr(worker, "hung", False))
 
 
 def _exit_after_shutdown(sig: int, frame: FrameType | None) -> None:
@@ -160,6 +186,8 @@ def _server(app: object, svc: Service, args: argparse.Namespace) -> uvicorn.Serv
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
+        # past this many connections and tasks at once uvicorn answers 503 at once (ACTGEN_LIMIT_CONCURRENCY)
+        limit_concurrency=svc.settings.limit_concurrency,
     )
     return Server(config)
 

@@ -26,9 +26,14 @@ batch lets the lease lapse.
   back on the queue (it counts toward ``max_deliveries``). After a run of full batches the size
   doubles again, up to ``settings.max_batch`` (each new out-of-memory error doubles the run).
 * An unrecoverable device error (illegal memory access, device-side assert, any other CUDA
-  error) ends the replica: the batch's jobs go back on the queue (the delivery counts), the
-  others are released, ``on_fatal`` takes the replica out of ready and the process exits, so
-  other replicas take the jobs. No job is failed for it.
+  error, a cuDNN/cuBLAS execution or internal error: faults.py) ends the replica: the batch's
+  jobs go back on the queue (not using up a delivery: they count as device losses, bounded by
+  ``settings.max_device_losses``), the others are released, ``on_fatal`` takes the replica out
+  of ready and the process exits, so other replicas take the jobs. No job is failed for it.
+* A watchdog bounds each batch (``watchdog_grace_s + steps x watchdog_step_s``): a batch past it
+  (a hung kernel raises nothing) is handled as a lost device; the batch runs in a daemon thread,
+  so the stuck thread does not keep the process from exiting. The device is synchronised before
+  a batch's results are stored, so an asynchronous CUDA error fails the batch that caused it.
 * Heartbeat every ``settings.heartbeat_interval_s``, from its own thread. On stop (SIGTERM) the
   running batch is interrupted at the next step and every unfinished job is released.
 """
@@ -49,7 +54,6 @@ from actgen_generator.batch import (
     ActiveJob,
     Bank,
     compute_batch,
-    device_lost,
     free_memory,
     next_batch,
     out_of_memory,
@@ -58,8 +62,10 @@ from actgen_generator.batch import (
 from actgen_generator.classifiers import ClassifierCache
 from actgen_generator.contract import Cancelled, Sampler, StepCallback
 from actgen_generator.events import log_event
+from actgen_generator.faults import BatchHung, device_error, run_in_daemon_thread, synchronize, watchdog_limit
 from actgen_generator.metrics import Metrics
 from actgen_shared.consumer import Consumer, Delivery, StoredItem
+from actgen_shared.keys import tenant_of_job
 from actgen_shared.queue import REDIS_DOWN, Heartbeat, JobQueue
 from actgen_shared.schemas import ItemResult, JobResult, Mode
 from actgen_shared.seeds import derive_seed
@@ -126,6 +132,7 @@ class Worker:
         self._items_per_job = self.settings.max_batch  # of the last job started (none yet: a whole batch)
         self.admitting: dict[str, Delivery] = {}  # entry id -> fetched, not started yet
         self._fetched_at: dict[str, float] = {}  # entry id -> monotonic time it was handed to us
+        self.hung = False  # a batch ran past the watchdog: its thread is stuck, the process must exit
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -166,8 +173,13 @@ class Worker:
             if heartbeat is not None:
                 heartbeat.cancel()
             await self._release_all()
-            if self.heartbeat is not None:
+            if self.heartbeat is not None:  # no beat may come after stop.lua dropped the key
                 await asyncio.to_thread(self.heartbeat.stop)
+            if not self._abandoned:  # the name is ours still: give it back
+                try:
+                    await self.consumer.stop()
+                except RedisError as exc:
+                    log_event("worker.stop_failed", replica=self.name, error=str(exc))
             log_event("worker.stopped", replica=self.name)
 
     async def _round(self) -> None:
@@ -195,10 +207,6 @@ class Worker:
                 log_event("job.release_failed", delivery.job_id, replica=self.name, error=str(exc))
         self.active.clear()
         self.admitting.clear()
-        try:
-            await self.consumer.stop()
-        except RedisError as exc:
-            log_event("worker.stop_failed", replica=self.name, error=str(exc))
 
     async def _touch_classifiers(self) -> None:
         """Keep the classifiers of running jobs from expiring (at most once a minute)."""
@@ -206,9 +214,12 @@ class Worker:
         if self.classifiers is None or now < self._next_touch:
             return
         self._next_touch = now + min(60.0, self.settings.classifier_ttl_s / 4)
-        refs = {j.request.classifier_ref for j in self.active.values() if j.request.classifier_ref}
-        if refs:
-            await self.classifiers.store.touch(*sorted(refs))
+        by_tenant: dict[str, set[str]] = {}
+        for job in self.active.values():
+            if job.request.classifier_ref:
+                by_tenant.setdefault(tenant_of_job(job.job_id), set()).add(job.request.classifier_ref)
+        for tenant, refs in sorted(by_tenant.items()):
+            await self.classifiers.store.touch(*sorted(refs), tenant=tenant)
 
     def _tracked(self) -> dict[str, float]:
         """Entry id -> time it was handed to us, for every delivery this worker holds."""
@@ -308,14 +319,15 @@ class Worker:
             if request.needs_classifier:
                 if self.classifiers is None:
                     raise RuntimeError("this replica has no classifier cache")
-                job.classifier = await self.classifiers.get(request.classifier_ref or "")
-                await self.classifiers.store.touch(request.classifier_ref or "")  # in use: TTL again
+                tenant = tenant_of_job(job_id)
+                job.classifier = await self.classifiers.get(request.classifier_ref or "", tenant)
+                await self.classifiers.store.touch(request.classifier_ref or "", tenant=tenant)  # TTL again
         except RedisError as exc:
             raise_if_outage(exc)  # an outage: not started yet, stays in ``admitting``, retried
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
             return None
         except (ValueError, RuntimeError) as exc:  # the classifier does not load (ClassifierError)
-            if device_lost(exc):  # not the job's fault: the GPU is gone
+            if device_error(exc):  # not the job's fault: the GPU is gone
                 await self._device_lost([delivery], f"{type(exc).__name__}: {exc}")
                 return None
             await self._fail([delivery], f"could not start: {type(exc).__name__}: {exc}")
@@ -346,7 +358,8 @@ class Worker:
         out-of-memory error halves the batch (at one item, the job goes back on the queue); a
         lost device ends the replica with its jobs handed back."""
         message = f"{type(exc).__name__}: {exc}"
-        if device_lost(exc):
+        if device_error(exc) or isinstance(exc, BatchHung):
+            self.hung = self.hung or isinstance(exc, BatchHung)
             await self._device_lost([job.delivery for job in jobs], message)
             return
         if out_of_memory(exc):
@@ -387,14 +400,15 @@ class Worker:
         await self._fail([job.delivery for job in jobs], message)
 
     async def _device_lost(self, deliveries: list[Delivery], message: str) -> None:
-        """The GPU is unusable for this process: hand the jobs that met it back (the delivery
-        counts, so a job that breaks every GPU ends in the dead letters), stop, let the replica end."""
+        """The GPU is unusable for this process: hand the jobs that met it back (as device losses,
+        not deliveries: a flapping GPU does not dead-letter healthy jobs, but a job that breaks
+        every GPU ends in the dead letters after ``max_device_losses``), stop, let the replica end."""
         reason = f"the device failed and this replica cannot use it again: {message}"
         jobs = [d.job_id for d in deliveries]
         log_event("replica.device_lost", None, replica=self.name, jobs=jobs, error=message)
         for delivery in deliveries:
             try:
-                await self.consumer.retry(delivery, f"device lost on replica {self.name}: {message}")
+                await self.consumer.device_lost(delivery, f"device lost on replica {self.name}: {message}")
                 log_event("job.requeued", delivery.job_id, replica=self.name, error=message)
             except RedisError as exc:  # taken by another replica once our lease ends
                 log_event("job.release_failed", delivery.job_id, replica=self.name, error=str(exc))
@@ -432,13 +446,28 @@ class Worker:
         self._cancelled = set()
         self._lost = set()
         on_step = self._step_callback([job.job_id for job in jobs], asyncio.get_running_loop())
-        work = functools.partial(
+        compute = functools.partial(
             compute_batch, self.sampler, batch, banks, on_step, self.settings.max_image_side
+        )
+
+        def work() -> list[tuple[ItemResult, StoredItem]]:
+            done = compute()
+            synchronize()  # an asynchronous CUDA error lands here, on this batch, before anything is stored
+            return done
+
+        options = batch[0][0].request.options
+        limit = watchdog_limit(
+            options.num_inference_steps + options.grad_steps,
+            self.settings.watchdog_step_s,
+            self.settings.watchdog_grace_s,
         )
         started = time.perf_counter()
         try:
             # a few small images of a sampler without a model: cheaper here than a thread hop
-            done = work() if runs_inline(self.sampler, batch) else await asyncio.to_thread(work)
+            if runs_inline(self.sampler, batch):
+                done = work()
+            else:
+                done = await run_in_daemon_thread(work, limit, f"batch-{self.name}")
         except Cancelled:
             for job in jobs:
                 if job.job_id in self._cancelled and job.job_id in self.active:
@@ -483,6 +512,7 @@ class Worker:
             options.bank_sample,
             seed=derive_seed(options.seed or 0, min(indices)),
             shape=self.sampler.latent_shape(options),
+            tenant=tenant_of_job(job.job_id),
         )
 
     def _step_callback(self, job_ids: list[str], loop: asyncio.AbstractEventLoop) -> StepCallback:

@@ -1,5 +1,7 @@
 -- Decide what to do with a fetched entry, and (given a consumer token) start it there at once,
 -- as start.lua would, saving the worker a round trip.
+-- Deliveries that ended in a lost device count apart (device_losses, bounded by max_device_losses):
+-- a flapping GPU does not use up a healthy job's max_deliveries.
 -- Returns {'gone'} | {'final'} | {'dead', reason} | {'ok', delivery number, request} and, when
 -- started, the indices of the items an earlier delivery stored after the request. Started
 -- twice (this call retried after its reply was lost), a delivery counts once.
@@ -20,6 +22,7 @@ local ttl = ARGV[7]
 local dead_maxlen = ARGV[8]
 local consumer = ARGV[9]
 local token = ARGV[10]
+local max_device_losses = tonumber(ARGV[11])
 
 local status = redis.call('HGET', job, 'status')
 if not status then ack(jobs_stream, group, entry); return {'gone'} end
@@ -29,8 +32,12 @@ local started_here = token ~= '' and status == 'running'
 if not started_here then
   if reclaim_note ~= '' then redis.call('HSET', job, 'last_error', reclaim_note) end
   local d = tonumber(redis.call('HGET', job, 'deliveries') or '0')
-  if d >= max_deliveries then
+  local lost = tonumber(redis.call('HGET', job, 'device_losses') or '0')
+  if d >= max_deliveries or lost >= max_device_losses then
     local reason = 'started ' .. d .. ' times without finishing (max_deliveries ' .. max_deliveries .. ')'
+    if d < max_deliveries then
+      reason = 'its replica lost its device ' .. lost .. ' times (max_device_losses ' .. max_device_losses .. ')'
+    end
     local last = redis.call('HGET', job, 'last_error')
     if last then reason = reason .. '; last error: ' .. last end
     redis.call('XADD', dead_stream, 'MAXLEN', '~', dead_maxlen, '*', 'job_id', job_id,

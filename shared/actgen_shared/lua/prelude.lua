@@ -17,6 +17,14 @@ local function finish(job, stats, status, field, value, now, ttl, expire_keys)
   if (not old) or is_final(old) then return 0 end
   set_status(job, stats, old, status)
   redis.call('HSET', job, 'finished_at', now)
+  -- the tenant's quota gets the job back; the body (up to ACTGEN_MAX_BODY_BYTES) is not kept
+  -- for the result TTL. 'usage' names the tenant's usage hash (set by submit.lua).
+  local usage = redis.call('HGET', job, 'usage')
+  if usage then
+    redis.call('HINCRBY', usage, 'jobs', -1)
+    redis.call('HINCRBY', usage, 'bytes', -tonumber(redis.call('HGET', job, 'bytes') or '0'))
+  end
+  redis.call('HDEL', job, 'request')
   if field ~= '' then redis.call('HSET', job, field, value) end
   for _, k in ipairs(expire_keys) do redis.call('EXPIRE', k, ttl) end
   return 1

@@ -10,6 +10,7 @@ local stats = KEYS[4]
 local jobs_stream = KEYS[5]
 local progress = KEYS[6]
 local cancel_flag = KEYS[7]
+local bank_index = KEYS[8]
 local ttl = ARGV[1]
 local results_maxlen = ARGV[2]
 local bank_cap = tonumber(ARGV[3])
@@ -23,7 +24,7 @@ local entry = ARGV[10]
 local consumer = ARGV[11]
 local now = ARGV[12]
 local result = ARGV[13]
-local FIXED_KEYS, FIXED_ARGS, ITEM_KEYS, ITEM_ARGS = 7, 13, 3, 6
+local FIXED_KEYS, FIXED_ARGS, ITEM_KEYS, ITEM_ARGS = 8, 13, 3, 6
 
 local status = redis.call('HGET', job, 'status')
 local stored = 0
@@ -42,6 +43,8 @@ if status and not is_final(status) then  -- nothing is stored for a final or unk
           redis.call('LPUSH', bank, latent)
           redis.call('LTRIM', bank, 0, bank_cap - 1)
           redis.call('EXPIRE', bank, bank_ttl)
+          redis.call('HSET', bank_index, class_id, '1')
+          redis.call('EXPIRE', bank_index, bank_ttl)
         end
       end
       local id = redis.call('XADD', results, 'MAXLEN', '~', results_maxlen, '*', 'job_id', job_id,

@@ -1,8 +1,8 @@
-"""The routes' dependencies: the replica's service, auth, the queue and the classifier store."""
+"""The routes' dependencies: the replica's service, who is asking (tenant, role), the queue and
+the classifier store."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -10,12 +10,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from actgen_generator.api.errors import ApiError
 from actgen_generator.api.lifecycle import Service
-from actgen_generator.api.middleware import MISSING_TOKEN, WRONG_TOKEN
+from actgen_generator.api.middleware import MISSING_TOKEN, principal_in
+from actgen_generator.api.tenants import Principal
 from actgen_generator.classifiers import ClassifierStore
+from actgen_shared.keys import tenant_of_job
 from actgen_shared.queue import JobQueue
 from actgen_shared.schemas import BANK_KEY_PATTERN, CLASSIFIER_REF_PATTERN, RUN_ID_PATTERN
 
-JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"  # '{tenant}.{hex}', or '{hex}' for the default tenant
 STARTING = "the service is starting: no Redis connection yet"
 
 
@@ -33,22 +35,24 @@ async def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-_bearer = HTTPBearer(auto_error=False, description="ACTGEN_API_KEY, when the service sets one")
+_bearer = HTTPBearer(
+    auto_error=False, description="an API key (ACTGEN_API_KEY / ACTGEN_API_KEYS), when the service sets any"
+)
 
 
-async def require_api_key(
+async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Bearer-token auth when ``ACTGEN_API_KEY`` is set (in OpenAPI; ApiKeyAuth enforces it first)."""
-    expected = service_of(request).settings.api_key
-    if not expected:
-        return
-    if credentials is None:
+) -> Principal:
+    """Who asks: the tenant and role ApiKeyAuth found for the bearer token (it refused the
+    request already when there was none to find). In OpenAPI as bearer auth."""
+    principal = principal_in(request.scope)
+    if principal is None:  # ApiKeyAuth did not run: never serve such a request
         raise ApiError(401, MISSING_TOKEN)
-    given = credentials.credentials.encode("utf-8", "surrogateescape")
-    if not hmac.compare_digest(given, expected.encode("utf-8")):
-        raise ApiError(401, WRONG_TOKEN)
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 async def get_queue(request: Request) -> JobQueue:
@@ -65,13 +69,27 @@ async def get_classifiers(request: Request) -> ClassifierStore:
     return classifiers
 
 
+def not_found(job_id: str) -> ApiError:
+    return ApiError(404, f"job_id: no job {job_id} (unknown or expired)")
+
+
+async def own_job_id(
+    job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN, description="job id from POST /v1/jobs")],
+    principal: PrincipalDep,
+) -> str:
+    """A job id of the asking tenant; another tenant's is a 404, as an unknown one is."""
+    if tenant_of_job(job_id) != principal.tenant:
+        raise not_found(job_id)
+    return job_id
+
+
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 ClassifiersDep = Annotated[ClassifierStore, Depends(get_classifiers)]
-JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="job id from POST /v1/jobs")]
+JobId = Annotated[str, Depends(own_job_id)]
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN)]
 BankKey = Annotated[str, Path(pattern=BANK_KEY_PATTERN)]
 ClassifierRefPath = Annotated[str, Path(pattern=CLASSIFIER_REF_PATTERN)]
-AUTHED = [Depends(require_api_key)]
+AUTHED = [Depends(get_principal)]
 
 
 async def refuse_when_full(queue: JobQueue) -> None:
@@ -87,13 +105,16 @@ __all__ = [
     "ClassifierRefPath",
     "ClassifiersDep",
     "JobId",
+    "PrincipalDep",
     "QueueDep",
     "RunId",
     "ServiceDep",
     "get_classifiers",
+    "get_principal",
+    "not_found",
+    "own_job_id",
     "get_queue",
     "get_service",
     "refuse_when_full",
-    "require_api_key",
     "service_of",
 ]

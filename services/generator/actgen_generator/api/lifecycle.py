@@ -2,6 +2,13 @@
 
 The lifespan opens Redis and the queue; unless the replica is API-only it claims its consumer
 name, then loads the sampler in a thread and starts the worker loop as a task of the event loop.
+
+Redis connections are pooled apart, each pool sized explicitly, so no kind of request can take
+another's (docs/architecture.md, "Cheap requests"): the API's requests (``ACTGEN_REDIS_POOL_SIZE``,
+a blocking pool: a request waits for a connection rather than failing), the long-polls of
+GET /v1/runs/{run}/results (``ACTGEN_MAX_LONG_POLLS``), /readyz (two), the worker (its own), and
+the heartbeat (a thread with its own connection). With ``ACTGEN_DURABLE_ACK=1`` the server is
+probed for ``WAITAOF`` first (durability.py), and a replica whose Redis lacks it does not start.
 A replica that cannot load, or whose name another process takes, is fatal: /readyz says why and
 the CLI stops the server.
 """
@@ -21,8 +28,9 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from actgen_generator.classifiers import ClassifierCache, ClassifierStore
+from actgen_generator.classifiers import ClassifierCache, ClassifierStore, preload_architectures
 from actgen_generator.contract import SAMPLERS, Sampler
+from actgen_generator.durability import probe_durable_ack
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
 from actgen_generator.worker import Worker
@@ -33,6 +41,9 @@ from actgen_shared.settings import Settings
 
 MAX_WAIT_S = 60.0  # longest long-poll a request may ask for (ACTGEN_MAX_WAIT_S may cut it shorter)
 REDIS_TIMEOUT_MARGIN_S = 10.0
+HEALTH_CONNECTIONS = 2  # /readyz's own pool: it answers while every other connection is busy
+WORKER_CONNECTIONS = 16  # the worker's own pool (it stores a batch's jobs at once)
+HEALTH_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -47,9 +58,14 @@ class Service:
     dtype: str | None = None
     replica_id: str = ""
     metrics: Metrics = field(default_factory=Metrics)
-    redis: aioredis.Redis | None = None  # these three from the lifespan on
+    redis: aioredis.Redis | None = None  # these from the lifespan on
     queue: JobQueue | None = None
     classifiers: ClassifierStore | None = None
+    poll_redis: aioredis.Redis | None = None  # long-polls of GET /v1/runs/{run}/results only
+    health_redis: aioredis.Redis | None = None  # /readyz only
+    worker_redis: aioredis.Redis | None = None  # the worker only
+    durable: str | None = None  # ACTGEN_DURABLE_ACK=1: the server that answered the WAITAOF probe
+    long_polls: int = 0  # long-polls waiting now (at most settings.max_long_polls)
     model_id: str = "(not loaded)"
     native_size: int = 512
     resolved_defaults: ResolvedOptions | None = None  # the loaded model's (None: API-only, or loading)
@@ -84,6 +100,7 @@ def load_sampler(svc: Service) -> tuple[Sampler, str, str, str]:
         from actgen_generator.echo import EchoSampler  # imported here: torch, off the event loop
 
         echo = EchoSampler(step_seconds=svc.settings.echo_step_s, inline=True)
+        preload_architectures()
         return echo, "echo (no model)", "cpu", "float32"
     from actgen_generator.pipeline import load_pipeline  # diffusers: seconds to import
     from actgen_generator.sampler import GuidedSampler
@@ -96,6 +113,7 @@ def load_sampler(svc: Service) -> tuple[Sampler, str, str, str]:
         adv_decode=svc.settings.adv_decode,
         grad_checkpointing=svc.settings.grad_checkpointing,
     )
+    preload_architectures()
     return sampler, loaded.model_id, str(loaded.device), str(loaded.dtype).removeprefix("torch.")
 
 
@@ -141,7 +159,7 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
         svc.device, svc.native_size = device, sampler.native_size
         svc.resolved_defaults = resolve_options(GenerationOptions(), sampler.model_defaults)
         svc.worker = Worker(
-            queue,
+            JobQueue(svc.worker_redis, svc.settings) if svc.worker_redis is not None else queue,
             svc.replica_id,
             sampler,
             svc.settings,
@@ -161,18 +179,43 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
 
 
 def _worker_fatal(svc: Service, reason: str) -> None:
-    """The worker cannot go on (its device is lost): out of ready, with the reason, and the process ends."""
+    """The worker cannot go on (its device is lost, or a batch hung): out of ready at once, with
+    the reason, and the process ends ``fatal_exit_delay_s`` later (its jobs are back on the queue
+    already), so a load balancer sees /readyz say 503 before the port closes. Called on the loop."""
     svc.fatal = reason
     svc.ready = False
     log_event("replica.fatal", None, replica=svc.replica_id, error=reason)
     if svc.on_fatal is not None:
-        svc.on_fatal()
+        on_fatal = svc.on_fatal
+        asyncio.get_running_loop().call_later(svc.settings.fatal_exit_delay_s, lambda: on_fatal())
 
 
-def redis_client(url: str) -> aioredis.Redis:
+def redis_client(url: str, max_connections: int | None = None) -> aioredis.Redis:
     """The queue's kind of client, with a socket timeout longer than the longest long-poll
     (redis-py's default of 5 s would cut a blocking XREAD of /v1/runs/{run}/results short)."""
-    return connect(url, socket_timeout=MAX_WAIT_S + REDIS_TIMEOUT_MARGIN_S)
+    return connect(url, socket_timeout=MAX_WAIT_S + REDIS_TIMEOUT_MARGIN_S, max_connections=max_connections)
+
+
+def open_clients(svc: Service, url: str) -> aioredis.Redis:
+    """The replica's Redis pools (see the module's docstring); returns the API's own."""
+    settings = svc.settings
+    svc.redis = redis_client(url, settings.redis_pool_size)
+    svc.poll_redis = redis_client(url, settings.max_long_polls)
+    svc.health_redis = connect(
+        url,
+        socket_timeout=HEALTH_TIMEOUT_S,
+        max_connections=HEALTH_CONNECTIONS,
+        pool_timeout_s=HEALTH_TIMEOUT_S,
+    )
+    if svc.run_worker:
+        svc.worker_redis = redis_client(url, WORKER_CONNECTIONS)
+    return svc.redis
+
+
+async def close_clients(svc: Service) -> None:
+    for client in (svc.redis, svc.poll_redis, svc.health_redis, svc.worker_redis):
+        if client is not None:
+            await client.aclose()
 
 
 def lifespan(svc: Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -182,11 +225,17 @@ def lifespan(svc: Service) -> Callable[[FastAPI], AbstractAsyncContextManager[No
     async def run(app: FastAPI) -> AsyncIterator[None]:
         if not svc.settings.redis_url:
             raise RuntimeError("Settings.redis_url is not set (the CLI starts an embedded Redis)")
-        svc.redis = client = redis_client(svc.settings.redis_url)
+        if svc.settings.durable_ack and svc.durable is None:
+            svc.durable = await asyncio.to_thread(probe_durable_ack, svc.settings)  # DurableAckUnavailable
+        client = open_clients(svc, svc.settings.redis_url)
         svc.queue = queue = JobQueue(client, svc.settings)
         await queue.ensure_group()
         svc.classifiers = classifiers = ClassifierStore(
-            client, svc.settings.keys, svc.settings.max_classifier_bytes, svc.settings.classifier_ttl_s
+            client,
+            svc.settings.keys,
+            svc.settings.max_classifier_bytes,
+            svc.settings.classifier_ttl_s,
+            max_params=svc.settings.max_classifier_params,
         )
         if svc.run_worker:
             await asyncio.to_thread(claim_replica_id, svc)
@@ -197,7 +246,7 @@ def lifespan(svc: Service) -> Callable[[FastAPI], AbstractAsyncContextManager[No
             yield
         finally:
             await stop_worker(svc)
-            await client.aclose()
+            await close_clients(svc)
 
     return run
 

@@ -13,6 +13,7 @@ from actgen_generator.api.errors import install_error_handlers
 from actgen_generator.api.lifecycle import SAMPLERS, Service, default_replica_id, lifespan
 from actgen_generator.api.middleware import ApiKeyAuth, BodySizeLimit
 from actgen_generator.api.routes import ROUTERS
+from actgen_generator.api.tenants import load_keys
 from actgen_shared import __version__
 from actgen_shared.settings import Settings
 
@@ -31,6 +32,7 @@ def create_app(
     ``device`` (else ACTGEN_DEVICE) may be None or "auto": the pipeline picks CUDA when present.
     """
     settings = settings or Settings.from_env()
+    keys = load_keys(settings)  # KeysError now, naming the entry, not at the first request
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     device = device or settings.device
@@ -51,7 +53,7 @@ def create_app(
     )
     app.state.service = svc
     app.add_middleware(BodySizeLimit, settings=settings)
-    app.add_middleware(ApiKeyAuth, settings=settings)  # added last: runs first, before any read
+    app.add_middleware(ApiKeyAuth, settings=settings, keys=keys)  # added last: runs first, before any read
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -2,60 +2,78 @@
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actgen_generator.api.errors import ApiError, error_response
+from actgen_generator.api.tenants import OPEN, Principal, load_keys, principal_of
 from actgen_shared.settings import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 CLASSIFIER_FORM_SLACK = 1 << 20  # multipart framing and metadata around a classifier's weights
 MISSING_TOKEN = "Authorization: a 'Bearer <ACTGEN_API_KEY>' header is required"
-WRONG_TOKEN = "Authorization: the bearer token is not the service's API key"
+WRONG_TOKEN = "Authorization: the bearer token is not the service's API key (nor one of ACTGEN_API_KEYS)"
+READ_ONLY = "Authorization: this key's role is read (GET only); {method} needs a key with role write"
+PRINCIPAL = "principal"  # where the request's Principal is kept in scope["state"]
 
 
-def bearer_problem(headers: list[tuple[bytes, bytes]], expected: str) -> str | None:
-    """None when the headers carry ``Authorization: Bearer <expected>``, else why not."""
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header, None without one."""
     value = next((v for k, v in headers if k == b"authorization"), None)
     if value is None:
-        return MISSING_TOKEN
+        return None
     scheme, _, token = value.partition(b" ")
     if scheme.lower() != b"bearer" or not token.strip():
-        return MISSING_TOKEN
-    if not hmac.compare_digest(token.strip(), expected.encode("utf-8")):
-        return WRONG_TOKEN
-    return None
+        return None
+    return token.strip()
+
+
+def principal_in(scope: Scope) -> Principal | None:
+    """The principal ApiKeyAuth found for this request (None: it did not run)."""
+    found = scope.get("state", {}).get(PRINCIPAL)
+    return found if isinstance(found, Principal) else None
 
 
 class ApiKeyAuth:
     """Bearer-token check before anything of the request is read (ASGI, outermost).
 
-    With ``ACTGEN_API_KEY`` set, every route but /healthz and /readyz needs the token, the docs
-    (/docs, /redoc, /openapi.json) too unless ``ACTGEN_PUBLIC_DOCS=1``. A refusal is a 401 sent
+    With keys configured (ACTGEN_API_KEYS and/or ACTGEN_API_KEY, api/tenants.py), every route but
+    /healthz and /readyz needs a known token, the docs (/docs, /redoc, /openapi.json) too unless
+    ``ACTGEN_PUBLIC_DOCS=1``; the token's :class:`Principal` (tenant, role) goes into the
+    request's state, and a read-only key may only GET. A refusal is a 401 (403 for the role) sent
     without reading the body (FastAPI would parse a JSON body before a dependency runs), and the
     connection is closed rather than drained.
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, keys: dict[bytes, Principal] | None = None) -> None:
         self.app = app
         self.settings = settings
+        self.keys = load_keys(settings) if keys is None else keys  # KeysError for a bad file
 
     def is_open(self, path: str) -> bool:
         return path in OPEN_PATHS or (self.settings.public_docs and path in DOCS_PATHS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        expected = self.settings.api_key
-        if scope["type"] != "http" or not expected or self.is_open(scope.get("path", "")):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        why = bearer_problem(scope.get("headers", []), expected)
-        if why is None:
+        state = scope.setdefault("state", {})
+        if not self.keys or self.is_open(scope.get("path", "")):
+            state[PRINCIPAL] = OPEN if not self.keys else Principal(role="read")
             await self.app(scope, receive, send)
             return
+        token = bearer_token(scope.get("headers", []))
+        principal = None if token is None else principal_of(self.keys, token)
+        if principal is not None and principal.may(scope.get("method", "GET")):
+            state[PRINCIPAL] = principal
+            await self.app(scope, receive, send)
+            return
+        if principal is not None:
+            status, code, why = 403, "forbidden", READ_ONLY.format(method=scope.get("method"))
+        else:
+            status, code, why = 401, "unauthorized", MISSING_TOKEN if token is None else WRONG_TOKEN
         response = error_response(
-            401, "unauthorized", why, headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
+            status, code, why, headers={"WWW-Authenticate": "Bearer", "Connection": "close"}
         )
         await response(scope, _no_body, send)
 
@@ -114,4 +132,13 @@ class BodySizeLimit:
         await self.app(scope, limited, send)
 
 
-__all__ = ["ApiKeyAuth", "BodySizeLimit", "BodyTooLarge", "MISSING_TOKEN", "WRONG_TOKEN"]
+__all__ = [
+    "ApiKeyAuth",
+    "BodySizeLimit",
+    "BodyTooLarge",
+    "MISSING_TOKEN",
+    "PRINCIPAL",
+    "WRONG_TOKEN",
+    "bearer_token",
+    "principal_in",
+]

@@ -12,6 +12,7 @@ from actgen_generator.api.deps import (
     AUTHED,
     ClassifierRefPath,
     ClassifiersDep,
+    PrincipalDep,
     QueueDep,
     ServiceDep,
     refuse_when_full,
@@ -35,6 +36,7 @@ async def upload_classifier(
     queue: QueueDep,
     weights: Annotated[UploadFile, File(description="safetensors bytes of the state dict")],
     metadata: Annotated[str, Form(description="JSON of ClassifierMeta")],
+    principal: PrincipalDep,
 ) -> ClassifierRef:
     """Content-addressed (``sha256:<hex>``) and idempotent; weights are checked against the
     architecture before they are stored. Pickles and torch zip checkpoints are refused."""
@@ -48,10 +50,10 @@ async def upload_classifier(
     if len(data) > cap:
         raise ApiError(413, f"weights: more than {cap} bytes")
     try:
-        ref = await store.put(data, meta)
+        ref = await store.put(data, meta, principal.tenant)
     except ClassifierError as exc:
         raise ApiError(422, str(exc)) from None
-    log_event("classifier.stored", None, ref=ref.ref, architecture=meta.architecture)
+    log_event("classifier.stored", None, ref=ref.ref, architecture=meta.architecture, tenant=principal.tenant)
     return ref
 
 
@@ -63,13 +65,13 @@ async def upload_classifier(
     summary="delete an uploaded classifier",
 )
 async def delete_classifier(
-    svc: ServiceDep, store: ClassifiersDep, queue: QueueDep, ref: ClassifierRefPath
+    svc: ServiceDep, store: ClassifiersDep, queue: QueueDep, ref: ClassifierRefPath, principal: PrincipalDep
 ) -> Response:
     """Refused (409) while a queued or running job uses it; the trainer deletes its previous
     epoch's classifier once that epoch's job has finished. Unused ones also expire
     (ACTGEN_CLASSIFIER_TTL_S)."""
     try:
-        deleted = await store.delete(ref, queue.keys.job)
+        deleted = await store.delete(ref, queue.keys.job, principal.tenant)
     except ClassifierInUse as exc:
         shown = ", ".join(exc.job_ids[:MAX_LISTED_JOBS]) + (
             " ..." if len(exc.job_ids) > MAX_LISTED_JOBS else ""
@@ -86,8 +88,10 @@ async def delete_classifier(
 
 
 @router.get("/{ref}", response_model=ClassifierRef)
-async def get_classifier(store: ClassifiersDep, ref: ClassifierRefPath) -> ClassifierRef:
-    meta = await store.meta(ref)
+async def get_classifier(
+    store: ClassifiersDep, ref: ClassifierRefPath, principal: PrincipalDep
+) -> ClassifierRef:
+    meta = await store.meta(ref, principal.tenant)
     if meta is None:
         raise ApiError(404, f"classifier_ref {ref} is not known to this service")
     return ClassifierRef(ref=ref, architecture=meta.architecture, num_classes=meta.num_classes)

@@ -28,9 +28,9 @@ async def readyz(svc: ServiceDep) -> Response:
         return error_response(503, "unavailable", svc.fatal)
     if not svc.ready or svc.redis is None or svc.queue is None:
         return error_response(503, "unavailable", "the pipeline is still loading")
-    try:
-        await svc.redis.ping()
-        full = await svc.queue.memory_pressure()
+    try:  # on /readyz's own connections: long-polls and a busy API cannot starve it
+        await (svc.health_redis or svc.redis).ping()
+        full = await svc.queue.memory_pressure(svc.health_redis)
     except RedisError as exc:
         return error_response(503, "unavailable", f"Redis does not answer: {exc}")
     if full:

@@ -11,26 +11,39 @@ import numpy as np
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
-from actgen_generator.api.deps import AUTHED, ClassifiersDep, JobId, QueueDep, ServiceDep, refuse_when_full
+from actgen_generator.api.deps import (
+    AUTHED,
+    ClassifiersDep,
+    JobId,
+    PrincipalDep,
+    QueueDep,
+    ServiceDep,
+    not_found,
+    refuse_when_full,
+)
 from actgen_generator.api.errors import ERROR_RESPONSES, ApiError
 from actgen_generator.api.lifecycle import MAX_WAIT_S, Service
 from actgen_generator.classifiers import ClassifierStore
 from actgen_generator.events import log_event
 from actgen_shared import codecs
-from actgen_shared.queue import JobQueue
+from actgen_shared.keys import DEFAULT_TENANT
+from actgen_shared.queue import JobQueue, NotDurable, SubmitRefused, body_hash
 from actgen_shared.schemas import JobAccepted, JobRequest, JobState
 
 WORK_UNIT_PIXELS = 512 * 512  # a job's work is counted in image-steps at SD 2.1's native size
 RANDOM_SEED_BITS = 32  # seed + item index stays far below MAX_SEED
 INLINE_DECODE_CHARS = 64 * 1024  # base64 guides up to this are decoded on the event loop
 MAX_IMAGE_INDEX = 1_000_000
+DURABLE_HEADER = "X-ActGen-Durable"  # set on a 202 when ACTGEN_DURABLE_ACK=1 (WAITAOF confirmed)
 CANCEL_WAIT_S = 5.0  # how long DELETE waits for a running job to stop (a step or two on a GPU)
 CANCEL_POLL_S = (0.02, 0.25)  # first and longest pause between two looks at the job meanwhile
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHED, responses=ERROR_RESPONSES)
 
 
-async def validate_job(svc: Service, store: ClassifierStore, job: JobRequest) -> JobRequest:
+async def validate_job(
+    svc: Service, store: ClassifierStore, job: JobRequest, tenant: str = DEFAULT_TENANT
+) -> JobRequest:
     """Everything the schema cannot check alone; returns the job with its seed fixed."""
     settings = svc.settings
     if len(job.items) > settings.max_items_per_job:
@@ -71,7 +84,7 @@ async def validate_job(svc: Service, store: ClassifierStore, job: JobRequest) ->
     else:
         decode_all()  # small guides: cheaper than a thread hop
     if job.classifier_ref is not None:
-        meta = await store.meta(job.classifier_ref)
+        meta = await store.meta(job.classifier_ref, tenant)
         if meta is None:
             raise ApiError(
                 422,
@@ -90,18 +103,37 @@ async def validate_job(svc: Service, store: ClassifierStore, job: JobRequest) ->
 
 
 @router.post("", status_code=202, response_model=JobAccepted, summary="submit a job")
-async def submit_job(job: JobRequest, svc: ServiceDep, queue: QueueDep, store: ClassifiersDep) -> JobAccepted:
+async def submit_job(
+    job: JobRequest,
+    svc: ServiceDep,
+    queue: QueueDep,
+    store: ClassifiersDep,
+    principal: PrincipalDep,
+    response: Response,
+) -> JobAccepted:
+    """Queued for the key's tenant. An idempotency key seen before (from this tenant) returns
+    its first job when the body is the same, and is a 422 when it is not; past the tenant's
+    caps on jobs in flight or bytes held, a 429."""
     await refuse_when_full(queue)
-    job = await validate_job(svc, store, job)
+    sent = body_hash(job)  # as sent: the seed is fixed below, and a retry sends it unfixed again
+    job = await validate_job(svc, store, job, principal.tenant)
     try:
-        job_id, duplicate = await queue.submit(job)
+        job_id, duplicate = await queue.submit(job, tenant=principal.tenant, request_hash=sent)
     except LookupError as exc:  # its classifier was deleted between validation and submit
         raise ApiError(422, str(exc)) from None
+    except SubmitRefused as exc:  # idempotency conflict (422), the tenant's quota (429)
+        headers = {"Retry-After": "10"} if exc.status == 429 else None
+        raise ApiError(exc.status, str(exc), headers=headers) from None
+    except NotDurable as exc:  # queued, not yet on disk: a retry with its idempotency key is safe
+        raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
+    if svc.settings.durable_ack:  # what WAITAOF confirmed, for the client (and the tests) to see
+        response.headers[DURABLE_HEADER] = "aof-fsynced"
     log_event(
         "job.duplicate" if duplicate else "job.queued",
         job_id,
         replica=svc.replica_id,
         run_id=job.run_id,
+        tenant=principal.tenant,
         epoch=job.epoch,
         items=len(job.items),
         mode=job.options.mode.value,
@@ -112,7 +144,7 @@ async def submit_job(job: JobRequest, svc: ServiceDep, queue: QueueDep, store: C
 async def _state(queue: JobQueue, job_id: str) -> JobState:
     state = await queue.state(job_id)
     if state is None:
-        raise ApiError(404, f"job_id: no job {job_id} (unknown or expired)")
+        raise not_found(job_id)
     return state
 
 
@@ -141,7 +173,7 @@ async def cancel_job(
     ``done``/``failed`` if it ended first); 202 with status ``running`` and ``cancel_requested``
     when it has not stopped yet (GET it again)."""
     if await queue.cancel(job_id) is None:
-        raise ApiError(404, f"job_id: no job {job_id} (unknown or expired)")
+        raise not_found(job_id)
     log_event("job.cancel_requested", job_id, replica=svc.replica_id)
     state = await _state(queue, job_id)
     deadline = time.monotonic() + min(wait, svc.settings.max_wait_s)
@@ -177,17 +209,14 @@ async def get_image(
     summary="final latents so far: safetensors with 'latents' (N,C,h,w) float16 and 'indices'",
 )
 async def get_latents(job_id: JobId, queue: QueueDep) -> Response:
-    request = await queue.request(job_id)
-    if request is None:
-        raise ApiError(404, f"job_id: no job {job_id} (unknown or expired)")
-    blobs = await asyncio.gather(*(queue.latent(job_id, k) for k in range(len(request.items))))
+    wanted = await queue.latents_wanted(job_id)  # the request itself is dropped when the job ends
+    if wanted is None:
+        raise not_found(job_id)
+    n_items, return_latents = wanted
+    blobs = await asyncio.gather(*(queue.latent(job_id, k) for k in range(n_items)))
     found = [(k, blob) for k, blob in enumerate(blobs) if blob is not None]
     if not found:
-        why = (
-            "asked for none (options.return_latents false)"
-            if not request.options.return_latents
-            else "has none yet"
-        )
+        why = "asked for none (options.return_latents false)" if not return_latents else "has none yet"
         raise ApiError(404, f"job_id: job {job_id} {why}")
 
     def encode() -> bytes:

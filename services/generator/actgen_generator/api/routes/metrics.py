@@ -18,5 +18,6 @@ router = APIRouter(tags=["service"], dependencies=AUTHED, responses={401: {"mode
     responses={200: {"content": {"text/plain": {}}}},
 )
 async def metrics(svc: ServiceDep) -> Response:
-    await svc.metrics.refresh(svc.queue, svc.device if svc.ready else None)
+    worker_queue = svc.worker.queue if svc.worker is not None else None
+    await svc.metrics.refresh(svc.queue, svc.device if svc.ready else None, worker_queue, svc.long_polls)
     return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
