@@ -167,13 +167,14 @@ def test_a_big_body_is_dropped_from_redis_when_its_job_ends(
     assert size is not None and size < 2**20, f"{size} bytes"
 
 
-def test_the_server_answers_503_past_its_concurrency_limit(redis_url: str, prefix: str) -> None:
+def test_the_server_answers_503_past_its_concurrency_limit(redis_url: str, key_prefix: str) -> None:
     """uvicorn's limit_concurrency (ACTGEN_LIMIT_CONCURRENCY): a few long-polls wait; of many more
     arriving while they do, those past the limit are refused with 503 at once instead of waiting.
     (uvicorn counts open connections, the asking one included: at most limit - 1 wait.)"""
     limit = 8
     env = {"ACTGEN_LIMIT_CONCURRENCY": str(limit)}
-    with replica(redis_url, prefix, None, env=env, extra_args=["--sampler", "echo", "--no-worker"]) as proc:
+    # a prefix of its own: the module's echo replica would otherwise run this job and end the polls
+    with replica(redis_url, key_prefix, None, env=env, extra_args=["--sampler", "echo", "--no-worker"]) as proc:
         run = new_run_id()
         with httpx.Client(base_url=proc.url, timeout=30) as client:
             assert client.post("/v1/jobs", json=job_body(run)).status_code == 202  # the run is known

@@ -122,6 +122,9 @@ def test_a_run_posts_tensors_split_to_the_cap_reads_resumes_and_cleans_up(env: d
         # a resumed loop re-posting epoch 0, the same body (another body under a used key is a 422)
         again = run.submit((pixels - 0.5) / 0.5, labels, guide_ids=[f"g{k}" for k in range(5)], **post)
         assert again.jobs == sub.jobs and len(run.ledger.jobs) == 2  # the same jobs (idempotency keys)
+        other = run.submit((pixels - 0.5) / 0.5, labels, **post)  # other samples: the first jobs stand
+        assert other.jobs == [] and other.error is not None and "idempotency_key" in other.error
+        assert len(run.ledger.jobs) == 2
         assert again.classifier_ref == sub.classifier_ref and uploads == ["x"]  # same weights: no upload
         assert run.inflight() == 2 and run.wait() == 0
 

@@ -46,10 +46,11 @@ class GeneratorError(RuntimeError):
 
 def is_retryable(exc: BaseException) -> bool:
     """The one retry rule: trouble on the server's side or the network's, which passes by
-    itself (a replica that is starting, or whose Redis is restarting, answers 503), is worth
-    waiting out; a 4xx is the request's fault and is not."""
+    itself (a replica that is starting, or whose Redis is restarting, answers 503; a replica at
+    its cap of long-polls or a tenant at its quota answers 429), is worth waiting out; another
+    4xx is the request's fault and is not."""
     if isinstance(exc, GeneratorError):
-        return exc.status >= 500
+        return exc.status >= 500 or exc.status == 429
     return isinstance(exc, httpx.TransportError)
 
 

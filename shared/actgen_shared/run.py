@@ -68,7 +68,15 @@ from actgen_shared.schedule import (
     images_for_epoch,
     schedule_for,
 )
-from actgen_shared.schemas import GenerationOptions, Info, JobItem, JobRequest, JobStatus, Mode
+from actgen_shared.schemas import (
+    IDEMPOTENCY_CONFLICT,
+    GenerationOptions,
+    Info,
+    JobItem,
+    JobRequest,
+    JobStatus,
+    Mode,
+)
 from actgen_shared.seeds import derive_seed
 from actgen_shared.settings import ClientSettings
 from actgen_shared.uploads import ClassifierUploads, model_weights
@@ -562,8 +570,9 @@ class ActGenRun(ClassifierUploads, ResultsIntake):
         values), PIL images, uint8 arrays or PNG/JPEG bytes; ``labels`` their true classes.
         ``model``: the classifier, uploaded when the job uses adversarial guidance (the
         schedule's adv_prob > 0, or the options'). The budget (``images_per_epoch``/``budget``)
-        keeps a random subset. One call per epoch and rank: the idempotency key makes a second
-        call for the same epoch the first job.
+        keeps a random subset. One call per epoch and rank: under the epoch's idempotency key a
+        second call with the same samples gets the first job back, and one with other samples (a
+        resumed run re-posting an epoch) posts nothing and says so in the log.
         """
         self.tally.at(epoch)
         n = len(_as_list(labels))
@@ -608,6 +617,15 @@ class ActGenRun(ClassifierUploads, ResultsIntake):
         elif posting:
             try:
                 out.jobs = self._post(epoch, items, job_options, ref)
+            except GeneratorRefused as exc:
+                if exc.code != IDEMPOTENCY_CONFLICT:
+                    raise
+                # a resumed run posting an epoch it had posted before the stop, with other samples:
+                # the first job stands (its images arrive as before) and this call posts nothing
+                self.log.warning(
+                    "epoch %d: already posted before; its new samples are not posted (%s)", epoch, exc.message
+                )
+                out.error = exc.message
             except Exception as exc:
                 if not is_retryable(exc):
                     raise

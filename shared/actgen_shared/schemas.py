@@ -17,6 +17,8 @@ from actgen_shared.seeds import MAX_SEED
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 BANK_KEY_PATTERN = RUN_ID_PATTERN
 CLASSIFIER_REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# The error code of a 422 for an idempotency key reused with another body (the first job stands).
+IDEMPOTENCY_CONFLICT = "idempotency_conflict"
 # where a results (or progress) cursor starts: before the first entry of the stream
 START_CURSOR = "0-0"
 

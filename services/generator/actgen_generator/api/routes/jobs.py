@@ -27,8 +27,8 @@ from actgen_generator.classifiers import ClassifierStore
 from actgen_generator.events import log_event
 from actgen_shared import codecs
 from actgen_shared.keys import DEFAULT_TENANT
-from actgen_shared.queue import JobQueue, NotDurable, SubmitRefused, body_hash
-from actgen_shared.schemas import JobAccepted, JobRequest, JobState
+from actgen_shared.queue import IdempotencyConflict, JobQueue, NotDurable, SubmitRefused, body_hash
+from actgen_shared.schemas import IDEMPOTENCY_CONFLICT, JobAccepted, JobRequest, JobState
 
 WORK_UNIT_PIXELS = 512 * 512  # a job's work is counted in image-steps at SD 2.1's native size
 RANDOM_SEED_BITS = 32  # seed + item index stays far below MAX_SEED
@@ -123,7 +123,8 @@ async def submit_job(
         raise ApiError(422, str(exc)) from None
     except SubmitRefused as exc:  # idempotency conflict (422), the tenant's quota (429)
         headers = {"Retry-After": "10"} if exc.status == 429 else None
-        raise ApiError(exc.status, str(exc), headers=headers) from None
+        code = IDEMPOTENCY_CONFLICT if isinstance(exc, IdempotencyConflict) else None
+        raise ApiError(exc.status, str(exc), code=code, headers=headers) from None
     except NotDurable as exc:  # queued, not yet on disk: a retry with its idempotency key is safe
         raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
     if svc.settings.durable_ack:  # what WAITAOF confirmed, for the client (and the tests) to see
