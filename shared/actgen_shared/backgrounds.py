@@ -1,24 +1,37 @@
-"""Digits on procedural backgrounds: a testbed where ActGen's mechanisms have room to act.
+"""Digits on procedural backgrounds (data v2): a testbed where ActGen's mechanisms have room to act.
 
 The 8x8 digits alone leave the method nothing to do: no background for eq. 8's mask to free,
 and a test set of 359 images. Here each image is one of scikit-learn's digits, upscaled to a
-random size, coloured and placed at a random spot on a procedural background of one of ten
-kinds (stripes three ways, checks, two gradients, blobs, noise, dots, rings), each with random
-colours, frequency and phase, together with the true foreground mask of the digit.
+random side of :data:`DIGIT_SIDE` (20-28 px of the 32, so the class is a large share of the
+image), coloured and placed at a random spot on a procedural background of one of ten kinds
+(stripes three ways, checks, two gradients, blobs, noise, dots, rings), each with random colours,
+frequency and phase, together with the true foreground mask of the digit.
+
+Two stressors, each a distribution shift between training and test:
+
+* **background** (a shortcut): in training a class's background is its own kind (kind = class)
+  with probability :data:`MAJORITY_SHARE` (0.9); in test half the images are on their class's
+  kind, half on another;
+* **style** (a rare appearance): each class has one *hard* style, its digit rotated by the class's
+  angle (:data:`HARD_ANGLES`) and drawn with thin strokes; :data:`HARD_SHARE_TRAIN` (5 %) of the
+  training images have it, :data:`HARD_SHARE_TEST` (half) of the test images.
 
 The split (everything is deterministic from :data:`SPLIT_SEED`):
 
-* ``train``: each digit of the digits train split once, its background kind correlated with its
-  class: kind = class with probability :data:`MAJORITY_SHARE` (0.9), another kind otherwise.
-  The trainer's small training set and its validation slice are cut from it, so both carry the
-  shortcut (background -> class) a small classifier learns;
-* ``test``: each digit of the digits test split :data:`TEST_RENDERS` times on uniformly random
-  backgrounds (several thousand images): the shortcut does not hold there;
-* :func:`broad_scenes`: the generator's training pool, every digit on every kind.
+* ``train``: each digit of the digits train split once (1438 images). The trainer's small
+  training set and its validation slice (the hard samples are mined from it; the configs take a
+  few hundred) are cut from it, so both carry the shortcut and the rare style;
+* ``test``: each digit of the digits test split :data:`TEST_RENDERS` times (7180 images), in a
+  random order so that any prefix (the loop's per-epoch monitor) is a fair sample of all four groups;
+* :func:`broad_scenes`: the generator's training pool, every train digit on every kind, the styles
+  as rare as in training (like a generator trained on the world: it mostly draws the common look).
 
-Groups (for worst-group accuracy): a test image is *majority* when its background kind is the
-one its class mostly has in training (kind == class), *minority* otherwise; the groups are
-(class, background kind) pairs, :func:`group_ids`.
+Every scene keeps what made it (digit, style, colours, box: :class:`Scenes`), so a scene can be
+drawn again with one thing changed (:func:`rerender`): the testbed's oracle generator does that.
+
+Groups (worst-group accuracy, :func:`group_accuracies`): four, background (majority: the class's
+own kind; minority: another) x style (common, hard), :data:`GROUPS`; each holds about a quarter of
+the test split (~1800 images, a standard error near 1 pp).
 """
 
 from __future__ import annotations
@@ -33,11 +46,18 @@ from actgen_shared.digits import load_digits_split
 
 IMAGE_SIZE = 32  # px
 SPLIT_SEED = 0
-MAJORITY_SHARE = 0.9  # train and validation: share of images whose background kind is their class's
-TEST_RENDERS = 10  # test images per digit of the test split (359 digits -> 3590 images)
-DIGIT_SIDE = (14, 22)  # px: the digit's box side, drawn uniformly (inclusive)
+MAJORITY_SHARE = 0.9  # train (and its validation slice): share of images on their class's own kind
+TEST_MAJORITY_SHARE = 0.5  # test: half the images on their class's kind, half on another
+HARD_SHARE_TRAIN = 0.05  # train and the generator's pool: share of images in the class's hard style
+HARD_SHARE_TEST = 0.5
+TEST_RENDERS = 20  # test images per digit of the test split (359 digits -> 7180 images)
+DIGIT_SIDE = (20, 28)  # px: the digit's box side, drawn uniformly (inclusive)
 PATTERN_CONTRAST = 0.2  # per channel, between a background's two colours
 MASK_ALPHA = 0.5  # a pixel is foreground when the digit's opacity there is at least this
+# each class's hard style: rotated by this many degrees (counter-clockwise), thin strokes
+HARD_ANGLES = (40, -40, 35, -35, 40, -40, 35, -35, 40, -40)
+STYLES = ("common", "hard")
+GROUPS = ("majority/common", "minority/common", "majority/hard", "minority/hard")
 BACKGROUND_KINDS = (
     "h_stripes",
     "v_stripes",
@@ -54,20 +74,45 @@ BACKGROUND_KINDS = (
 
 @dataclass
 class Scenes:
-    """Rendered images with what made them: uint8 N x S x S x 3 images, bool N x S x S masks."""
+    """Rendered images with what made them: uint8 N x S x S x 3 images, bool N x S x S masks.
+
+    ``digits``, ``styles``, ``colours`` and ``boxes`` are what :func:`rerender` needs to draw a
+    scene again (None for scenes built by hand, e.g. in tests).
+    """
 
     images: np.ndarray
     masks: np.ndarray  # the digit's true foreground
     labels: np.ndarray  # digit class, int64
     kinds: np.ndarray  # background kind, int64 index into BACKGROUND_KINDS
+    styles: np.ndarray | None = None  # int64 index into STYLES (0 common, 1 hard)
+    digits: np.ndarray | None = None  # N x 8 x 8 source digits (grey levels 0..16)
+    colours: np.ndarray | None = None  # N x 3 x 3 float: first, second background colour, digit
+    boxes: np.ndarray | None = None  # N x 3 int: side, top, left of the digit's box
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def take(self, rows: np.ndarray) -> Scenes:
+        """The scenes at ``rows`` (every field that is set)."""
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[rows]
+
+        return Scenes(
+            self.images[rows],
+            self.masks[rows],
+            self.labels[rows],
+            self.kinds[rows],
+            pick(self.styles),
+            pick(self.digits),
+            pick(self.colours),
+            pick(self.boxes),
+        )
+
 
 @dataclass
 class BackgroundsSplit:
-    """The trainer's train source (class-correlated backgrounds) and test source (random ones)."""
+    """The trainer's train source (class-correlated backgrounds, rare hard style) and test source."""
 
     train: Scenes
     test: Scenes
@@ -140,59 +185,137 @@ def background_pattern(kind: str, rng: np.random.Generator, size: int = IMAGE_SI
     raise ValueError(f"unknown background kind {kind!r}; known: {', '.join(BACKGROUND_KINDS)}")
 
 
-def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Two background colours and a digit colour that contrasts with both (RGB in [0, 1]).
+def _colours(rng: np.random.Generator, dark_digit: bool | None = None) -> np.ndarray:
+    """Two background colours and a digit colour that contrasts with both (3 x 3, RGB in [0, 1]).
 
-    Half the scenes have a light background and a dark digit, half the reverse; channels are
-    drawn independently inside each band, so hues vary freely. The pattern's second colour is
-    the first moved by at most :data:`PATTERN_CONTRAST` per channel: the pattern is plain to see,
-    the digit plainer.
+    Half the scenes have a light background and a dark digit, half the reverse (``dark_digit``
+    fixes which); channels are drawn independently inside each band, so hues vary freely. The
+    pattern's second colour is the first moved by at most :data:`PATTERN_CONTRAST` per channel:
+    the pattern is plain to see, the digit plainer.
     """
-    if rng.random() < 0.5:  # dark digit on a light background
+    if dark_digit is None:
+        dark_digit = bool(rng.random() < 0.5)
+    if dark_digit:  # dark digit on a light background
         bg_low, bg_high, fg_low, fg_high = 0.45, 1.0, 0.0, 0.3
     else:  # light digit on a dark background
         bg_low, bg_high, fg_low, fg_high = 0.0, 0.55, 0.7, 1.0
     first = rng.uniform(bg_low, bg_high, size=3)
     second = np.clip(first + rng.uniform(-PATTERN_CONTRAST, PATTERN_CONTRAST, size=3), bg_low, bg_high)
     digit = rng.uniform(fg_low, fg_high, size=3)
-    return first, second, digit
+    return np.stack([first, second, digit]).astype(np.float32)
+
+
+def _new_background_colours(colours: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fresh background colours for a scene whose digit colour stays (same light/dark scheme)."""
+    dark_digit = bool(colours[2].mean() < 0.5)
+    fresh = _colours(rng, dark_digit)
+    fresh[2] = colours[2]
+    return fresh
 
 
 # ---------------------------------------------------------------------- scenes
-def digit_opacity(digit: np.ndarray, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """An 8x8 digit (grey levels 0..16) upscaled to a random side, at a random spot: S x S opacity."""
+def draw_box(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A random digit box: side in :data:`DIGIT_SIDE`, top and left inside the image."""
     side = int(rng.integers(DIGIT_SIDE[0], DIGIT_SIDE[1] + 1))
-    grey = np.clip(digit.astype(np.float32) / 16.0, 0.0, 1.0)
-    big = np.asarray(Image.fromarray(grey, mode="F").resize((side, side), Image.Resampling.BILINEAR))
-    alpha = np.clip(big * 1.6 - 0.2, 0.0, 1.0)  # solid strokes, soft edges
     top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    return np.array([side, top, left], np.int64)
+
+
+def digit_opacity(
+    digit: np.ndarray, label: int, style: int, box: np.ndarray, size: int = IMAGE_SIZE
+) -> np.ndarray:
+    """An 8x8 digit (grey levels 0..16) upscaled into ``box`` (side, top, left): S x S opacity.
+
+    The hard style rotates the digit by its class's angle and keeps only the strokes' cores.
+    """
+    side, top, left = (int(v) for v in box)
+    grey = np.clip(digit.astype(np.float32) / 16.0, 0.0, 1.0)
+    big = Image.fromarray(grey, mode="F").resize((side, side), Image.Resampling.BILINEAR)
+    if style == 1:
+        big = big.rotate(HARD_ANGLES[int(label) % len(HARD_ANGLES)], Image.Resampling.BILINEAR)
+        alpha = np.clip((np.asarray(big) - 0.4) * 3.0, 0.0, 1.0)  # thin strokes
+    else:
+        alpha = np.clip(np.asarray(big) * 1.6 - 0.2, 0.0, 1.0)  # solid strokes, soft edges
     out = np.zeros((size, size), np.float32)
     out[top : top + side, left : left + side] = alpha
     return out
 
 
-def render_scene(
-    digit: np.ndarray, kind: int, rng: np.random.Generator, size: int = IMAGE_SIZE
+def compose(
+    digit: np.ndarray,
+    label: int,
+    kind: int,
+    style: int,
+    colours: np.ndarray,
+    box: np.ndarray,
+    rng: np.random.Generator,
+    size: int = IMAGE_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image (uint8 S x S x 3) and its true foreground mask (bool S x S)."""
+    """One image (uint8 S x S x 3) and its true foreground mask (bool S x S) from all its parts;
+    ``rng`` draws only the background pattern's frequency and phase."""
     weights = background_pattern(BACKGROUND_KINDS[kind], rng, size)[..., None]
-    first, second, colour = _colours(rng)
+    first, second, colour = colours
     background = (1.0 - weights) * first + weights * second
-    alpha = digit_opacity(digit, rng, size)[..., None]
+    alpha = digit_opacity(digit, label, style, box, size)[..., None]
     image = (1.0 - alpha) * background + alpha * colour
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), alpha[..., 0] >= MASK_ALPHA
 
 
 def render_scenes(
-    digits: np.ndarray, labels: np.ndarray, kinds: np.ndarray, seed: int, size: int = IMAGE_SIZE
+    digits: np.ndarray,
+    labels: np.ndarray,
+    kinds: np.ndarray,
+    seed: int,
+    size: int = IMAGE_SIZE,
+    styles: np.ndarray | None = None,
 ) -> Scenes:
-    """Render ``digits[i]`` (N x 8 x 8) on background kind ``kinds[i]``; one RNG stream from ``seed``."""
+    """Render ``digits[i]`` (N x 8 x 8) on background kind ``kinds[i]`` in style ``styles[i]``
+    (all common when None); colours, box and pattern from one RNG stream from ``seed``."""
     rng = np.random.default_rng(seed)
-    images = np.empty((len(digits), size, size, 3), np.uint8)
-    masks = np.empty((len(digits), size, size), bool)
-    for i, (digit, kind) in enumerate(zip(digits, kinds, strict=True)):
-        images[i], masks[i] = render_scene(digit, int(kind), rng, size)
-    return Scenes(images, masks, np.asarray(labels, np.int64), np.asarray(kinds, np.int64))
+    n = len(digits)
+    styles = np.zeros(n, np.int64) if styles is None else np.asarray(styles, np.int64)
+    labels = np.asarray(labels, np.int64)
+    images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.empty((n, size, size), bool)
+    colours = np.empty((n, 3, 3), np.float32)
+    boxes = np.empty((n, 3), np.int64)
+    for i in range(n):
+        colours[i] = _colours(rng)
+        boxes[i] = draw_box(rng, size)
+        images[i], masks[i] = compose(
+            digits[i], int(labels[i]), int(kinds[i]), int(styles[i]), colours[i], boxes[i], rng, size
+        )
+    return Scenes(
+        images, masks, labels, np.asarray(kinds, np.int64), styles, np.asarray(digits), colours, boxes
+    )
+
+
+def rerender(
+    scenes: Scenes,
+    index: int,
+    rng: np.random.Generator,
+    kind: int | None = None,
+    new_colours: bool = False,
+    size: int = IMAGE_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scene ``index`` drawn again: its digit, style, box and digit colour; the background pattern
+    redrawn from ``rng`` (new frequency and phase) on ``kind`` (None: its own) with fresh
+    background colours when ``new_colours``. (image, mask)."""
+    if scenes.digits is None or scenes.colours is None or scenes.boxes is None or scenes.styles is None:
+        raise ValueError("these scenes were not rendered here: nothing to draw them again from")
+    colours = scenes.colours[index]
+    if new_colours:
+        colours = _new_background_colours(colours, rng)
+    return compose(
+        scenes.digits[index],
+        int(scenes.labels[index]),
+        int(scenes.kinds[index] if kind is None else kind),
+        int(scenes.styles[index]),
+        colours,
+        scenes.boxes[index],
+        rng,
+        size,
+    )
 
 
 def correlated_kinds(labels: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
@@ -203,6 +326,11 @@ def correlated_kinds(labels: np.ndarray, share: float, rng: np.random.Generator)
     majority = labels % n_kinds
     other = (majority + rng.integers(1, n_kinds, size=len(labels))) % n_kinds
     return np.where(rng.random(len(labels)) < share, majority, other)
+
+
+def draw_styles(n: int, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Style per image: hard (1) with probability ``share``, else common (0)."""
+    return (rng.random(n) < share).astype(np.int64)
 
 
 def _digit_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -220,34 +348,40 @@ def _digit_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=2)  # every ablation cell loads it; the arrays are shared, never written to
-def load_backgrounds_split(
-    image_size: int = IMAGE_SIZE,
-    majority_share: float = MAJORITY_SHARE,
-    test_renders: int = TEST_RENDERS,
-) -> BackgroundsSplit:
-    """The train source (each train digit once, kinds correlated with class) and the test source
-    (each test digit ``test_renders`` times on uniformly random kinds)."""
+def load_backgrounds_split(image_size: int = IMAGE_SIZE, test_renders: int = TEST_RENDERS) -> BackgroundsSplit:
+    """The train source (each train digit once: kinds correlated with class, the hard style rare)
+    and the test source (each test digit ``test_renders`` times: half on their class's kind, half
+    in the hard style, shuffled)."""
     train_digits, train_labels, test_digits, test_labels = _digit_arrays()
     rng = np.random.default_rng([SPLIT_SEED, 1])
-    train_kinds = correlated_kinds(train_labels, majority_share, rng)
+    train_kinds = correlated_kinds(train_labels, MAJORITY_SHARE, rng)
+    train_styles = draw_styles(len(train_labels), HARD_SHARE_TRAIN, rng)
     train = render_scenes(
-        train_digits, train_labels, train_kinds, seed=SPLIT_SEED * 1000 + 2, size=image_size
+        train_digits, train_labels, train_kinds, SPLIT_SEED * 1000 + 2, image_size, train_styles
     )
-    digits = np.repeat(test_digits, test_renders, axis=0)
-    labels = np.repeat(test_labels, test_renders)
-    test_kinds = np.random.default_rng([SPLIT_SEED, 3]).integers(0, len(BACKGROUND_KINDS), size=len(labels))
-    test = render_scenes(digits, labels, test_kinds, seed=SPLIT_SEED * 1000 + 4, size=image_size)
+    rng = np.random.default_rng([SPLIT_SEED, 3])
+    order = rng.permutation(len(test_labels) * test_renders)
+    digits = np.repeat(test_digits, test_renders, axis=0)[order]
+    labels = np.repeat(test_labels, test_renders)[order]
+    test_kinds = correlated_kinds(labels, TEST_MAJORITY_SHARE, rng)
+    test_styles = draw_styles(len(labels), HARD_SHARE_TEST, rng)
+    test = render_scenes(digits, labels, test_kinds, SPLIT_SEED * 1000 + 4, image_size, test_styles)
     return BackgroundsSplit(train=train, test=test)
 
 
-def broad_scenes(renders: int, seed: int, image_size: int = IMAGE_SIZE) -> Scenes:
+def broad_scenes(
+    renders: int, seed: int, image_size: int = IMAGE_SIZE, hard_share: float = HARD_SHARE_TRAIN
+) -> Scenes:
     """The generator's training pool: each train digit ``renders`` times, kinds uniform (every
-    digit on every kind; no correlation for the generator to learn)."""
+    digit on every kind; no correlation for the generator to learn), the hard style at
+    ``hard_share`` (as rare as in training by default)."""
     train_digits, train_labels, _, _ = _digit_arrays()
     digits = np.repeat(train_digits, renders, axis=0)
     labels = np.repeat(train_labels, renders)
-    kinds = np.random.default_rng([seed, 5]).integers(0, len(BACKGROUND_KINDS), size=len(labels))
-    return render_scenes(digits, labels, kinds, seed=seed * 1000 + 6, size=image_size)
+    rng = np.random.default_rng([seed, 5])
+    kinds = rng.integers(0, len(BACKGROUND_KINDS), size=len(labels))
+    styles = draw_styles(len(labels), hard_share, rng)
+    return render_scenes(digits, labels, kinds, seed * 1000 + 6, image_size, styles)
 
 
 # ---------------------------------------------------------------------- groups
@@ -257,22 +391,34 @@ def majority_background(scenes: Scenes) -> np.ndarray:
 
 
 def group_ids(scenes: Scenes) -> np.ndarray:
-    """Group of each image for worst-group accuracy: class * kinds + background kind."""
-    return scenes.labels * len(BACKGROUND_KINDS) + scenes.kinds
+    """Group of each image, an index into :data:`GROUPS`: 2 * hard style + minority background."""
+    styles = np.zeros(len(scenes), np.int64) if scenes.styles is None else scenes.styles
+    return 2 * styles + (~majority_background(scenes)).astype(np.int64)
 
 
 def group_accuracies(correct: np.ndarray, scenes: Scenes) -> dict[str, float]:
-    """Accuracy overall, on majority and minority backgrounds, and of the worst (class, kind) group."""
+    """Accuracy overall, on majority and minority backgrounds, in the common and hard styles, per
+    group (``group/majority/common`` ...) and of the worst of the four groups (groups without
+    images are left out)."""
     correct = np.asarray(correct, bool)
     groups = group_ids(scenes)
-    per_group = [float(correct[groups == g].mean()) for g in np.unique(groups)]
     majority = majority_background(scenes)
-    return {
+    styles = np.zeros(len(scenes), np.int64) if scenes.styles is None else scenes.styles
+
+    def share(rows: np.ndarray) -> float:
+        return float(correct[rows].mean()) if rows.any() else float("nan")
+
+    out = {
         "accuracy": float(correct.mean()),
-        "majority_accuracy": float(correct[majority].mean()) if majority.any() else float("nan"),
-        "minority_accuracy": float(correct[~majority].mean()) if (~majority).any() else float("nan"),
-        "worst_group_accuracy": min(per_group),
+        "majority_accuracy": share(majority),
+        "minority_accuracy": share(~majority),
+        "common_accuracy": share(styles == 0),
+        "hard_accuracy": share(styles == 1),
     }
+    per_group = {name: share(groups == g) for g, name in enumerate(GROUPS)}
+    out.update({f"group/{name}": value for name, value in per_group.items()})
+    out["worst_group_accuracy"] = min(v for v in per_group.values() if not np.isnan(v))
+    return out
 
 
 # ---------------------------------------------------------------------- reference classifier
@@ -309,8 +455,9 @@ def _to_input(images: np.ndarray):  # -> torch.Tensor
 
 
 class ReferenceClassifier:
-    """Which digit a scene shows, whatever its background: a small CNN trained on the broad pool
-    (every digit on every kind, a pool of its own seed), never on generated images. It reads
+    """Which digit a scene shows, whatever its background or style: a small CNN trained on a broad
+    pool (every digit on every kind, half in the hard style, a pool of its own seed), never on
+    generated images. It reads
     faithfulness (does a generated image still show its guide's class?) in the model check and
     the ablation, as the digits' SVM does there."""
 
@@ -323,7 +470,7 @@ class ReferenceClassifier:
         import torch
         import torch.nn.functional as F
 
-        pool = broad_scenes(renders, seed)
+        pool = broad_scenes(renders, seed, hard_share=0.5)  # it must read both styles
         x, y = _to_input(pool.images), torch.from_numpy(pool.labels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
