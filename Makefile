@@ -76,12 +76,14 @@ ablation-backgrounds: setup
 	done
 
 # tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
-# (about 15 min and 1 more for its reference CNN on a 2-core CPU, one thread, niced; then
+# (v2: about an hour on a 2-core CPU shared with other work, one thread, niced, plus a few minutes for
+# its reference and kind CNNs; minutes on a GPU; probes and OUT.ckpt every 500 UNet steps; then
 # `actgen-generator eval-model models/tiny-backgrounds` gives the model card's figures).
 tiny-backgrounds-model: setup
-	nice -n 19 $(VENV)/bin/actgen-generator train-tiny-model --data backgrounds --out models/tiny-backgrounds \
-	    --minutes 16 --seed 0 --vae-steps 650 --unet-steps 2500 --vae-share 0.2 --text-lr 0.0005 \
-	    --renders 8 --attn-weight 0.2 --threads 1
+	nice -n 10 $(VENV)/bin/actgen-generator train-tiny-model --data backgrounds --out models/tiny-backgrounds \
+	    --minutes 55 --seed 0 --vae-steps 1500 --unet-steps 10000 --vae-share 0.25 --text-lr 0 \
+	    --renders 4 --attn-weight 0.2 --digit-weight 4 --colour-weight 1 --class-tokens orthogonal \
+	    --class-token-norm 8 --checkpoint-every 500 --unet-batch 32 --threads 1
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after
