@@ -160,6 +160,7 @@ class TinyTrainingConfig:
     checkpoint_every: int = 0  # UNet steps between checkpoints (and probes) written next to the output
     hard_share: float = 0.5  # backgrounds: share of the pool in each class's hard style (data v2)
     judges: str | None = None  # backgrounds: folder to load the reference and kind CNNs from (else trained)
+    init_vae: str | None = None  # a model folder whose VAE (same architecture) the VAE phase starts from
 
 
 def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
@@ -612,6 +613,9 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
         images, labels = to_model_pixels(split.train_images), torch.from_numpy(split.train_labels)
         what = f"{len(images)} digits"
     pipe = build_untrained(cfg.seed, cfg.data, cfg.class_tokens, cfg.class_token_norm)
+    if cfg.init_vae:  # continue a VAE (v2: v1's, which had learnt the shapes but not the colours)
+        start = AutoencoderKL.from_pretrained(Path(cfg.init_vae).expanduser(), subfolder="vae")
+        pipe.vae.load_state_dict(start.state_dict())
     print(
         f"training {version} on {what} for at most {cfg.minutes:g} min "
         f"(seed {cfg.seed}, {torch.get_num_threads()} threads); "
@@ -915,6 +919,11 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--unet-batch", type=int, default=defaults.unet_batch, help="UNet phase batch size")
     p.add_argument(
+        "--init-vae",
+        default=None,
+        help="model folder whose vae/ (same architecture) the VAE phase continues instead of random weights",
+    )
+    p.add_argument(
         "--judges",
         default=None,
         help="backgrounds: folder holding reference_classifier.safetensors and kind_classifier.safetensors "
@@ -977,6 +986,7 @@ def _run(args) -> int:
         checkpoint_every=args.checkpoint_every,
         unet_batch=args.unet_batch,
         judges=args.judges,
+        init_vae=args.init_vae,
         # backgrounds: the digit is already placed at random, and a shift would pad with black
         max_shift=0 if args.data == "backgrounds" else TinyTrainingConfig.max_shift,
     )
@@ -992,6 +1002,8 @@ def _run(args) -> int:
         extra += f" --colour-weight {cfg.colour_weight:g}"
     if cfg.unet_batch != TinyTrainingConfig.unet_batch:
         extra += f" --unet-batch {cfg.unet_batch}"
+    if cfg.init_vae:
+        extra += f" --init-vae {cfg.init_vae}"
     if cfg.judges:
         extra += f" --judges {cfg.judges}"
     command = (
