@@ -518,8 +518,10 @@ class EpochSampler(Sampler[SampleKey]):
         rank: int = 0,
         world: int = 1,
         shuffle_seed: int = 0,
+        size: int | None = None,
     ) -> None:
         self.generated = generated
+        self.size = size
         self.epoch_seed = epoch_seed
         self.rank, self.world, self.shuffle_seed = rank, world, shuffle_seed
         self.epoch = 0
@@ -538,7 +540,7 @@ class EpochSampler(Sampler[SampleKey]):
         return len(self.real) + len(self.records)
 
     def __len__(self) -> int:
-        return -(-self.total // self.world)  # DistributedSampler pads to an equal share
+        return -(-(self.size or self.total) // self.world)  # DistributedSampler pads to an equal share
 
     def __iter__(self) -> Iterator[SampleKey]:
         generator = torch.Generator().manual_seed(self.epoch_seed(self.epoch))
@@ -554,6 +556,8 @@ class EpochSampler(Sampler[SampleKey]):
             order = list(shards)
         else:
             order = torch.randperm(self.total, generator=generator).tolist()
+        if self.size is not None and order:  # cut or cycled to the fixed size (this rank's share)
+            order = (order * -(-len(self) // len(order)))[: len(self)]
         n_real = len(self.real)
         for position in order:
             if position < n_real:
