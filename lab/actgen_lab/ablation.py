@@ -1,4 +1,4 @@
-"""``actgen-trainer ablate`` (``make ablation``): what each part of ActGen buys, on a testbed.
+"""``actgen-lab ablate`` (``make ablation``): what each part of ActGen buys, on a testbed.
 
 Two testbeds (:data:`TESTBEDS`, ``--testbed``): the low-data ``digits`` (the 8x8 digits, where
 every guided arm ties plain generation: docs/ablation.md says why), and ``backgrounds``
@@ -30,190 +30,85 @@ grey levels, trained here on the real digits training split) reads as the labell
 from __future__ import annotations
 
 import hashlib
-import html
 import json
-import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from actgen_shared.digits import ReferenceClassifier as DigitsReference
-from actgen_shared.digits import load_digits_split
+from actgen_lab.arms import (
+    ARMS,
+    ARMS_BACKGROUNDS,
+    BASELINES,
+    DEFAULT_CONFIG,
+    DEFAULT_MODEL,
+    DEFAULT_OUT,
+    DEFAULT_SEEDS,
+    DEFAULT_THREADS,
+    TESTBEDS,
+    Testbed,
+    check_seeds,
+    config_overrides,
+    oracle_policy,
+    parse_arms,
+    testbed_named,
+)
+from actgen_lab.diagnostics import Diagnostics, testbed_diagnostics
+from actgen_lab.page import PAGE_NAME, write_page
+from actgen_lab.stats import PairedDiff, mean_std, paired_difference
+from actgen_lab.table import TABLE_NAME, summarize, write_table
 from actgen_shared.presets import read_model_defaults, resolve_options
 from actgen_shared.schemas import GenerationOptions
-from actgen_trainer.config import Config, ConfigError, TrainMode, load_config
+from actgen_trainer.config import Config, TrainMode, load_config
 from actgen_trainer.demo import _in_repo
 from actgen_trainer.loop import Trainer
-from actgen_trainer.models import predict
-from actgen_trainer.report import STYLE, _data_uri
 
-# The arms: name -> ``--set`` overrides of the base config. Adding an arm is one line. The base
-# config names no preset, so every arm runs on the digits model's own defaults (its folder's
-# actgen_defaults.json: nu 0.01, token norm on [uncond, c], CFG 15, margin 200, [0, 1] mask) but
-# for what the arm sets; ``actgen-released`` names the released preset (and so its schedule).
-ARMS: dict[str, list[str]] = {
-    "real": ["generation.mode=real"],
-    "focal": ["generation.mode=real", "optim.loss=focal"],
-    "random": ["generation.mode=random"],
-    "ig": ["generation.mode=ig"],
-    "aig": ["generation.mode=aig"],
-    "aig+contrastive": ["generation.mode=actgen", "generation.guidance=contrastive"],
-    "aig+adversarial": ["generation.mode=actgen", "generation.guidance=adversarial"],
-    "actgen": ["generation.mode=actgen", "generation.guidance=both"],
-    # the released code's eq. 11 exactly (the token norm on [uncond, c], nu 0.05): too far on this model
-    "actgen-nu0.05": ["generation.mode=actgen", "generation.guidance=both", "generation.options.lr=0.05"],
-    # eq. 11 as the paper's text reads it (the global norm, c alone, nu 0.05): with the digits'
-    # CFG 15, margin 200 and [0, 1] mask, the values of the paper preset
-    "actgen-global": [
-        "generation.mode=actgen",
-        "generation.guidance=both",
-        "generation.options.lr=0.05",
-        "generation.options.grad_norm=global",
-        "generation.options.update_uncond=false",
-    ],
-    # the released train.py's schedule: adv_prob 0.5 by mid-training, plain-SD items early on
-    "actgen-authors": [
-        "generation.mode=actgen",
-        "generation.guidance=both",
-        "generation.adv_schedule=authors",
-    ],
-    # everything as the released code has it: the released preset (CFG 7.5, margin 100, nu 0.05,
-    # token norm on [uncond, c], the mask summed from ones) and the authors' schedule
-    "actgen-released": [
-        "generation.mode=actgen",
-        "generation.guidance=both",
-        "generation.preset=released",
-        "generation.adv_schedule=null",
-    ],
-    # our own: actgen, but the budget goes to the lowest-confidence slice images, all distinct
-    "actgen+lowconf": [
-        "generation.mode=actgen",
-        "generation.guidance=both",
-        "generation.selection=lowest_confidence",
-    ],
-}
+__all__ = [
+    "ARMS",
+    "ARMS_BACKGROUNDS",
+    "BASELINES",
+    "DEFAULT_CONFIG",
+    "DEFAULT_MODEL",
+    "DEFAULT_OUT",
+    "DEFAULT_SEEDS",
+    "DEFAULT_THREADS",
+    "PAGE_NAME",
+    "RESULTS_NAME",
+    "TABLE_NAME",
+    "TESTBEDS",
+    "AblationRun",
+    "PairedDiff",
+    "Testbed",
+    "check_seeds",
+    "oracle_policy",
+    "mean_std",
+    "paired_difference",
+    "parse_arms",
+    "run_ablation",
+    "summarize",
+    "testbed_named",
+    "write_page",
+    "write_table",
+]
 
-# The backgrounds testbed's arms. Options no arm sets come from models/tiny-backgrounds'
-# actgen_defaults.json (the settings the testbed's predictions were written for: CFG 15, margin 200,
-# nu 0.01 with the token norm on [uncond, c], the [0, 1] mask); `released` and `paper` name a preset
-# instead, which replaces that file. gamma's midpoint 12.5 is scaled to the 20 steps (6.25) by
-# options.image_guidance_reference_steps.
-_ACTGEN = ["generation.mode=actgen", "generation.guidance=both"]
-ARMS_BACKGROUNDS: dict[str, list[str]] = {
-    "real": ["generation.mode=real"],
-    "focal": ["generation.mode=real", "optim.loss=focal"],
-    "random": ["generation.mode=random"],
-    "ig": ["generation.mode=ig"],
-    "aig": ["generation.mode=aig"],
-    # eq. 8 with the released code's unnormalised attention sum (m >= 1 everywhere) instead
-    "aig-unnormalised": ["generation.mode=aig", "generation.options.normalize_mask=false"],
-    "aig+contrastive": ["generation.mode=actgen", "generation.guidance=contrastive"],
-    # L_adv on half the items from the first job (the paper's schedule reaches only 0.25 by mid-run)
-    "aig+adversarial": [
-        "generation.mode=actgen",
-        "generation.guidance=adversarial",
-        "generation.adv_schedule=constant",
-    ],
-    "actgen": _ACTGEN,
-    # the released code: its preset (CFG 7.5, margin 100, nu 0.05 with the token norm on
-    # [uncond, c], the unnormalised mask) and train.py's schedule (plain-SD items early on)
-    "released": [*_ACTGEN, "generation.preset=released", "generation.adv_schedule=authors"],
-    # the paper's text: its preset (CFG 15, margin 200, nu 0.05 with the global norm on c alone,
-    # the [0, 1] mask) and its schedule (adv_prob 0.5 * epoch / epochs)
-    "paper": [*_ACTGEN, "generation.preset=paper"],
-    # as in real use: the trainer does not wait for its images (they arrive an epoch or more later)
-    "actgen-async": [*_ACTGEN, "generation.sync=false"],
-    # our own: eq. 9's margin scaled to these latents, 200 x sqrt(4*8*8 / (4*64*64)) = 25, so the
-    # hinge repels near-duplicates as 200 does on SD 2.1's, instead of pushing every image away
-    "ours": [*_ACTGEN, "generation.options.contrastive_margin=25"],
-}
-BASELINES = ("real", "random")  # the paired differences of the table
-DEFAULT_CONFIG = "configs/ablation.yaml"
-DEFAULT_MODEL = "models/tiny-digits"
-DEFAULT_OUT = "runs/ablation"
-DEFAULT_SEEDS = 5
-DEFAULT_THREADS = 1
 RESULTS_NAME = "results.json"
-TABLE_NAME = "table.md"
-PAGE_NAME = "index.html"
 EXAMPLES_PER_CELL = 6
 # Cell settings that do not change what a cell computes (so they do not make its result stale).
 _NOT_FINGERPRINTED = ("output_dir", "run_name")
 _NOT_FINGERPRINTED_GENERATION = ("generator_url", "api_key", "request_timeout_s", "wait_timeout_s")
 
 
-# ----------------------------------------------------------------------- the testbeds
-@dataclass(frozen=True)
-class Testbed:
-    """A data set, its base config, its generator, its arms, and where its results go."""
-
-    name: str
-    title: str
-    config: str
-    model: str
-    out: str
-    seeds: int
-    arms: Mapping[str, list[str]]
-
-
-TESTBEDS: dict[str, Testbed] = {
-    "digits": Testbed(
-        "digits", "the digits (low data)", DEFAULT_CONFIG, DEFAULT_MODEL, DEFAULT_OUT, DEFAULT_SEEDS, ARMS
-    ),
-    "backgrounds": Testbed(
-        "backgrounds",
-        "digits on backgrounds (class-correlated in training, random in test)",
-        "configs/ablation_backgrounds.yaml",
-        "models/tiny-backgrounds",
-        "runs/ablation-backgrounds",
-        10,
-        ARMS_BACKGROUNDS,
-    ),
-}
-
-
-def testbed_named(name: str) -> Testbed:
-    """The testbed called ``name``; an unknown one fails naming the known ones."""
-    try:
-        return TESTBEDS[name]
-    except KeyError:
-        raise ConfigError(f"unknown testbed {name!r}: the testbeds are {', '.join(TESTBEDS)}") from None
-
-
-# ----------------------------------------------------------------------- the grid
-def parse_arms(text: str | None, table: Mapping[str, list[str]] = ARMS) -> list[str]:
-    """``a,b,c`` -> the arms in that order (all of ``table`` for None); unknown names fail."""
-    if text is None:
-        return list(table)
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ConfigError("--arms is empty: give arm names separated by commas")
-    unknown = [name for name in names if name not in table]
-    if unknown:
-        raise ConfigError(f"unknown arm {unknown[0]!r}: the arms are {', '.join(table)}")
-    return list(dict.fromkeys(names))
-
-
-def check_seeds(seeds: int) -> list[int]:
-    """Seeds 0 .. n-1; at least 2 are needed for a paired interval, 1 still runs."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    return list(range(seeds))
-
-
 def _shown(path: Path) -> str:
     """A path as the page shows it: relative to the repository when inside it."""
-    repo = Path(__file__).resolve().parents[3]
+    repo = Path(__file__).resolve().parents[2]
     try:
         return str(path.resolve().relative_to(repo))
     except ValueError:
@@ -239,7 +134,7 @@ def cell_config(
         [
             *overrides,
             "generation.sync=true",
-            *table[arm],
+            *config_overrides(table[arm]),
             f"seed={seed}",
             f"output_dir={out / 'cells'}",
             f"run_name={_slug(arm)}-seed{seed}",
@@ -247,7 +142,7 @@ def cell_config(
     )
 
 
-def fingerprint(cfg: Config, model: str, threads: int) -> str:
+def fingerprint(cfg: Config, model: str, threads: int, oracle: str | None = None) -> str:
     """A hash of everything that decides a cell's result (not where it is written or served).
 
     The torch thread count is in it: float sums in another order gave another accuracy (one
@@ -263,124 +158,9 @@ def fingerprint(cfg: Config, model: str, threads: int) -> str:
     options = GenerationOptions.model_validate({**cfg.generation.options, **cfg.generation.section_options})
     tree["generation_options"] = options.model_dump(mode="json")
     tree["resolved_options"] = resolve_options(options, read_model_defaults(model)).model_dump(mode="json")
-    tree["generator_model"] = Path(model).name
+    tree["generator_model"] = Path(model).name if oracle is None else f"oracle:{oracle}"
     tree["torch_threads"] = threads
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------- statistics
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else 0.0)
-
-
-@dataclass(frozen=True)
-class PairedDiff:
-    """Mean of arm - baseline over the seeds both have, with a t-interval (None for n < 2)."""
-
-    n: int
-    mean: float
-    low: float | None
-    high: float | None
-
-
-def paired_difference(
-    arm: dict[int, float], base: dict[int, float], level: float = 0.95
-) -> PairedDiff | None:
-    """Paired by seed: d_s = arm[s] - base[s]; mean(d) +- t_{(1+level)/2, n-1} sd(d) / sqrt(n)."""
-    seeds = sorted(set(arm) & set(base))
-    if not seeds:
-        return None
-    diffs = np.array([arm[s] - base[s] for s in seeds], dtype=np.float64)
-    mean = float(diffs.mean())
-    if len(diffs) < 2:
-        return PairedDiff(len(diffs), mean, None, None)
-    from scipy.stats import t  # scipy comes with scikit-learn
-
-    half = float(t.ppf(0.5 + level / 2, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
-    return PairedDiff(len(diffs), mean, mean - half, mean + half)
-
-
-# ----------------------------------------------------------------------- diagnostics
-class ReferenceClassifier(DigitsReference):
-    """The digits reference, with its own score on the real test split and the real diversity."""
-
-    def __init__(self, image_size: int) -> None:
-        split = load_digits_split(image_size)
-        super().__init__(split)
-        self.test_accuracy = float(np.mean(self.predict(split.test_images) == split.test_labels))
-        self.real_diversity = class_diversity(split.train_images, split.train_labels)
-
-
-def class_diversity(images: np.ndarray, labels: np.ndarray) -> float | None:
-    """Mean over classes (with 2+ images) of the mean pairwise RMS distance of pixels in [0, 1]."""
-    from scipy.spatial.distance import pdist
-
-    per_class = []
-    for c in np.unique(labels):
-        group = images[labels == c].reshape(int(np.sum(labels == c)), -1).astype(np.float64) / 255.0
-        if len(group) >= 2:
-            per_class.append(float(np.mean(pdist(group)) / math.sqrt(group.shape[1])))
-    return float(np.mean(per_class)) if per_class else None
-
-
-def diagnostics(trainer: Trainer, reference: ReferenceClassifier) -> dict[str, float | None]:
-    """Hardness, diversity and faithfulness of a finished run's generated images (None if none)."""
-    generated = trainer.generated
-    if len(generated) == 0:
-        return {"hardness": None, "diversity": None, "faithfulness": None}
-    labels = np.array([r.class_id for r in generated.records], dtype=np.int64)
-    images = np.stack([np.asarray(generated.image(i), dtype=np.uint8) for i in range(len(generated))])
-    generated.transform = trainer.eval_tf
-    loader = DataLoader(generated, batch_size=trainer.cfg.train.eval_batch_size, shuffle=False)
-    probs, _ = predict(trainer.model, loader, trainer.device)
-    hardness = float(np.mean(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
-    faithfulness = float(np.mean(reference.predict(images) == labels))
-    return {"hardness": hardness, "diversity": class_diversity(images, labels), "faithfulness": faithfulness}
-
-
-class Diagnostics(Protocol):
-    """How a testbed measures a finished cell (the digits' below, the backgrounds' in testbed.py)."""
-
-    trainer_class: type[Trainer]
-
-    def setup(self) -> dict[str, Any]:
-        """What results.json keeps of the references (their own scores)."""
-        ...
-
-    def measure(self, trainer: Trainer) -> dict[str, Any]:
-        """The cell's figures; a ``test_acc`` among them replaces the loop's."""
-        ...
-
-
-class DigitsDiagnostics:
-    """Hardness, diversity and faithfulness on the digits (:func:`diagnostics`)."""
-
-    trainer_class = Trainer
-
-    def __init__(self, image_size: int) -> None:
-        self.reference = ReferenceClassifier(image_size)
-
-    def setup(self) -> dict[str, Any]:
-        return {
-            "test_accuracy": self.reference.test_accuracy,
-            "real_diversity": self.reference.real_diversity,
-        }
-
-    def measure(self, trainer: Trainer) -> dict[str, Any]:
-        return dict(diagnostics(trainer, self.reference))
-
-
-def testbed_diagnostics(testbed: Testbed, cfg: Config, model: str) -> Diagnostics:
-    """The diagnostics of ``testbed`` (the backgrounds' import the generator lazily)."""
-    if testbed.name == "backgrounds":
-        from actgen_trainer.testbed import BackgroundsDiagnostics
-
-        return BackgroundsDiagnostics(model)
-    return DigitsDiagnostics(cfg.data.image_size)
 
 
 def _examples(trainer: Trainer, out: Path, count: int = EXAMPLES_PER_CELL) -> list[dict[str, Any]]:
@@ -536,7 +316,7 @@ def run_ablation(
     todo: list[tuple[str, int, Config, str]] = []  # (arm, seed, config, fingerprint)
     skipped: list[tuple[str, int, Config, str]] = []
     for arm, seed, cfg in grid:
-        print_ = fingerprint(cfg, model, threads)
+        print_ = fingerprint(cfg, model, threads, oracle_policy(table[arm]))
         (skipped if _finished(results, arm, seed, print_) else todo).append((arm, seed, cfg, print_))
     results["setup"] = {
         "testbed": bed.name,
@@ -558,7 +338,7 @@ def run_ablation(
     try:
         measure = testbed_diagnostics(bed, grid[0][2], model)
         results["reference"] = measure.setup()
-        ran = _run_cells(todo, results, measure, out, model, threads, progress, log)
+        ran = _run_cells(todo, results, measure, out, model, threads, progress, log, table)
     finally:
         torch.set_num_threads(threads_before)
     save_results(out, results)
@@ -579,8 +359,10 @@ def _run_cells(
     threads: int,
     progress: bool,
     log: Callable[[str], None],
+    table: Mapping[str, list[str]] = ARMS,
 ) -> list[tuple[str, int]]:
-    """The cells one after another, results.json saved after each; servers only if one generates."""
+    """The cells one after another, results.json saved after each; servers only if a cell
+    generates through the service (an oracle arm gets an oracle of its own, no server)."""
     from tqdm.auto import tqdm
 
     ran: list[tuple[str, int]] = []
@@ -589,13 +371,21 @@ def _run_cells(
         bar = tqdm(todo, disable=not progress, desc="ablation", unit="cell", dynamic_ncols=True)
         for arm, seed, cfg, print_ in bar:
             bar.set_postfix_str(f"{arm} seed {seed}")
-            if client is None and cfg.generation.mode is not TrainMode.real:
-                client, url = _start_generator(stack, out, model, threads, bar.write if progress else log)
-            if url is not None:
+            oracle = oracle_policy(table[arm])
+            cell_client: Any = client
+            if oracle is not None:
+                from actgen_lab.oracle import ORACLE_URL, OracleClient
+
+                cell_client, cell_url = OracleClient(policy=oracle), ORACLE_URL
+            else:
+                if client is None and cfg.generation.mode is not TrainMode.real:
+                    client, url = _start_generator(stack, out, model, threads, bar.write if progress else log)
+                cell_client, cell_url = client, url
+            if cell_url is not None:
                 cfg = cfg.model_copy(
-                    update={"generation": cfg.generation.model_copy(update={"generator_url": url})}
+                    update={"generation": cfg.generation.model_copy(update={"generator_url": cell_url})}
                 )
-            cell = run_cell(cfg, arm, print_, client, measure, out)
+            cell = run_cell(cfg, arm, print_, cell_client, measure, out)
             _store(results, cell)
             save_results(out, results)
             ran.append((arm, seed))
@@ -652,409 +442,9 @@ def current_cells(
             continue
         key = (cell["arm"], cell["seed"])
         if key not in prints:
-            prints[key] = fingerprint(cell_config(config, overrides, *key, out, table), model, threads)
+            cfg = cell_config(config, overrides, *key, out, table)
+            prints[key] = fingerprint(cfg, model, threads, oracle_policy(table[cell["arm"]]))
         if cell["fingerprint"] == prints[key]:
             kept.append(cell)
     order = {arm: i for i, arm in enumerate(table)}
     return sorted(kept, key=lambda c: (order[c["arm"]], c["seed"]))
-
-
-# ----------------------------------------------------------------------- summaries
-@dataclass
-class ArmSummary:
-    """One arm over its seeds."""
-
-    arm: str
-    seeds: list[int]
-    acc_mean: float
-    acc_std: float
-    images: float
-    seconds: float
-    vs: dict[str, PairedDiff | None]
-    hardness: float | None
-    diversity: float | None
-    faithfulness: float | None
-    # a testbed's own figures: (mean, std) over seeds per key, and worst-group paired differences
-    extra: dict[str, tuple[float, float]] = field(default_factory=dict)
-    worst_vs: dict[str, PairedDiff | None] = field(default_factory=dict)
-
-
-def _mean_or_none(values: Iterable[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
-
-
-def summarize(cells: list[dict[str, Any]]) -> list[ArmSummary]:
-    """Per arm, in table order: mean +- std, paired differences against the baselines, diagnostics."""
-    by_arm: dict[str, dict[int, dict[str, Any]]] = {}
-    for cell in cells:
-        by_arm.setdefault(cell["arm"], {})[cell["seed"]] = cell
-    acc = {arm: {s: c["test_acc"] for s, c in seeds.items()} for arm, seeds in by_arm.items()}
-    worst = {
-        arm: {
-            s: c["extra"]["worst_group_accuracy"]
-            for s, c in seeds.items()
-            if "worst_group_accuracy" in c.get("extra", {})
-        }
-        for arm, seeds in by_arm.items()
-    }
-    rows = []
-    for arm, seeds in by_arm.items():
-        mean, std = mean_std(list(acc[arm].values()))
-        extra: dict[str, tuple[float, float]] = {}
-        for key in dict.fromkeys(k for c in seeds.values() for k in c.get("extra", {})):
-            values = [c["extra"][key] for c in seeds.values() if c.get("extra", {}).get(key) is not None]
-            if values:
-                extra[key] = mean_std(values)
-        rows.append(
-            ArmSummary(
-                arm=arm,
-                seeds=sorted(seeds),
-                acc_mean=mean,
-                acc_std=std,
-                images=float(np.mean([c["images_generated"] for c in seeds.values()])),
-                seconds=float(np.mean([c["seconds"] for c in seeds.values()])),
-                vs={
-                    b: paired_difference(acc[arm], acc[b]) if b in acc and b != arm else None
-                    for b in BASELINES
-                },
-                hardness=_mean_or_none(c["hardness"] for c in seeds.values()),
-                diversity=_mean_or_none(c["diversity"] for c in seeds.values()),
-                faithfulness=_mean_or_none(c["faithfulness"] for c in seeds.values()),
-                extra=extra,
-                worst_vs={
-                    b: paired_difference(worst[arm], worst[b])
-                    if worst[arm] and b in worst and b != arm
-                    else None
-                    for b in BASELINES
-                },
-            )
-        )
-    return rows
-
-
-def _pp(diff: PairedDiff | None) -> str:
-    """A paired difference in percentage points: ``+1.23 [-0.40, +2.86]``."""
-    if diff is None:
-        return "-"
-    if diff.low is None or diff.high is None:
-        return f"{100 * diff.mean:+.2f} (n=1)"
-    return f"{100 * diff.mean:+.2f} [{100 * diff.low:+.2f}, {100 * diff.high:+.2f}]"
-
-
-def _num(value: float | None, fmt: str = ".3f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _pm(value: tuple[float, float] | None, scale: float = 100.0, fmt: str = ".1f") -> str:
-    """``mean ± std`` of a (mean, std) pair, scaled (percent by default); ``-`` when missing."""
-    if value is None:
-        return "-"
-    return f"{format(scale * value[0], fmt)} ± {format(scale * value[1], fmt)}"
-
-
-def _extra(r: ArmSummary, key: str, fmt: str = ".3f") -> str:
-    value = r.extra.get(key)
-    return "-" if value is None else format(value[0], fmt)
-
-
-def testbed_tables(rows: list[ArmSummary]) -> list[tuple[list[str], list[list[str]]]]:
-    """The backgrounds testbed's two tables: accuracy by group, and what the images were."""
-    accuracy = (
-        [
-            "arm",
-            "seeds",
-            "test accuracy % (mean ± std)",
-            "Δ vs real, pp [95 % CI]",
-            "Δ vs random, pp [95 % CI]",
-            "worst-group % (mean ± std)",
-            "Δ worst-group vs real, pp [95 % CI]",
-            "minority-bg %",
-            "majority-bg %",
-            "images",
-            "s / cell",
-        ],
-        [
-            [
-                r.arm,
-                str(len(r.seeds)),
-                f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}",
-                _pp(r.vs["real"]),
-                _pp(r.vs["random"]),
-                _pm(r.extra.get("worst_group_accuracy")),
-                _pp(r.worst_vs.get("real")),
-                _pm(r.extra.get("minority_accuracy")),
-                _pm(r.extra.get("majority_accuracy")),
-                f"{r.images:.0f}",
-                f"{r.seconds:.0f}",
-            ]
-            for r in rows
-        ],
-    )
-    images = (
-        [
-            "arm",
-            "hardness at ask: generated / guide",
-            "within-guide diversity",
-            "repeat share",
-            "distance to guide",
-            "change inside / outside digit",
-            "faithfulness",
-            "eq. 8 mask IoU / attention IoU",
-        ],
-        [
-            [
-                r.arm,
-                f"{_extra(r, 'hardness_at_ask', '.2f')} / {_extra(r, 'guide_hardness_at_ask', '.2f')}",
-                _extra(r, "guide_diversity"),
-                _extra(r, "repeat_share", ".2f"),
-                _extra(r, "distance_to_guide"),
-                f"{_extra(r, 'change_inside')} / {_extra(r, 'change_outside')}",
-                _extra(r, "faithfulness", ".2f")
-                if "faithfulness" in r.extra
-                else _num(r.faithfulness, ".2f"),
-                f"{_extra(r, 'mask_iou', '.2f')} / {_extra(r, 'attention_iou', '.2f')}",
-            ]
-            for r in rows
-            if r.images
-        ],
-    )
-    return [accuracy, images]
-
-
-TESTBED_NOTE = (
-    "Δ: mean over seeds of (arm - baseline), paired by seed, 95 % t-interval. Test accuracy on the "
-    "whole test split (random backgrounds); worst-group: the lowest accuracy over the (class, "
-    "background kind) groups; minority-bg / majority-bg: test images whose background is not / is "
-    "their class's majority kind in training. hardness at ask: cross-entropy under the classifier "
-    "of the epoch that asked for the image, of the generated image / of its guide; within-guide "
-    "diversity: mean pairwise RMS pixel distance between the images of one guide; repeat share: "
-    "images whose guide had guided an earlier one; change inside / outside: mean absolute pixel "
-    "change from the guide inside / outside the guide's true digit mask; faithfulness: share the "
-    "reference CNN reads as their class; eq. 8 mask IoU: IoU with the true digit mask of the mask "
-    "eq. 8 applies (cut at 0.5), attention IoU: of the min-max normalised attention sum."
-)
-
-
-def table_rows(rows: list[ArmSummary]) -> tuple[list[str], list[list[str]]]:
-    """The table's header and cells, shared by table.md and index.html."""
-    header = [
-        "arm",
-        "seeds",
-        "test accuracy % (mean ± std)",
-        "Δ vs real, pp [95 % CI]",
-        "Δ vs random, pp [95 % CI]",
-        "images",
-        "s / cell",
-        "hardness",
-        "diversity",
-        "faithfulness",
-    ]
-    body = [
-        [
-            r.arm,
-            str(len(r.seeds)),
-            f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}",
-            _pp(r.vs["real"]),
-            _pp(r.vs["random"]),
-            f"{r.images:.0f}",
-            f"{r.seconds:.0f}",
-            _num(r.hardness),
-            _num(r.diversity),
-            _num(r.faithfulness, ".2f"),
-        ]
-        for r in rows
-    ]
-    return header, body
-
-
-def _is_testbed(results: dict[str, Any]) -> bool:
-    return results.get("setup", {}).get("testbed", "digits") != "digits"
-
-
-def _setup_line(results: dict[str, Any], cells: list[dict[str, Any]]) -> str:
-    setup, ref = results.get("setup", {}), results.get("reference", {})
-    total = sum(c["seconds"] for c in cells)
-    given = "".join(f" `--set {o}`" for o in setup.get("overrides", []))
-    head = (
-        f"Config `{setup.get('config')}`{given}; generator `{setup.get('model')}`; {setup.get('cpus')} CPUs, {setup.get('torch_threads')} torch "
-        f"thread(s) per process, torch {setup.get('torch')}; {len(cells)} cells, {total / 60:.1f} min of "
-        f"cell time."
-    )
-    if _is_testbed(results):
-        test = ref.get("reference_test", {})
-        return (
-            f"{head} Reference CNN on the {ref.get('test_images')} real test images: "
-            f"{test.get('accuracy', math.nan):.3f} (worst group {test.get('worst_group_accuracy', math.nan):.3f}); "
-            f"a uniform mask's IoU with the digit: {ref.get('uniform_mask_iou', math.nan):.3f}."
-        )
-    return (
-        f"{head} Reference classifier: {ref.get('test_accuracy', math.nan):.3f} on the real test "
-        f"split; real same-class diversity {_num(ref.get('real_diversity'))}."
-    )
-
-
-def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in body),
-    ]
-
-
-def _title(results: dict[str, Any]) -> str:
-    return f"Ablation on {results.get('setup', {}).get('title', 'the digits (low data)')}"
-
-
-def write_table(out: Path, cells: list[dict[str, Any]], results: dict[str, Any]) -> Path:
-    """OUT/table.md: mean ± std per arm and paired differences (by seed) against real and random."""
-    rows = summarize(cells)
-    lines = [f"# {_title(results)}", "", _setup_line(results, cells), ""]
-    if _is_testbed(results):
-        for header, body in testbed_tables(rows):
-            lines += [*_markdown(header, body), ""]
-        lines += [TESTBED_NOTE, ""]
-    else:
-        lines += _markdown(*table_rows(rows))
-        lines += [
-            "",
-            "Δ: mean over seeds of (arm - baseline) test accuracy, paired by seed, with a 95 % "
-            "t-interval. hardness: the final classifier's mean cross-entropy on the arm's generated "
-            "images; diversity: mean pairwise RMS pixel distance between generated images of one class; "
-            "faithfulness: share of generated images the reference classifier reads as their class.",
-            "",
-        ]
-    path = out / TABLE_NAME
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
-
-
-def bar_chart_svg(rows: list[ArmSummary], width: int = 760, height: int = 330) -> str:
-    """Inline SVG: mean test accuracy per arm with ± std error bars, on a zoomed y axis."""
-    if not rows:
-        return "<p>No finished cells yet.</p>"
-    lows = [100 * (r.acc_mean - r.acc_std) for r in rows]
-    highs = [100 * (r.acc_mean + r.acc_std) for r in rows]
-    y0 = max(0.0, math.floor((min(lows) - 1) / 2) * 2)
-    y1 = min(100.0, math.ceil((max(highs) + 0.5) / 2) * 2)
-    y1 = max(y1, y0 + 2)
-    left, right, top, bottom = 50, 10, 20, 95
-    plot_w, plot_h = width - left - right, height - top - bottom
-    slot = plot_w / len(rows)
-
-    def y(value: float) -> float:
-        return top + plot_h * (1 - (min(max(value, y0), y1) - y0) / (y1 - y0))
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="11">'
-    ]
-    step = 1 if y1 - y0 <= 10 else 2 if y1 - y0 <= 20 else 5 if y1 - y0 <= 50 else 10
-    tick = y0
-    while tick <= y1 + 1e-9:
-        parts.append(
-            f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
-            f'stroke="#e5e5e5"/><text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>'
-        )
-        tick += step
-    parts.append(
-        f'<text x="12" y="{top + plot_h / 2:.0f}" transform="rotate(-90 12 {top + plot_h / 2:.0f})" '
-        f'text-anchor="middle">test accuracy % (axis from {y0:g})</text>'
-    )
-    for i, r in enumerate(rows):
-        cx = left + slot * (i + 0.5)
-        bw = slot * 0.6
-        colour = "#888" if r.arm in BASELINES or r.arm == "focal" else "#3b7dd8"
-        mean = 100 * r.acc_mean
-        parts.append(
-            f'<rect x="{cx - bw / 2:.1f}" y="{y(mean):.1f}" width="{bw:.1f}" '
-            f'height="{top + plot_h - y(mean):.1f}" fill="{colour}"><title>{html.escape(r.arm)}: '
-            f"{mean:.2f} ± {100 * r.acc_std:.2f} % ({len(r.seeds)} seeds)</title></rect>"
-        )
-        lo, hi = y(100 * (r.acc_mean - r.acc_std)), y(100 * (r.acc_mean + r.acc_std))
-        parts.append(
-            f'<path d="M{cx:.1f} {lo:.1f}V{hi:.1f}M{cx - 6:.1f} {lo:.1f}h12M{cx - 6:.1f} {hi:.1f}h12" '
-            f'stroke="#222" fill="none"/>'
-        )
-        parts.append(f'<text x="{cx:.1f}" y="{hi - 4:.1f}" text-anchor="middle">{mean:.1f}</text>')
-        base = top + plot_h + 12
-        parts.append(
-            f'<text x="{cx:.1f}" y="{base}" text-anchor="end" '
-            f'transform="rotate(-35 {cx:.1f} {base})">{html.escape(r.arm)}</text>'
-        )
-    parts.append(
-        f'<line x1="{left}" x2="{width - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#222"/>'
-    )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _thumbnails(out: Path, cells: list[dict[str, Any]]) -> str:
-    """Guide -> generated pairs of an arm's first seed, inlined as data URIs."""
-    if not cells or not cells[0]["examples"]:
-        return "<p>No generated images.</p>"
-    figures = []
-    for pair in cells[0]["examples"]:
-        guide, image = out / pair["guide"], out / pair["generated"]
-        if guide.exists() and image.exists():
-            figures.append(
-                f'<figure><img src="{_data_uri(guide.read_bytes())}" alt="guide"><span>&rarr;</span>'
-                f'<img src="{_data_uri(image.read_bytes())}" alt="generated">'
-                f"<figcaption>{pair['class_id']} &middot; epoch {pair['epoch']}</figcaption></figure>"
-            )
-    return f'<p>seed {cells[0]["seed"]}</p><div class="gallery">{"".join(figures)}</div>'
-
-
-def write_page(out: Path, cells: list[dict[str, Any]], results: dict[str, Any]) -> Path:
-    """OUT/index.html, self-contained: the bar chart, the table, per-arm diagnostics and thumbnails."""
-    rows = summarize(cells)
-
-    def html_table(header: list[str], body: list[list[str]]) -> str:
-        return (
-            "<table><tr>"
-            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-            + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in body)
-            + "</table>"
-        )
-
-    if _is_testbed(results):
-        tables = [html_table(*t) for t in testbed_tables(rows)]
-        note = f"<p>{html.escape(TESTBED_NOTE)}</p>"
-    else:
-        tables = [html_table(*table_rows(rows))]
-        note = (
-            "<p>Δ: paired by seed, 95 % t-interval, percentage points. hardness: the final classifier's "
-            "mean cross-entropy on the arm's generated images; diversity: mean pairwise RMS pixel distance "
-            "between generated images of one class; faithfulness: share read as their class by the "
-            "reference classifier (RBF SVM on 8x8 grey levels of the real training split).</p>"
-        )
-    sections = [
-        f"<h1>{html.escape(_title(results))}</h1>",
-        f"<p>{html.escape(_setup_line(results, cells))}</p>",
-        "<h2>Mean test accuracy ± std over seeds</h2>",
-        bar_chart_svg(rows),
-        "<h2>Per arm</h2>",
-        *tables,
-        note,
-    ]
-    arm_table = results.get("setup", {}).get("arms", ARMS)
-    for r in rows:
-        arm_cells = [c for c in cells if c["arm"] == r.arm]
-        per_seed = ", ".join(f"{c['seed']}: {100 * c['test_acc']:.1f}" for c in arm_cells)
-        sections.append(
-            f"<h2>{html.escape(r.arm)}</h2><p><code>{html.escape(' '.join(arm_table.get(r.arm, [])))}</code>"
-            f"<br>test accuracy by seed: {html.escape(per_seed)}<br>hardness {_num(r.hardness)}, "
-            f"diversity {_num(r.diversity)}, faithfulness {_num(r.faithfulness, '.2f')}</p>"
-        )
-        if any(c["images_generated"] for c in arm_cells):
-            sections.append(_thumbnails(out, arm_cells))
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>ActGen ablation</title>"
-        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
-    )
-    path = out / PAGE_NAME
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from actgen_generator.devtools.tiny_training import load_digits_split
 from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
-from actgen_shared import backgrounds
+from actgen_lab import backgrounds
+from actgen_lab.tiny_training import load_digits_split
 from actgen_shared.digits import FEATURE_SIDE, ReferenceClassifier
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode

@@ -64,7 +64,7 @@ from actgen_generator.diffusers_classes import (
     UNet2DConditionModel,
 )
 from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, build_tiny_pipeline
-from actgen_shared.backgrounds import REFERENCE_FILE, ReferenceClassifier, broad_scenes
+from actgen_lab.backgrounds import REFERENCE_FILE, ReferenceClassifier, broad_scenes
 from actgen_shared.digits import DigitsSplit
 from actgen_shared.digits import load_digits_split as shared_digits_split
 from actgen_shared.labels import DIGITS

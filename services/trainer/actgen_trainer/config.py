@@ -270,7 +270,7 @@ class GenerationConfig(_Section):
         "(0.10: the paper's ImageNet 10 %), spread evenly over the generation epochs and then "
         "the ranks; overrides images_per_epoch when set",
     )
-    selection: Literal["misclassified", "threshold", "lowest_confidence"] = "misclassified"
+    selection: Literal["misclassified", "threshold", "lowest_confidence", "random"] = "misclassified"
     threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")
     generate_fraction: float = Field(
         0.5, gt=0, le=1, description="post jobs during this first fraction of the epochs"

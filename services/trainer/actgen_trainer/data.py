@@ -147,18 +147,22 @@ def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
     )
 
 
-def backgrounds_images() -> tuple[ArrayImages, ArrayImages]:
-    """The digits on procedural backgrounds (``actgen_shared.backgrounds``), 32 px: (train, test).
+DATASETS_GROUP = "actgen_trainer.datasets"  # entry points: name -> callable(DataConfig) -> (train, test)
 
-    The train source's backgrounds are correlated with the class (90 %), the test source's random.
-    """
-    from actgen_shared.backgrounds import load_backgrounds_split
 
-    split = load_backgrounds_split()
-    return (
-        ArrayImages(split.train.images, split.train.labels, DIGITS),
-        ArrayImages(split.test.images, split.test.labels, DIGITS),
-    )
+def plugin_sources(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
+    """A data set another package registers (entry-point group :data:`DATASETS_GROUP`): the lab's
+    ``backgrounds`` testbed (lab/pyproject.toml). The trainer never imports that package by name."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=DATASETS_GROUP)}
+    if cfg.dataset not in found:
+        raise DataError(
+            f"data.dataset={cfg.dataset} comes from a package that registers it in the entry-point group "
+            f"{DATASETS_GROUP!r} (backgrounds: the lab, pip install -e ./lab; make setup does); "
+            f"registered here: {', '.join(sorted(found)) or 'none'}"
+        )
+    return found[cfg.dataset].load()(cfg)
 
 
 def _cifar(cfg: DataConfig, hundred: bool) -> tuple[ArrayImages, ArrayImages]:
@@ -187,12 +191,12 @@ def load_sources(cfg: DataConfig, prompts: bool = True) -> tuple[ImageSource, Im
     """
     if cfg.dataset == "digits":
         train, test = digits_images(cfg.image_size)
-    elif cfg.dataset == "backgrounds":
-        train, test = backgrounds_images()
     elif cfg.dataset in ("cifar10", "cifar100"):
         train, test = _cifar(cfg, cfg.dataset == "cifar100")
-    else:
+    elif cfg.dataset in ("imagefolder", "imagenet"):
         return _folders(cfg, prompts)
+    else:
+        train, test = plugin_sources(cfg)  # type: ignore[assignment]  # ArrayImages in practice
     if cfg.class_names is not None:
         train.classes = test.classes = _named(train.classes, cfg, prompts)
     return train, test
