@@ -10,11 +10,11 @@ PYTEST_ARGS ?=
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
-$(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
+$(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml lab/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt \
-	    -e ./shared -e ./services/generator -e ./services/trainer
+	    -e ./shared -e ./services/generator -e ./services/trainer -e ./lab
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -64,7 +64,7 @@ gpu-bundle: setup
 ABLATION_ARGS ?=
 TESTBED ?= digits
 ablation: setup
-	$(VENV)/bin/actgen-trainer ablate --testbed $(TESTBED) $(ABLATION_ARGS)
+	$(VENV)/bin/actgen-lab ablate --testbed $(TESTBED) $(ABLATION_ARGS)
 
 # ablation-backgrounds: the backgrounds testbed's table (docs/ablation.md 5), niced, seed by seed so
 # that a run stopped early leaves every arm with the same seeds: every arm x 5 seeds (about 45 min on
@@ -72,15 +72,15 @@ ablation: setup
 SEEDS ?= 10
 ablation-backgrounds: setup
 	@first=$$(( $(SEEDS) < 5 ? $(SEEDS) : 5 )); for n in $$(seq $$first $(SEEDS)); do \
-	    nice -n 19 $(VENV)/bin/actgen-trainer ablate --testbed backgrounds --seeds $$n $(ABLATION_ARGS) || exit 1; \
+	    nice -n 19 $(VENV)/bin/actgen-lab ablate --testbed backgrounds --seeds $$n $(ABLATION_ARGS) || exit 1; \
 	done
 
 # tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
 # (v2: about an hour on a 2-core CPU shared with other work, one thread, niced, plus a few minutes for
 # its reference and kind CNNs; minutes on a GPU; probes and OUT.ckpt every 500 UNet steps; then
-# `actgen-generator eval-model models/tiny-backgrounds` gives the model card's figures).
+# `actgen-lab eval-model models/tiny-backgrounds` gives the model card's figures).
 tiny-backgrounds-model: setup
-	nice -n 10 $(VENV)/bin/actgen-generator train-tiny-model --data backgrounds --out models/tiny-backgrounds \
+	nice -n 10 $(VENV)/bin/actgen-lab train-tiny-model --data backgrounds --out models/tiny-backgrounds \
 	    --minutes 55 --seed 0 --vae-steps 1500 --unet-steps 10000 --vae-share 0.25 --text-lr 0 \
 	    --renders 4 --attn-weight 0.2 --digit-weight 4 --colour-weight 1 --class-tokens orthogonal \
 	    --class-token-norm 8 --checkpoint-every 500 --unet-batch 32 --threads 1

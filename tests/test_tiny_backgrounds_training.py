@@ -1,6 +1,6 @@
 """The backgrounds generator v2's training and check pieces (issue 25), each fast and by hand.
 
-The trained model's figures come from ``actgen-generator eval-model`` (its model card); these
+The trained model's figures come from ``actgen-lab eval-model`` (its model card); these
 tests pin the parts that decide them: the class conditioning, the digit-weighted loss, the
 saturation measure and the pass/fail of each threshold.
 """
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from actgen_generator import cli
-from actgen_generator.devtools.model_eval import EvalReport
-from actgen_generator.devtools.tiny_training import (
+from actgen_lab import cli
+from actgen_lab.model_eval import EvalReport
+from actgen_lab.tiny_training import (
     build_untrained,
     class_token_cosines,
     colour_saturation,

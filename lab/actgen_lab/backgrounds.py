@@ -52,7 +52,7 @@ HARD_SHARE_TRAIN = 0.05  # train and the generator's pool: share of images in th
 HARD_SHARE_TEST = 0.5
 TEST_RENDERS = 20  # test images per digit of the test split (359 digits -> 7180 images)
 DIGIT_SIDE = (20, 28)  # px: the digit's box side, drawn uniformly (inclusive)
-PATTERN_CONTRAST = 0.2  # per channel, between a background's two colours
+PATTERN_CONTRAST = 0.4  # per channel, between a background's two colours (v1: 0.2, too faint a shortcut)
 MASK_ALPHA = 0.5  # a pixel is foreground when the digit's opacity there is at least this
 # each class's hard style: rotated by this many degrees (counter-clockwise), thin strokes
 HARD_ANGLES = (40, -40, 35, -35, 40, -40, 35, -35, 40, -40)
@@ -348,7 +348,9 @@ def _digit_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=2)  # every ablation cell loads it; the arrays are shared, never written to
-def load_backgrounds_split(image_size: int = IMAGE_SIZE, test_renders: int = TEST_RENDERS) -> BackgroundsSplit:
+def load_backgrounds_split(
+    image_size: int = IMAGE_SIZE, test_renders: int = TEST_RENDERS
+) -> BackgroundsSplit:
     """The train source (each train digit once: kinds correlated with class, the hard style rare)
     and the test source (each test digit ``test_renders`` times: half on their class's kind, half
     in the hard style, shuffled)."""

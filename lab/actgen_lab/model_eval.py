@@ -30,17 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from actgen_generator.devtools.tiny_training import (
+from actgen_generator.guidance import gamma_midpoint
+from actgen_generator.pipeline import load_pipeline
+from actgen_generator.sampler import GuidedSampler, SampleItem
+from actgen_lab import backgrounds
+from actgen_lab.tiny_training import (
     KIND_FILE,
     colour_saturation,
     load_digits_split,
     reconstruct,
     train_kind_classifier,
 )
-from actgen_generator.guidance import gamma_midpoint
-from actgen_generator.pipeline import load_pipeline
-from actgen_generator.sampler import GuidedSampler, SampleItem
-from actgen_shared import backgrounds
 from actgen_shared.digits import FEATURE_SIDE, ReferenceClassifier
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode
@@ -414,7 +414,7 @@ def evaluate(
 
 # ---------------------------------------------------------------------- command line
 def add_parser(subparsers) -> None:
-    """``actgen-generator eval-model``."""
+    """``actgen-lab eval-model``."""
     p = subparsers.add_parser(
         "eval-model",
         help="check a tiny digits or backgrounds model: class-conditional accuracy, guide faithfulness, "
@@ -457,15 +457,13 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     for name in ("random_per_class", "aig_per_class", "diversity_guides", "steps"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"actgen-generator eval-model: --{name.replace('_', '-')} must be >= 1")
+            raise SystemExit(f"actgen-lab eval-model: --{name.replace('_', '-')} must be >= 1")
     if args.seeds_per_guide < 2:
-        raise SystemExit(
-            "actgen-generator eval-model: --seeds-per-guide must be >= 2 (diversity needs pairs)"
-        )
+        raise SystemExit("actgen-lab eval-model: --seeds-per-guide must be >= 2 (diversity needs pairs)")
     local = Path(args.model).expanduser()
     looks_like_path = args.model.startswith(("/", ".", "~")) or args.model.count("/") != 1
     if not local.exists() and looks_like_path:  # a hub id is owner/name
-        raise SystemExit(f"actgen-generator eval-model: no model folder {args.model!r}")
+        raise SystemExit(f"actgen-lab eval-model: no model folder {args.model!r}")
     try:
         report = evaluate(
             args.model,
@@ -481,7 +479,7 @@ def _run(args) -> int:
             args.cfg1,
         )
     except (ValueError, RuntimeError) as exc:
-        raise SystemExit(f"actgen-generator eval-model: {exc}") from None
+        raise SystemExit(f"actgen-lab eval-model: {exc}") from None
     print(report.text())
     if args.json:
         Path(args.json).write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2) + "\n")

@@ -1,5 +1,5 @@
 """Train the tiny SD-architecture models: the digits (the embedded default) and the digits on
-procedural backgrounds (the ablation's testbed, ``actgen_shared.backgrounds``).
+procedural backgrounds (the ablation's testbed, ``actgen_lab.backgrounds``).
 
 Same classes and file layout as SD 2.1 base (AutoencoderKL, UNet2DConditionModel with
 cross-attention, CLIPTextModel, the tiny byte-pair CLIPTokenizer, DDPMScheduler with SD 2.1's
@@ -72,7 +72,7 @@ from actgen_generator.diffusers_classes import (
     UNet2DConditionModel,
 )
 from actgen_generator.tiny_model import SD21_SCHEDULER, TINY_TEXT, build_tiny_pipeline
-from actgen_shared.backgrounds import REFERENCE_FILE, ReferenceClassifier, broad_scenes
+from actgen_lab.backgrounds import REFERENCE_FILE, ReferenceClassifier, broad_scenes
 from actgen_shared.digits import DigitsSplit
 from actgen_shared.digits import load_digits_split as shared_digits_split
 from actgen_shared.labels import DIGITS
@@ -531,7 +531,7 @@ def train_kind_classifier(seed: int = 1, renders: int = 6, epochs: int = 8, batc
     """The reference CNN's network trained to name a scene's background kind instead of its digit
     (on :func:`broad_scenes`, digits on top): how ``eval-model`` tells whether ig keeps and aig
     changes the guide's background. Returns a ``backgrounds.ReferenceClassifier`` (same file format)."""
-    from actgen_shared.backgrounds import _reference_network
+    from actgen_lab.backgrounds import _reference_network
 
     pool = broad_scenes(renders, seed, hard_share=0.5)  # as the reference CNN's pool
     x, y = to_model_pixels(pool.images), torch.from_numpy(pool.kinds)
@@ -795,7 +795,7 @@ def _model_card(meta: dict) -> str:
     if cfg["data"] == "backgrounds":
         what = (
             f"{cfg['renders']} renders of every digit of the digits train split on procedural backgrounds\n"
-            "(`actgen_shared.backgrounds` v2: ten kinds, random colours, frequency and place, digits 20-28 px,\n"
+            "(`actgen_lab.backgrounds` v2: ten kinds, random colours, frequency and place, digits 20-28 px,\n"
             f"{cfg.get('hard_share', 0.0):g} of them in their class's hard style; no class-background correlation), "
         )
         title = "the digits on backgrounds"
@@ -810,12 +810,12 @@ def _model_card(meta: dict) -> str:
         "`a photo of the digit {digit}` (digit names `zero` .. `nine`). Native size 32 px, 4x8x8 latents.\n"
         f"{text}{attention}\n\n"
         "## How it was made\n\n"
-        f"```\n{meta['command'] or 'actgen-generator train-tiny-model'}\n```\n\n"
+        f"```\n{meta['command'] or 'actgen-lab train-tiny-model'}\n```\n\n"
         f"seed {cfg['seed']}, budget {cfg['minutes']:g} min; VAE {meta['vae']['steps']} steps in "
         f"{meta['vae']['seconds']:.0f} s, UNet {meta['unet']['steps']} steps in {meta['unet']['seconds']:.0f} s "
         f"({meta['total_seconds']:.0f} s in all, {meta['threads']} threads, torch {meta['torch']}).\n"
         "The full configuration and losses are in `actgen_tiny.json`. Check it with\n"
-        "`actgen-generator eval-model DIR`.\n"
+        "`actgen-lab eval-model DIR`.\n"
     )
 
 
@@ -848,7 +848,7 @@ def _write_atomically(
 
 # ---------------------------------------------------------------------- command line
 def add_parser(subparsers) -> None:
-    """``actgen-generator train-tiny-model``."""
+    """``actgen-lab train-tiny-model``."""
     defaults = TinyTrainingConfig()
     p = subparsers.add_parser(
         "train-tiny-model",
@@ -941,33 +941,33 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     for name in ("vae_steps", "unet_steps"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"actgen-generator train-tiny-model: --{name.replace('_', '-')} must be >= 1")
+            raise SystemExit(f"actgen-lab train-tiny-model: --{name.replace('_', '-')} must be >= 1")
     if args.minutes <= 0:
-        raise SystemExit("actgen-generator train-tiny-model: --minutes must be positive")
+        raise SystemExit("actgen-lab train-tiny-model: --minutes must be positive")
     if args.text_lr < 0:
-        raise SystemExit("actgen-generator train-tiny-model: --text-lr must be >= 0")
+        raise SystemExit("actgen-lab train-tiny-model: --text-lr must be >= 0")
     if not 0 < args.vae_share < 1:
-        raise SystemExit("actgen-generator train-tiny-model: --vae-share must be between 0 and 1")
+        raise SystemExit("actgen-lab train-tiny-model: --vae-share must be between 0 and 1")
     if args.renders < 1:
-        raise SystemExit("actgen-generator train-tiny-model: --renders must be >= 1")
+        raise SystemExit("actgen-lab train-tiny-model: --renders must be >= 1")
     if args.attn_weight < 0:
-        raise SystemExit("actgen-generator train-tiny-model: --attn-weight must be >= 0")
+        raise SystemExit("actgen-lab train-tiny-model: --attn-weight must be >= 0")
     for name in ("class_token_norm", "digit_weight", "colour_weight"):
         if getattr(args, name) < 0:
-            raise SystemExit(f"actgen-generator train-tiny-model: --{name.replace('_', '-')} must be >= 0")
+            raise SystemExit(f"actgen-lab train-tiny-model: --{name.replace('_', '-')} must be >= 0")
     if args.checkpoint_every < 0:
-        raise SystemExit("actgen-generator train-tiny-model: --checkpoint-every must be >= 0")
+        raise SystemExit("actgen-lab train-tiny-model: --checkpoint-every must be >= 0")
     if (args.digit_weight > 0 or args.checkpoint_every > 0) and args.data != "backgrounds":
         raise SystemExit(
-            "actgen-generator train-tiny-model: --digit-weight and --checkpoint-every need --data backgrounds"
+            "actgen-lab train-tiny-model: --digit-weight and --checkpoint-every need --data backgrounds"
         )
     if args.attn_weight > 0 and args.data != "backgrounds":
         raise SystemExit(
-            "actgen-generator train-tiny-model: --attn-weight needs --data backgrounds (the digit masks)"
+            "actgen-lab train-tiny-model: --attn-weight needs --data backgrounds (the digit masks)"
         )
     if args.threads is not None:
         if args.threads < 1:
-            raise SystemExit("actgen-generator train-tiny-model: --threads must be >= 1")
+            raise SystemExit("actgen-lab train-tiny-model: --threads must be >= 1")
         torch.set_num_threads(args.threads)
     cfg = TinyTrainingConfig(
         data=args.data,
@@ -1007,7 +1007,7 @@ def _run(args) -> int:
     if cfg.judges:
         extra += f" --judges {cfg.judges}"
     command = (
-        f"actgen-generator train-tiny-model --data {cfg.data} --out {args.out} --minutes {cfg.minutes:g} "
+        f"actgen-lab train-tiny-model --data {cfg.data} --out {args.out} --minutes {cfg.minutes:g} "
         f"--seed {cfg.seed} --vae-steps {cfg.vae_steps} --unet-steps {cfg.unet_steps} "
         + (f"--vae-share {cfg.vae_share:g} " if cfg.vae_share != TinyTrainingConfig.vae_share else "")
         + f"--text-lr {cfg.text_lr:g}{extra}"
@@ -1016,5 +1016,5 @@ def _run(args) -> int:
     try:
         train_tiny_model(args.out, cfg, command=command)
     except RuntimeError as exc:
-        raise SystemExit(f"actgen-generator train-tiny-model: {exc}") from None
+        raise SystemExit(f"actgen-lab train-tiny-model: {exc}") from None
     return 0
