@@ -76,14 +76,20 @@ ablation-backgrounds: setup
 	done
 
 # tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
-# (v2: about an hour on a 2-core CPU shared with other work, one thread, niced, plus a few minutes for
-# its reference and kind CNNs; minutes on a GPU; probes and OUT.ckpt every 500 UNet steps; then
-# `actgen-lab eval-model models/tiny-backgrounds` gives the model card's figures).
+# (v2: 45 min on a 2-core CPU shared with other work, one thread, niced, plus ~15 min for its
+# reference and kind CNNs; probes and OUT.ckpt every 500 UNet steps; then
+# `actgen-lab eval-model models/tiny-backgrounds` gives the model card's figures). Its VAE continues
+# v1's (commit f77914f), which had the shapes but not the colours.
+V1_VAE := runs/tiny-backgrounds-v1
 tiny-backgrounds-model: setup
+	mkdir -p $(V1_VAE)/vae
+	git show f77914f:models/tiny-backgrounds/vae/config.json > $(V1_VAE)/vae/config.json
+	git show f77914f:models/tiny-backgrounds/vae/diffusion_pytorch_model.safetensors \
+	    > $(V1_VAE)/vae/diffusion_pytorch_model.safetensors
 	nice -n 10 $(VENV)/bin/actgen-lab train-tiny-model --data backgrounds --out models/tiny-backgrounds \
-	    --minutes 55 --seed 0 --vae-steps 1500 --unet-steps 10000 --vae-share 0.25 --text-lr 0 \
+	    --minutes 45 --seed 0 --vae-steps 1500 --unet-steps 10000 --vae-share 0.2 --text-lr 0 \
 	    --renders 4 --attn-weight 0.2 --digit-weight 4 --colour-weight 1 --class-tokens orthogonal \
-	    --class-token-norm 8 --checkpoint-every 500 --unet-batch 32 --threads 1
+	    --class-token-norm 8 --checkpoint-every 500 --unet-batch 32 --init-vae $(V1_VAE) --threads 1
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after
