@@ -79,7 +79,8 @@ ablation-backgrounds: setup
 # (v2: 45 min on a 2-core CPU shared with other work, one thread, niced, plus ~15 min for its
 # reference and kind CNNs; probes and OUT.ckpt every 500 UNet steps; then
 # `actgen-lab eval-model models/tiny-backgrounds` gives the model card's figures). Its VAE continues
-# v1's (commit f77914f), which had the shapes but not the colours.
+# v1's (commit f77914f), which had the shapes but not the colours; after the UNet its decoder alone
+# is fine-tuned for the colours (the encoder, so the UNet's latents, unchanged).
 V1_VAE := runs/tiny-backgrounds-v1
 tiny-backgrounds-model: setup
 	mkdir -p $(V1_VAE)/vae
@@ -89,7 +90,8 @@ tiny-backgrounds-model: setup
 	nice -n 10 $(VENV)/bin/actgen-lab train-tiny-model --data backgrounds --out models/tiny-backgrounds \
 	    --minutes 45 --seed 0 --vae-steps 1500 --unet-steps 10000 --vae-share 0.2 --text-lr 0 \
 	    --renders 4 --attn-weight 0.2 --digit-weight 4 --colour-weight 1 --class-tokens orthogonal \
-	    --class-token-norm 8 --checkpoint-every 500 --unet-batch 32 --init-vae $(V1_VAE) --threads 1
+	    --class-token-norm 8 --checkpoint-every 500 --unet-batch 32 --init-vae $(V1_VAE) \
+	    --decoder-steps 800 --threads 1
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after

@@ -16,10 +16,12 @@ import torch
 from actgen_lab import cli
 from actgen_lab.model_eval import EvalReport
 from actgen_lab.tiny_training import (
+    TinyTrainingConfig,
     build_untrained,
     class_token_cosines,
     colour_saturation,
     digit_cell_weights,
+    finetune_decoder,
     weighted_mse,
 )
 from actgen_shared.labels import DIGITS
@@ -154,3 +156,16 @@ def test_training_flags_that_need_backgrounds_are_named(tmp_path, capsys) -> Non
         )
     assert "--colour-weight" in str(exc.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_decoder_fine_tuning_leaves_the_encoder_and_so_the_latents_alone() -> None:
+    vae = build_untrained(0, "backgrounds").vae
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    cfg = TinyTrainingConfig(data="backgrounds", vae_batch=4, warmup_steps=1, colour_weight=1.0)
+    summary = finetune_decoder(vae, images, cfg, 3, 60.0, torch.Generator().manual_seed(0))
+    assert summary["steps"] == 3 and math.isfinite(summary["final_recon_loss"])
+    assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items())
+    assert any(not torch.equal(decoder[k], v) for k, v in vae.decoder.state_dict().items())
+    assert not any(p.requires_grad for p in vae.parameters())  # frozen again

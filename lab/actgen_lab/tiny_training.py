@@ -161,6 +161,8 @@ class TinyTrainingConfig:
     hard_share: float = 0.5  # backgrounds: share of the pool in each class's hard style (data v2)
     judges: str | None = None  # backgrounds: folder to load the reference and kind CNNs from (else trained)
     init_vae: str | None = None  # a model folder whose VAE (same architecture) the VAE phase starts from
+    decoder_steps: int = 0  # phase 3: steps of decoder-only fine-tuning after the UNet (0: none)
+    decoder_minutes: float = 14.0  # ... and its time budget (outside ``minutes``)
 
 
 def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
@@ -320,6 +322,59 @@ def train_vae(
         "seconds": round(clock(), 1),
         "final_recon_loss": recon,
         "final_kl": kl,
+    }
+
+
+def finetune_decoder(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    cfg: TinyTrainingConfig,
+    steps: int,
+    budget_s: float,
+    generator: torch.Generator,
+) -> dict:
+    """Phase 3 (optional): the VAE's decoder alone, on the frozen encoder's latents, with the
+    phase-1 loss (colour terms included); returns a summary.
+
+    The encoder does not change, so neither do the latents the UNet learnt: SD's own VAE had its
+    decoder fine-tuned the same way. v2 uses it because the VAE phase's share of a CPU budget
+    leaves its reconstructions short of the colour; this buys colour without retraining the UNet.
+    """
+    vae.eval().requires_grad_(False)
+    params = list(vae.decoder.parameters())
+    if vae.post_quant_conv is not None:
+        params += list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.vae_lr * 0.5, weight_decay=0.0)
+    clock, n, step, recon = _Clock(), len(images), 0, float("nan")
+    for step in range(steps):
+        if clock() > budget_s:
+            break
+        for group in opt.param_groups:
+            group["lr"] = schedule_lr(cfg.vae_lr * 0.5, step, steps, clock(), budget_s, cfg.warmup_steps)
+        idx = torch.randint(0, n, (cfg.vae_batch,), generator=generator)
+        x = images[idx]
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        out = vae.decode(z).sample
+        rec = F.l1_loss(out, x) + F.mse_loss(out, x)
+        if cfg.colour_weight > 0:
+            rec = rec + cfg.colour_weight * (
+                F.l1_loss(F.avg_pool2d(out, 4), F.avg_pool2d(x, 4)) + F.l1_loss(_chroma(out), _chroma(x))
+            )
+        opt.zero_grad(set_to_none=True)
+        rec.backward()
+        opt.step()
+        recon = float(rec.detach())
+        if step % cfg.log_every == 0:
+            tqdm.write(f"decoder step {step} recon {recon:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+    vae.eval().requires_grad_(False)
+    return {
+        "steps": step + 1 if clock() <= budget_s else step,
+        "seconds": round(clock(), 1),
+        "final_recon_loss": recon,
     }
 
 
@@ -726,6 +781,17 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
         cell_weights=cell_weights,
     )
     print(f"unet done: {unet_summary}", flush=True)
+    decoder_summary = None
+    if cfg.decoder_steps > 0:
+        decoder_summary = finetune_decoder(
+            pipe.vae, images, cfg, cfg.decoder_steps, cfg.decoder_minutes * 60.0, generator
+        )
+        if cfg.data == "backgrounds":
+            sample = pool.images[:500]
+            decoder_summary["saturation_kept"] = round(
+                colour_saturation(reconstruct(pipe.vae, sample)) / colour_saturation(sample), 3
+            )
+        print(f"decoder done: {decoder_summary}", flush=True)
 
     trained = StableDiffusionPipeline(
         vae=pipe.vae,
@@ -758,6 +824,7 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
         "config": asdict(cfg),
         "vae": vae_summary,
         "unet": unet_summary,
+        "decoder": decoder_summary,
         "class_token_cosine": {
             "mean": round(float(off_diagonal.mean()), 3),
             "max": round(float(off_diagonal.max()), 3),
@@ -924,6 +991,12 @@ def add_parser(subparsers) -> None:
         help="model folder whose vae/ (same architecture) the VAE phase continues instead of random weights",
     )
     p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=defaults.decoder_steps,
+        help="after the UNet: steps of fine-tuning the VAE's decoder alone (latents unchanged; 0: none)",
+    )
+    p.add_argument(
         "--judges",
         default=None,
         help="backgrounds: folder holding reference_classifier.safetensors and kind_classifier.safetensors "
@@ -955,6 +1028,8 @@ def _run(args) -> int:
     for name in ("class_token_norm", "digit_weight", "colour_weight"):
         if getattr(args, name) < 0:
             raise SystemExit(f"actgen-lab train-tiny-model: --{name.replace('_', '-')} must be >= 0")
+    if args.decoder_steps < 0:
+        raise SystemExit("actgen-lab train-tiny-model: --decoder-steps must be >= 0")
     if args.checkpoint_every < 0:
         raise SystemExit("actgen-lab train-tiny-model: --checkpoint-every must be >= 0")
     if (args.digit_weight > 0 or args.checkpoint_every > 0) and args.data != "backgrounds":
@@ -987,6 +1062,7 @@ def _run(args) -> int:
         unet_batch=args.unet_batch,
         judges=args.judges,
         init_vae=args.init_vae,
+        decoder_steps=args.decoder_steps,
         # backgrounds: the digit is already placed at random, and a shift would pad with black
         max_shift=0 if args.data == "backgrounds" else TinyTrainingConfig.max_shift,
     )
@@ -1004,6 +1080,8 @@ def _run(args) -> int:
         extra += f" --unet-batch {cfg.unet_batch}"
     if cfg.init_vae:
         extra += f" --init-vae {cfg.init_vae}"
+    if cfg.decoder_steps:
+        extra += f" --decoder-steps {cfg.decoder_steps}"
     if cfg.judges:
         extra += f" --judges {cfg.judges}"
     command = (
