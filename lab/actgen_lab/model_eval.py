@@ -91,7 +91,7 @@ class EvalReport:
     aig_kind_changed: float | None = None  # (g) aig images whose background kind is not the guide's
     kind_accuracy: float | None = None  # the kind classifier on real test images
     saturation_kept: float | None = None  # (h) reconstructions' saturation / the originals'
-    saturation_real: float | None = None  # (h) the originals' mean HSV saturation
+    saturation_real: float | None = None  # (h) the originals' colour saturation (mean RGB std per pixel)
     saturation_random: float | None = None  # random-mode images' saturation (next to (h))
     random_accuracy_cfg1: float | None = None  # (a) at CFG 1 (the issue's stop rule)
 

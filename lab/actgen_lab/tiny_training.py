@@ -384,10 +384,10 @@ def _chroma(x: torch.Tensor) -> torch.Tensor:
 
 
 def colour_saturation(images: np.ndarray) -> float:
-    """Mean HSV saturation ((max - min) / max per pixel, 0 on black) of uint8 N x H x W x 3 images."""
-    x = images.astype(np.float64) / 255.0
-    high, low = x.max(-1), x.min(-1)
-    return float(np.mean(np.where(high > 0, (high - low) / np.maximum(high, 1e-12), 0.0)))
+    """Mean over pixels of the standard deviation across R, G, B (in [0, 1]) of uint8 N x H x W x 3
+    images: 0 for grey, larger the more coloured. The issue's measure (0.111 on v1's originals,
+    0.008 on its reconstructions); unlike HSV saturation it does not blow up on dark pixels."""
+    return float((images.astype(np.float64) / 255.0).std(-1).mean())
 
 
 @torch.no_grad()
