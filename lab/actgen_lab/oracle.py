@@ -20,7 +20,9 @@ draw again with one thing changed (:func:`actgen_lab.backgrounds.rerender`):
 * ``actgen`` items drawn adversarial (``adv_prob``, as the service draws them): the kind the
   uploaded classifier (the asking epoch's) finds hardest for this digit: highest cross-entropy
   over the ten renders;
-* policy ``guides`` (a control, no generator): the guide itself, unchanged.
+* policy ``guides`` (a control, no generator): the guide itself, unchanged;
+* policy ``moved``: as ``draw``, but ``ig`` also moves and resizes the digit (a variation of the
+  guide, as img2img varies it, where plain ``ig`` is a near-copy).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ from actgen_shared.schemas import (
     ResultsPage,
 )
 
-POLICIES = ("draw", "guides")  # draw: what the job's mode asks (module docstring); guides: the guide itself
+# draw: what the job's mode asks (module docstring); guides: the guide itself; moved: as draw, but
+# ig also moves and resizes the digit (a variation of the guide, not a near-copy)
+POLICIES = ("draw", "guides", "moved")
 ORACLE_URL = "oracle://backgrounds"
 
 
@@ -240,7 +244,7 @@ class OracleClient:
             return train.images[index], None, False
         guide_kind = int(train.kinds[index])
         if options.mode is Mode.ig:
-            return rerender(train, index, rng)[0], guide_kind, False
+            return rerender(train, index, rng, new_box=self.policy == "moved")[0], guide_kind, False
         others = [k for k in range(len(BACKGROUND_KINDS)) if k != guide_kind]
         if options.mode is Mode.aig:
             kind = int(rng.choice(others))
