@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation ablation-backgrounds tiny-backgrounds-model chaos up down compose-gpus kubectl k8s-render clean
+.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation ablation-backgrounds ablation-oracle tiny-backgrounds-model chaos up down compose-gpus kubectl k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
@@ -73,6 +73,15 @@ SEEDS ?= 10
 ablation-backgrounds: setup
 	@first=$$(( $(SEEDS) < 5 ? $(SEEDS) : 5 )); for n in $$(seq $$first $(SEEDS)); do \
 	    nice -n 19 $(VENV)/bin/actgen-lab ablate --testbed backgrounds --seeds $$n $(ABLATION_ARGS) || exit 1; \
+	done
+
+# ablation-oracle: real-only and the oracle arms on the backgrounds testbed (docs/ablation.md 7: the
+# testbed draws each arm's images itself, no generator), niced, seed by seed up to SEEDS into the
+# backgrounds testbed's folder, so the table shows them beside the diffusion arms.
+ORACLE_ARMS := real,oracle-guides,oracle-random,oracle-random-uniform,oracle-ig,oracle-ig-moved,oracle-aig,oracle-aig-unmined,oracle-aig+contrastive,oracle-aig+adversarial,oracle-actgen
+ablation-oracle: setup
+	@for n in $$(seq 1 $(SEEDS)); do \
+	    nice -n 10 $(VENV)/bin/actgen-lab ablate --testbed backgrounds --arms $(ORACLE_ARMS) --seeds $$n $(ABLATION_ARGS) || exit 1; \
 	done
 
 # tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed

@@ -373,6 +373,7 @@ def _run_cells(
             bar.set_postfix_str(f"{arm} seed {seed}")
             oracle = oracle_policy(table[arm])
             cell_client: Any = client
+            cell_url: str | None = url
             if oracle is not None:
                 from actgen_lab.oracle import ORACLE_URL, OracleClient
 

@@ -98,6 +98,8 @@ ARMS_ORACLE: dict[str, list[str]] = {
     "oracle-random": [_ORACLE, "generation.mode=random"],
     "oracle-random-uniform": [_ORACLE, "generation.mode=random", "generation.selection=random"],
     "oracle-ig": [_ORACLE, "generation.mode=ig"],
+    # ig as a variation, not a near-copy: the digit also moved and resized (added after seed 1)
+    "oracle-ig-moved": ["oracle=moved", "generation.mode=ig"],
     "oracle-aig": [_ORACLE, "generation.mode=aig"],
     "oracle-aig-unmined": [_ORACLE, "generation.mode=aig", "generation.selection=random"],
     "oracle-aig+contrastive": [_ORACLE, "generation.mode=actgen", "generation.guidance=contrastive"],

@@ -297,22 +297,25 @@ def rerender(
     kind: int | None = None,
     new_colours: bool = False,
     size: int = IMAGE_SIZE,
+    new_box: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scene ``index`` drawn again: its digit, style, box and digit colour; the background pattern
     redrawn from ``rng`` (new frequency and phase) on ``kind`` (None: its own) with fresh
-    background colours when ``new_colours``. (image, mask)."""
+    background colours when ``new_colours``, the digit moved and resized when ``new_box``.
+    (image, mask)."""
     if scenes.digits is None or scenes.colours is None or scenes.boxes is None or scenes.styles is None:
         raise ValueError("these scenes were not rendered here: nothing to draw them again from")
     colours = scenes.colours[index]
     if new_colours:
         colours = _new_background_colours(colours, rng)
+    box = draw_box(rng, size) if new_box else scenes.boxes[index]
     return compose(
         scenes.digits[index],
         int(scenes.labels[index]),
         int(scenes.kinds[index] if kind is None else kind),
         int(scenes.styles[index]),
         colours,
-        scenes.boxes[index],
+        box,
         rng,
         size,
     )

@@ -20,7 +20,9 @@ draw again with one thing changed (:func:`actgen_lab.backgrounds.rerender`):
 * ``actgen`` items drawn adversarial (``adv_prob``, as the service draws them): the kind the
   uploaded classifier (the asking epoch's) finds hardest for this digit: highest cross-entropy
   over the ten renders;
-* policy ``guides`` (a control, no generator): the guide itself, unchanged.
+* policy ``guides`` (a control, no generator): the guide itself, unchanged;
+* policy ``moved``: as ``draw``, but ``ig`` also moves and resizes the digit (a variation of the
+  guide, as img2img varies it, where plain ``ig`` is a near-copy).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ from actgen_shared.schemas import (
     ResultsPage,
 )
 
-POLICIES = ("draw", "guides")  # draw: what the job's mode asks (module docstring); guides: the guide itself
+# draw: what the job's mode asks (module docstring); guides: the guide itself; moved: as draw, but
+# ig also moves and resizes the digit (a variation of the guide, not a near-copy)
+POLICIES = ("draw", "guides", "moved")
 ORACLE_URL = "oracle://backgrounds"
 
 
@@ -108,6 +112,7 @@ class OracleClient:
     stream: dict[str, list[ResultItem]] = field(default_factory=dict)  # run id -> its results
     classifiers: dict[str, _Classifier] = field(default_factory=dict)
     kinds_used: dict[tuple[str, str], set[int]] = field(default_factory=dict)  # (run, guide) -> kinds
+    drawn_kinds: list[int | None] = field(default_factory=list)  # per result drawn, its kind (None: a copy)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
@@ -167,7 +172,8 @@ class OracleClient:
         rng = np.random.default_rng([seed, int(job_id.removeprefix("job"))])
         results, stream = [], self.stream.setdefault(request.run_id, [])
         for index, item in enumerate(request.items):
-            image, adversarial = self._draw(request, item.class_id, item.guide_id, rng)
+            image, kind, adversarial = self._draw(request, item.class_id, item.guide_id, rng)
+            self.drawn_kinds.append(kind)
             stream_id = f"{len(stream) + 1}-0"
             stream.append(
                 ResultItem(
@@ -226,47 +232,55 @@ class OracleClient:
     # --- drawing --------------------------------------------------------------------------------
     def _draw(
         self, request: JobRequest, class_id: int, guide_id: str | None, rng: np.random.Generator
-    ) -> tuple[np.ndarray, bool]:
-        """One item's image, and whether it was drawn adversarially."""
+    ) -> tuple[np.ndarray, int | None, bool]:
+        """One item's image, its background kind (None: the guide copied) and whether it was drawn
+        adversarially."""
         train, options = self.split.train, request.options
         if options.mode is Mode.random and self.policy == "draw":
-            return self._pool_scene(class_id, rng), False
+            image, kind = self._pool_scene(class_id, rng)
+            return image, kind, False
         index = guide_index(guide_id)
         if self.policy == "guides":
-            return train.images[index], False
-        if options.mode is Mode.ig:
-            return rerender(train, index, rng)[0], False
+            return train.images[index], None, False
         guide_kind = int(train.kinds[index])
+        if options.mode is Mode.ig:
+            return rerender(train, index, rng, new_box=self.policy == "moved")[0], guide_kind, False
         others = [k for k in range(len(BACKGROUND_KINDS)) if k != guide_kind]
         if options.mode is Mode.aig:
-            return rerender(train, index, rng, kind=int(rng.choice(others)), new_colours=True)[0], False
+            kind = int(rng.choice(others))
+            return rerender(train, index, rng, kind=kind, new_colours=True)[0], kind, False
         # actgen: adversarial items (adv_prob, as the service draws them), the rest contrastive
         classifier = self.classifiers.get(request.classifier_ref or "")
         if classifier is not None and options.adv_prob > 0 and rng.random() < options.adv_prob:
-            return self._hardest(index, classifier, rng), True
+            image, kind = self._hardest(index, classifier, rng)
+            return image, kind, True
         if options.bank_sample > 0:  # contrastive: no kind twice for one guide (until all were used)
             used = self.kinds_used.setdefault(
                 (request.memory_bank_key or request.run_id, str(guide_id)), set()
             )
-            fresh = [k for k in others if k not in used] or others
-            if len(fresh) == len(others):
+            fresh = [k for k in others if k not in used]
+            if not fresh:  # every other kind used: start over
                 used.clear()
+                fresh = others
             kind = int(rng.choice(fresh))
             used.add(kind)
-            return rerender(train, index, rng, kind=kind, new_colours=True)[0], False
-        return rerender(train, index, rng, kind=int(rng.choice(others)), new_colours=True)[0], False
+        else:
+            kind = int(rng.choice(others))
+        return rerender(train, index, rng, kind=kind, new_colours=True)[0], kind, False
 
-    def _pool_scene(self, class_id: int, rng: np.random.Generator) -> np.ndarray:
-        """A train digit of the class, style as rare as in training, on a random kind."""
+    def _pool_scene(self, class_id: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """A train digit of the class, style as rare as in training, on a random kind; and the kind."""
         train = self.split.train
         assert train.digits is not None
         pick = int(rng.choice(self._by_class[class_id]))
         style = int(rng.random() < HARD_SHARE_TRAIN)
         kind = int(rng.integers(len(BACKGROUND_KINDS)))
         image, _ = compose(train.digits[pick], class_id, kind, style, _colours(rng), draw_box(rng), rng)
-        return image
+        return image, kind
 
-    def _hardest(self, index: int, classifier: _Classifier, rng: np.random.Generator) -> np.ndarray:
+    def _hardest(
+        self, index: int, classifier: _Classifier, rng: np.random.Generator
+    ) -> tuple[np.ndarray, int]:
         """The guide's digit on the kind the asking classifier finds hardest (same colours, pattern draw)."""
         train = self.split.train
         draw_seed = int(rng.integers(2**31))
@@ -276,4 +290,5 @@ class OracleClient:
                 for kind in range(len(BACKGROUND_KINDS))
             ]
         )
-        return images[int(np.argmax(classifier.losses(images, int(train.labels[index]))))]
+        kind = int(np.argmax(classifier.losses(images, int(train.labels[index]))))
+        return images[kind], kind

@@ -23,6 +23,7 @@ FIGURES = (
     ("test_acc", 100.0, ".2f"),
     ("worst_group_accuracy", 100.0, ".2f"),
     ("minority_accuracy", 100.0, ".2f"),
+    ("hard_accuracy", 100.0, ".2f"),
     ("faithfulness", 100.0, ".2f"),
     ("hardness_at_ask", 1.0, ".3f"),
     ("guide_diversity", 1.0, ".3f"),
@@ -31,6 +32,17 @@ FIGURES = (
     ("mask_iou", 1.0, ".3f"),
 )
 DEFAULT_PAIRS = (
+    # the oracle (docs/ablation.md 7)
+    "oracle-random-real",
+    "oracle-ig-oracle-random",
+    "oracle-aig-oracle-ig",
+    "oracle-aig+contrastive-oracle-aig",
+    "oracle-aig+adversarial-oracle-aig",
+    "oracle-actgen-oracle-aig",
+    "oracle-guides-oracle-ig",
+    "oracle-aig-unmined-oracle-aig",
+    "oracle-random-uniform-oracle-random",
+    # the diffusion arms
     "ig-random",
     "aig-ig",
     "aig-unnormalised-aig",

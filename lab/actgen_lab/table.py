@@ -130,6 +130,7 @@ def testbed_tables(rows: list[ArmSummary]) -> list[tuple[list[str], list[list[st
             "Δ worst-group vs real, pp [95 % CI]",
             "minority-bg %",
             "majority-bg %",
+            "hard-style %",
             "images",
             "s / cell",
         ],
@@ -144,6 +145,7 @@ def testbed_tables(rows: list[ArmSummary]) -> list[tuple[list[str], list[list[st
                 _pp(r.worst_vs.get("real")),
                 _pm(r.extra.get("minority_accuracy")),
                 _pm(r.extra.get("majority_accuracy")),
+                _pm(r.extra.get("hard_accuracy")),
                 f"{r.images:.0f}",
                 f"{r.seconds:.0f}",
             ]
@@ -182,10 +184,11 @@ def testbed_tables(rows: list[ArmSummary]) -> list[tuple[list[str], list[list[st
 
 
 TESTBED_NOTE = (
-    "Δ: mean over seeds of (arm - baseline), paired by seed, 95 % t-interval. Test accuracy on the "
-    "whole test split (random backgrounds); worst-group: the lowest accuracy over the (class, "
-    "background kind) groups; minority-bg / majority-bg: test images whose background is not / is "
-    "their class's majority kind in training. hardness at ask: cross-entropy under the classifier "
+    "Δ: mean over seeds of (arm - baseline), paired by seed, 95 % t-interval (an oracle arm's "
+    "random is oracle-random). Test accuracy on the whole test split; worst-group: the lowest "
+    "accuracy of the four groups, background (majority/minority) x style (common/hard); "
+    "minority-bg / majority-bg: test images whose background is not / is their class's majority "
+    "kind in training; hard-style: test images in their class's hard style. hardness at ask: cross-entropy under the classifier "
     "of the epoch that asked for the image, of the generated image / of its guide; within-guide "
     "diversity: mean pairwise RMS pixel distance between the images of one guide; repeat share: "
     "images whose guide had guided an earlier one; change inside / outside: mean absolute pixel "
