@@ -6,15 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation ablation-backgrounds tiny-backgrounds-model chaos up down compose-gpus kubectl k8s-render clean
+.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation ablation-backgrounds ablation-oracle tiny-backgrounds-model chaos up down compose-gpus kubectl k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
-$(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml
+$(STAMP): constraints.txt requirements-dev.txt shared/pyproject.toml services/generator/pyproject.toml services/trainer/pyproject.toml lab/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt \
-	    -e ./shared -e ./services/generator -e ./services/trainer
+	    -e ./shared -e ./services/generator -e ./services/trainer -e ./lab
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -64,7 +64,7 @@ gpu-bundle: setup
 ABLATION_ARGS ?=
 TESTBED ?= digits
 ablation: setup
-	$(VENV)/bin/actgen-trainer ablate --testbed $(TESTBED) $(ABLATION_ARGS)
+	$(VENV)/bin/actgen-lab ablate --testbed $(TESTBED) $(ABLATION_ARGS)
 
 # ablation-backgrounds: the backgrounds testbed's table (docs/ablation.md 5), niced, seed by seed so
 # that a run stopped early leaves every arm with the same seeds: every arm x 5 seeds (about 45 min on
@@ -72,16 +72,35 @@ ablation: setup
 SEEDS ?= 10
 ablation-backgrounds: setup
 	@first=$$(( $(SEEDS) < 5 ? $(SEEDS) : 5 )); for n in $$(seq $$first $(SEEDS)); do \
-	    nice -n 19 $(VENV)/bin/actgen-trainer ablate --testbed backgrounds --seeds $$n $(ABLATION_ARGS) || exit 1; \
+	    nice -n 19 $(VENV)/bin/actgen-lab ablate --testbed backgrounds --seeds $$n $(ABLATION_ARGS) || exit 1; \
+	done
+
+# ablation-oracle: real-only and the oracle arms on the backgrounds testbed (docs/ablation.md 7: the
+# testbed draws each arm's images itself, no generator), niced, seed by seed up to SEEDS into the
+# backgrounds testbed's folder, so the table shows them beside the diffusion arms.
+ORACLE_ARMS := real,oracle-guides,oracle-random,oracle-random-uniform,oracle-ig,oracle-ig-moved,oracle-aig,oracle-aig-unmined,oracle-aig+contrastive,oracle-aig+adversarial,oracle-actgen
+ablation-oracle: setup
+	@for n in $$(seq 1 $(SEEDS)); do \
+	    nice -n 10 $(VENV)/bin/actgen-lab ablate --testbed backgrounds --arms $(ORACLE_ARMS) --seeds $$n $(ABLATION_ARGS) || exit 1; \
 	done
 
 # tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
-# (about 15 min and 1 more for its reference CNN on a 2-core CPU, one thread, niced; then
-# `actgen-generator eval-model models/tiny-backgrounds` gives the model card's figures).
+# (v2: 45 min on a 2-core CPU shared with other work, one thread, niced, plus ~15 min for its
+# reference and kind CNNs; probes and OUT.ckpt every 500 UNet steps; then
+# `actgen-lab eval-model models/tiny-backgrounds` gives the model card's figures). Its VAE continues
+# v1's (commit f77914f), which had the shapes but not the colours; after the UNet its decoder alone
+# is fine-tuned for the colours (the encoder, so the UNet's latents, unchanged).
+V1_VAE := runs/tiny-backgrounds-v1
 tiny-backgrounds-model: setup
-	nice -n 19 $(VENV)/bin/actgen-generator train-tiny-model --data backgrounds --out models/tiny-backgrounds \
-	    --minutes 16 --seed 0 --vae-steps 650 --unet-steps 2500 --vae-share 0.2 --text-lr 0.0005 \
-	    --renders 8 --attn-weight 0.2 --threads 1
+	mkdir -p $(V1_VAE)/vae
+	git show f77914f:models/tiny-backgrounds/vae/config.json > $(V1_VAE)/vae/config.json
+	git show f77914f:models/tiny-backgrounds/vae/diffusion_pytorch_model.safetensors \
+	    > $(V1_VAE)/vae/diffusion_pytorch_model.safetensors
+	nice -n 10 $(VENV)/bin/actgen-lab train-tiny-model --data backgrounds --out models/tiny-backgrounds \
+	    --minutes 45 --seed 0 --vae-steps 1500 --unet-steps 10000 --vae-share 0.2 --text-lr 0 \
+	    --renders 4 --attn-weight 0.2 --digit-weight 4 --colour-weight 1 --class-tokens orthogonal \
+	    --class-token-norm 8 --checkpoint-every 500 --unet-batch 32 --init-vae $(V1_VAE) \
+	    --decoder-steps 800 --threads 1
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after

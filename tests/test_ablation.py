@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from actgen_lab import ablation
+from actgen_lab.ablation import mean_std, paired_difference
+from actgen_lab.cli import main
 from actgen_shared.presets import read_model_defaults, resolve_options
 from actgen_shared.schemas import GenerationOptions
-from actgen_trainer import ablation
-from actgen_trainer.ablation import mean_std, paired_difference
-from actgen_trainer.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 T_975_DF1 = 12.706204736174698  # Student t, 97.5 % quantile, 1 degree of freedom (tables)

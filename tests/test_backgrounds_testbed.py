@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from actgen_shared import backgrounds as bg
+from actgen_lab import ablation
+from actgen_lab import backgrounds as bg
+from actgen_lab.testbed import change_by_region, mask_iou, within_guide_diversity
 from actgen_shared.presets import read_model_defaults
-from actgen_trainer import ablation
 from actgen_trainer.config import AdvSchedule, load_config
 from actgen_trainer.data import load_sources, partition
-from actgen_trainer.testbed import change_by_region, mask_iou, within_guide_diversity
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-backgrounds"
@@ -33,25 +33,62 @@ def _luminance(images: np.ndarray) -> np.ndarray:
 
 def test_training_backgrounds_follow_the_class_and_test_backgrounds_do_not(split) -> None:
     train, test = split.train, split.test
-    assert len(train) == 1438 and len(test) == 359 * bg.TEST_RENDERS
-    # train: 90 % of the images on their class's kind; every class reaches every other kind too
+    assert len(train) == 1438 and len(test) == 359 * bg.TEST_RENDERS == 7180
+    # train: 90 % of the images on their class's kind, 5 % in the hard style; every class reaches
+    # every other kind too
     assert 0.87 < bg.majority_background(train).mean() < 0.93
+    assert 0.03 < train.styles.mean() < 0.07
     for c in range(10):
         kinds = train.kinds[train.labels == c]
         assert np.mean(kinds == c) > 0.8 and len(np.unique(kinds)) > 5
-    # the trainer's small set and its validation slice (cut from the train source) carry it too
+    # the trainer's set and its validation slice (cut from the train source) carry both
     cfg = load_config(CONFIG)
     part = partition(len(train), cfg.data.val_size, 0, cfg.data.train_subset)
+    assert len(part.val) == 300
     for rows in (part.train, part.val):
         assert 0.8 < bg.majority_background(train).take(rows).mean() < 0.97
-    # test: uniform kinds, so the shortcut holds for a tenth of the images only
-    assert 0.07 < bg.majority_background(test).mean() < 0.13
+    # test: the four groups (background x style) in about equal parts, shuffled, so that the
+    # loop's monitor (a prefix) holds them too
+    counts = np.bincount(bg.group_ids(test), minlength=4)
+    assert counts.min() > 1600 and counts.sum() == 7180
+    monitor = np.bincount(bg.group_ids(test)[: cfg.data.test_subset], minlength=4)
+    assert monitor.min() > 0.2 * cfg.data.test_subset
     assert len(np.unique(test.kinds)) == len(bg.BACKGROUND_KINDS)
-    # the trainer serves the same arrays
+    # the trainer serves the same arrays (through the lab's entry point)
     train_source, test_source = load_sources(cfg.data)
     assert len(train_source) == len(train) and np.array_equal(
         np.asarray(test_source.image(5)), test.images[5]
     )
+
+
+def test_digits_are_large_and_the_hard_style_is_another_look(split) -> None:
+    train = split.train
+    assert train.boxes is not None and train.digits is not None
+    sides = train.boxes[:, 0]
+    assert sides.min() >= 20 and sides.max() <= 28 and len(np.unique(sides)) == 9
+    # the same digit, box and class in both styles: the hard one is thinner and elsewhere (rotated)
+    box = np.array([24, 4, 4])
+    digit, label = train.digits[0], int(train.labels[0])
+    common = bg.digit_opacity(digit, label, 0, box) >= bg.MASK_ALPHA
+    hard = bg.digit_opacity(digit, label, 1, box) >= bg.MASK_ALPHA
+    assert hard.sum() < 0.8 * common.sum()
+    assert (hard & common).sum() < 0.8 * hard.sum()
+
+
+def test_a_scene_drawn_again_keeps_what_it_is_asked_to_keep(split) -> None:
+    train = split.train
+    rng = np.random.default_rng(0)
+    i = 7
+    again, mask = bg.rerender(train, i, rng)  # its own kind and colours, the pattern redrawn
+    assert np.array_equal(mask, train.masks[i])  # the same digit in the same box
+    assert not np.array_equal(again, train.images[i])
+    assert np.abs(again[mask].astype(int) - train.images[i][mask].astype(int)).mean() < 5  # edges blend
+    other = (int(train.kinds[i]) + 1) % len(bg.BACKGROUND_KINDS)
+    moved, mask2 = bg.rerender(train, i, rng, kind=other, new_colours=True)
+    assert np.array_equal(mask2, mask)
+    outside = np.abs(moved[~mask].astype(int) - train.images[i][~mask].astype(int)).mean()
+    inside = np.abs(moved[mask].astype(int) - train.images[i][mask].astype(int)).mean()
+    assert outside > 20 and inside < outside / 3  # the background changed, the digit hardly (edges)
 
 
 def test_masks_mark_the_digit(split) -> None:
@@ -66,8 +103,8 @@ def test_masks_mark_the_digit(split) -> None:
         assert contrast.min() > 0.12 and contrast.mean() > 0.35
     # deterministic from the seed
     digits = np.random.default_rng(0).integers(0, 17, size=(3, 8, 8))
-    a = bg.render_scenes(digits, [1, 2, 3], [0, 4, 9], seed=7)
-    b = bg.render_scenes(digits, [1, 2, 3], [0, 4, 9], seed=7)
+    a = bg.render_scenes(digits, [1, 2, 3], [0, 4, 9], seed=7, styles=[0, 1, 0])
+    b = bg.render_scenes(digits, [1, 2, 3], [0, 4, 9], seed=7, styles=[0, 1, 0])
     assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
 
 
@@ -77,11 +114,16 @@ def test_group_accuracies_by_hand() -> None:
         masks=np.zeros((6, 2, 2), bool),
         labels=np.array([0, 0, 0, 1, 1, 1]),
         kinds=np.array([0, 0, 3, 1, 2, 2]),  # majority: kind == class (rows 0, 1, 3)
+        styles=np.array([0, 1, 0, 0, 1, 1]),  # hard: rows 1, 4, 5
     )
+    # groups: 0 majority/common (0, 3), 2 majority/hard (1), 1 minority/common (2), 3 minority/hard (4, 5)
+    assert list(bg.group_ids(scenes)) == [0, 2, 1, 0, 3, 3]
     got = bg.group_accuracies(np.array([1, 1, 0, 1, 1, 0]), scenes)
     assert got["accuracy"] == pytest.approx(4 / 6)
     assert got["majority_accuracy"] == 1.0 and got["minority_accuracy"] == pytest.approx(1 / 3)
-    assert got["worst_group_accuracy"] == 0.0  # group (0, kind 3)
+    assert got["hard_accuracy"] == pytest.approx(2 / 3) and got["common_accuracy"] == pytest.approx(2 / 3)
+    assert got["group/minority/hard"] == 0.5 and got["group/majority/common"] == 1.0
+    assert got["worst_group_accuracy"] == 0.0  # minority/common: row 2 alone, wrong
 
 
 def test_diagnostics_by_hand() -> None:
@@ -116,11 +158,20 @@ def test_every_backgrounds_arm_is_a_valid_config() -> None:
     assert cells["released"].generation.schedule is AdvSchedule.authors
     assert cells["paper"].generation.preset == "paper"
     assert cells["paper"].generation.schedule is AdvSchedule.paper
-    assert cells["aig+adversarial"].generation.schedule is AdvSchedule.constant
-    for arm in set(table) - {"released", "paper", "aig+adversarial"}:
+    for arm in ("aig+adversarial", "oracle-aig+adversarial"):
+        assert cells[arm].generation.schedule is AdvSchedule.constant
+    for arm in set(table) - {"released", "paper", "aig+adversarial", "oracle-aig+adversarial"}:
         assert cells[arm].generation.preset is None and cells[arm].generation.schedule is AdvSchedule.paper
     assert cells["aig-unnormalised"].generation.options["normalize_mask"] is False
     assert "image_guidance_strength" not in cells["aig"].generation.options  # scaled to 20 steps
+    # the oracle arms: the harness's oracle policy, never a config key; their controls
+    assert ablation.oracle_policy(table["oracle-guides"]) == "guides"
+    assert (
+        ablation.oracle_policy(table["oracle-aig"]) == "draw" and ablation.oracle_policy(table["aig"]) is None
+    )
+    assert cells["oracle-aig-unmined"].generation.selection == "random"
+    assert cells["oracle-random-uniform"].generation.selection == "random"
+    assert cells["oracle-aig"].generation.selection == "misclassified"
     defaults = read_model_defaults(MODEL)
     assert defaults is not None and defaults.options["normalize_mask"] is True
 
@@ -153,7 +204,7 @@ def test_miniature_backgrounds_grid_measures_what_the_mechanisms_did(tmp_path: P
     cells = {c["arm"]: c for c in results["cells"]}
     real, aig = cells["real"], cells["aig"]
     ref = results["reference"]
-    assert ref["test_images"] == 3590 and ref["reference_test"]["accuracy"] > 0.8
+    assert ref["test_images"] == 7180 and ref["reference_test"]["accuracy"] > 0.5
     for cell in (real, aig):  # group accuracies on the whole test split, not the loop's 100
         extra = cell["extra"]
         assert 0 <= extra["worst_group_accuracy"] <= cell["test_acc"] <= 1

@@ -19,7 +19,11 @@ HEAVY = ("torch", "diffusers", "transformers", "uvicorn", "redis")
 # What python -c pass costs, times this, bounds a CLI's --help: importing torch and diffusers for the
 # help text (before: 7 s, about 300x) fails it; the light path measures about 5x on a 2-core machine.
 HELP_RATIO = 25.0
-CLIS = {"actgen_generator.cli": "actgen-generator", "actgen_trainer.cli": "actgen-trainer"}
+CLIS = {
+    "actgen_generator.cli": "actgen-generator",
+    "actgen_trainer.cli": "actgen-trainer",
+    "actgen_lab.cli": "actgen-lab",
+}
 
 
 def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -71,7 +75,8 @@ def test_help_is_plain_text_and_imports_nothing_heavy(module: str) -> None:
     ("module", "argv"),
     [
         ("actgen_generator.cli", ["serve", "--port", "1"]),
-        ("actgen_trainer.cli", ["train", "--config", "configs/demo.yaml"]),  # ablate: the same check
+        ("actgen_trainer.cli", ["train", "--config", "configs/demo.yaml"]),
+        ("actgen_lab.cli", ["ablate", "--arms", "real"]),  # it starts a generator that reads them all
     ],
 )
 def test_a_bad_environment_variable_is_one_line_and_exit_2(module: str, argv: list[str]) -> None:

@@ -5,6 +5,8 @@ confidence is below a threshold (selects more, and more diverse, samples as it g
 ``lowest_confidence``: the whole slice ranked by true-class confidence, lowest first; the budget
 takes distinct guides from the front. With few mistakes left, the other rules repeat a handful
 of guides to fill the budget; this one spends it on the next-hardest, near-boundary samples.
+``random``: a control, not a rule of the paper: any slice samples, drawn without looking at the
+classifier (the ablation's "not mined" guides; the classes come out as the slice has them).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-Rule = Literal["misclassified", "threshold", "lowest_confidence"]
+Rule = Literal["misclassified", "threshold", "lowest_confidence", "random"]
 
 
 def hard_indices(
@@ -76,6 +78,9 @@ def select_guides(
     ``lowest_confidence`` takes the hardest first, all distinct (:func:`take_ranked`), and counts
     the misclassified ones as hard.
     """
+    if rule == "random":  # the control: unmined guides, every slice sample before any repeats
+        hard = hard_indices(probs, targets, "misclassified")
+        return sample_hard(np.arange(len(targets)), count, rng), len(hard)
     if rule == "lowest_confidence":
         hard = hard_indices(probs, targets, "misclassified")
         return take_ranked(hard_indices(probs, targets, rule), count), len(hard)

@@ -14,6 +14,7 @@ from actgen_shared.commands import Subcommand, build_parser
 
 PROG = "actgen-generator"
 DESCRIPTION = "ActGen generator: guided Stable Diffusion as a service."
+# the tiny models' training and evaluation are the lab's: actgen-lab train-tiny-model / eval-model (lab/)
 SUBCOMMANDS = (
     Subcommand("serve", "run a generator replica (REST API + worker)", "actgen_generator.serve:add_parser"),
     Subcommand(
@@ -25,16 +26,6 @@ SUBCOMMANDS = (
         "build-tiny-model",
         "write the tiny SD-architecture pipeline to DIR",
         "actgen_generator.tiny_model:add_parser",
-    ),
-    Subcommand(
-        "train-tiny-model",
-        "train the tiny SD-architecture model on the bundled digits (a diffusers folder)",
-        "actgen_generator.devtools.tiny_training:add_parser",
-    ),
-    Subcommand(
-        "eval-model",
-        "check a tiny digits model: class-conditional accuracy, guide faithfulness, diversity",
-        "actgen_generator.devtools.model_eval:add_parser",
     ),
 )
 

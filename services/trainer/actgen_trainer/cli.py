@@ -4,7 +4,8 @@ Usage::
 
     actgen-trainer train --config FILE [--set key=value ...] [--resume] [--sync] [--generator-url URL]
     actgen-trainer report RUN_DIR
-    actgen-trainer ablate [--testbed digits|backgrounds] [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
+
+The ablation and its testbeds are the lab's (``actgen-lab ablate``, lab/).
 
 A subcommand's modules (torch and the rest) are imported only when that subcommand is named
 (actgen_shared.commands), so ``actgen-trainer --help`` answers at once.
@@ -26,11 +27,6 @@ GENERATOR_URL_ENV = "ACTGEN_GENERATOR_URL"
 SUBCOMMANDS = (
     Subcommand("train", "train a classifier (Algorithm 1)", "actgen_trainer.cli:add_train_parser"),
     Subcommand("report", "(re)build RUN_DIR/report.html", "actgen_trainer.cli:add_report_parser"),
-    Subcommand(
-        "ablate",
-        "the ablation: every arm x seed on a testbed (the low-data digits, or digits on backgrounds)",
-        "actgen_trainer.cli:add_ablate_parser",
-    ),
 )
 
 
@@ -73,52 +69,6 @@ def add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     report.set_defaults(func=_report)
 
 
-def add_ablate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from actgen_trainer import ablation
-
-    ablate = sub.add_parser(
-        "ablate",
-        help="the ablation: every arm x seed on a testbed (the low-data digits, or digits on backgrounds)",
-        description="Runs every arm x seed cell not yet in OUT/results.json through the trainer, with one "
-        "private redis-server and one generator, and writes OUT/results.json, OUT/table.md "
-        "and OUT/index.html. "
-        + " ".join(f"Arms of {t.name}: {', '.join(t.arms)}." for t in ablation.TESTBEDS.values()),
-    )
-    ablate.add_argument(
-        "--testbed",
-        default="digits",
-        help=f"{' or '.join(ablation.TESTBEDS)}: its config, model, output folder, seeds and arms "
-        "are the defaults below (default digits)",
-    )
-
-    def per_bed(attr: str) -> str:
-        return ", ".join(f"{t.name}: {getattr(t, attr)}" for t in ablation.TESTBEDS.values())
-
-    ablate.add_argument("--config", default=None, help=f"base trainer config (default {per_bed('config')})")
-    ablate.add_argument("--arms", help="comma-separated arm names (default: all of the testbed's)")
-    ablate.add_argument(
-        "--seeds", type=int, default=None, help=f"seeds 0..N-1 per arm (default {per_bed('seeds')})"
-    )
-    ablate.add_argument("--out", default=None, help=f"output folder (default {per_bed('out')})")
-    ablate.add_argument("--model", default=None, help=f"generator model folder (default {per_bed('model')})")
-    ablate.add_argument(
-        "--threads",
-        type=int,
-        default=ablation.DEFAULT_THREADS,
-        help="torch threads of the trainer and of the generator (they take turns: sync)",
-    )
-    ablate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base config value for every arm",
-    )
-    ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ablate.set_defaults(func=_ablate)
-
-
 def _train(args: argparse.Namespace) -> int:
     from actgen_trainer.config import TrainMode, load_config
 
@@ -158,35 +108,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ablate(args: argparse.Namespace) -> int:
-    from actgen_trainer import ablation
-    from actgen_trainer.config import ConfigError
-
-    bed = ablation.testbed_named(args.testbed)
-    arms = ablation.parse_arms(args.arms, bed.arms)  # names the unknown arm before anything starts
-    ablation.check_seeds(bed.seeds if args.seeds is None else args.seeds)
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    for name in ("actgen_trainer", "httpx"):  # per-epoch and per-request lines: the bar says enough
-        logging.getLogger(name).setLevel(logging.WARNING)
-    done = ablation.run_ablation(
-        config=args.config,
-        arms=arms,
-        seeds=args.seeds,
-        out=args.out,
-        overrides=args.overrides,
-        model=args.model,
-        threads=args.threads,
-        progress=not args.no_progress,
-        testbed=bed.name,
-    )
-    print(
-        f"[ablation] {len(done.ran)} cells run, {len(done.skipped)} skipped (already done) | "
-        f"{done.out / ablation.TABLE_NAME} | {done.out / ablation.PAGE_NAME} | wall {done.seconds:.0f}s"
-    )
-    return 0
-
-
 def _report(args: argparse.Namespace) -> int:
     from actgen_trainer.report import write_report
 
@@ -199,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(PROG, DESCRIPTION, SUBCOMMANDS, argv).parse_args(argv)
     from actgen_shared.settings import Settings, SettingsError
 
-    if args.command in ("train", "ablate"):
-        try:  # the deployment's ACTGEN_* variables (ablate starts a generator that reads them all)
+    if args.command == "train":
+        try:  # the deployment's ACTGEN_* variables
             Settings.from_env()
         except SettingsError as exc:  # before torch is imported: one line, at once
             print(f"{PROG}: error: {exc}", file=sys.stderr)

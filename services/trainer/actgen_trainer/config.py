@@ -215,6 +215,13 @@ class TrainConfig(_Section):
     epochs: int = Field(300, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
+    epoch_images: int | None = Field(
+        None,
+        ge=1,
+        description="images drawn per epoch (a shuffle of the training set, cut or cycled to this "
+        "size); None: the whole set. Fixed, every arm takes the same SGD steps however many "
+        "generated images joined (the ablation sets it)",
+    )
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto",
         description="mixed precision (actgen_trainer.precision): auto = bf16 on a CUDA GPU that has it, "
@@ -263,7 +270,7 @@ class GenerationConfig(_Section):
         "(0.10: the paper's ImageNet 10 %), spread evenly over the generation epochs and then "
         "the ranks; overrides images_per_epoch when set",
     )
-    selection: Literal["misclassified", "threshold", "lowest_confidence"] = "misclassified"
+    selection: Literal["misclassified", "threshold", "lowest_confidence", "random"] = "misclassified"
     threshold: float = Field(0.5, gt=0, le=1, description="true-class confidence below this is hard")
     generate_fraction: float = Field(
         0.5, gt=0, le=1, description="post jobs during this first fraction of the epochs"

@@ -147,18 +147,22 @@ def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
     )
 
 
-def backgrounds_images() -> tuple[ArrayImages, ArrayImages]:
-    """The digits on procedural backgrounds (``actgen_shared.backgrounds``), 32 px: (train, test).
+DATASETS_GROUP = "actgen_trainer.datasets"  # entry points: name -> callable(DataConfig) -> (train, test)
 
-    The train source's backgrounds are correlated with the class (90 %), the test source's random.
-    """
-    from actgen_shared.backgrounds import load_backgrounds_split
 
-    split = load_backgrounds_split()
-    return (
-        ArrayImages(split.train.images, split.train.labels, DIGITS),
-        ArrayImages(split.test.images, split.test.labels, DIGITS),
-    )
+def plugin_sources(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
+    """A data set another package registers (entry-point group :data:`DATASETS_GROUP`): the lab's
+    ``backgrounds`` testbed (lab/pyproject.toml). The trainer never imports that package by name."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=DATASETS_GROUP)}
+    if cfg.dataset not in found:
+        raise DataError(
+            f"data.dataset={cfg.dataset} comes from a package that registers it in the entry-point group "
+            f"{DATASETS_GROUP!r} (backgrounds: the lab, pip install -e ./lab; make setup does); "
+            f"registered here: {', '.join(sorted(found)) or 'none'}"
+        )
+    return found[cfg.dataset].load()(cfg)
 
 
 def _cifar(cfg: DataConfig, hundred: bool) -> tuple[ArrayImages, ArrayImages]:
@@ -187,12 +191,12 @@ def load_sources(cfg: DataConfig, prompts: bool = True) -> tuple[ImageSource, Im
     """
     if cfg.dataset == "digits":
         train, test = digits_images(cfg.image_size)
-    elif cfg.dataset == "backgrounds":
-        train, test = backgrounds_images()
     elif cfg.dataset in ("cifar10", "cifar100"):
         train, test = _cifar(cfg, cfg.dataset == "cifar100")
-    else:
+    elif cfg.dataset in ("imagefolder", "imagenet"):
         return _folders(cfg, prompts)
+    else:
+        train, test = plugin_sources(cfg)  # type: ignore[assignment]  # ArrayImages in practice
     if cfg.class_names is not None:
         train.classes = test.classes = _named(train.classes, cfg, prompts)
     return train, test
@@ -518,8 +522,10 @@ class EpochSampler(Sampler[SampleKey]):
         rank: int = 0,
         world: int = 1,
         shuffle_seed: int = 0,
+        size: int | None = None,
     ) -> None:
         self.generated = generated
+        self.size = size
         self.epoch_seed = epoch_seed
         self.rank, self.world, self.shuffle_seed = rank, world, shuffle_seed
         self.epoch = 0
@@ -538,7 +544,7 @@ class EpochSampler(Sampler[SampleKey]):
         return len(self.real) + len(self.records)
 
     def __len__(self) -> int:
-        return -(-self.total // self.world)  # DistributedSampler pads to an equal share
+        return -(-(self.size or self.total) // self.world)  # DistributedSampler pads to an equal share
 
     def __iter__(self) -> Iterator[SampleKey]:
         generator = torch.Generator().manual_seed(self.epoch_seed(self.epoch))
@@ -554,6 +560,8 @@ class EpochSampler(Sampler[SampleKey]):
             order = list(shards)
         else:
             order = torch.randperm(self.total, generator=generator).tolist()
+        if self.size is not None and order:  # cut or cycled to the fixed size (this rank's share)
+            order = (order * -(-len(self) // len(order)))[: len(self)]
         n_real = len(self.real)
         for position in order:
             if position < n_real:

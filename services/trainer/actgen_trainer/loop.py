@@ -345,6 +345,7 @@ class Trainer(Checkpoints, GeneratorLink):
             rank=self.dist.rank,
             world=self.dist.world,
             shuffle_seed=cfg.seed,
+            size=cfg.train.epoch_images,
         )
         self.train_loader = DataLoader(
             TrainingImages(self.train_source, self.generated.root, self.train_tf),

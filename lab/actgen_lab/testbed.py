@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from actgen_shared.backgrounds import (
+from actgen_lab.backgrounds import (
     REFERENCE_FILE,
     BackgroundsSplit,
     ReferenceClassifier,
     group_accuracies,
     load_backgrounds_split,
 )
+from actgen_lab.oracle import OracleClient
 from actgen_shared.labels import DIGITS
 from actgen_trainer.config import Config, TrainMode
 from actgen_trainer.data import Subset
@@ -310,6 +311,8 @@ class BackgroundsDiagnostics:
         cfg = trainer.cfg
         if cfg.generation.mode in (TrainMode.real, TrainMode.random, TrainMode.ig):
             return {}
+        if isinstance(getattr(trainer, "client", None), OracleClient):
+            return {}  # no diffusion, no eq. 8: the oracle keeps the true digit by construction
         known = list(index)
         picks = [known[int(k)] for k in np.linspace(0, len(known) - 1, min(MASK_PROBES, len(known)))]
         picks = list(dict.fromkeys(picks))

@@ -1,0 +1,172 @@
+"""The backgrounds generator v2's training and check pieces (issue 25), each fast and by hand.
+
+The trained model's figures come from ``actgen-lab eval-model`` (its model card); these
+tests pin the parts that decide them: the class conditioning, the digit-weighted loss, the
+saturation measure and the pass/fail of each threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from actgen_lab import cli
+from actgen_lab.model_eval import EvalReport
+from actgen_lab.tiny_training import (
+    TinyTrainingConfig,
+    build_untrained,
+    class_token_cosines,
+    colour_saturation,
+    digit_cell_weights,
+    finetune_decoder,
+    weighted_mse,
+)
+from actgen_shared.labels import DIGITS
+
+
+def _off_diagonal(c: np.ndarray) -> np.ndarray:
+    return c[~np.eye(len(c), dtype=bool)]
+
+
+def test_orthogonal_class_tokens_separate_the_classes_the_random_encoder_does_not() -> None:
+    random = _off_diagonal(class_token_cosines(build_untrained(0, "backgrounds"), list(DIGITS)))
+    ortho_pipe = build_untrained(0, "backgrounds", "orthogonal", 8.0)
+    ortho = _off_diagonal(class_token_cosines(ortho_pipe, list(DIGITS)))
+    assert random.mean() > 0.5  # the frozen random encoder: every class token looks alike
+    assert ortho.mean() < 0.1 and ortho.max() < 0.3
+    emb = ortho_pipe.text_encoder.get_input_embeddings().weight
+    ids = [ortho_pipe.tokenizer(n, add_special_tokens=False).input_ids[0] for n in DIGITS]
+    rows = emb[ids]
+    gram = rows @ rows.T
+    assert torch.allclose(gram, 64.0 * torch.eye(len(DIGITS)), atol=1e-3)  # orthogonal, norm 8
+    assert not ortho_pipe.text_encoder.get_input_embeddings().weight.requires_grad  # frozen
+
+
+def test_unknown_class_token_mode_is_named() -> None:
+    with pytest.raises(ValueError, match="class_tokens"):
+        build_untrained(0, "backgrounds", "learned")
+
+
+def test_weighted_mse_weighs_the_digit_cells() -> None:
+    pred, target = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    target[0, :, 0, 0] = 1.0  # error only in cell (0, 0)
+    assert math.isclose(float(weighted_mse(pred, target, None)), 0.25)
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True  # the digit fills cell (0, 0) of the 2x2 latent
+    w = digit_cell_weights(masks, 2, 4.0)
+    assert w.shape == (1, 1, 2, 2) and float(w[0, 0, 0, 0]) == 5.0 and float(w[0, 0, 1, 1]) == 1.0
+    assert math.isclose(float(weighted_mse(pred, target, w)), 5.0 / 8.0)  # 5 of 8 weight units
+    assert math.isclose(float(weighted_mse(pred, target, torch.ones_like(w))), 0.25)
+
+
+def test_colour_saturation_by_hand() -> None:
+    grey = np.full((1, 2, 2, 3), 128, np.uint8)
+    red = np.zeros((1, 2, 2, 3), np.uint8)
+    red[..., 0] = 200
+    half = np.concatenate([grey, red])
+    red_std = float(np.std([200 / 255, 0.0, 0.0]))
+    assert colour_saturation(grey) == 0.0
+    assert math.isclose(colour_saturation(red), red_std)
+    assert math.isclose(colour_saturation(half), red_std / 2)
+    assert colour_saturation(np.zeros((1, 2, 2, 3), np.uint8)) == 0.0
+
+
+def _report(**over) -> EvalReport:
+    values = dict(
+        model="m",
+        reference_accuracy=0.98,
+        random_accuracy=0.9,
+        aig_faithfulness=0.9,
+        aig_guide_accuracy=0.98,
+        diversity=0.1,
+        real_diversity=0.3,
+        n_random=100,
+        n_aig=100,
+        n_diversity_guides=10,
+        seeds_per_guide=4,
+        num_inference_steps=20,
+        guidance_scale=15.0,
+        image_guidance_strength=6.25,
+        seconds=1.0,
+        data="backgrounds",
+        mask_iou=0.5,
+        uniform_mask_iou=0.2,
+        change_inside=0.1,
+        change_outside=0.2,
+        ig_faithfulness=0.95,
+        ig_kind_kept=0.8,
+        aig_kind_changed=0.5,
+        kind_accuracy=0.9,
+        saturation_kept=0.8,
+        saturation_real=0.3,
+        saturation_random=0.25,
+    )
+    values.update(over)
+    return EvalReport(**values)  # type: ignore[arg-type]
+
+
+def test_every_threshold_passes_at_its_value_and_fails_below() -> None:
+    report = _report()
+    assert [name for name, *_ in report.checks()] == [
+        "random: prompt's digit",
+        "ig: guide's digit",
+        "aig: guide's digit",
+        "aig: background kind changed",
+        "ig: background kind kept",
+        "VAE: saturation kept",
+        "eq. 8 mask IoU",
+        "aig change outside / inside the digit",
+    ]
+    assert report.passed and "FAIL" not in report.text()
+    for field, low in [
+        ("random_accuracy", 0.89),
+        ("ig_faithfulness", 0.94),
+        ("aig_faithfulness", 0.89),
+        ("aig_kind_changed", 0.49),
+        ("ig_kind_kept", 0.79),
+        ("saturation_kept", 0.79),
+        ("mask_iou", 0.49),
+        ("change_outside", 0.19),  # 1.9x the change inside
+    ]:
+        worse = _report(**{field: low})
+        failed = [name for name, _, _, ok in worse.checks() if not ok]
+        assert len(failed) == 1, (field, failed)
+        assert not worse.passed and f"{failed[0]}: " in worse.text() and "FAIL" in worse.text()
+    assert not _report(ig_faithfulness=None).passed  # a figure not measured is no pass
+
+
+def test_training_flags_that_need_backgrounds_are_named(tmp_path, capsys) -> None:
+    for flag in ("--digit-weight", "--checkpoint-every"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["train-tiny-model", "--data", "digits", "--out", str(tmp_path / "m"), flag, "2"])
+        assert flag in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(
+            [
+                "train-tiny-model",
+                "--data",
+                "backgrounds",
+                "--out",
+                str(tmp_path / "m"),
+                "--colour-weight",
+                "-1",
+            ]
+        )
+    assert "--colour-weight" in str(exc.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_decoder_fine_tuning_leaves_the_encoder_and_so_the_latents_alone() -> None:
+    vae = build_untrained(0, "backgrounds").vae
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    cfg = TinyTrainingConfig(data="backgrounds", vae_batch=4, warmup_steps=1, colour_weight=1.0)
+    summary = finetune_decoder(vae, images, cfg, 3, 60.0, torch.Generator().manual_seed(0))
+    assert summary["steps"] == 3 and math.isfinite(summary["final_recon_loss"])
+    assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items())
+    assert any(not torch.equal(decoder[k], v) for k, v in vae.decoder.state_dict().items())
+    assert not any(p.requires_grad for p in vae.parameters())  # frozen again
