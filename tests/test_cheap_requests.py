@@ -174,7 +174,9 @@ def test_the_server_answers_503_past_its_concurrency_limit(redis_url: str, key_p
     limit = 8
     env = {"ACTGEN_LIMIT_CONCURRENCY": str(limit)}
     # a prefix of its own: the module's echo replica would otherwise run this job and end the polls
-    with replica(redis_url, key_prefix, None, env=env, extra_args=["--sampler", "echo", "--no-worker"]) as proc:
+    with replica(
+        redis_url, key_prefix, None, env=env, extra_args=["--sampler", "echo", "--no-worker"]
+    ) as proc:
         run = new_run_id()
         with httpx.Client(base_url=proc.url, timeout=30) as client:
             assert client.post("/v1/jobs", json=job_body(run)).status_code == 202  # the run is known
