@@ -36,6 +36,11 @@ SUBCOMMANDS = (
         "check a tiny digits model: class-conditional accuracy, guide faithfulness, diversity",
         "actgen_generator.devtools.model_eval:add_parser",
     ),
+    Subcommand(
+        "distil-tiny-decoder",
+        "distil eq. 10's tiny surrogate decoder from a tiny model's VAE into DIR/tiny_vae",
+        "actgen_generator.devtools.tiny_decoder:add_parser",
+    ),
 )
 
 

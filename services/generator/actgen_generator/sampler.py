@@ -58,9 +58,16 @@ from actgen_generator.guidance import (
 )
 from actgen_generator.guide_fit import fit_guide
 from actgen_generator.loss_scale import LossScale, gradient_health, scaled_gradients
-from actgen_generator.pipeline import LoadedModel
+from actgen_generator.pipeline import TINY_VAE_DIR, LoadedModel
 from actgen_shared.presets import ModelDefaults, prompt_text, resolve_options
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, GuideFit, Mode, ResolvedOptions
+from actgen_shared.schemas import (
+    AdvDecoder,
+    GenerationOptions,
+    GradStepRecord,
+    GuideFit,
+    Mode,
+    ResolvedOptions,
+)
 
 __all__ = [
     "Cancelled",
@@ -109,6 +116,7 @@ class GradientTargets:
     adv_weight: float  # lambda
     classifier: Classifier | None = None
     adv_positions: torch.Tensor | None = None  # (A,) adv_rows when known already (no device sync)
+    decoder: AdvDecoder = "vae"  # eq. 10's decode: the VAE or the tiny surrogate (options.adv_decoder)
 
     @property
     def adv_rows(self) -> torch.Tensor:
@@ -145,6 +153,7 @@ class GradientPlan:
     classifier: Classifier | None
     bank: torch.Tensor  # (G, depth, D): per row min(n, N) stored latents, then its peers
     valid: torch.Tensor  # (G, depth) 1 where bank holds a real entry
+    decoder: AdvDecoder = "vae"
 
     @classmethod
     def build(
@@ -188,6 +197,7 @@ class GradientPlan:
             adv_weight=self.adv_weight,
             classifier=self.classifier,
             adv_positions=self.adv_rows,
+            decoder=self.decoder,
         )
 
 
@@ -310,6 +320,7 @@ class GuidedSampler:
         self.prompt_cache_size = max(1, prompt_cache_size)  # embeddings kept, least recently used out
         pipe = model.pipe
         self.unet, self.vae = pipe.unet, pipe.vae
+        self.tiny_vae = model.tiny_vae  # eq. 10's surrogate decoder (adv_decoder "tiny"); None: none
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
         self.device, self.dtype = model.device, model.dtype
         self.vae_scale_factor = int(pipe.vae_scale_factor)
@@ -354,6 +365,12 @@ class GuidedSampler:
         res = self.resolve(opts)  # the preset-dependent values: explicit > preset > model file > released
         if mode is Mode.actgen and opts.adv_prob > 0 and classifier is None:
             raise ValueError("a classifier is needed when options.adv_prob > 0 in actgen mode")
+        if mode is Mode.actgen and opts.adv_prob > 0 and res.adv_decoder == "tiny" and self.tiny_vae is None:
+            raise ValueError(
+                f"options.adv_decoder 'tiny' (preset {res.defaults!r}) needs the model's tiny decoder, and "
+                f"{self.model.model_id} has none (a {TINY_VAE_DIR}/ folder beside its components; "
+                "fetch-model puts TAESD there for SD 2.1): use adv_decoder 'vae'"
+            )
         height = opts.height or self.model.native_size
         width = opts.width or self.model.native_size
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -384,7 +401,7 @@ class GuidedSampler:
         # 4. Prompts, guide latents, and what gradient guidance pushes against
         uncond, cond, token_weights = self._encode_prompts(items, res.prompt)
         guide = self._encode_guides(items, guide_eps, height, width, opts.guide_fit) if guided else None
-        plan = self._gradient_plan(items, draws, opts, classifier, shape)
+        plan = self._gradient_plan(items, draws, opts, classifier, shape, res.adv_decoder)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
         guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
         grad_steps = min(opts.grad_steps, total) if plan is not None else 0
@@ -496,7 +513,8 @@ class GuidedSampler:
             unet_rows = len(plan.row_list) * (2 if res.update_uncond else 1)
             need = unet_rows * unet_graph_elements(self.unet.config, latent_hw)
             adversarial = sum(plan.adv_list)
-            if adversarial and plan.classifier is not None:
+            # the tiny decoder's graph is ~1/20 of the VAE's (TAESD: 64 channels throughout): not counted
+            if adversarial and plan.classifier is not None and plan.decoder == "vae":
                 side = latent_hw
                 if self.adv_decode == "classifier":
                     small = math.ceil(plan.classifier.input_size / self.vae_scale_factor)
@@ -596,7 +614,7 @@ class GuidedSampler:
         if len(adv_rows):  # the classifier runs only for adversarial items
             clf = targets.classifier
             assert clf is not None
-            decoded = self.vae.decode(self.adv_latents(x0[adv_rows], clf.input_size), return_dict=False)[0]
+            decoded = self.adv_decode_image(x0[adv_rows], clf.input_size, targets.decoder)
             param = next(clf.module.parameters(), None)
             inputs = classifier_input(decoded, clf.input_size, clf.mean, clf.std)
             logits = clf.module(inputs.to(param.dtype if param is not None else torch.float32))
@@ -606,14 +624,30 @@ class GuidedSampler:
             total=contra + targets.adv_weight * adv, contra=contra, adv=adv, prediction=prediction
         )
 
-    def adv_latents(self, x0: torch.Tensor, input_size: int) -> torch.Tensor:
+    def adv_decode_image(
+        self, x0: torch.Tensor, input_size: int, decoder: AdvDecoder = "vae"
+    ) -> torch.Tensor:
+        """Eq. 10's D(x0_hat) in [-1, 1], through the VAE or the tiny surrogate decoder (differentiable)."""
+        latents = self.adv_latents(x0, input_size, decoder)
+        if decoder == "tiny":
+            assert self.tiny_vae is not None
+            return self.tiny_vae.decode(latents, return_dict=False)[0]
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def adv_latents(self, x0: torch.Tensor, input_size: int, decoder: AdvDecoder = "vae") -> torch.Tensor:
         """What eq. 10's decode gets: x0_hat unscaled, at the classifier's size with adv_decode "classifier".
 
+        Each decoder reads latents divided by its own ``scaling_factor``: the SD VAE's 0.18215, TAESD's
+        1.0 (it decodes the sampler's scaled latents as they are), a distilled tiny decoder's 1.0.
         The classifier sees the image resized to ``input_size`` anyway; decoding a latent of
         ``ceil(input_size / vae scale)`` instead of the full one cuts the decode and its backward by
         about (full / input)^2, at the cost of an approximation (measured by ``make bench``).
         """
-        latents = x0 / self.scaling_factor
+        scale = self.scaling_factor
+        if decoder == "tiny":
+            assert self.tiny_vae is not None
+            scale = float(self.tiny_vae.config["scaling_factor"])
+        latents = x0 / scale
         if self.adv_decode == "classifier":
             latents = classifier_size_latents(latents, input_size, self.vae_scale_factor)
         return latents.to(self.dtype)
@@ -699,6 +733,7 @@ class GuidedSampler:
         opts: GenerationOptions,
         classifier: Classifier | None,
         shape: tuple[int, ...],
+        decoder: AdvDecoder = "vae",
     ) -> GradientPlan | None:
         """Which items get gradient guidance, their stored bank and their same-job peers (eq. 9, 10)."""
         if opts.mode is not Mode.actgen or opts.grad_steps == 0:
@@ -756,6 +791,7 @@ class GuidedSampler:
             margin=self.resolve(opts).contrastive_margin,
             adv_weight=opts.adv_weight,
             classifier=classifier,
+            decoder=decoder,
         )
 
     # ------------------------------------------------------------------ outputs
