@@ -45,6 +45,7 @@ TAESD_REVISION = "main"
 TAESD_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 TINY_VAE_MARKER = ".actgen-tiny-vae.json"
 SD_LATENT_SCALE = 0.18215
+SD_VAE_CHANNELS = [128, 256, 512, 512]
 
 
 def _weightless_components(folder: Path) -> list[str]:
@@ -98,7 +99,8 @@ def download_pipeline(repo_id: str, revision: str | None, local_dir: Path | None
 
 
 def in_sd_latent_space(folder: Path) -> bool:
-    """Whether ``folder``'s VAE encodes to SD 1/2's latent space (4 channels, scaled by 0.18215): TAESD's."""
+    """Whether ``folder``'s VAE is SD 1/2's (its architecture, 4 latent channels scaled by 0.18215):
+    the latent space TAESD decodes."""
     try:
         config = json.loads((folder / "vae" / "config.json").read_text())
     except (OSError, ValueError):
@@ -108,6 +110,7 @@ def in_sd_latent_space(folder: Path) -> bool:
         config.get("latent_channels") == 4
         and isinstance(scale, float)
         and abs(scale - SD_LATENT_SCALE) < 1e-6
+        and list(config.get("block_out_channels", [])) == SD_VAE_CHANNELS
     )
 
 
@@ -120,33 +123,19 @@ def download_tiny_vae(local_dir: Path | None = None, required: bool = False) -> 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        path = Path(
-            snapshot_download(
-                TAESD, revision=TAESD_REVISION, local_dir=local_dir, allow_patterns=TAESD_PATTERNS
-            )
-        )
+    try:  # into the cache first: offline, a --to folder is then filled from it all the same
+        path = Path(snapshot_download(TAESD, revision=TAESD_REVISION, allow_patterns=TAESD_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
         if required:
             raise
         return None
-    if local_dir is not None:
-        commit = _cached_commit()
-        (local_dir / TINY_VAE_MARKER).write_text(
-            json.dumps({"model": TAESD, "revision": TAESD_REVISION, "commit": commit}, indent=2) + "\n"
-        )
-    return path
-
-
-def _cached_commit() -> str | None:
-    """The commit of TAESD_REVISION the Hugging Face cache resolved (its refs file), if any."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    ref = Path(HF_HUB_CACHE) / f"models--{TAESD.replace('/', '--')}" / "refs" / TAESD_REVISION
-    try:
-        return ref.read_text().strip()
-    except OSError:
-        return None
+    if local_dir is None:
+        return path
+    _copy_from_cache(path, local_dir)
+    # the snapshot folder is named by the commit the revision resolved to: recorded beside the weights
+    marker = {"model": TAESD, "revision": TAESD_REVISION, "commit": path.name}
+    (local_dir / TINY_VAE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return local_dir
 
 
 def cached_tiny_vae() -> Path | None:

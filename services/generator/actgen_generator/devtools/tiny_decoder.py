@@ -49,13 +49,13 @@ class DistilConfig:
     """What a distillation runs with (the defaults made models/tiny-digits/tiny_vae)."""
 
     steps: int = 2000
-    budget_s: float = 420.0  # training stops earlier when this is spent
+    budget_s: float = 900.0  # training stops earlier when this is spent
     batch: int = 32
     lr: float = 2e-3
     channels: int = 32  # per decoder block (TAESD: 64)
     blocks: int = 2  # AutoencoderTiny blocks per upsampling level (TAESD: 3); the last level has 1
     pool: int = 2048  # latents decoded by the VAE once, the training set
-    jacobian_weight: float = 1.0
+    jacobian_weight: float = 4.0
     jacobian_eps: float = 0.05  # the random latent step's size, per element
     seed: int = 0
 
@@ -163,8 +163,9 @@ def distil(model: LoadedModel, folder: Path, cfg: DistilConfig) -> tuple[Autoenc
     for step in range(cfg.steps):
         if time.monotonic() - started > cfg.budget_s:
             break
+        progress = max(step / cfg.steps, (time.monotonic() - started) / cfg.budget_s)  # steps or time
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=g)
         z, target = latents[idx], targets[idx]
         out = tiny.decode(z).sample
@@ -339,6 +340,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--budget-s", type=float, default=DistilConfig.budget_s, help="wall-clock limit")
     parser.add_argument("--seed", type=int, default=DistilConfig.seed)
     parser.add_argument(
+        "--jacobian-weight",
+        type=float,
+        default=DistilConfig.jacobian_weight,
+        help="weight of matching the VAE's change of pixels along a latent step (its Jacobian)",
+    )
+    parser.add_argument(
         "--fidelity-latents", type=int, default=256, help="latents the fidelity is measured on"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -362,7 +369,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = DistilConfig(steps=args.steps, budget_s=args.budget_s, seed=args.seed)
+    cfg = DistilConfig(
+        steps=args.steps, budget_s=args.budget_s, seed=args.seed, jacobian_weight=args.jacobian_weight
+    )
     command = " ".join(["actgen-generator", *sys.argv[1:]]) if sys.argv[1:] else "distil-tiny-decoder"
     meta = distil_command(folder, cfg, args.fidelity_latents, command)
     f = meta["fidelity"]
