@@ -371,7 +371,9 @@ class _Cell:
                 min=min(self.seconds),
                 max=max(self.seconds),
                 per_round=self.seconds,
-                parts_per_image={k: statistics.median(p.get(k, 0.0) for p in self.parts) for k in self.parts[0]},
+                parts_per_image={
+                    k: statistics.median(p.get(k, 0.0) for p in self.parts) for k in self.parts[0]
+                },
                 parts_cover=statistics.median(self.coverage),
                 parts_add_up=all(abs(1 - c) <= PART_TOLERANCE for c in self.coverage),
             )

@@ -75,7 +75,9 @@ print("RESULT", code, type(loaded.tiny_vae).__name__, type(folder.tiny_vae).__na
 """
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.pop("ACTGEN_MODEL_REVISION", None)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RESULT 0 AutoencoderTiny AutoencoderTiny" in done.stdout, done.stderr[-3000:]
     marker = json.loads((target / TINY_VAE_DIR / ".actgen-tiny-vae.json").read_text())
@@ -100,7 +102,9 @@ def test_a_distilled_decoder_loads_with_its_model_and_tracks_the_vae(tmp_path: P
     figures = {}
     for name, decoder in (("untrained", untrained), ("distilled", tiny)):
         model.tiny_vae = decoder
-        figures[name] = surrogate_fidelity(model, classifier, model.native_size, latents=latents, labels=labels)
+        figures[name] = surrogate_fidelity(
+            model, classifier, model.native_size, latents=latents, labels=labels
+        )
     assert figures["distilled"]["grad_cosine_mean"] > figures["untrained"]["grad_cosine_mean"] + 0.1
     assert figures["distilled"]["pixel_mean_abs_diff"] < figures["untrained"]["pixel_mean_abs_diff"]
 
