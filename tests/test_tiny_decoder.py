@@ -92,7 +92,7 @@ def test_a_distilled_decoder_loads_with_its_model_and_tracks_the_vae(tmp_path: P
     shutil.copytree(DIGITS, folder, ignore=shutil.ignore_patterns(TINY_VAE_DIR))
     model = load_pipeline(str(folder), device="cpu", dtype="float32")
     assert model.tiny_vae is None
-    cfg = DistilConfig(steps=150, pool=256, batch=32, budget_s=240.0)
+    cfg = DistilConfig(steps=100, pool=256, batch=32, budget_s=240.0)
     torch.manual_seed(cfg.seed)
     untrained = AutoencoderTiny(**tiny_config(4, 4, cfg)).eval().requires_grad_(False)
     tiny, summary = distil(model, folder, cfg)
