@@ -8,8 +8,10 @@ Sections (``--only a,b`` or ``BENCH_ARGS="--only a,b"`` picks some; each is merg
   adv_prob 0.5, a ``simple_cnn`` classifier), ``guidance_overhead_ratio`` (batch 8),
   ``batch_speedup``, peak RSS; the ratio with ``update_uncond=false`` and the guided step's split. Target ratio <= 1.3.
 * ``sd21cpu`` (``sd21_cpu``): SD 2.1's architecture (random weights, built locally) at 128 px on
-  the CPU, per cut (bench/sd21.py). Target ratio <= 1.2.
-* ``sd21gpu`` (``sd21_gpu``): the same at 512 px, fp16 and bf16, batch 1/4/8, when CUDA is there.
+  the CPU, per variant (released ``full``, ``tiny`` decoder, ``cond`` rows, ``fast``), under the
+  protocol of bench/sd21.py (warm-up per cell, interleaved rotated rounds, medians). Target ratio <= 1.2.
+* ``sd21gpu`` (``sd21_gpu``): the same at 512 px, fp16, batch 8 and 1, adv_prob 0.5, in a fresh
+  process (``python -m bench.sd21 gpu``), when CUDA is there: the protocol of bench/sd21.py.
 * ``service`` (bench/service.py): a tiny-model job through REST + Redis + worker / in-process.
 * ``noop`` (bench/noop.py): the service's own cost per job: latency, where it goes, jobs/s.
 * ``scaling`` (bench/scaling.py): throughput of 1, 2, 4, 8 echo replicas on one Redis.
@@ -204,6 +206,19 @@ def _sections(only: str | None, skip: set[str]) -> list[str]:
     return [s for s in SECTIONS if s in chosen and s not in skip]
 
 
+def _sd21gpu_fresh(out: Path) -> dict[str, Any]:
+    """``python -m bench.sd21 gpu`` in its own process (no kernel, shape or allocator warm from
+    another section), its JSON read back; what it wrote before a failure is kept."""
+    import subprocess
+
+    out.unlink(missing_ok=True)
+    done = subprocess.run([sys.executable, "-m", "bench.sd21", "gpu", "--out", str(out)], cwd=ROOT)
+    result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    if done.returncode != 0:
+        result["error"] = f"python -m bench.sd21 gpu exited with {done.returncode}"
+    return result
+
+
 def _stall(repeats: int) -> dict[str, Any]:
     """``actgen_trainer.bench`` in its own process (it pins its cores), its summary read back."""
     import subprocess
@@ -283,18 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         elif section == "sd21cpu":
             import bench.sd21
 
-            result = bench.sd21.run_cpu(repeats=max(1, args.repeats - 1))
+            result = bench.sd21.run_cpu(
+                rounds=max(1, args.repeats - 1), on_cell=lambda partial: save("sd21_cpu", partial)
+            )
             save("sd21_cpu", result)
             tables.append(bench.sd21.table("SD 2.1 architecture, CPU", result))
         elif section == "sd21gpu":
             import bench.sd21
 
-            result = bench.sd21.run_gpu(repeats=max(1, args.repeats - 1))
+            result = _sd21gpu_fresh(ROOT / "runs" / "sd21gpu.json")  # a fresh process: nothing warm
             save("sd21_gpu", result)
-            tables.extend(
-                bench.sd21.table(f"SD 2.1 architecture, {result['gpu']}, {dtype}", r)
-                for dtype, r in result["dtypes"].items()
-            )
+            tables.append(bench.sd21.table(f"SD 2.1 architecture, {result.get('gpu')}, fp16", result))
         elif section == "service":
             import bench.service
 

@@ -91,30 +91,70 @@ def test_unknown_adv_decode_is_refused(sampler) -> None:
         GuidedSampler(sampler.model, adv_decode="half")  # type: ignore[arg-type]
 
 
-def test_bench_model_reports_every_field_for_the_gpu_table(sampler) -> None:
-    """bench_model, the GPU section's function, at tiny size on the CPU: the fields the README reads."""
-    setup = sd21.Setup(size=sampler.model.native_size, batches=(1, 2), steps=3, grad_steps=2, repeats=1)
-    variants = ("full", "clfsize", "clfsize_cond", "contrastive")
-    r = sd21.bench_model(sampler.model, setup, variants, sampler=sampler)
-    assert r["batches"] == [1, 2] and r["device"] == "cpu"
+def test_bench_model_follows_the_protocol_and_reports_every_field(sampler) -> None:
+    """bench_model, the GPU section's function, at tiny size on the CPU: a warm-up per cell, rotated
+    rounds, medians and per-round ratios, parts that add up, FLOPs and their floor."""
+    setup = sd21.Setup(
+        size=sampler.model.native_size, batches=(2, 1), steps=3, grad_steps=2, rounds={2: 3, 1: 2}
+    )
+    variants = ("full", "cond", "contrastive")
+    order: list[tuple[str, int, bool]] = []
+    original = sampler.__class__.__call__
+
+    def spy(self, items, options, *args, **kwargs):  # type: ignore[no-untyped-def]
+        order.append(
+            (options.mode.value + str(options.update_uncond) + str(options.adv_prob), len(items), True)
+        )
+        return original(self, items, options, *args, **kwargs)
+
+    saved: list[dict] = []
+    sampler.__class__.__call__ = spy
+    try:
+        r = sd21.bench_model(
+            sampler.model, setup, variants, sampler=sampler, on_cell=lambda p: saved.append(p)
+        )
+    finally:
+        sampler.__class__.__call__ = original
+    assert sampler.timer is None and sampler.grad_checkpointing == "auto"  # put back as it was
+    assert r["batches"] == [2, 1] and r["device"] == "cpu" and r["rounds"] == {"b2": 3, "b1": 2}
+    assert r["grad_checkpointing"] == "off" and not r["cut"]
+    assert len(saved) == 5  # after every round: 3 at b2, 2 at b1
+    # batch 2: 4 cells x (warm-up + FLOP count) then 3 rounds of 4 calls, each round rotated by one
+    b2 = [o[0] for o in order if o[1] == 2]
+    cells = b2[0:8:2]
+    assert b2[:8] == [c for c in cells for _ in range(2)]
+    rounds = [b2[8 + 4 * k : 12 + 4 * k] for k in range(3)]
+    assert rounds == [cells, cells[1:] + cells[:1], cells[2:] + cells[:2]]
     for variant in variants:
         v = r["variants"][variant]
         spec = sd21.VARIANT_SPECS[variant]
-        assert (v["adv_decode"], v["update_uncond"], v["adv_prob"]) == (
+        assert (v["adv_decode"], v["update_uncond"], v["adv_decoder"]) == (
             spec.adv_decode,
             spec.update_uncond,
-            spec.adv_prob,
+            spec.adv_decoder,
         )
+        assert set(v["cells"]) == {"random_b1", "actgen_b1", "random_b2", "actgen_b2"}
+        for c in v["cells"].values():
+            assert c["min"] <= c["seconds_per_image"] <= c["max"] and c["first_call_s"] > 0
+            assert c["parts_add_up"] and abs(c["parts_cover"] - 1) <= sd21.PART_TOLERANCE
+            assert c["tflop_per_image"] > 0 and c["tflops"] > 0 and c["peak_mb"] > 0
+        actgen = v["cells"]["actgen_b2"]
+        assert len(actgen["per_round"]) == 3
+        assert "guided_unet_forward" in actgen["parts_per_image"] and "decode" in actgen["parts_per_image"]
+        random = v["cells"]["random_b2"]
+        per_round = [a / b for a, b in zip(actgen["per_round"], random["per_round"], strict=True)]
+        ratio = v["ratio"]["b2"]
+        assert ratio["median"] == pytest.approx(sorted(per_round)[1])  # the median of per-round ratios
+        assert ratio["flop_floor"] == pytest.approx(actgen["tflop_per_image"] / random["tflop_per_image"])
+        assert ratio["flop_floor"] > 1.0
         assert v["step_loop_ratio"] == pytest.approx(
             sd21.step_loop_ratio(r["plain_step_s"], r["guided_step_s"][variant]["guided_step"], 3, 2)
         )
-        assert set(v["seconds_per_image"]) == {"random_b1", "actgen_b1", "random_b2", "actgen_b2"}
-        assert all(s > 0 for s in v["seconds_per_image"].values())
-        assert v["guidance_overhead_ratio"] == pytest.approx(
-            v["seconds_per_image"]["actgen_b2"] / v["seconds_per_image"]["random_b2"]
-        )
-        assert set(v["images_per_second"]) == {"b1", "b2"}
-        assert set(v["peak_memory_mb"]) == {"random_b1", "actgen_b1", "random_b2", "actgen_b2"}
+    # backward through c's rows only is less arithmetic than through the whole CFG batch
+    assert (
+        r["variants"]["cond"]["ratio"]["b2"]["flop_floor"]
+        < r["variants"]["full"]["ratio"]["b2"]["flop_floor"]
+    )
     parts = r["guided_step_s"]["full"]
     assert set(parts) == {
         "unet_forward",
@@ -126,15 +166,38 @@ def test_bench_model_reports_every_field_for_the_gpu_table(sampler) -> None:
         "guided_step",
     }
     assert parts["guided_step"] == pytest.approx(sum(v for k, v in parts.items() if k != "guided_step"))
-    # adv_prob 0: no decode and no classifier in the split; the baseline is one shared random run
     contrastive = r["guided_step_s"]["contrastive"]
     assert contrastive["decode_forward"] == contrastive["classifier_forward"] == 0.0
-    assert (
-        r["variants"]["contrastive"]["seconds_per_image"]["random_b2"]
-        == (r["variants"]["full"]["seconds_per_image"]["random_b2"])
-    )
     printed = sd21.table("tiny", r)
-    assert all(variant in printed for variant in variants) and "loop" in printed
+    assert all(variant in printed for variant in variants) and "floor" in printed
+
+
+def test_the_tiny_decoders_share_of_a_guided_step_is_split_out(sampler, tmp_path) -> None:
+    """With a tiny decoder (TAESD's architecture here), the split's decode parts are its own."""
+    import shutil
+
+    from actgen_generator.diffusers_classes import AutoencoderTiny
+    from actgen_generator.pipeline import TINY_VAE_DIR, load_pipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(sampler.model.model_id, folder)
+    AutoencoderTiny(
+        decoder_block_out_channels=(8, 8),
+        num_decoder_blocks=(1, 1),
+        encoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+    ).save_pretrained(str(folder / TINY_VAE_DIR), safe_serialization=True)
+    model = load_pipeline(str(folder), device="cpu")
+    setup = sd21.Setup(size=model.native_size, batches=(2,), steps=2, grad_steps=1, rounds=1)
+    r = sd21.bench_model(model, setup, ("full", "fast"))
+    assert model.tiny_vae is not None
+    for name in ("full", "fast"):
+        share = r["variants"][name]["decoder_share_of_guided_step"]
+        parts = r["guided_step_s"][name]
+        assert share == pytest.approx(
+            (parts["decode_forward"] + parts["decode_backward"]) / parts["guided_step"]
+        )
+    assert r["variants"]["fast"]["cells"]["actgen_b2"]["seconds_per_image"] > 0
 
 
 def test_step_loop_ratio_counts_the_guided_steps_extra_time() -> None:
@@ -144,7 +207,7 @@ def test_step_loop_ratio_counts_the_guided_steps_extra_time() -> None:
 
 
 def test_unknown_bench_variant_is_refused(sampler) -> None:
-    setup = sd21.Setup(size=sampler.model.native_size, batches=(1,), steps=2, grad_steps=1, repeats=1)
+    setup = sd21.Setup(size=sampler.model.native_size, batches=(1,), steps=2, grad_steps=1, rounds=1)
     with pytest.raises(ValueError, match="halfsize"):
         sd21.bench_model(sampler.model, setup, ("halfsize",), sampler=sampler)
 

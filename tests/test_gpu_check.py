@@ -87,7 +87,10 @@ def test_every_section_passes_on_the_cpu_with_its_figures(report: tuple[Path, di
     assert trainer["persistent_workers"] and trainer["train_size"] > 0
 
     bench = sections["sd21gpu"]["figures"]["float32"]
-    assert bench["variants"]["full"]["seconds_per_image"]["actgen_b2"] > 0
+    cell = bench["variants"]["full"]["cells"]["actgen_b2"]
+    assert cell["seconds_per_image"] > 0 and cell["rounds"] == 2 and cell["parts_add_up"]
+    assert bench["variants"]["full"]["ratio"]["b2"]["flop_floor"] > 1.0
+    assert gpu_check.SECTIONS[0] == "sd21gpu"  # performance first: nothing ran before it
 
 
 def test_one_section_rerun_past_its_limit_is_recorded_and_the_rest_kept(

@@ -21,6 +21,7 @@ from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_shared.presets import (
     DEFAULTS_FILE,
+    FAST,
     PAPER,
     PRESETS,
     RELEASED,
@@ -46,6 +47,7 @@ def test_released_preset_is_the_released_code_and_paper_the_text() -> None:
         "update_uncond": True,
         "normalize_mask": False,
         "prompt": "a photo of {}",
+        "adv_decoder": "vae",  # l. 310: the pipeline's VAE decodes x0_hat
     }
     # the paper: 5.1 CFG 15, 4.3 rho 200, eq. 11 on c with the gradient's norm, eq. 8 a [0, 1] mask;
     # nu is not in the text (the released 0.05)
@@ -57,8 +59,11 @@ def test_released_preset_is_the_released_code_and_paper_the_text() -> None:
         "update_uncond": False,
         "normalize_mask": True,
         "prompt": "a photo of {}",
+        "adv_decoder": "vae",
     }
-    assert set(PRESETS) == {"released", "paper"}
+    # fast: released with eq. 10 through the tiny decoder and eq. 11's backward through c's rows only
+    assert FAST == {**RELEASED, "update_uncond": False, "adv_decoder": "tiny"}
+    assert set(PRESETS) == {"released", "paper", "fast"}
     for values in PRESETS.values():  # every preset is a valid set of options
         GenerationOptions.model_validate(values)
 

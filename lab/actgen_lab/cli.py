@@ -7,6 +7,7 @@ Usage::
     actgen-lab pairs OUT A-B [C-D ...]
     actgen-lab train-tiny-model --data digits|backgrounds --out DIR [...]
     actgen-lab eval-model DIR [...]
+    actgen-lab distil-tiny-decoder --model DIR [...]
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ SUBCOMMANDS = (
         "eval-model",
         "check a tiny digits or backgrounds model: class-conditional accuracy, faithfulness, diversity",
         "actgen_lab.model_eval:add_parser",
+    ),
+    Subcommand(
+        "distil-tiny-decoder",
+        "distil eq. 10's tiny surrogate decoder from a tiny model's VAE into DIR/tiny_vae",
+        "actgen_lab.tiny_decoder:add_parser",
     ),
 )
 

@@ -40,6 +40,7 @@ RELEASED: dict[str, Any] = {
     "normalize_mask": False,  # l. 262: the map starts as ones; l. 285-288: each step's added, never
     # normalised (so m >= 1 everywhere: the background is guided too)
     "prompt": "a photo of {}",  # l. 205, 220
+    "adv_decoder": "vae",  # l. 310: self.pipeline.vae.decode(latents_convert)
 }
 
 # The paper's text (sections 3.2, 4.2, 4.3, 5.1). It states no nu: the released code's is used.
@@ -55,9 +56,16 @@ PAPER: dict[str, Any] = {
     # to [0, 1]; an unnormalised sum from ones (the released code) guides the background fully.
     "normalize_mask": True,
     "prompt": "a photo of {}",  # 3.2: "the fixed text condition a photo of <class>"
+    "adv_decoder": "vae",  # eq. 10: D(x0_hat), the diffusion model's own decoder
 }
 
-PRESETS: dict[PresetName, dict[str, Any]] = {"released": RELEASED, "paper": PAPER}
+# Released, at a fraction of eq. 10/11's cost (issue 26; docs/benchmarks.md says what each change
+# costs in fidelity): eq. 10 decodes x0_hat through the model's tiny surrogate decoder (TAESD for
+# SD 2.1) instead of the VAE, and eq. 11 moves c alone, so its backward runs through the
+# conditional rows only (half the CFG batch), as the paper's text reads eq. 11.
+FAST: dict[str, Any] = {**RELEASED, "update_uncond": False, "adv_decoder": "tiny"}
+
+PRESETS: dict[PresetName, dict[str, Any]] = {"released": RELEASED, "paper": PAPER, "fast": FAST}
 FALLBACK: PresetName = "released"  # a model without a defaults file, a request naming no preset
 if any(set(values) != set(PRESET_FIELDS) for values in PRESETS.values()):
     raise RuntimeError("every preset must give a value to each field of PRESET_FIELDS")
@@ -101,7 +109,7 @@ def read_model_defaults(folder: str | Path) -> ModelDefaults | None:
 
 def resolve_options(options: GenerationOptions, model_defaults: ModelDefaults | None) -> ResolvedOptions:
     """The preset-dependent options a job runs with (precedence in the module docstring)."""
-    source: Literal["released", "paper", "model"]
+    source: Literal["released", "paper", "fast", "model"]
     if options.preset is not None:
         base, source = PRESETS[options.preset], options.preset
     elif model_defaults is not None:
@@ -121,6 +129,7 @@ def prompt_text(template: str, class_name: str) -> str:
 __all__ = [
     "DEFAULTS_FILE",
     "FALLBACK",
+    "FAST",
     "PAPER",
     "PLACEHOLDER",
     "PRESETS",

@@ -52,7 +52,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-PresetName = Literal["released", "paper"]
+PresetName = Literal["released", "paper", "fast"]
+# eq. 10's decoder: the model's VAE, or its tiny surrogate (TAESD for SD 2.1; the returned image is the VAE's)
+AdvDecoder = Literal["vae", "tiny"]
 # The options whose default depends on the preset and the model (actgen_shared.presets resolves them).
 PRESET_FIELDS = (
     "guidance_scale",
@@ -62,6 +64,7 @@ PRESET_FIELDS = (
     "contrastive_margin",
     "normalize_mask",
     "prompt",
+    "adv_decoder",
 )
 PROMPT_MAX_CHARS = 300
 
@@ -74,8 +77,9 @@ class GenerationOptions(_Strict):
     mode: Mode = Mode.actgen
     preset: PresetName | None = Field(
         None,
-        description="released: the authors' released code; paper: the text. None: the model's own "
-        "defaults file, else released. Options set here override it",
+        description="released: the authors' released code; paper: the text; fast: released with eq. "
+        "10's tiny decoder and eq. 11's backward through the conditional rows only. None: the model's "
+        "own defaults file, else released. Options set here override it",
     )
     num_inference_steps: int = Field(40, ge=1, le=500, description="DDPM steps")
     guidance_scale: float | None = Field(
@@ -137,6 +141,12 @@ class GenerationOptions(_Strict):
     normalize_mask: bool | None = Field(
         None, description="scale the mask to [0, 1] (paper) or keep the sum from ones (released code)"
     )
+    adv_decoder: AdvDecoder | None = Field(
+        None,
+        description="eq. 10's decode of x0_hat: the model's VAE (released, paper) or its tiny surrogate "
+        "decoder (fast; TAESD for SD 2.1), whose gradient approximates the VAE's; the image a job "
+        "returns is always the VAE's",
+    )
     plain_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="chance that an item is drawn as plain SD (released code)"
     )
@@ -192,7 +202,7 @@ class GenerationOptions(_Strict):
 class ResolvedOptions(BaseModel):
     """The preset-dependent options as a job ran with them (actgen_shared.presets.resolve_options)."""
 
-    defaults: Literal["released", "paper", "model"] = Field(
+    defaults: Literal["released", "paper", "fast", "model"] = Field(
         ..., description="where the values the request left out came from: a preset, or the model's file"
     )
     guidance_scale: float
@@ -202,6 +212,7 @@ class ResolvedOptions(BaseModel):
     contrastive_margin: float
     normalize_mask: bool
     prompt: str
+    adv_decoder: AdvDecoder = "vae"
 
 
 class JobItem(_Strict):

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     # device's free memory is short for the batch (never on the CPU)
     grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     adv_decode: Literal["full", "classifier"] = "full"  # eq. 10's decode: full size or the classifier's
+    # issue 26: torch.compile of the UNet and decoders (max-autotune: with CUDA graphs on a GPU),
+    # warmed at every batch size of the OOM ladder before /readyz; channels-last memory for them
+    compile: Literal["off", "default", "max-autotune"] = "off"
+    channels_last: bool = False
 
     @property
     def keys(self) -> Keys:

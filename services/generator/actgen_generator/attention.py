@@ -156,6 +156,17 @@ class RecordingAttnProcessor:
     ) -> torch.Tensor:
         if not self.recorder.recording or encoder_hidden_states is None:
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self._recording(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    @torch.compiler.disable  # the recorder's sums are Python-side state: kept out of a compiled graph
+    def _recording(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> torch.Tensor:
         # The explicit path of diffusers' AttnProcessor, keeping the probabilities.
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -9,8 +9,15 @@ unknown. Importing from the defining modules gives mypy the real classes.
 from __future__ import annotations
 
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
-__all__ = ["AutoencoderKL", "DDPMScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"]
+__all__ = [
+    "AutoencoderKL",
+    "AutoencoderTiny",
+    "DDPMScheduler",
+    "StableDiffusionPipeline",
+    "UNet2DConditionModel",
+]

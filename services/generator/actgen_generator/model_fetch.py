@@ -7,6 +7,10 @@ replica given the same hub id later finds them there, offline too (``HF_HUB_OFFL
 ``--to DIR`` they go to DIR (the model volume of docker-compose.yml and deploy/k8s), and a marker
 file written last says the folder is complete. ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE`` and
 ``HF_ENDPOINT`` are read by huggingface_hub itself; nothing here sets or overrides them.
+
+A model in SD 1/2's latent space (a VAE of 4 latent channels scaled by 0.18215, SD 2.1 among them)
+gets eq. 10's surrogate decoder with it: TAESD (:data:`TAESD`, an ``AutoencoderTiny``) at
+:data:`TAESD_REVISION`, into the cache or ``DIR/tiny_vae`` (``pipeline.TINY_VAE_DIR``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ CONFIG_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt"]
 FP16_PATTERNS = ["*/*.fp16.safetensors", "*/*.fp16-*.safetensors"]  # whole and sharded
 OTHER_VARIANTS = ["*/*.*.safetensors"]  # fp16, ema, non_ema ...: not the plain weights
 MARKER = ".actgen-model.json"  # written last into a --to folder: the fetch completed and loaded
+# eq. 10's surrogate decoder for SD 1/2's latent space (docs/architecture.md 5): TAESD decodes the
+# scaled latents as they are (its scaling_factor is 1.0; the SD VAE's is 0.18215)
+TAESD = "madebyollin/taesd"
+# No commit of TAESD could be resolved where this was written (no network): the branch is named,
+# and fetch-model records the commit it got in DIR/tiny_vae/TINY_VAE_MARKER. Pin a commit here.
+TAESD_REVISION = "main"
+TAESD_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
+TINY_VAE_MARKER = ".actgen-tiny-vae.json"
+SD_LATENT_SCALE = 0.18215
+SD_VAE_CHANNELS = [128, 256, 512, 512]
 
 
 def _weightless_components(folder: Path) -> list[str]:
@@ -84,6 +98,61 @@ def download_pipeline(repo_id: str, revision: str | None, local_dir: Path | None
     return folder
 
 
+def in_sd_latent_space(folder: Path) -> bool:
+    """Whether ``folder``'s VAE is SD 1/2's (its architecture, 4 latent channels scaled by 0.18215):
+    the latent space TAESD decodes."""
+    try:
+        config = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    scale = config.get("scaling_factor")
+    return (
+        config.get("latent_channels") == 4
+        and isinstance(scale, float)
+        and abs(scale - SD_LATENT_SCALE) < 1e-6
+        and list(config.get("block_out_channels", [])) == SD_VAE_CHANNELS
+    )
+
+
+def download_tiny_vae(local_dir: Path | None = None, required: bool = False) -> Path | None:
+    """TAESD's folder (from the cache, fetched when missing), or None when it cannot be had.
+
+    ``required``: a failure raises instead of returning None (fetch-model); a replica without it
+    serves every request but ``adv_decoder: tiny``.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:  # into the cache first: offline, a --to folder is then filled from it all the same
+        path = Path(snapshot_download(TAESD, revision=TAESD_REVISION, allow_patterns=TAESD_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        if required:
+            raise
+        return None
+    if local_dir is None:
+        return path
+    _copy_from_cache(path, local_dir)
+    # the snapshot folder is named by the commit the revision resolved to: recorded beside the weights
+    marker = {"model": TAESD, "revision": TAESD_REVISION, "commit": path.name}
+    (local_dir / TINY_VAE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return local_dir
+
+
+def cached_tiny_vae() -> Path | None:
+    """TAESD's folder when the Hugging Face cache holds it; never downloads (single-file models)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                TAESD, revision=TAESD_REVISION, allow_patterns=TAESD_PATTERNS, local_files_only=True
+            )
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        return None
+
+
 def _copy_from_cache(snapshot: Path, target: Path) -> Path:
     """Copy a cached snapshot (symlinks into the blob store) to ``target`` as plain files."""
     target.mkdir(parents=True, exist_ok=True)
@@ -115,18 +184,22 @@ def _prepare_target(target: Path, marker: dict[str, str]) -> bool:
     return False
 
 
-def prove(source: ModelSource, folder: Path) -> None:
+def prove(source: ModelSource, folder: Path, tiny_vae: Path | None = None) -> None:
     """Load every component once, in float16 on the CPU (half the memory; nothing runs)."""
     import torch
+
+    from actgen_generator.pipeline import load_tiny_vae  # diffusers: only when loading
 
     if source.kind is SourceKind.file:
         from actgen_generator.single_file import load_single_file
 
         load_single_file(folder, torch.float16)
     else:
-        from actgen_generator.pipeline import pipeline_from_folder  # diffusers: only when loading
+        from actgen_generator.pipeline import pipeline_from_folder
 
         pipeline_from_folder(folder, torch.float16)
+    if tiny_vae is not None and load_tiny_vae(tiny_vae, torch.float16) is None:
+        raise ModelSourceError(f"{tiny_vae} holds no tiny decoder (config.json)")
 
 
 def fetch_model(model: str, revision: str | None, target: Path | None) -> tuple[Path, bool]:
@@ -142,7 +215,11 @@ def fetch_model(model: str, revision: str | None, target: Path | None) -> tuple[
     if target is not None and _prepare_target(target, marker):
         return target, True
     folder = download_pipeline(source.location, source.revision, target)
-    prove(source, folder)
+    tiny_vae = None
+    if in_sd_latent_space(folder):  # eq. 10's surrogate decoder, beside the model (pipeline.TINY_VAE_DIR)
+        tiny_target = None if target is None else target / "tiny_vae"
+        tiny_vae = download_tiny_vae(tiny_target, required=True)
+    prove(source, folder, tiny_vae)
     if target is not None:
         (target / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return folder, False
@@ -196,4 +273,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["MARKER", "add_parser", "download_pipeline", "fetch_model", "run"]
+__all__ = [
+    "MARKER",
+    "TAESD",
+    "TAESD_REVISION",
+    "add_parser",
+    "cached_tiny_vae",
+    "download_pipeline",
+    "download_tiny_vae",
+    "fetch_model",
+    "in_sd_latent_space",
+    "run",
+]

@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from actgen_generator.devices import enable_fast_cuda_math, resolve_device
 from actgen_generator.diffusers_classes import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -36,6 +37,10 @@ from actgen_generator.tiny_model import (
 from actgen_shared.presets import ModelDefaults, read_model_defaults
 
 CACHE_ENV = "ACTGEN_CACHE_DIR"
+# A model folder's surrogate decoder for eq. 10 (an AutoencoderTiny folder: config.json and
+# safetensors weights; distilled by `actgen-lab distil-tiny-decoder` for the tiny models,
+# TAESD for SD 2.1, put there by fetch-model). Found relative to the model folder wherever it lives.
+TINY_VAE_DIR = "tiny_vae"
 TINY_MODEL_ID = f"actgen/{TINY_MODEL_VERSION}"
 FP16_VARIANT = "fp16"
 DTYPES = {
@@ -58,6 +63,7 @@ class LoadedModel:
     dtype: torch.dtype
     native_size: int  # px: unet sample size times the VAE's scale factor
     defaults: ModelDefaults | None = None  # its folder's actgen_defaults.json (actgen_shared.presets)
+    tiny_vae: AutoencoderTiny | None = None  # eq. 10's surrogate decoder (adv_decoder "tiny"), if any
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -96,17 +102,38 @@ def _native_size(pipe: StableDiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
+def load_tiny_vae(folder: Path | None, dtype: torch.dtype) -> AutoencoderTiny | None:
+    """The AutoencoderTiny in ``folder`` (safetensors only), None when there is none."""
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    return AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+
+
 def _finish(
-    pipe: StableDiffusionPipeline, model_id: str, device: torch.device, dtype: torch.dtype
+    pipe: StableDiffusionPipeline,
+    model_id: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    tiny_vae: AutoencoderTiny | None = None,
 ) -> LoadedModel:
     pipe = pipe.to(device)
     if device.type == "cuda":
         enable_fast_cuda_math()  # TF32 and cuDNN autotuning (devices.py)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    modules: list[torch.nn.Module] = [pipe.unet, pipe.vae, pipe.text_encoder]
+    if tiny_vae is not None:
+        tiny: torch.nn.Module = tiny_vae
+        tiny.to(device=device, dtype=dtype)
+        modules.append(tiny)
+    for module in modules:
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(
-        pipe=pipe, model_id=model_id, device=device, dtype=dtype, native_size=_native_size(pipe)
+        pipe=pipe,
+        model_id=model_id,
+        device=device,
+        dtype=dtype,
+        native_size=_native_size(pipe),
+        tiny_vae=tiny_vae,
     )
 
 
@@ -149,17 +176,26 @@ def load_pipeline(
         from actgen_generator.single_file import load_single_file  # its tokenizer data: only when used
 
         pipe = load_single_file(source.location, dt)
-        return _finish(pipe, str(model), dev, dt)
+        # an SD 2.x checkpoint: TAESD when the Hugging Face cache holds it (fetch-model puts it there)
+        from actgen_generator.model_fetch import cached_tiny_vae
+
+        return _finish(pipe, str(model), dev, dt, load_tiny_vae(cached_tiny_vae(), dt))
+    tiny_folder: Path | None
     if source.kind is SourceKind.tiny:
         folder, model_id = ensure_tiny_model(), TINY_MODEL_ID
+        tiny_folder = folder / TINY_VAE_DIR
     elif source.kind is SourceKind.hub:
-        from actgen_generator.model_fetch import download_pipeline
+        from actgen_generator.model_fetch import download_pipeline, download_tiny_vae, in_sd_latent_space
 
         folder = download_pipeline(source.location, source.revision)
         model_id = f"{source.location}@{source.revision}" if source.revision else source.location
+        tiny_folder = folder / TINY_VAE_DIR
+        if not tiny_folder.is_dir() and in_sd_latent_space(folder):  # SD 2.1's: TAESD, like the model
+            tiny_folder = download_tiny_vae()
     else:
         folder, model_id = Path(source.location), str(model)
-    loaded = _finish(pipeline_from_folder(folder, dt), model_id, dev, dt)
+        tiny_folder = folder / TINY_VAE_DIR
+    loaded = _finish(pipeline_from_folder(folder, dt), model_id, dev, dt, load_tiny_vae(tiny_folder, dt))
     # values tuned on this model live in its folder; SD 2.1 has none: the released preset
     loaded.defaults = read_model_defaults(str(folder))
     return loaded
@@ -197,6 +233,7 @@ def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dt
             sample_size=512,
             scaling_factor=0.18215,
         )
+        tiny_vae = AutoencoderTiny()  # TAESD's architecture (madebyollin/taesd's config is the default)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=49408,
@@ -213,7 +250,7 @@ def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dt
             )
         )
     # typed as nn.Module: diffusers' ModelMixin.to is wrapped (functools.wraps), which mypy reads as unbound
-    modules: tuple[torch.nn.Module, ...] = (unet, vae, text_encoder)
+    modules: tuple[torch.nn.Module, ...] = (unet, vae, text_encoder, tiny_vae)
     for module in modules:
         module.to(dtype=dt)
     pipe = StableDiffusionPipeline(
@@ -226,4 +263,4 @@ def sd21_architecture_pipeline(device: str | torch.device, dtype: str | torch.dt
         feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
-    return _finish(pipe, f"{SD21_BASE} (architecture, random weights)", dev, dt)
+    return _finish(pipe, f"{SD21_BASE} (architecture, random weights)", dev, dt, tiny_vae)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +44,13 @@ from actgen_generator.contract import (
     latent_shape,
 )
 from actgen_generator.diffusers_classes import DDPMScheduler
+from actgen_generator.gradient_plan import (
+    GradHistory,
+    GradientPlan,
+    GradientTargets,
+    GuidanceLoss,
+    with_banks,
+)
 from actgen_generator.guidance import (
     PosteriorStep,
     adversarial_loss,
@@ -58,9 +65,16 @@ from actgen_generator.guidance import (
 )
 from actgen_generator.guide_fit import fit_guide
 from actgen_generator.loss_scale import LossScale, gradient_health, scaled_gradients
-from actgen_generator.pipeline import LoadedModel
+from actgen_generator.part_timer import PartTimer
+from actgen_generator.pipeline import TINY_VAE_DIR, LoadedModel
 from actgen_shared.presets import ModelDefaults, prompt_text, resolve_options
-from actgen_shared.schemas import GenerationOptions, GradStepRecord, GuideFit, Mode, ResolvedOptions
+from actgen_shared.schemas import (
+    AdvDecoder,
+    GenerationOptions,
+    GuideFit,
+    Mode,
+    ResolvedOptions,
+)
 
 __all__ = [
     "Cancelled",
@@ -74,185 +88,6 @@ __all__ = [
 
 AdvDecode = Literal["full", "classifier"]
 ADV_DECODES: tuple[AdvDecode, ...] = ("full", "classifier")
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for it: a plain copy to a GPU waits for the stream."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def with_banks(
-    items: list[SampleItem], banks: Mapping[int, torch.Tensor], group: str | None = None
-) -> list[SampleItem]:
-    """Give each item its class's latents from one job's memory bank (class id -> (N, C, h, w)).
-
-    With ``group``, the items also count in each other's bank (one job's items in one batch).
-    """
-    for item in items:
-        item.bank = banks.get(item.class_id)
-        if group is not None:
-            item.bank_group = group
-    return items
-
-
-@dataclass
-class GradientTargets:
-    """What the gradient-guided items are pushed away from (eq. 9) and against (eq. 10) at one step."""
-
-    class_ids: torch.Tensor  # (G,) labels for the classifier
-    bank: torch.Tensor  # (G, N, D) bank latents per item, zero-padded
-    valid: torch.Tensor  # (G, N) 1 where bank holds a real latent
-    adversarial: torch.Tensor  # (G,) bool: this item uses L_adv
-    margin: float  # rho
-    adv_weight: float  # lambda
-    classifier: Classifier | None = None
-    adv_positions: torch.Tensor | None = None  # (A,) adv_rows when known already (no device sync)
-
-    @property
-    def adv_rows(self) -> torch.Tensor:
-        """(A,) positions of the adversarial items."""
-        if self.adv_positions is None:
-            return self.adversarial.nonzero().flatten()
-        return self.adv_positions
-
-
-@dataclass
-class GradientPlan:
-    """The gradient-guided items of a batch and where their memory bank comes from.
-
-    The bank is live (as the released code's, which appends each latent as it is made): an item's
-    bank is its job's stored latents of its class, plus the current x0_hat of the other items of
-    the same job and class in this batch (detached), so one job's items repel each other too.
-    The padded bank tensor is built once; a step only rewrites the peers' rows (and redraws the
-    stored ones of an item whose bank holds more than N).
-    """
-
-    rows: torch.Tensor  # (G,) batch positions of the guided items
-    keep: torch.Tensor  # (B - G,) batch positions of the others
-    row_list: list[int]  # rows, on the host
-    adv_list: list[bool]  # adversarial, on the host
-    adv_rows: torch.Tensor  # (A,) positions in rows of the adversarial items
-    class_ids: torch.Tensor  # (G,)
-    adversarial: torch.Tensor  # (G,) bool
-    stored: list[torch.Tensor | None]  # per row: (n, D) stored bank latents on the device
-    peers: list[torch.Tensor]  # per row: batch positions of its same-job, same-class items
-    draws: list[torch.Generator]  # per row: the item's decision stream, for per-step bank draws
-    bank_sample: int  # N
-    margin: float
-    adv_weight: float
-    classifier: Classifier | None
-    bank: torch.Tensor  # (G, depth, D): per row min(n, N) stored latents, then its peers
-    valid: torch.Tensor  # (G, depth) 1 where bank holds a real entry
-
-    @classmethod
-    def build(
-        cls,
-        stored: list[torch.Tensor | None],
-        peers: list[torch.Tensor],
-        dim: int,
-        bank_sample: int,
-        device: torch.device,
-        **fields,
-    ) -> GradientPlan:
-        """Lay out the bank once: row r holds min(n_r, N) stored latents, then its peers."""
-        kept = [0 if s is None else min(len(s), bank_sample) for s in stored]
-        depth = max(1, max(k + len(p) for k, p in zip(kept, peers, strict=True)))
-        bank = torch.zeros(len(stored), depth, dim, device=device)
-        valid = torch.zeros(len(stored), depth, device=device)
-        for r, (s, k, p) in enumerate(zip(stored, kept, peers, strict=True)):
-            if s is not None and len(s) <= bank_sample:
-                bank[r, :k] = s  # no draw needed: the same entries every step
-            valid[r, : k + len(p)] = 1.0
-        return cls(stored=stored, peers=peers, bank_sample=bank_sample, bank=bank, valid=valid, **fields)
-
-    def targets(self, x0: torch.Tensor) -> GradientTargets:
-        """This step's targets: up to N stored latents (drawn afresh when more), the peers' x0_hat now."""
-        flat = x0.detach().flatten(1)
-        for r, (stored, peers, draw) in enumerate(zip(self.stored, self.peers, self.draws, strict=True)):
-            kept = 0
-            if stored is not None:
-                kept = min(len(stored), self.bank_sample)
-                if len(stored) > self.bank_sample:
-                    pick = torch.randperm(len(stored), generator=draw)[: self.bank_sample]
-                    self.bank[r, :kept] = stored[to_device(pick, stored.device)]
-            if peers.numel():
-                self.bank[r, kept : kept + len(peers)] = flat[peers]
-        return GradientTargets(
-            class_ids=self.class_ids,
-            bank=self.bank,
-            valid=self.valid,
-            adversarial=self.adversarial,
-            margin=self.margin,
-            adv_weight=self.adv_weight,
-            classifier=self.classifier,
-            adv_positions=self.adv_rows,
-        )
-
-
-@dataclass
-class GradHistory:
-    """What gradient guidance did per step and guided item, kept on the device until the batch ends
-    (one copy to the host then, not one a step)."""
-
-    contra: torch.Tensor  # (S, G) L_contra
-    adv: torch.Tensor  # (S, G) L_adv
-    prediction: torch.Tensor  # (S, G) the classifier's class, -1 for non-adversarial items
-    zero: torch.Tensor  # (G,) steps whose gradient was all zero
-    nonfinite: torch.Tensor  # (G,) steps whose gradient was not finite (their move skipped)
-
-    @classmethod
-    def empty(cls, steps: int, rows: int, device: torch.device) -> GradHistory:
-        return cls(
-            contra=torch.zeros(steps, rows, device=device),
-            adv=torch.zeros(steps, rows, device=device),
-            prediction=torch.full((steps, rows), -1, dtype=torch.long, device=device),
-            zero=torch.zeros(rows, dtype=torch.long, device=device),
-            nonfinite=torch.zeros(rows, dtype=torch.long, device=device),
-        )
-
-    def add(self, step: int, loss: GuidanceLoss, finite: torch.Tensor, zero: torch.Tensor) -> None:
-        self.contra[step] = loss.contra.detach()
-        self.adv[step] = loss.adv.detach()
-        self.prediction[step] = loss.prediction
-        self.zero += zero
-        self.nonfinite += ~finite
-
-    def per_item(
-        self, n_items: int, rows: list[int], adversarial: list[bool]
-    ) -> tuple[list[list[GradStepRecord]], list[int], list[int]]:
-        """Each item's step records and its zero and non-finite step counts (rows: guided items)."""
-        records: list[list[GradStepRecord]] = [[] for _ in range(n_items)]
-        zero, nonfinite = [0] * n_items, [0] * n_items
-        contra, adv, pred = (
-            self.contra.cpu().tolist(),
-            self.adv.cpu().tolist(),
-            self.prediction.cpu().tolist(),
-        )
-        zeros, nonfinites = self.zero.cpu().tolist(), self.nonfinite.cpu().tolist()
-        for r, item in enumerate(rows):
-            zero[item], nonfinite[item] = zeros[r], nonfinites[r]
-            for step in range(len(contra)):
-                records[item].append(
-                    GradStepRecord(
-                        step=step,
-                        l_contra=contra[step][r],
-                        l_adv=adv[step][r] if adversarial[r] else None,
-                        prediction=pred[step][r] if adversarial[r] else None,
-                    )
-                )
-        return records, zero, nonfinite
-
-
-@dataclass
-class GuidanceLoss:
-    """L = L_contra + lambda L_adv per item, with its parts for provenance."""
-
-    total: torch.Tensor  # (G,)
-    contra: torch.Tensor  # (G,)
-    adv: torch.Tensor  # (G,), 0 for non-adversarial items
-    prediction: torch.Tensor  # (G,), -1 for non-adversarial items
 
 
 @dataclass
@@ -310,12 +145,15 @@ class GuidedSampler:
         self.prompt_cache_size = max(1, prompt_cache_size)  # embeddings kept, least recently used out
         pipe = model.pipe
         self.unet, self.vae = pipe.unet, pipe.vae
+        self.tiny_vae = model.tiny_vae  # eq. 10's surrogate decoder (adv_decoder "tiny"); None: none
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
         self.device, self.dtype = model.device, model.dtype
         self.vae_scale_factor = int(pipe.vae_scale_factor)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.model_defaults: ModelDefaults | None = model.defaults  # what its folder says (presets)
         self.recorder = install_recorder(self.unet)
+        # the benchmark's part timings (part_timer.py); None: no marks, nothing recorded
+        self.timer: PartTimer | None = None
         self.loss_scale = LossScale(self.dtype, self.device)  # float16: keeps eq. 11's gradient in range
         set_checkpointing((self.unet, self.vae), grad_checkpointing == "on")
         # per (template, class name), i.e. per full prompt and where the class sits in it: its
@@ -350,10 +188,18 @@ class GuidedSampler:
         # 1. Check inputs
         if not items:
             return []
+        if self.timer is not None:
+            self.timer.begin()
         opts, mode = options, options.mode
         res = self.resolve(opts)  # the preset-dependent values: explicit > preset > model file > released
         if mode is Mode.actgen and opts.adv_prob > 0 and classifier is None:
             raise ValueError("a classifier is needed when options.adv_prob > 0 in actgen mode")
+        if mode is Mode.actgen and opts.adv_prob > 0 and res.adv_decoder == "tiny" and self.tiny_vae is None:
+            raise ValueError(
+                f"options.adv_decoder 'tiny' (preset {res.defaults!r}) needs the model's tiny decoder, and "
+                f"{self.model.model_id} has none (a {TINY_VAE_DIR}/ folder beside its components; "
+                "fetch-model puts TAESD there for SD 2.1): use adv_decoder 'vae'"
+            )
         height = opts.height or self.model.native_size
         width = opts.width or self.model.native_size
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -384,13 +230,15 @@ class GuidedSampler:
         # 4. Prompts, guide latents, and what gradient guidance pushes against
         uncond, cond, token_weights = self._encode_prompts(items, res.prompt)
         guide = self._encode_guides(items, guide_eps, height, width, opts.guide_fit) if guided else None
-        plan = self._gradient_plan(items, draws, opts, classifier, shape)
+        plan = self._gradient_plan(items, draws, opts, classifier, shape, res.adv_decoder)
         strength = torch.tensor([d.strength for d in draws], device=self.device)
         guide_on = torch.tensor([guided and not d.plain for d in draws], device=self.device)
         grad_steps = min(opts.grad_steps, total) if plan is not None else 0
         history = GradHistory.empty(grad_steps, len(plan.row_list) if plan else 0, self.device)
         self._checkpoint_for(plan, res, latent_hw)
         self.loss_scale.begin_batch()
+
+        self._mark("prepare")  # timesteps, noise, prompts, guide latents, the gradient plan
 
         # 5. Denoising loop
         attention = None  # class-token attention accumulated over steps (eq. 8's m before scaling)
@@ -411,6 +259,7 @@ class GuidedSampler:
                     res.update_uncond,
                     keep=plan.keep if plan is not None else None,
                 )
+                self._mark("unet_forward" if rows is None else "guided_unet_forward")
                 eps = cfg_noise(noise_pred.uncond, noise_pred.cond, res.guidance_scale)  # eq. 4
                 x0 = post.predict_x0(x, eps)  # x0_hat
                 if plan is not None and rows is not None:  # gradient guidance, eq. 9-11
@@ -426,6 +275,7 @@ class GuidedSampler:
                         uncond = uncond.index_copy(0, rows, self._moved(leaves[1], grads[1], finite, res))
                     x0 = x0.detach()
                     history.add(k, loss, finite, zero)
+                    self._mark("guidance_loss_and_backward")  # eq. 9-10 (decode, classifier), eq. 11
                 z = step_noise[k]  # the same z for both chains
                 x_prev = post.step(x0, x, z)  # eq. 5
                 if guide is not None:  # guided (ig, aig, actgen)
@@ -446,6 +296,7 @@ class GuidedSampler:
                     gamma_k = gamma(k, strength) * guide_on  # eq. 7; plain items: 0
                     x_prev = image_guidance(x_prev, x_guide, gamma_k, m)  # eq. 8
                 x = x_prev
+                self._mark("step_rest")  # eq. 5-8: the posterior step, the guide chain, the mask
                 if on_step is not None and on_step(k + 1, total) is False:
                     raise Cancelled(f"cancelled after step {k + 1} of {total}")
         finally:  # whatever stopped the loop, the recorder must not go on recording the next batch
@@ -455,10 +306,11 @@ class GuidedSampler:
         self.last_attention = attention
         images = self._decode(x, opts.output_size)
         latents = x.detach().float().cpu()
+        self._mark("decode")
         rows_of = plan.row_list if plan is not None else []
         adversarial = plan.adv_list if plan is not None else []
         grad_records, zero_steps, nonfinite_steps = history.per_item(len(items), rows_of, adversarial)
-        return [
+        outputs = [
             SampleOutput(
                 image=images[i],
                 latent=latents[i],
@@ -479,6 +331,12 @@ class GuidedSampler:
             )
             for i, item in enumerate(items)
         ]
+        self._mark("records")  # each item's provenance (the gradient history's one copy to the host)
+        return outputs
+
+    def _mark(self, part: str) -> None:
+        if self.timer is not None:
+            self.timer.mark(part)
 
     def _moved(
         self, leaf: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor, res: ResolvedOptions
@@ -496,7 +354,8 @@ class GuidedSampler:
             unet_rows = len(plan.row_list) * (2 if res.update_uncond else 1)
             need = unet_rows * unet_graph_elements(self.unet.config, latent_hw)
             adversarial = sum(plan.adv_list)
-            if adversarial and plan.classifier is not None:
+            # the tiny decoder's graph is ~1/20 of the VAE's (TAESD: 64 channels throughout): not counted
+            if adversarial and plan.classifier is not None and plan.decoder == "vae":
                 side = latent_hw
                 if self.adv_decode == "classifier":
                     small = math.ceil(plan.classifier.input_size / self.vae_scale_factor)
@@ -596,7 +455,7 @@ class GuidedSampler:
         if len(adv_rows):  # the classifier runs only for adversarial items
             clf = targets.classifier
             assert clf is not None
-            decoded = self.vae.decode(self.adv_latents(x0[adv_rows], clf.input_size), return_dict=False)[0]
+            decoded = self.adv_decode_image(x0[adv_rows], clf.input_size, targets.decoder)
             param = next(clf.module.parameters(), None)
             inputs = classifier_input(decoded, clf.input_size, clf.mean, clf.std)
             logits = clf.module(inputs.to(param.dtype if param is not None else torch.float32))
@@ -606,14 +465,30 @@ class GuidedSampler:
             total=contra + targets.adv_weight * adv, contra=contra, adv=adv, prediction=prediction
         )
 
-    def adv_latents(self, x0: torch.Tensor, input_size: int) -> torch.Tensor:
+    def adv_decode_image(
+        self, x0: torch.Tensor, input_size: int, decoder: AdvDecoder = "vae"
+    ) -> torch.Tensor:
+        """Eq. 10's D(x0_hat) in [-1, 1], through the VAE or the tiny surrogate decoder (differentiable)."""
+        latents = self.adv_latents(x0, input_size, decoder)
+        if decoder == "tiny":
+            assert self.tiny_vae is not None
+            return self.tiny_vae.decode(latents, return_dict=False)[0]
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def adv_latents(self, x0: torch.Tensor, input_size: int, decoder: AdvDecoder = "vae") -> torch.Tensor:
         """What eq. 10's decode gets: x0_hat unscaled, at the classifier's size with adv_decode "classifier".
 
+        Each decoder reads latents divided by its own ``scaling_factor``: the SD VAE's 0.18215, TAESD's
+        1.0 (it decodes the sampler's scaled latents as they are), a distilled tiny decoder's 1.0.
         The classifier sees the image resized to ``input_size`` anyway; decoding a latent of
         ``ceil(input_size / vae scale)`` instead of the full one cuts the decode and its backward by
         about (full / input)^2, at the cost of an approximation (measured by ``make bench``).
         """
-        latents = x0 / self.scaling_factor
+        scale = self.scaling_factor
+        if decoder == "tiny":
+            assert self.tiny_vae is not None
+            scale = float(self.tiny_vae.config["scaling_factor"])
+        latents = x0 / scale
         if self.adv_decode == "classifier":
             latents = classifier_size_latents(latents, input_size, self.vae_scale_factor)
         return latents.to(self.dtype)
@@ -699,6 +574,7 @@ class GuidedSampler:
         opts: GenerationOptions,
         classifier: Classifier | None,
         shape: tuple[int, ...],
+        decoder: AdvDecoder = "vae",
     ) -> GradientPlan | None:
         """Which items get gradient guidance, their stored bank and their same-job peers (eq. 9, 10)."""
         if opts.mode is not Mode.actgen or opts.grad_steps == 0:
@@ -756,6 +632,7 @@ class GuidedSampler:
             margin=self.resolve(opts).contrastive_margin,
             adv_weight=opts.adv_weight,
             classifier=classifier,
+            decoder=decoder,
         )
 
     # ------------------------------------------------------------------ outputs

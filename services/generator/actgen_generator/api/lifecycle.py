@@ -114,6 +114,10 @@ def load_sampler(svc: Service) -> tuple[Sampler, str, str, str]:
         grad_checkpointing=svc.settings.grad_checkpointing,
     )
     preload_architectures()
+    if svc.settings.compile != "off" or svc.settings.channels_last:  # compiled and warmed before ready
+        from actgen_generator.compile import compile_and_warm
+
+        compile_and_warm(sampler, svc.settings.compile, svc.settings.channels_last, svc.settings.max_batch)
     return sampler, loaded.model_id, str(loaded.device), str(loaded.dtype).removeprefix("torch.")
 
 
