@@ -80,7 +80,7 @@ def _training_images(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     from actgen_lab.model_eval import model_data
 
     if model_data(str(folder)) == "backgrounds":
-        from actgen_shared.backgrounds import load_backgrounds_split
+        from actgen_lab.backgrounds import load_backgrounds_split
 
         train = load_backgrounds_split().train
         return train.images, train.labels
