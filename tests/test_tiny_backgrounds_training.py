@@ -15,15 +15,9 @@ import torch
 
 from actgen_lab import cli
 from actgen_lab.model_eval import EvalReport
-from actgen_lab.tiny_training import (
-    TinyTrainingConfig,
-    build_untrained,
-    class_token_cosines,
-    colour_saturation,
-    digit_cell_weights,
-    finetune_decoder,
-    weighted_mse,
-)
+from actgen_lab.tiny_recipe import TinyTrainingConfig, build_untrained, class_token_cosines
+from actgen_lab.tiny_unet_training import digit_cell_weights, weighted_mse
+from actgen_lab.tiny_vae_training import colour_saturation, finetune_decoder
 from actgen_shared.labels import DIGITS
 
 

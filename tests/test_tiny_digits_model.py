@@ -20,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_lab.model_eval import mean_pairwise_distance
-from actgen_lab.tiny_training import load_digits_split
+from actgen_lab.tiny_recipe import load_digits_split
 from actgen_shared.digits import ReferenceClassifier, grey_features
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode

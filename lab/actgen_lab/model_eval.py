@@ -34,13 +34,9 @@ from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_lab import backgrounds
-from actgen_lab.tiny_training import (
-    KIND_FILE,
-    colour_saturation,
-    load_digits_split,
-    reconstruct,
-    train_kind_classifier,
-)
+from actgen_lab.tiny_recipe import load_digits_split
+from actgen_lab.tiny_unet_training import KIND_FILE, train_kind_classifier
+from actgen_lab.tiny_vae_training import colour_saturation, reconstruct
 from actgen_shared.digits import FEATURE_SIDE, ReferenceClassifier
 from actgen_shared.labels import DIGITS
 from actgen_shared.schemas import GenerationOptions, Mode
