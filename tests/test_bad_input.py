@@ -142,7 +142,7 @@ BAD_JOBS: list[tuple[str, Any, str]] = [
     (
         "unknown-preset",
         lambda: _with(job_body("r"), preset="authors"),
-        "options.preset: Input should be 'released' or 'paper'",
+        "options.preset: Input should be 'released', 'paper' or 'fast'",
     ),
     (
         "prompt-two-placeholders",
