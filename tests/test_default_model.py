@@ -11,8 +11,9 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from service_helpers import key_prefix_for
+from service_helpers import job_body, key_prefix_for, new_run_id
 
 from actgen_generator import model_source
 from actgen_generator.model_source import ModelSourceError, describe_model, serve_model
@@ -56,6 +57,20 @@ def test_serve_without_a_model_serves_the_trained_digits_model_and_says_so(
         ActGenRun(classes=[str(k) for k in range(10)], url=default_replica.url)
     with ActGenRun(label_set="digits", url=default_replica.url) as run:  # its own names: accepted
         assert run.class_names == list(DIGITS)
+
+
+def test_a_job_naming_classes_the_model_does_not_declare_is_a_422(default_replica: GeneratorProcess) -> None:
+    """The server refuses too (curl, another client): the digits model draws zero..nine only."""
+    with httpx.Client(base_url=default_replica.url, timeout=30) as http:
+        other = job_body(new_run_id(), n_items=2)
+        other.pop("label_set")
+        other["class_names"] = [str(k) for k in range(10)]
+        refused = http.post("/v1/jobs", json=other)
+        assert refused.status_code == 422, refused.text
+        message = refused.json()["error"]["message"]
+        assert message.startswith("class_names: '0', '1' are not classes of the model") and "zero" in message
+        accepted = http.post("/v1/jobs", json=job_body(new_run_id(), n_items=2))  # label_set digits
+        assert accepted.status_code == 202, accepted.text
 
 
 def test_the_packaged_model_is_the_repositorys_and_a_missing_one_is_refused(

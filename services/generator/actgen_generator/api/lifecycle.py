@@ -33,6 +33,7 @@ from actgen_generator.contract import SAMPLERS, Sampler
 from actgen_generator.durability import probe_durable_ack
 from actgen_generator.events import log_event
 from actgen_generator.metrics import Metrics
+from actgen_generator.model_source import describe_model
 from actgen_generator.worker import Worker
 from actgen_shared.presets import resolve_options
 from actgen_shared.queue import Heartbeat, JobQueue, ReplicaIdInUse, connect, new_token
@@ -67,6 +68,7 @@ class Service:
     durable: str | None = None  # ACTGEN_DURABLE_ACK=1: the server that answered the WAITAOF probe
     long_polls: int = 0  # long-polls waiting now (at most settings.max_long_polls)
     model_id: str = "(not loaded)"
+    model_classes: tuple[str, ...] | None = None  # the classes the model declares it was trained on
     native_size: int = 512
     resolved_defaults: ResolvedOptions | None = None  # the loaded model's (None: API-only, or loading)
     ready: bool = False
@@ -161,6 +163,8 @@ async def start_worker(svc: Service, queue: JobQueue, classifiers: ClassifierSto
     try:
         sampler, svc.model_id, device, svc.dtype = await asyncio.to_thread(load_sampler, svc)
         svc.device, svc.native_size = device, sampler.native_size
+        if svc.sampler_kind == "guided":  # a job naming other classes is refused (routes/jobs.py)
+            svc.model_classes = describe_model(svc.model, svc.settings.model_revision).classes
         svc.resolved_defaults = resolve_options(GenerationOptions(), sampler.model_defaults)
         svc.worker = Worker(
             JobQueue(svc.worker_redis, svc.settings) if svc.worker_redis is not None else queue,

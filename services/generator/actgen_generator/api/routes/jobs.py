@@ -65,6 +65,16 @@ async def validate_job(
             f"the cap of {settings.max_job_image_steps} per job (ACTGEN_MAX_JOB_IMAGE_STEPS): "
             "split it into smaller jobs",
         )
+    if svc.model_classes:  # a model that declares its classes draws those only: no noise for others
+        names = job.resolved_class_names()
+        asked = {names[item.class_id] for item in job.items if item.class_id < len(names)}
+        unknown = sorted(asked - set(svc.model_classes))
+        if unknown:
+            raise ApiError(
+                422,
+                f"class_names: {', '.join(map(repr, unknown[:5]))} are not classes of the model "
+                f"{svc.model_id}, which was trained on {', '.join(svc.model_classes)}",
+            )
     if opts.bank_sample > settings.bank_cap:
         raise ApiError(
             422,
