@@ -12,6 +12,7 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,12 @@ def _dockerfile_deps(service: str) -> list[Requirement]:
 def test_the_lock_holds_what_the_tests_run_with() -> None:
     """constraints.txt pins exactly the versions installed here (for every package it names that is)."""
     lock = _lock()
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # the environment's own site-packages: a package that vendors others (setuptools, once torch's
+    # inductor imports it, puts setuptools/_vendor on sys.path) would otherwise add its copies
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {
+        canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)
+    }
     tested = [n for n in lock if n in installed]
     assert {"torch", "transformers", "diffusers", "huggingface-hub", "fastapi"} <= set(tested)
     assert {n: lock[n] for n in tested} == {n: installed[n] for n in tested}

@@ -110,7 +110,10 @@ def test_a_replica_restarted_mid_run_loses_its_jobs_and_the_run_goes_on(
         assert any("no longer holds 2 generated images" in r.getMessage() for r in caplog.records)
         resumed.refresh(2)
         assert resumed.ledger.pending == {} and len(_lost_lines(caplog)) == 1
-        assert resumed.submit(guides, [7, 8], epoch=2).posted == 2
+        # epoch 2 was posted (other samples) after the checkpoint: that job stands, nothing is posted
+        again = resumed.submit(guides, [7, 8], epoch=2)
+        assert again.posted == 0 and again.error is not None and "idempotency_key" in again.error
+        assert resumed.submit(guides, [7, 8], epoch=3).posted == 2  # the next epoch posts as usual
 
 
 def test_drain_keeps_to_its_timeout_with_slow_jobs_and_with_the_generator_down(replica: Replica) -> None:

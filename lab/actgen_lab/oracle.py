@@ -213,8 +213,8 @@ class OracleClient:
         )
         return JobAccepted(job_id=job_id, status_url=f"/v1/jobs/{job_id}")
 
-    def status(self, job_id: str) -> JobState:
-        return self.jobs[job_id]
+    def status(self, job_id: str, timeout_s: float | None = None) -> JobState:
+        return self.jobs[job_id]  # in process: answers at once, whatever the request's time bound
 
     def wait(self, job_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> JobState:
         return self.jobs[job_id]  # done on submit
@@ -222,7 +222,14 @@ class OracleClient:
     def cancel(self, job_id: str) -> JobState:
         return self.jobs[job_id]
 
-    def results(self, run_id: str, after: str = "0-0", limit: int = 100, wait_s: float = 0.0) -> ResultsPage:
+    def results(
+        self,
+        run_id: str,
+        after: str = "0-0",
+        limit: int = 100,
+        wait_s: float = 0.0,
+        timeout_s: float | None = None,
+    ) -> ResultsPage:
         """The run's results after the cursor ``after`` (``n-0``: the n-th result)."""
         items = self.stream.get(run_id, [])
         start = int(after.partition("-")[0])
