@@ -473,10 +473,17 @@ class ReferenceClassifier:
     def train(cls, seed: int = 1, renders: int = 6, epochs: int = 8, batch: int = 64) -> ReferenceClassifier:
         """Train from scratch on :func:`broad_scenes` (seconds to a minute on one CPU thread)."""
         import torch
-        import torch.nn.functional as F
 
         pool = broad_scenes(renders, seed, hard_share=0.5)  # it must read both styles
-        x, y = _to_input(pool.images), torch.from_numpy(pool.labels)
+        return cls.fit(_to_input(pool.images), torch.from_numpy(pool.labels), seed, epochs, batch)
+
+    @classmethod
+    def fit(cls, x, y, seed: int, epochs: int, batch: int) -> ReferenceClassifier:  # x, y: torch.Tensor
+        """The network trained on pixels ``x`` in [-1, 1] to name ``y`` (the digit, or another label
+        of a scene such as its background kind), seeded without touching the global RNG."""
+        import torch
+        import torch.nn.functional as F
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = _reference_network()

@@ -198,28 +198,10 @@ def train_kind_classifier(seed: int = 1, renders: int = 6, epochs: int = 8, batc
     """The reference CNN's network trained to name a scene's background kind instead of its digit
     (on :func:`broad_scenes`, digits on top): how ``eval-model`` tells whether ig keeps and aig
     changes the guide's background. Returns a ``backgrounds.ReferenceClassifier`` (same file format)."""
-    from actgen_lab.backgrounds import _reference_network
-
     pool = broad_scenes(renders, seed, hard_share=0.5)  # as the reference CNN's pool
-    x, y = to_model_pixels(pool.images), torch.from_numpy(pool.kinds)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = _reference_network()
-        opt = torch.optim.Adam(module.parameters(), lr=3e-3)
-        steps = epochs * (len(x) // batch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-        generator = torch.Generator().manual_seed(seed)
-        module.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for i in range(len(x) // batch):
-                idx = order[i * batch : (i + 1) * batch]
-                loss = F.cross_entropy(module(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-    return ReferenceClassifier(module)
+    return ReferenceClassifier.fit(
+        to_model_pixels(pool.images), torch.from_numpy(pool.kinds), seed, epochs, batch
+    )
 
 
 @torch.no_grad()
