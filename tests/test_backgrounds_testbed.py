@@ -15,7 +15,7 @@ from actgen_lab import backgrounds as bg
 from actgen_lab.testbed import change_by_region, mask_iou, within_guide_diversity
 from actgen_shared.presets import read_model_defaults
 from actgen_trainer.config import AdvSchedule, load_config
-from actgen_trainer.data import load_sources, partition
+from actgen_trainer.data import load_sources, partition, split_train
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "tiny-backgrounds"
@@ -33,20 +33,36 @@ def _luminance(images: np.ndarray) -> np.ndarray:
 
 def test_training_backgrounds_follow_the_class_and_test_backgrounds_do_not(split) -> None:
     train, test = split.train, split.test
-    assert len(train) == 1438 and len(test) == 359 * bg.TEST_RENDERS == 7180
+    assert len(train) == 1438 + 300 and len(test) == 359 * bg.TEST_RENDERS == 7180
+    # v3: the train source's tail is the validation slice, drawn like the test split
+    assert split.n_val == bg.VAL_SIZE == 300
+    head, tail = train.take(np.arange(1438)), train.take(np.arange(1438, 1738))
     # train: 90 % of the images on their class's kind, 5 % in the hard style; every class reaches
     # every other kind too
-    assert 0.87 < bg.majority_background(train).mean() < 0.93
-    assert 0.03 < train.styles.mean() < 0.07
+    assert 0.87 < bg.majority_background(head).mean() < 0.93
+    assert 0.03 < head.styles.mean() < 0.07
     for c in range(10):
-        kinds = train.kinds[train.labels == c]
+        kinds = head.kinds[head.labels == c]
         assert np.mean(kinds == c) > 0.8 and len(np.unique(kinds)) > 5
-    # the trainer's set and its validation slice (cut from the train source) carry both
+    # the validation slice (the guides' pool): all four groups, about a quarter each; its digits are
+    # 300 distinct train digits drawn again (no test digit)
+    assert np.bincount(bg.group_ids(tail), minlength=4).min() > 50
+    head_digits = {d.tobytes() for d in head.digits}
+    assert len({d.tobytes() for d in tail.digits} & head_digits) >= 290  # a few digits repeat in the split
+    assert np.array_equal(head.images, bg.load_backgrounds_split(val_like_test=False).train.images)
+    # the trainer serves the two parts as its train images and its validation slice
     cfg = load_config(CONFIG)
-    part = partition(len(train), cfg.data.val_size, 0, cfg.data.train_subset)
+    train_source, test_source = load_sources(cfg.data)
+    part = split_train(train_source, cfg.data, 0)
+    assert (len(part.train), len(part.val)) == (1438, 300) and part.val.min() == 1438
+    assert np.array_equal(np.asarray(train_source.image(1500)), train.images[1500])
+    # v2 (backgrounds-v2): every train image drawn like training, the slice cut by val_size
+    v2 = bg.load_backgrounds_split(val_like_test=False)
+    part = partition(len(v2.train), cfg.data.val_size, 0, cfg.data.train_subset)
     assert len(part.val) == 300
     for rows in (part.train, part.val):
-        assert 0.8 < bg.majority_background(train).take(rows).mean() < 0.97
+        assert 0.8 < bg.majority_background(v2.train.take(rows)).mean() < 0.97
+    assert np.array_equal(v2.test.images, test.images)
     # test: the four groups (background x style) in about equal parts, shuffled, so that the
     # loop's monitor (a prefix) holds them too
     counts = np.bincount(bg.group_ids(test), minlength=4)
@@ -54,11 +70,7 @@ def test_training_backgrounds_follow_the_class_and_test_backgrounds_do_not(split
     monitor = np.bincount(bg.group_ids(test)[: cfg.data.test_subset], minlength=4)
     assert monitor.min() > 0.2 * cfg.data.test_subset
     assert len(np.unique(test.kinds)) == len(bg.BACKGROUND_KINDS)
-    # the trainer serves the same arrays (through the lab's entry point)
-    train_source, test_source = load_sources(cfg.data)
-    assert len(train_source) == len(train) and np.array_equal(
-        np.asarray(test_source.image(5)), test.images[5]
-    )
+    assert np.array_equal(np.asarray(test_source.image(5)), test.images[5])
 
 
 def test_digits_are_large_and_the_hard_style_is_another_look(split) -> None:

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from actgen_trainer.config import DataConfig
 from actgen_trainer.data import DataError, load_sources, plugin_sources
@@ -42,13 +43,18 @@ def test_no_service_or_shared_module_imports_the_lab() -> None:
 
 
 def test_the_trainer_loads_the_backgrounds_through_the_entry_point() -> None:
-    train, test = load_sources(DataConfig(dataset="backgrounds"))
-    assert len(train) == 1438 and len(test) == 7180 and train.classes[3] == "three"
+    train, test = load_sources(DataConfig(dataset="backgrounds"))  # v3: 300 validation images follow
+    assert len(train) == 1438 + 300 and len(test) == 7180 and train.classes[3] == "three"
+    train, _ = load_sources(DataConfig(dataset="backgrounds-v2"))
+    assert len(train) == 1438
 
 
 def test_an_unregistered_data_set_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.metadata
 
+    cfg = DataConfig(dataset="backgrounds")  # registered when the config is read ...
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    with pytest.raises(ValidationError, match="data.dataset=backgrounds is neither built in"):
+        DataConfig(dataset="backgrounds")  # ... a config read without the lab names what to install
     with pytest.raises(DataError, match="data.dataset=backgrounds comes from a package"):
-        plugin_sources(DataConfig(dataset="backgrounds"))
+        plugin_sources(cfg)  # ... and one read before it went, when the data set loads

@@ -164,3 +164,42 @@ def test_decoder_fine_tuning_leaves_the_encoder_and_so_the_latents_alone() -> No
     assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items())
     assert any(not torch.equal(decoder[k], v) for k, v in vae.decoder.state_dict().items())
     assert not any(p.requires_grad for p in vae.parameters())  # frozen again
+
+
+def test_pooled_text_conditions_every_block_through_the_time_embedding(tmp_path) -> None:
+    """v3's conditioning: the same UNet class and call (the generator loads it as SD 2.1's), and a
+    prompt that differs only in its class token changes the UNet's output even with the
+    cross-attention switched off, which v2's UNet cannot do."""
+    from diffusers import UNet2DConditionModel
+
+    plain = build_untrained(0, "backgrounds", "orthogonal", 8.0).unet
+    pooled_pipe = build_untrained(0, "backgrounds", "orthogonal", 8.0, pooled_text=True)
+    pooled = pooled_pipe.unet
+    assert pooled.config.addition_embed_type == "text" and plain.config.addition_embed_type is None
+    ids = [
+        pooled_pipe.tokenizer(f"a photo of {n}", padding="max_length", return_tensors="pt").input_ids
+        for n in ("three", "six")
+    ]
+    with torch.no_grad():
+        text = torch.cat([pooled_pipe.text_encoder(i)[0] for i in ids])
+    latents = torch.randn(1, 4, 8, 8).repeat(2, 1, 1, 1)
+
+    def without_cross_attention(unet: UNet2DConditionModel) -> torch.Tensor:
+        for block in unet.modules():  # attention to the prompt is what the v2 UNet listens through
+            if hasattr(block, "attn2"):
+                block.attn2.to_out[0].weight.data.zero_()
+                block.attn2.to_out[0].bias.data.zero_()
+        with torch.no_grad():
+            out = unet(latents, torch.tensor(500), text).sample
+        return (out[0] - out[1]).abs().max()
+
+    assert float(without_cross_attention(plain)) < 1e-6
+    assert float(without_cross_attention(pooled)) > 1e-4
+    pooled.save_pretrained(tmp_path / "unet")  # and it loads as any diffusers UNet
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert again.config.addition_embed_type == "text"
+
+
+def test_vae_steps_zero_keeps_an_initial_vae_and_needs_one(capsys) -> None:
+    with pytest.raises(SystemExit, match="--vae-steps must be >= 1"):
+        cli.main(["train-tiny-model", "--data", "backgrounds", "--out", "x", "--vae-steps", "0"])

@@ -18,9 +18,13 @@ Two stressors, each a distribution shift between training and test:
 
 The split (everything is deterministic from :data:`SPLIT_SEED`):
 
-* ``train``: each digit of the digits train split once (1438 images). The trainer's small
-  training set and its validation slice (the hard samples are mined from it; the configs take a
-  few hundred) are cut from it, so both carry the shortcut and the rare style;
+* ``train``: each digit of the digits train split once (1438 images), drawn like training. In v3
+  (the default, ``val_like_test``; data set ``backgrounds``) :data:`VAL_SIZE` (300) of those digits
+  follow, drawn again like the test split (half on another class's kind, half in the hard style):
+  the validation slice the hard samples are mined from, which the trainer sees as the tail of its
+  train source (``JoinedImages``). In v2 (data set ``backgrounds-v2``) the configs cut the slice
+  from the 1438, so it carries the shortcut and the rare style too, and mining found few
+  hard-style guides (docs/ablation.md 7.3, 7.5);
 * ``test``: each digit of the digits test split :data:`TEST_RENDERS` times (7180 images), in a
   random order so that any prefix (the loop's per-epoch monitor) is a fair sample of all four groups;
 * :func:`broad_scenes`: the generator's training pool, every train digit on every kind, the styles
@@ -46,10 +50,11 @@ from actgen_shared.digits import load_digits_split
 
 IMAGE_SIZE = 32  # px
 SPLIT_SEED = 0
-MAJORITY_SHARE = 0.9  # train (and its validation slice): share of images on their class's own kind
+MAJORITY_SHARE = 0.9  # train (and v2's validation slice): share of images on their class's own kind
 TEST_MAJORITY_SHARE = 0.5  # test: half the images on their class's kind, half on another
 HARD_SHARE_TRAIN = 0.05  # train and the generator's pool: share of images in the class's hard style
 HARD_SHARE_TEST = 0.5
+VAL_SIZE = 300  # v3: the validation slice, train digits drawn again like the test split
 TEST_RENDERS = 20  # test images per digit of the test split (359 digits -> 7180 images)
 DIGIT_SIDE = (20, 28)  # px: the digit's box side, drawn uniformly (inclusive)
 PATTERN_CONTRAST = 0.4  # per channel, between a background's two colours (v1: 0.2, too faint a shortcut)
@@ -92,6 +97,24 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.images)
 
+    @staticmethod
+    def concat(first: Scenes, second: Scenes) -> Scenes:
+        """``first``'s scenes followed by ``second``'s (both rendered here: every field set)."""
+
+        def join(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None or b is None else np.concatenate([a, b])
+
+        return Scenes(
+            np.concatenate([first.images, second.images]),
+            np.concatenate([first.masks, second.masks]),
+            np.concatenate([first.labels, second.labels]),
+            np.concatenate([first.kinds, second.kinds]),
+            join(first.styles, second.styles),
+            join(first.digits, second.digits),
+            join(first.colours, second.colours),
+            join(first.boxes, second.boxes),
+        )
+
     def take(self, rows: np.ndarray) -> Scenes:
         """The scenes at ``rows`` (every field that is set)."""
 
@@ -112,10 +135,15 @@ class Scenes:
 
 @dataclass
 class BackgroundsSplit:
-    """The trainer's train source (class-correlated backgrounds, rare hard style) and test source."""
+    """The trainer's train source (class-correlated backgrounds, rare hard style) and test source.
+
+    ``n_val``: the train source's last ``n_val`` scenes are the validation slice, drawn like the
+    test split (v3); 0 when the slice is cut from training-like scenes by the config (v2).
+    """
 
     train: Scenes
     test: Scenes
+    n_val: int = 0
 
 
 # ---------------------------------------------------------------------- backgrounds
@@ -350,13 +378,14 @@ def _digit_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return bunch.images[train], bunch.target[train], bunch.images[test], bunch.target[test]
 
 
-@lru_cache(maxsize=2)  # every ablation cell loads it; the arrays are shared, never written to
+@lru_cache(maxsize=4)  # every ablation cell loads it; the arrays are shared, never written to
 def load_backgrounds_split(
-    image_size: int = IMAGE_SIZE, test_renders: int = TEST_RENDERS
+    image_size: int = IMAGE_SIZE, test_renders: int = TEST_RENDERS, val_like_test: bool = True
 ) -> BackgroundsSplit:
-    """The train source (each train digit once: kinds correlated with class, the hard style rare)
-    and the test source (each test digit ``test_renders`` times: half on their class's kind, half
-    in the hard style, shuffled)."""
+    """The train source (each train digit once: kinds correlated with class, the hard style rare;
+    with ``val_like_test`` its last :data:`VAL_SIZE` digits drawn like the test split, the
+    validation slice) and the test source (each test digit ``test_renders`` times: half on their
+    class's kind, half in the hard style, shuffled)."""
     train_digits, train_labels, test_digits, test_labels = _digit_arrays()
     rng = np.random.default_rng([SPLIT_SEED, 1])
     train_kinds = correlated_kinds(train_labels, MAJORITY_SHARE, rng)
@@ -364,6 +393,17 @@ def load_backgrounds_split(
     train = render_scenes(
         train_digits, train_labels, train_kinds, SPLIT_SEED * 1000 + 2, image_size, train_styles
     )
+    n_val = VAL_SIZE if val_like_test else 0
+    if val_like_test:  # VAL_SIZE train digits drawn again, like the test split
+        rows = np.sort(np.random.default_rng([SPLIT_SEED, 6]).permutation(len(train_labels))[:n_val])
+        rng = np.random.default_rng([SPLIT_SEED, 7])
+        val_labels = train_labels[rows]
+        val_kinds = correlated_kinds(val_labels, TEST_MAJORITY_SHARE, rng)
+        val_styles = draw_styles(n_val, HARD_SHARE_TEST, rng)
+        val = render_scenes(
+            train_digits[rows], val_labels, val_kinds, SPLIT_SEED * 1000 + 8, image_size, val_styles
+        )
+        train = Scenes.concat(train, val)
     rng = np.random.default_rng([SPLIT_SEED, 3])
     order = rng.permutation(len(test_labels) * test_renders)
     digits = np.repeat(test_digits, test_renders, axis=0)[order]
@@ -371,7 +411,7 @@ def load_backgrounds_split(
     test_kinds = correlated_kinds(labels, TEST_MAJORITY_SHARE, rng)
     test_styles = draw_styles(len(labels), HARD_SHARE_TEST, rng)
     test = render_scenes(digits, labels, test_kinds, SPLIT_SEED * 1000 + 4, image_size, test_styles)
-    return BackgroundsSplit(train=train, test=test)
+    return BackgroundsSplit(train=train, test=test, n_val=n_val)
 
 
 def broad_scenes(

@@ -6,20 +6,40 @@ group (lab/pyproject.toml), which names :func:`backgrounds_images`.
 
 from __future__ import annotations
 
-from actgen_lab.backgrounds import load_backgrounds_split
+from actgen_lab.backgrounds import BackgroundsSplit, load_backgrounds_split
 from actgen_shared.labels import DIGITS
 from actgen_trainer.config import DataConfig
-from actgen_trainer.data import ArrayImages
+from actgen_trainer.data import ArrayImages, ImageSource, JoinedImages
 
 
-def backgrounds_images(cfg: DataConfig | None = None) -> tuple[ArrayImages, ArrayImages]:
-    """The digits on procedural backgrounds (:mod:`actgen_lab.backgrounds`), 32 px: (train, test).
+def backgrounds_images(cfg: DataConfig | None = None) -> tuple[ImageSource, ArrayImages]:
+    """The digits on procedural backgrounds, data v3 (:mod:`actgen_lab.backgrounds`), 32 px:
+    (train, test).
 
     The train source's backgrounds are correlated with the class (90 %) and its hard style rare;
-    the test source holds the four groups in equal parts.
+    its validation slice (the hard samples' guides) is drawn like the test split, which holds the
+    four groups in equal parts. The slice comes with the source (the trainer's ``JoinedImages``),
+    so ``data.val_size`` does not apply.
     """
-    split = load_backgrounds_split()
+    return _sources(load_backgrounds_split(val_like_test=True))
+
+
+def backgrounds_v2_images(cfg: DataConfig | None = None) -> tuple[ImageSource, ArrayImages]:
+    """Data v2: as :func:`backgrounds_images`, but every train image drawn like training, the
+    validation slice cut from them by ``data.val_size``."""
+    return _sources(load_backgrounds_split(val_like_test=False))
+
+
+def _sources(split: BackgroundsSplit) -> tuple[ImageSource, ArrayImages]:
+    train, n_val = split.train, split.n_val
+    test = ArrayImages(split.test.images, split.test.labels, DIGITS)
+    if not n_val:
+        return ArrayImages(train.images, train.labels, DIGITS), test
+    head, tail = slice(0, len(train) - n_val), slice(len(train) - n_val, len(train))
     return (
-        ArrayImages(split.train.images, split.train.labels, DIGITS),
-        ArrayImages(split.test.images, split.test.labels, DIGITS),
+        JoinedImages(
+            ArrayImages(train.images[head], train.labels[head], DIGITS),
+            ArrayImages(train.images[tail], train.labels[tail], DIGITS),
+        ),
+        test,
     )

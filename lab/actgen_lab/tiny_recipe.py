@@ -107,6 +107,9 @@ class TinyTrainingConfig:
     init_vae: str | None = None  # a model folder whose VAE (same architecture) the VAE phase starts from
     decoder_steps: int = 0  # phase 3: steps of decoder-only fine-tuning after the UNet (0: none)
     decoder_minutes: float = 14.0  # ... and its time budget (outside ``minutes``)
+    # v3: the prompt also conditions every ResNet block, attention-pooled into the time embedding
+    # (diffusers' ``addition_embed_type: text``), not only the cross-attention at 8x8 and 4x4
+    pooled_text: bool = False
 
 
 def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
@@ -139,14 +142,29 @@ def schedule_lr(base: float, step: int, total: int, elapsed: float, budget: floa
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+POOLED_TEXT_HEADS = 4  # attention-pooling heads of the pooled prompt (8 of the encoder's 32 dims each)
+
+
 def build_untrained(
-    seed: int, data: str = "digits", class_tokens: str = "random", class_token_norm: float = 1.0
+    seed: int,
+    data: str = "digits",
+    class_tokens: str = "random",
+    class_token_norm: float = 1.0,
+    pooled_text: bool = False,
 ) -> StableDiffusionPipeline:
     """The pipeline of ``data`` with random weights (same seed, same weights), text encoder frozen.
 
     ``class_tokens`` orthogonal: the digit names' token embeddings become orthogonal rows of norm
-    ``class_token_norm`` (v2's conditioning, :func:`set_orthogonal_class_tokens`)."""
+    ``class_token_norm`` (v2's conditioning, :func:`set_orthogonal_class_tokens`). ``pooled_text``:
+    the UNet also adds the attention-pooled prompt to its time embedding (v3's conditioning; the
+    same UNet class and call, so the generator loads and guides it as it does SD 2.1's)."""
     unet_config, vae_config = ARCHITECTURES[data]
+    if pooled_text:
+        unet_config = {
+            **unet_config,
+            "addition_embed_type": "text",
+            "addition_embed_type_num_heads": POOLED_TEXT_HEADS,
+        }
     pipe = build_tiny_pipeline(seed, unet_config=unet_config, vae_config=vae_config)
     pipe.text_encoder.requires_grad_(False)
     if class_tokens == "orthogonal":

@@ -118,7 +118,7 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
         split = load_digits_split()
         images, labels = to_model_pixels(split.train_images), torch.from_numpy(split.train_labels)
         what = f"{len(images)} digits"
-    pipe = build_untrained(cfg.seed, cfg.data, cfg.class_tokens, cfg.class_token_norm)
+    pipe = build_untrained(cfg.seed, cfg.data, cfg.class_tokens, cfg.class_token_norm, cfg.pooled_text)
     if cfg.init_vae:  # continue a VAE (v2: v1's, which had learnt the shapes but not the colours)
         start = AutoencoderKL.from_pretrained(Path(cfg.init_vae).expanduser(), subfolder="vae")
         pipe.vae.load_state_dict(start.state_dict())
@@ -418,6 +418,12 @@ def add_parser(subparsers) -> None:
         help="norm of the orthogonal class-token embeddings",
     )
     p.add_argument(
+        "--pooled-text",
+        action="store_true",
+        help="the UNet also adds the attention-pooled prompt to its time embedding (diffusers' "
+        "addition_embed_type text): the class conditions every block, not only the cross-attention",
+    )
+    p.add_argument(
         "--digit-weight",
         type=float,
         default=defaults.digit_weight,
@@ -463,9 +469,12 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    for name in ("vae_steps", "unet_steps"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"actgen-lab train-tiny-model: --{name.replace('_', '-')} must be >= 1")
+    if args.unet_steps < 1:
+        raise SystemExit("actgen-lab train-tiny-model: --unet-steps must be >= 1")
+    if args.vae_steps < (0 if args.init_vae else 1):  # 0: the --init-vae VAE as it is
+        raise SystemExit(
+            "actgen-lab train-tiny-model: --vae-steps must be >= 1 (>= 0 with --init-vae: keep that VAE)"
+        )
     if args.minutes <= 0:
         raise SystemExit("actgen-lab train-tiny-model: --minutes must be positive")
     if args.text_lr < 0:
@@ -507,6 +516,7 @@ def _run(args) -> int:
         attn_weight=args.attn_weight,
         class_tokens=args.class_tokens,
         class_token_norm=args.class_token_norm,
+        pooled_text=args.pooled_text,
         digit_weight=args.digit_weight,
         colour_weight=args.colour_weight,
         checkpoint_every=args.checkpoint_every,
@@ -525,6 +535,8 @@ def _run(args) -> int:
     )
     if cfg.class_tokens != "random":
         extra += f" --class-tokens {cfg.class_tokens} --class-token-norm {cfg.class_token_norm:g}"
+    if cfg.pooled_text:
+        extra += " --pooled-text"
     if cfg.colour_weight:
         extra += f" --colour-weight {cfg.colour_weight:g}"
     if cfg.unet_batch != TinyTrainingConfig.unet_batch:

@@ -33,7 +33,7 @@ def train_vae(
     clock, n = Clock(), len(images)
     bar = tqdm(range(cfg.vae_steps), desc="vae", unit="step", dynamic_ncols=True, mininterval=2.0)
     recon = kl = float("nan")
-    step = 0
+    done = 0  # steps taken (0 with --vae-steps 0: a VAE continued as it is)
     for step in bar:
         if clock() > budget_s:
             break
@@ -54,13 +54,13 @@ def train_vae(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        recon, kl = float(rec.detach()), float(kl_term.detach())
+        recon, kl, done = float(rec.detach()), float(kl_term.detach()), step + 1
         if step % cfg.log_every == 0:
             bar.set_postfix(recon=f"{recon:.4f}", kl=f"{kl:.2f}")
             tqdm.write(f"vae step {step} recon {recon:.4f} kl {kl:.3f} lr {opt.param_groups[0]['lr']:.2e}")
     vae.eval().requires_grad_(False)
     return {
-        "steps": step + 1 if clock() <= budget_s else step,
+        "steps": done,
         "seconds": round(clock(), 1),
         "final_recon_loss": recon,
         "final_kl": kl,
@@ -89,7 +89,7 @@ def finetune_decoder(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr * 0.5, weight_decay=0.0)
-    clock, n, step, recon = Clock(), len(images), 0, float("nan")
+    clock, n, done, recon = Clock(), len(images), 0, float("nan")
     for step in range(steps):
         if clock() > budget_s:
             break
@@ -109,12 +109,12 @@ def finetune_decoder(
         opt.zero_grad(set_to_none=True)
         rec.backward()
         opt.step()
-        recon = float(rec.detach())
+        recon, done = float(rec.detach()), step + 1
         if step % cfg.log_every == 0:
             tqdm.write(f"decoder step {step} recon {recon:.4f} lr {opt.param_groups[0]['lr']:.2e}")
     vae.eval().requires_grad_(False)
     return {
-        "steps": step + 1 if clock() <= budget_s else step,
+        "steps": done,
         "seconds": round(clock(), 1),
         "final_recon_loss": recon,
     }

@@ -76,10 +76,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+BUILTIN_DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "imagenet")
+DATASETS_GROUP = "actgen_trainer.datasets"  # entry points: name -> callable(DataConfig) -> (train, test)
+
+
+def registered_datasets() -> list[str]:
+    """Data sets other packages register in :data:`DATASETS_GROUP` (the lab's backgrounds testbed)."""
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group=DATASETS_GROUP)})
+
+
 class DataConfig(_Section):
     """Where images come from and how the validation slice is cut."""
 
-    dataset: Literal["digits", "backgrounds", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    dataset: str = Field(
+        "digits",
+        description=f"one of {', '.join(BUILTIN_DATASETS)}, or a data set a package registers in the "
+        f"entry-point group {DATASETS_GROUP} (the lab's backgrounds and backgrounds-v2)",
+    )
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name in BUILTIN_DATASETS or name in (registered := registered_datasets()):
+            return name
+        raise ValueError(
+            f"data.dataset={name} is neither built in ({', '.join(BUILTIN_DATASETS)}) nor registered "
+            f"by an installed package in the entry-point group {DATASETS_GROUP!r} (backgrounds: the "
+            f"lab, pip install -e ./lab; make setup does); registered here: {', '.join(registered) or 'none'}"
+        )
+
     root: str | None = Field(
         None, description="dataset folder: the CIFAR files, or the class folders' parent folders"
     )

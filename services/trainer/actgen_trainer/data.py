@@ -31,7 +31,7 @@ from actgen_shared.codecs import png_encode
 from actgen_shared.digits import load_digits_split
 from actgen_shared.labels import DIGITS, class_names_for
 from actgen_trainer.class_names import ClassNamesError, class_names
-from actgen_trainer.config import DataConfig
+from actgen_trainer.config import DATASETS_GROUP, DataConfig
 
 MAX_GUIDE_SIDE = 512  # guides larger than this are shrunk before posting
 
@@ -145,9 +145,6 @@ def digits_images(image_size: int = 32) -> tuple[ArrayImages, ArrayImages]:
         ArrayImages(split.train_images, split.train_labels, DIGITS),
         ArrayImages(split.test_images, split.test_labels, DIGITS),
     )
-
-
-DATASETS_GROUP = "actgen_trainer.datasets"  # entry points: name -> callable(DataConfig) -> (train, test)
 
 
 def plugin_sources(cfg: DataConfig) -> tuple[ImageSource, ImageSource]:
