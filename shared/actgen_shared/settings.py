@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # warmed at every batch size of the OOM ladder before /readyz; channels-last memory for them
     compile: Literal["off", "default", "max-autotune"] = "off"
     channels_last: bool = False
+    # issue 26: a sampled batch's PNGs and latents are encoded and stored while the next batch samples
+    # (one batch at most in that stage; worker.py, docs/architecture.md 4.5); false: in the batch's thread
+    overlap_encode: bool = True
 
     @property
     def keys(self) -> Keys:
