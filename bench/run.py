@@ -13,6 +13,8 @@ Sections (``--only a,b`` or ``BENCH_ARGS="--only a,b"`` picks some; each is merg
 * ``sd21gpu`` (``sd21_gpu``): the same at 512 px, fp16, batch 8 and 1, adv_prob 0.5, in a fresh
   process (``python -m bench.sd21 gpu``), when CUDA is there: the protocol of bench/sd21.py.
 * ``service`` (bench/service.py): a tiny-model job through REST + Redis + worker / in-process.
+* ``overlap`` (bench/overlap.py): a multi-batch job through two replicas, the encode stage off and
+  on (``ACTGEN_OVERLAP_ENCODE``): what overlapping a batch's encode and store with the next saves.
 * ``noop`` (bench/noop.py): the service's own cost per job: latency, where it goes, jobs/s.
 * ``scaling`` (bench/scaling.py): throughput of 1, 2, 4, 8 echo replicas on one Redis.
 * ``stall`` (``python -m actgen_trainer.bench``): non-blocking training's total time / real-only
@@ -194,7 +196,7 @@ def _table(name: str, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("tiny", "sd21cpu", "sd21gpu", "service", "noop", "scaling", "stall")
+SECTIONS = ("tiny", "sd21cpu", "sd21gpu", "service", "overlap", "noop", "scaling", "stall")
 
 
 def _sections(only: str | None, skip: set[str]) -> list[str]:
@@ -249,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
-        "--skip-service", action="store_true", help="do not run the service sections (service, noop)"
+        "--skip-service", action="store_true", help="do not run the service sections (service, overlap, noop)"
     )
     parser.add_argument("--skip-gpu", action="store_true", help="no GPU section even when CUDA is present")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    skip = {"service", "noop"} if args.skip_service else set()
+    skip = {"service", "overlap", "noop"} if args.skip_service else set()
     if args.skip_gpu or not torch.cuda.is_available():
         skip.add("sd21gpu")
     sections = _sections(args.only, skip)
@@ -318,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
                 "service: "
                 + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
             )
+        elif section == "overlap":
+            import bench.overlap
+
+            result = bench.overlap.run()
+            save("overlap_encode", result)
+            tables.append(bench.overlap.table(result))
         elif section == "noop":
             import bench.noop
 

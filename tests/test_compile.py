@@ -3,15 +3,23 @@
 Tolerance: the same seeds through ``torch.compile`` (inductor, C++ on the CPU) and eager give final
 latents within 1e-3 (max |difference|) and images within 2/255 per pixel; inductor fuses and
 reorders float32 arithmetic, so bit equality is not expected. To keep the compile modest (inductor
-compiling the tiny UNet takes minutes on a loaded 2-core CPU) the comparison runs plain SD at batch
-1: the UNet forward and the VAE decoder, compiled; a guided step's backward is not compared here.
+compiling the tiny UNet takes minutes on a loaded 2-core CPU) the comparison runs aig at batch 1:
+the VAE encoder (the guide), the UNet forward with the attention recorder on (eq. 8's mask, compared
+within 1e-4) and the VAE decoder, compiled; a guided step's backward is not compared here.
+
+The recording layers are traced into the UNet's graph: one UNet call with a record, through
+``torch._dynamo.explain``, is one graph without a break, and fills the record as eager does.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
+import torch
 
+from actgen_generator.attention import RECORD_KWARG
 from actgen_generator.compile import batch_ladder, compile_model, warm_up
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
@@ -20,6 +28,7 @@ from actgen_shared.schemas import GenerationOptions
 
 LATENT_ATOL = 1e-3
 PIXEL_ATOL = 2
+MASK_ATOL = 1e-4
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,8 +68,9 @@ def test_the_batch_ladder_halves_to_one_and_warm_up_runs_each_size(sampler: Guid
 
 
 def test_compiled_and_eager_images_agree(sampler: GuidedSampler) -> None:
-    options = GenerationOptions(mode="random", num_inference_steps=2)
+    options = GenerationOptions(mode="aig", num_inference_steps=2)  # the recorder on at every step
     eager = sampler(_items(1), options)
+    eager_mask = sampler.last_attention
     compiled = GuidedSampler(load_pipeline(sampler.model.model_id, device="cpu"))
     compile_model(compiled, "default")
     assert compiled.unet._compiled_call_impl is not None  # nn.Module.compile took
@@ -69,3 +79,34 @@ def test_compiled_and_eager_images_agree(sampler: GuidedSampler) -> None:
     for a, b in zip(eager, again, strict=True):
         assert float((a.latent - b.latent).abs().max()) <= LATENT_ATOL
         assert int(np.abs(a.image.astype(int) - b.image.astype(int)).max()) <= PIXEL_ATOL
+    assert eager_mask is not None and compiled.last_attention is not None
+    assert float(eager_mask.abs().max()) > 0
+    assert float((eager_mask - compiled.last_attention).abs().max()) <= MASK_ATOL
+
+
+def test_every_attention_layer_takes_the_record_and_a_recording_call_has_no_graph_break(
+    sampler: GuidedSampler,
+) -> None:
+    for processor in sampler.unet.attn_processors.values():  # else diffusers drops it with a warning
+        assert RECORD_KWARG in inspect.signature(processor.__call__).parameters
+    items = [SampleItem(guide=None, class_id=0, class_name=name, seed=0) for name in ("cat", "dog")]
+    uncond, cond, weights = sampler._encode_prompts(items)
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    embeds = torch.cat([uncond, cond])  # 2 unconditional rows, then the 2 recorded ones
+    sampler.recorder.begin_step(2, (16, 16), torch.device("cpu"))
+    try:
+        eager = sampler.recorder.record(weights)
+        traced = sampler.recorder.record(weights)
+    finally:
+        sampler.recorder.reset()
+    assert eager is not None and traced is not None
+    with torch.no_grad():
+        sampler.unet(x, t, encoder_hidden_states=embeds, cross_attention_kwargs={RECORD_KWARG: eager})
+        explained = torch._dynamo.explain(sampler.unet)(
+            x, t, encoder_hidden_states=embeds, cross_attention_kwargs={RECORD_KWARG: traced}
+        )
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    assert float(eager.maps.abs().min(dim=-1).values.min()) > 0  # every layer filled its slot
+    torch.testing.assert_close(traced.maps, eager.maps, atol=1e-6, rtol=1e-5)

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from actgen_generator.attention import RecordingAttnProcessor, normalize_mask, upsample_mask
+from actgen_generator.attention import RECORD_KWARG, RecordingAttnProcessor, normalize_mask, upsample_mask
 from actgen_generator.guidance import (
     PosteriorStep,
     cfg_noise,
@@ -66,6 +66,39 @@ def test_cfg_combination_matches_separate_unet_calls(sampler: GuidedSampler) -> 
         assert all(v.requires_grad and v.shape == (1, *cond.shape[1:]) for v in split.leaves)
         (grad,) = torch.autograd.grad(split.cond[1].sum() + split.uncond[1].sum(), split.leaves[-1])
         assert float(grad.abs().sum()) > 0  # the graph reaches the leaf it names
+
+
+def test_the_lab_probe_sees_every_row_with_its_graph_and_the_maps_the_record_holds(
+    sampler: GuidedSampler,
+) -> None:
+    """The tiny models' training probe (lab: set as the recording layers' ``recorder``) still gets
+    every row's probabilities with their graph, and its class-token maps of the conditional rows are
+    the ones a :class:`ClassTokenRecord` receives."""
+    from actgen_lab.tiny_unet_training import AttentionProbe
+
+    uncond, cond, weights = _embeds(sampler, ["cat", "aquarium fish"])
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    t, embeds = torch.tensor(301), torch.cat([uncond, cond])
+    sampler.recorder.begin_step(2, (16, 16), torch.device("cpu"))
+    record = sampler.recorder.record(weights)
+    sampler.recorder.reset()
+    assert record is not None
+    with torch.no_grad():
+        sampler.unet(x, t, encoder_hidden_states=embeds, cross_attention_kwargs={RECORD_KWARG: record})
+    layers = [p for p in sampler.unet.attn_processors.values() if isinstance(p, RecordingAttnProcessor)]
+    probe = AttentionProbe(sampler.recorder.factor)
+    probe.recording, probe.weights = True, torch.cat([torch.zeros_like(weights), weights])
+    leaf = embeds.clone().requires_grad_(True)
+    try:
+        for layer in layers:
+            layer.recorder = probe
+        sampler.unet(x, t, encoder_hidden_states=leaf)
+    finally:
+        for layer in layers:
+            layer.recorder = None
+    maps = probe.take()  # (4 rows, queries), averaged over the layers
+    assert maps.requires_grad  # the graph the attention loss trains through
+    torch.testing.assert_close(maps[2:].detach(), record.maps.mean(0), atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- eq. 5-11, the whole loop

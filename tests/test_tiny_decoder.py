@@ -33,24 +33,35 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "tiny-digits"
 REPO = "actgen-test/sd-latents"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-TAESD_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+OTHER_TAESD_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"  # what refs/main names in the test cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _cache_repo(home: Path, repo: str, commit: str, source: Path) -> Path:
-    """``source`` laid out as huggingface_hub caches ``repo`` at ``commit`` (refs/main -> commit)."""
+def _cache_repo(home: Path, repo: str, commit: str, source: Path, branch: str | None = "main") -> Path:
+    """``source`` laid out as huggingface_hub caches ``repo`` at ``commit`` (refs/``branch`` -> commit)."""
     root = home / "hub" / f"models--{repo.replace('/', '--')}"
     snapshot = root / "snapshots" / commit
     shutil.copytree(source, snapshot)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / TAESD_REVISION).write_text(commit)
+    if branch is not None:
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / branch).write_text(commit)
     return snapshot
 
 
-def test_fetch_model_brings_taesd_beside_an_sd_latent_space_model_offline(tmp_path: Path) -> None:
+def test_taesd_is_pinned_at_a_commit() -> None:
+    """The TAESD revision is a commit (40 hex digits), never a branch that moves under a deployment."""
+    assert len(TAESD_REVISION) == 40 and int(TAESD_REVISION, 16) >= 0
+
+
+@pytest.mark.parametrize("override", [None, "main"], ids=["pinned", "ACTGEN_TAESD_REVISION"])
+def test_fetch_model_brings_taesd_beside_an_sd_latent_space_model_offline(
+    tmp_path: Path, override: str | None
+) -> None:
     """A model whose VAE is SD's gets TAESD with it: in the cache for a replica, in DIR/tiny_vae with
-    the commit it resolved for --to; the loader then has it (the tiny model stands in for SD 2.1)."""
+    the commit it resolved for --to; the loader then has it (the tiny model stands in for SD 2.1).
+    TAESD comes at its pinned commit, or at the revision ``ACTGEN_TAESD_REVISION`` names (here the
+    cache's ``main``, another commit): the marker records which, and the commit it resolved to."""
     model = build_tiny_model(tmp_path / "model")
     # SD 2.1's VAE is in that space, the tiny model's (its scale, not its architecture) and tiny-digits' not
     assert in_sd_latent_space(SD21_CONFIG_DIR) and not in_sd_latent_space(model)
@@ -61,7 +72,8 @@ def test_fetch_model_brings_taesd_beside_an_sd_latent_space_model_offline(tmp_pa
     )
     home = tmp_path / "hf"
     _cache_repo(home, REPO, COMMIT, model)
-    _cache_repo(home, TAESD, TAESD_COMMIT, taesd)
+    _cache_repo(home, TAESD, TAESD_REVISION, taesd, branch=None)  # the pinned commit: no ref needed
+    _cache_repo(home, TAESD, OTHER_TAESD_COMMIT, taesd)  # and main, at another commit
     target = tmp_path / "volume" / "model"
     script = f"""
 import actgen_generator.model_fetch as model_fetch
@@ -75,13 +87,17 @@ print("RESULT", code, type(loaded.tiny_vae).__name__, type(folder.tiny_vae).__na
 """
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.pop("ACTGEN_MODEL_REVISION", None)
+    env.pop("ACTGEN_TAESD_REVISION", None)
+    if override is not None:
+        env["ACTGEN_TAESD_REVISION"] = override
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RESULT 0 AutoencoderTiny AutoencoderTiny" in done.stdout, done.stderr[-3000:]
     marker = json.loads((target / TINY_VAE_DIR / ".actgen-tiny-vae.json").read_text())
-    assert marker == {"model": TAESD, "revision": TAESD_REVISION, "commit": TAESD_COMMIT}
+    expected = (override, OTHER_TAESD_COMMIT) if override else (TAESD_REVISION, TAESD_REVISION)
+    assert marker == {"model": TAESD, "revision": expected[0], "commit": expected[1]}
     assert (target / TINY_VAE_DIR / "diffusion_pytorch_model.safetensors").is_file()
 
 

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     model: str | None = None
     model_revision: str | None = None  # hub ids only: branch, tag or commit
+    # eq. 10's surrogate decoder for SD 1/2 (madebyollin/taesd): None is model_fetch.TAESD_REVISION, pinned
+    taesd_revision: str | None = None
     api_key: str | None = None  # one key: the ``default`` tenant, full access
     # keys of several tenants: a file, or the entries themselves ("sha256:<hex of the key> <tenant>
     # <role>" separated by newlines or ';'; role write or read), docs/operations.md
@@ -98,6 +100,9 @@ class Settings(BaseSettings):
     # warmed at every batch size of the OOM ladder before /readyz; channels-last memory for them
     compile: Literal["off", "default", "max-autotune"] = "off"
     channels_last: bool = False
+    # issue 26: a sampled batch's PNGs and latents are encoded and stored while the next batch samples
+    # (one batch at most in that stage; worker.py, docs/architecture.md 4.5); false: in the batch's thread
+    overlap_encode: bool = True
 
     @property
     def keys(self) -> Keys:

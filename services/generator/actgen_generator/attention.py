@@ -2,15 +2,19 @@
 
 An attention processor on the cross-attention layers at the mask resolution (latent/4, as in
 Attend-and-Excite: 16x16 for SD at 512 px; the nearest resolution with cross-attention in a
-model that has none there) computes the attention probabilities explicitly while recording is
-on, and keeps only the class-token map of the rows it is told to record. Every other layer keeps
-diffusers' fused ``AttnProcessor2_0`` (scaled_dot_product_attention), which never materialises
-the probabilities.
+model that has none there) computes its output with fused attention (scaled_dot_product_attention)
+and, while a step records, the attention probabilities of the conditional rows alone, explicitly,
+reduced to their class-token map. The map leaves the layer through a tensor the sampler passes in
+(:class:`ClassTokenRecord`, ``cross_attention_kwargs``) and the layer fills with a tensor op: no
+Python state changes inside the UNet, so ``ACTGEN_COMPILE`` traces the recording layers into its
+graph without a break (docs/architecture.md 5.4; ``tests/test_compile.py`` counts the breaks).
+Every other layer is diffusers' fused ``AttnProcessor2_0``, which never materialises the probabilities.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from actgen_shared.presets import PLACEHOLDER, prompt_text
 
 MASK_FACTOR = 4  # mask resolution = latent size / 4 (16x16 for 64x64 SD latents)
+# the UNet's cross_attention_kwargs key carrying a ClassTokenRecord: every processor's keyword parameter
+RECORD_KWARG = "class_token_record"
 
 
 def class_token_weights(tokenizer, class_name: str, template: str) -> torch.Tensor:
@@ -69,20 +75,34 @@ def _block_factor(name: str, n_blocks: int) -> int | None:
     return None  # mid block and others: not used for the mask (Attend-and-Excite: up/down only)
 
 
+class ClassTokenRecord(NamedTuple):
+    """What one UNet call records, passed to every attention layer as ``cross_attention_kwargs``.
+
+    ``weights`` (rows, tokens): the class-token weights of the call's recorded rows, which are its
+    *last* ``rows`` rows (the conditional half of the CFG batch: ``GuidedSampler._cfg_rows`` puts the
+    unconditional rows first). ``maps`` (layers, rows, queries): filled by the recording layers, one
+    slot each, with ``copy_``: a tensor op on a tensor the caller holds, no Python state changed, so
+    a compiled UNet records inside its graph; written again identically by a checkpointed re-forward.
+    """
+
+    weights: torch.Tensor
+    maps: torch.Tensor
+
+
 class AttentionRecorder:
     """Accumulates, per item, the class-token attention of one denoising step.
 
-    Before each UNet call the sampler says which rows of that call to record, for which items,
-    with which token weights (:meth:`expect`); the processors add ``mean over heads of
-    probs @ weights`` into a per-item sum, and :meth:`step_maps` averages over layers.
+    Before each UNet call the sampler asks for that call's :class:`ClassTokenRecord` (:meth:`record`:
+    None when this step records nothing) and passes it to the UNet; after the call it hands the
+    filled record back (:meth:`collect`), which adds each item's maps into a per-item sum, and
+    :meth:`step_maps` averages over layers. The recording layers never see this object.
     """
 
-    def __init__(self, factor: int) -> None:
+    def __init__(self, factor: int, layers: int = 0) -> None:
         self.factor = factor
+        self.layers = layers  # recording processors on the UNet (install_recorder sets it)
         self.recording = False
-        self._rows: torch.Tensor | None = None
-        self._items: torch.Tensor | None = None
-        self._weights: torch.Tensor | None = None
+        self.map_hw = (0, 0)
         self._sum: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
 
@@ -94,38 +114,29 @@ class AttentionRecorder:
         self._count = torch.zeros(batch_size, device=device, dtype=torch.float32)
         self.recording = True
 
-    def expect(
-        self, rows: torch.Tensor | None, items: torch.Tensor | None, weights: torch.Tensor | None
-    ) -> None:
-        """The next UNet call: record batch ``rows`` as ``items``, class tokens weighted by ``weights``.
+    def record(self, weights: torch.Tensor) -> ClassTokenRecord | None:
+        """The next UNet call's record, for its last ``len(weights)`` rows weighted by ``weights``;
+        None when the step is not recording or the call has no such rows."""
+        if not self.recording or weights.shape[0] == 0:
+            return None
+        queries = self.map_hw[0] * self.map_hw[1]
+        maps = weights.new_zeros((self.layers, weights.shape[0], queries), dtype=torch.float32)
+        return ClassTokenRecord(weights.float(), maps)
 
-        ``expect(None, None, None)`` records nothing until the next ``expect``.
-        """
-        self._rows, self._items, self._weights = rows, items, weights
-
-    def add(self, probs: torch.Tensor, heads: int) -> None:
-        """Add one layer's attention probabilities, shaped (batch * heads, queries, tokens)."""
-        rows, items, weights = self._rows, self._items, self._weights
-        if rows is None or rows.numel() == 0:
-            return
-        if items is None or weights is None:
-            raise RuntimeError("AttentionRecorder.expect named rows without their items and weights")
+    def collect(self, items: torch.Tensor, record: ClassTokenRecord) -> None:
+        """Add a UNet call's filled record into the sums of ``items`` (one per recorded row)."""
         total, count = self._sums()
-        probs = probs.detach().unflatten(0, (-1, heads))[rows]  # (rows, heads, q, k)
-        maps = torch.einsum("rhqk,rk->rq", probs.float(), weights) / heads
-        total.index_add_(0, items, maps)
-        count.index_add_(0, items, torch.ones_like(items, dtype=torch.float32))
+        total.index_add_(0, items, record.maps.sum(0))
+        count.index_add_(0, items, torch.full_like(items, self.layers, dtype=torch.float32))
 
     def reset(self) -> None:
         """Stop recording and drop this step's sums (after the loop, however it ended)."""
         self.recording = False
-        self._rows = self._items = self._weights = None
         self._sum = self._count = None
 
     def step_maps(self) -> torch.Tensor:
         """This step's class-token map per item, averaged over layers: (batch, h, w)."""
         self.recording = False
-        self._rows = None
         total, count = self._sums()
         maps = total / count.clamp(min=1.0)[:, None]
         return maps.view(-1, *self.map_hw)
@@ -137,10 +148,43 @@ class AttentionRecorder:
         return self._sum, self._count
 
 
-class RecordingAttnProcessor:
-    """Cross-attention that exposes its probabilities to an :class:`AttentionRecorder`."""
+class AttentionProbe(Protocol):
+    """An eager observer of a recording layer's full probabilities, graph kept (a training loss:
+    lab/actgen_lab/tiny_unet_training.py sets it as a processor's ``recorder``)."""
 
-    def __init__(self, recorder: AttentionRecorder) -> None:
+    recording: bool
+
+    def add(self, probs: torch.Tensor, heads: int) -> None: ...
+
+
+class FusedAttnProcessor(AttnProcessor2_0):
+    """diffusers' fused attention (SDPA) that takes the recorder's keyword and ignores it: diffusers
+    hands ``cross_attention_kwargs`` to every layer and drops, with a warning each call, a keyword
+    that a processor's signature does not name."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        class_token_record: ClassTokenRecord | None = None,
+    ) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class RecordingAttnProcessor:
+    """Cross-attention at the mask resolution: fused attention for the layer's output and, given a
+    :class:`ClassTokenRecord`, the class-token map of the recorded (conditional) rows only, written
+    into the record's slot ``slot``. Pure tensor work: nothing here breaks a compiled graph.
+
+    ``recorder``: an :class:`AttentionProbe` that wants every row's probabilities with their graph
+    (the tiny models' training); that path is eager (``torch.compiler.disable``) and never the sampler's.
+    """
+
+    def __init__(self, slot: int = 0, recorder: AttentionProbe | None = None) -> None:
+        self.slot = slot
         self.recorder = recorder
         self.fused = AttnProcessor2_0()
 
@@ -151,14 +195,16 @@ class RecordingAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
+        class_token_record: ClassTokenRecord | None = None,
     ) -> torch.Tensor:
-        if not self.recorder.recording or encoder_hidden_states is None:
+        if encoder_hidden_states is not None and self.recorder is not None and self.recorder.recording:
+            return self._probed(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if encoder_hidden_states is None or class_token_record is None:
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        return self._recording(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self._recording(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb, class_token_record
+        )
 
-    @torch.compiler.disable  # the recorder's sums are Python-side state: kept out of a compiled graph
     def _recording(
         self,
         attn: Attention,
@@ -166,8 +212,64 @@ class RecordingAttnProcessor:
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         temb: torch.Tensor | None,
+        record: ClassTokenRecord,
     ) -> torch.Tensor:
-        # The explicit path of diffusers' AttnProcessor, keeping the probabilities.
+        """AttnProcessor2_0's computation, plus the class-token map of the last rows into the record."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        mask = None
+        if attention_mask is not None:  # (batch * heads, 1 or queries, tokens)
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        # the map: explicit probabilities of the recorded rows only (the batch's last rows), detached
+        first = batch_size - record.weights.shape[0]
+        if attention_mask is not None:
+            mask = attention_mask[first * attn.heads :]
+        with torch.no_grad():
+            probs = attn.get_attention_scores(
+                attn.head_to_batch_dim(query[first:]), attn.head_to_batch_dim(key[first:]), mask
+            )
+            maps = torch.einsum("rhqk,rk->rq", probs.unflatten(0, (-1, attn.heads)).float(), record.weights)
+            record.maps[self.slot].copy_(maps / attn.heads)
+        # the layer's output: fused attention over every row, as AttnProcessor2_0 computes it
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (
+            t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)
+        )
+        if attention_mask is not None:
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    @torch.compiler.disable  # the probe's maps are Python-side state (a list it appends to)
+    def _probed(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The explicit path of diffusers' AttnProcessor, every row's probabilities to the probe."""
+        assert self.recorder is not None
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -197,26 +299,28 @@ class RecordingAttnProcessor:
 
 
 def install_recorder(unet, target_factor: int = MASK_FACTOR) -> AttentionRecorder:
-    """Put recording processors on the cross-attention at the mask resolution, SDPA elsewhere."""
+    """Put recording processors on the cross-attention at the mask resolution (one record slot
+    each), fused attention that takes the record's keyword elsewhere."""
     factor = mask_block_factor(unet, target_factor)
-    recorder = AttentionRecorder(factor)
     n_blocks = len(unet.config.block_out_channels)
     cross = {
         name
         for name, module in unet.named_modules()
         if isinstance(module, Attention) and module.is_cross_attention
     }
-    processors: dict[str, RecordingAttnProcessor | AttnProcessor2_0] = {}
+    processors: dict[str, RecordingAttnProcessor | FusedAttnProcessor] = {}
+    slots = 0
     for name in unet.attn_processors:
         module_name = name.removesuffix(".processor")
         if module_name in cross and _block_factor(name, n_blocks) == factor:
-            processors[name] = RecordingAttnProcessor(recorder)
+            processors[name] = RecordingAttnProcessor(slots)
+            slots += 1
         else:
-            processors[name] = AttnProcessor2_0()
-    if not any(isinstance(p, RecordingAttnProcessor) for p in processors.values()):
+            processors[name] = FusedAttnProcessor()
+    if not slots:
         raise ValueError(f"no cross-attention layer found at downsampling factor {factor}")
     unet.set_attn_processor(processors)
-    return recorder
+    return AttentionRecorder(factor, slots)
 
 
 def normalize_mask(accumulated: torch.Tensor) -> torch.Tensor:

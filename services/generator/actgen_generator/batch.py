@@ -1,5 +1,7 @@
 """One sampler batch: the jobs a replica runs, which of their items share a batch, and the work
-done in the sampler's thread (decode the guides, sample, encode PNGs and latents).
+done off the event loop: in the sampler's thread (decode the guides, sample: :func:`sample_batch`),
+then encoding the PNGs and latents (:func:`encode_batch`), which the worker runs while the next
+batch samples (``ACTGEN_OVERLAP_ENCODE``, docs/architecture.md 4.5).
 
 No Redis here: the worker (worker.py) fetches, stores and finishes; this module only decides
 and computes. Compatible jobs share a batch: the same options apart from the seed (so also the
@@ -23,6 +25,7 @@ import numpy as np
 from actgen_generator.contract import (
     Classifier,
     SampleItem,
+    SampleOutput,
     Sampler,
     StepCallback,
     generation_size,
@@ -54,11 +57,18 @@ class ActiveJob:
     pending: list[int]
     classifier: Classifier | None = None
     records: dict[int, ItemResult] = field(default_factory=dict)
+    # sampled items whose PNGs and latents are being encoded and stored: pending still, never resampled
+    encoding: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
 
     @property
     def job_id(self) -> str:
         return self.delivery.job_id
+
+    @property
+    def to_sample(self) -> list[int]:
+        """Pending items that no batch has sampled yet (or whose store failed: they run again)."""
+        return [k for k in self.pending if k not in self.encoding]
 
     @property
     def request(self) -> JobRequest:
@@ -95,16 +105,19 @@ class ActiveJob:
 
 
 def next_batch(active: Iterable[ActiveJob], solo: Collection[str], limit: int) -> list[tuple[ActiveJob, int]]:
-    """Up to ``limit`` pending items of the oldest job and of jobs compatible with it (a job in
-    ``solo``, whose shared batch failed, takes no company)."""
-    jobs = list(active)
+    """Up to ``limit`` items still to sample of the oldest job that has any and of jobs compatible
+    with it (a job in ``solo``, whose shared batch failed, takes no company); empty when every
+    pending item is being encoded and stored."""
+    jobs = [job for job in active if job.to_sample]
+    if not jobs:
+        return []
     first = jobs[0]
     key = first.batch_key
     batch: list[tuple[ActiveJob, int]] = []
     for job in jobs:
         if job.batch_key != key or (job is not first and (first.job_id in solo or job.job_id in solo)):
             continue
-        for index in job.pending:
+        for index in job.to_sample:
             if len(batch) >= limit:
                 return batch
             batch.append((job, index))
@@ -125,14 +138,15 @@ def runs_inline(sampler: Sampler, batch: list[tuple[ActiveJob, int]]) -> bool:
     return size <= INLINE_BATCH_BYTES
 
 
-def compute_batch(
+def sample_batch(
     sampler: Sampler,
     batch: list[tuple[ActiveJob, int]],
     banks: Mapping[str, Bank],
     on_step: StepCallback,
     max_image_side: int,
-) -> list[tuple[ItemResult, StoredItem]]:
-    """The batch's thread work in one hop: decode guides, sample, encode PNGs and latents.
+) -> list[SampleOutput]:
+    """The batch's sampler work: decode the guides, sample; the outputs' latents are moved to the
+    host here, so what follows (:func:`encode_batch`) never touches the device.
 
     The jobs of a batch share their options (but the seed) and classifier: the first job's are used.
     """
@@ -155,12 +169,22 @@ def compute_batch(
     outputs = sampler(items, first.request.options, classifier=first.classifier, on_step=on_step)
     if len(outputs) != len(batch):
         raise RuntimeError(f"sampler returned {len(outputs)} outputs for {len(batch)} items")
+    for output in outputs:
+        if output.latent is not None:
+            output.latent = output.latent.detach().float().cpu()
+    return outputs
+
+
+def encode_batch(
+    batch: list[tuple[ActiveJob, int]], outputs: list[SampleOutput]
+) -> list[tuple[ItemResult, StoredItem]]:
+    """Each item's PNG and (when kept) latent bytes, with its record: host work only."""
     done = []
     for (job, index), output in zip(batch, outputs, strict=True):
         request, item = job.request, job.request.items[index]
         latent = None
         if (request.options.return_latents or request.memory_bank_key) and output.latent is not None:
-            latent = codecs.latent_encode(output.latent.detach().float().cpu().numpy())
+            latent = codecs.latent_encode(output.latent.numpy())
         stored = StoredItem(
             index=index,
             class_id=item.class_id,
@@ -170,6 +194,17 @@ def compute_batch(
         )
         done.append((output.record.model_copy(update={"index": index}), stored))
     return done
+
+
+def compute_batch(
+    sampler: Sampler,
+    batch: list[tuple[ActiveJob, int]],
+    banks: Mapping[str, Bank],
+    on_step: StepCallback,
+    max_image_side: int,
+) -> list[tuple[ItemResult, StoredItem]]:
+    """:func:`sample_batch` then :func:`encode_batch` in one hop (the worker without overlap)."""
+    return encode_batch(batch, sample_batch(sampler, batch, banks, on_step, max_image_side))
 
 
 # Allocation failures, as torch and the CUDA libraries word them: "CUDA out of memory",
@@ -222,8 +257,10 @@ __all__ = [
     "Bank",
     "compute_batch",
     "device_lost",
+    "encode_batch",
     "free_memory",
     "next_batch",
     "out_of_memory",
     "runs_inline",
+    "sample_batch",
 ]

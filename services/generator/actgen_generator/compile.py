@@ -9,10 +9,10 @@ after the second size dynamo marks the batch dimension dynamic instead of compil
 anew (its recompile limit is never reached). ``ACTGEN_CHANNELS_LAST`` puts the UNet and VAE in
 channels-last memory (a GPU's tensor cores prefer it; on a CPU it was slower, docs/benchmarks.md).
 
-The attention recorder's explicit-probability path (attention.py) runs outside the graph
-(``torch.compiler.disable``): its per-item sums are Python-side state. The rest of every recording
-layer, and every other layer, is compiled. ``tests/test_compile.py`` checks compiled and eager
-images agree on the CPU.
+The attention recorder's layers are compiled with the rest of the UNet: they write the class-token
+map of the conditional rows into a tensor passed with the call (attention.ClassTokenRecord), never
+into Python state, so a recording call is one graph without a break (docs/architecture.md 5, step 4).
+``tests/test_compile.py`` counts the breaks and checks compiled and eager images agree on the CPU.
 """
 
 from __future__ import annotations

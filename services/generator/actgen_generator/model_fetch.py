@@ -9,8 +9,9 @@ file written last says the folder is complete. ``HF_TOKEN``, ``HF_HOME``, ``HF_H
 ``HF_ENDPOINT`` are read by huggingface_hub itself; nothing here sets or overrides them.
 
 A model in SD 1/2's latent space (a VAE of 4 latent channels scaled by 0.18215, SD 2.1 among them)
-gets eq. 10's surrogate decoder with it: TAESD (:data:`TAESD`, an ``AutoencoderTiny``) at
-:data:`TAESD_REVISION`, into the cache or ``DIR/tiny_vae`` (``pipeline.TINY_VAE_DIR``).
+gets eq. 10's surrogate decoder with it: TAESD (:data:`TAESD`, an ``AutoencoderTiny``) at the pinned
+commit :data:`TAESD_REVISION` (``ACTGEN_TAESD_REVISION`` names another), into the cache or
+``DIR/tiny_vae`` (``pipeline.TINY_VAE_DIR``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ MARKER = ".actgen-model.json"  # written last into a --to folder: the fetch comp
 # eq. 10's surrogate decoder for SD 1/2's latent space (docs/architecture.md 5): TAESD decodes the
 # scaled latents as they are (its scaling_factor is 1.0; the SD VAE's is 0.18215)
 TAESD = "madebyollin/taesd"
-# No commit of TAESD could be resolved where this was written (no network): the branch is named,
-# and fetch-model records the commit it got in DIR/tiny_vae/TINY_VAE_MARKER. Pin a commit here.
-TAESD_REVISION = "main"
+# The commit of TAESD fetched unless ACTGEN_TAESD_REVISION names another. Not resolved against the Hub
+# here (no network where it was pinned): it is the commit that public projects pinning madebyollin/taesd
+# name, as a revision with these very files (config.json, diffusion_pytorch_model.safetensors) and as
+# their Hugging Face cache's snapshot folder (docs/operations.md, "fetch-model"). A revision that does
+# not exist fails the fetch loudly; fetch-model records the commit it got in DIR/tiny_vae/TINY_VAE_MARKER.
+TAESD_REVISION = "614f76814bbe30edbe2e627ace1c2234c81a2c0e"
 TAESD_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors"]
 TINY_VAE_MARKER = ".actgen-tiny-vae.json"
 SD_LATENT_SCALE = 0.18215
@@ -114,6 +118,13 @@ def in_sd_latent_space(folder: Path) -> bool:
     )
 
 
+def taesd_revision() -> str:
+    """The TAESD revision to fetch: ``ACTGEN_TAESD_REVISION`` when set, else :data:`TAESD_REVISION`."""
+    from actgen_shared.settings import Settings
+
+    return Settings.from_env().taesd_revision or TAESD_REVISION
+
+
 def download_tiny_vae(local_dir: Path | None = None, required: bool = False) -> Path | None:
     """TAESD's folder (from the cache, fetched when missing), or None when it cannot be had.
 
@@ -123,8 +134,9 @@ def download_tiny_vae(local_dir: Path | None = None, required: bool = False) -> 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    revision = taesd_revision()
     try:  # into the cache first: offline, a --to folder is then filled from it all the same
-        path = Path(snapshot_download(TAESD, revision=TAESD_REVISION, allow_patterns=TAESD_PATTERNS))
+        path = Path(snapshot_download(TAESD, revision=revision, allow_patterns=TAESD_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
         if required:
             raise
@@ -133,7 +145,7 @@ def download_tiny_vae(local_dir: Path | None = None, required: bool = False) -> 
         return path
     _copy_from_cache(path, local_dir)
     # the snapshot folder is named by the commit the revision resolved to: recorded beside the weights
-    marker = {"model": TAESD, "revision": TAESD_REVISION, "commit": path.name}
+    marker = {"model": TAESD, "revision": revision, "commit": path.name}
     (local_dir / TINY_VAE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return local_dir
 
@@ -146,7 +158,7 @@ def cached_tiny_vae() -> Path | None:
     try:
         return Path(
             snapshot_download(
-                TAESD, revision=TAESD_REVISION, allow_patterns=TAESD_PATTERNS, local_files_only=True
+                TAESD, revision=taesd_revision(), allow_patterns=TAESD_PATTERNS, local_files_only=True
             )
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
@@ -284,4 +296,5 @@ __all__ = [
     "fetch_model",
     "in_sd_latent_space",
     "run",
+    "taesd_revision",
 ]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from actgen_generator.attention import (
+    RECORD_KWARG,
     class_token_weights,
     install_recorder,
     normalize_mask,
@@ -424,8 +425,8 @@ class GuidedSampler:
             return empty, empty
         sample = torch.cat([x[u_items], x[c_items]])
         embeds = torch.cat([uncond[u_items], cond[c_items]])
-        record_rows = torch.arange(len(c_items), device=self.device) + nu  # the class token is in c
-        eps = self._unet(sample, t, embeds, record_rows, c_items, token_weights[c_items])
+        # the class token is in c: the call's last rows are the ones recorded (attention.ClassTokenRecord)
+        eps = self._unet(sample, t, embeds, c_items, token_weights[c_items])
         return eps[:nu], eps[nu:]
 
     def _unet(
@@ -433,17 +434,21 @@ class GuidedSampler:
         sample: torch.Tensor,
         t: torch.Tensor,
         embeds: torch.Tensor,
-        record_rows: torch.Tensor,
         record_items: torch.Tensor,
         token_weights: torch.Tensor,
     ) -> torch.Tensor:
-        self.recorder.expect(record_rows, record_items, token_weights)
-        try:
-            out = self.unet(
-                sample.to(self.dtype), t, encoder_hidden_states=embeds.to(self.dtype), return_dict=False
-            )[0]
-        finally:  # a checkpointed re-forward during backward must not record again
-            self.recorder.expect(None, None, None)
+        """One UNet call; while a step records, the class-token maps of its last ``len(record_items)``
+        rows come back in a tensor the recording layers fill (no Python state inside the graph)."""
+        record = self.recorder.record(token_weights)
+        out = self.unet(
+            sample.to(self.dtype),
+            t,
+            encoder_hidden_states=embeds.to(self.dtype),
+            cross_attention_kwargs=None if record is None else {RECORD_KWARG: record},
+            return_dict=False,
+        )[0]
+        if record is not None:
+            self.recorder.collect(record_items, record)
         return out.float()
 
     def guidance_loss(self, x0: torch.Tensor, targets: GradientTargets) -> GuidanceLoss:

@@ -19,7 +19,13 @@ batch lets the lease lapse.
 * After every step: progress into the job hash and the cancel flag checked (without making
   the sampler wait on Redis); a cancelled job stops at the next step.
 * Store each batch's items at once (deduplicated in Redis), complete a job when all its
-  items are stored (in the same Lua call as its last items), and keep serving. A batch that
+  items are stored (in the same Lua call as its last items), and keep serving. With
+  ``settings.overlap_encode`` a sampled batch's PNGs and latents are encoded (in a thread) and
+  stored by a task of its own while the next batch samples: one batch at most in that stage, so
+  results are stored in batch order and memory stays bounded; its items stay pending (never
+  resampled) until stored, a batch that reads a memory bank the stage writes waits for it (the
+  bank is live), and the stage is awaited before a batch's failure is handled and before the jobs
+  are released on stop (docs/architecture.md 4.5). A batch that
   raises fails no job at once: its jobs run again one by one, so only a job that fails alone is
   failed (with the message); an out-of-memory error (cuBLAS and cuDNN allocation failures too)
   frees what the batch held and halves the batch size instead, and one at a single item is put
@@ -54,13 +60,15 @@ from actgen_generator.batch import (
     ActiveJob,
     Bank,
     compute_batch,
+    encode_batch,
     free_memory,
     next_batch,
     out_of_memory,
     runs_inline,
+    sample_batch,
 )
 from actgen_generator.classifiers import ClassifierCache
-from actgen_generator.contract import Cancelled, Sampler, StepCallback
+from actgen_generator.contract import Cancelled, SampleOutput, Sampler, StepCallback
 from actgen_generator.events import log_event
 from actgen_generator.faults import BatchHung, device_error, run_in_daemon_thread, synchronize, watchdog_limit
 from actgen_generator.metrics import Metrics
@@ -133,6 +141,8 @@ class Worker:
         self.admitting: dict[str, Delivery] = {}  # entry id -> fetched, not started yet
         self._fetched_at: dict[str, float] = {}  # entry id -> monotonic time it was handed to us
         self.hung = False  # a batch ran past the watchdog: its thread is stuck, the process must exit
+        self._stage: asyncio.Task[None] | None = None  # the sampled batch being encoded and stored
+        self._stage_banks: set[tuple[str, str]] = set()  # (tenant, bank key) that batch writes
 
     # --- lifecycle ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -170,6 +180,7 @@ class Worker:
                     await asyncio.sleep(ERROR_BACKOFF_S)
         finally:
             self._stop.set()
+            await self._drain_stage()  # stored, or its items pending still: released with their jobs
             if heartbeat is not None:
                 heartbeat.cancel()
             await self._release_all()
@@ -190,7 +201,11 @@ class Worker:
         await self._admit_waiting()
         await self._fill()
         if self.active and not self.stopping:
-            await self._run_batch(next_batch(self.active.values(), self._solo, self.batch_limit))
+            batch = next_batch(self.active.values(), self._solo, self.batch_limit)
+            if batch:
+                await self._run_batch(batch)
+            else:  # every pending item is in the encode stage: its store is what comes next
+                await self._drain_stage()
 
     async def _release_all(self) -> None:
         if self._abandoned:
@@ -268,7 +283,7 @@ class Worker:
         """
         block_ms = 0 if self.active else FETCH_BLOCK_MS
         while not self.stopping:
-            pending = sum(len(job.pending) for job in self.active.values()) + len(self.admitting)
+            pending = sum(len(job.to_sample) for job in self.active.values()) + len(self.admitting)
             if pending >= self.settings.max_batch:
                 return
             jobs = max(1, (self.settings.max_batch - pending) // self._items_per_job)
@@ -430,11 +445,14 @@ class Worker:
 
     # --- running a batch ------------------------------------------------------------------
     async def _run_batch(self, batch: list[tuple[ActiveJob, int]]) -> None:
-        """Run one batch through the sampler (in a thread) and store what it made."""
+        """Run one batch through the sampler (in a thread) and store what it made: at once, or by
+        the encode stage while the next batch samples (``settings.overlap_encode``)."""
         jobs = list({id(job): job for job, _ in batch}.values())
         for job in jobs:  # cancelled while waiting here: do not spend a batch on it
             if job.job_id in self._fresh:
                 continue  # just started: start() has looked at the cancel flag already
+            if job.encoding:
+                continue  # items of it are being stored: the batch's first step sees the flag
             if await self.queue.is_cancel_requested(job.job_id):
                 await self._cancel(job)
         self._fresh.clear()
@@ -442,16 +460,25 @@ class Worker:
         if not batch:
             return
         jobs = [job for job in jobs if job.job_id in self.active]
+        if self._stage_banks & {bank for job in jobs if (bank := self._bank_read(job))}:
+            await self._drain_stage()  # the bank is live: this batch sees the stored latents
         banks = {job.job_id: await self._read_bank(job, [k for j, k in batch if j is job]) for job in jobs}
         self._cancelled = set()
         self._lost = set()
         on_step = self._step_callback([job.job_id for job in jobs], asyncio.get_running_loop())
-        compute = functools.partial(
-            compute_batch, self.sampler, batch, banks, on_step, self.settings.max_image_side
+        inline = runs_inline(self.sampler, batch)
+        overlap = self.settings.overlap_encode and not inline
+        run = functools.partial(
+            sample_batch if overlap else compute_batch,
+            self.sampler,
+            batch,
+            banks,
+            on_step,
+            self.settings.max_image_side,
         )
 
-        def work() -> list[tuple[ItemResult, StoredItem]]:
-            done = compute()
+        def work() -> list[SampleOutput] | list[tuple[ItemResult, StoredItem]]:
+            done = run()
             synchronize()  # an asynchronous CUDA error lands here, on this batch, before anything is stored
             return done
 
@@ -464,23 +491,24 @@ class Worker:
         started = time.perf_counter()
         try:
             # a few small images of a sampler without a model: cheaper here than a thread hop
-            if runs_inline(self.sampler, batch):
+            if inline:
                 done = work()
             else:
                 done = await run_in_daemon_thread(work, limit, f"batch-{self.name}")
         except Cancelled:
+            await self._drain_stage()
             for job in jobs:
                 if job.job_id in self._cancelled and job.job_id in self.active:
                     await self._cancel(job)
             return  # stopping: the jobs are released by run(); others stay pending and rerun
         except Exception as exc:  # whatever the sampler raises fails its job (alone), never the loop
+            await self._drain_stage()
             await self._batch_failed(jobs, len(batch), exc)
             return
         elapsed = time.perf_counter() - started
         self._batch_succeeded(len(batch))
         self.metrics.batch_size.observe(len(batch))
         self.metrics.record_items(len(batch))
-        self.metrics.record_grad_steps(record for record, _ in done)
         log_event(
             "batch.done",
             None,
@@ -489,7 +517,68 @@ class Worker:
             jobs=[j.job_id for j in jobs],
             seconds=round(elapsed, 4),
         )
-        await self._store(batch, done)
+        await self._drain_stage()  # one batch at most in the stage: stored in batch order
+        if overlap:
+            self._start_stage(batch, done)  # type: ignore[arg-type]  # sample_batch's outputs
+            return
+        results: list[tuple[ItemResult, StoredItem]] = done  # type: ignore[assignment]  # compute_batch's
+        self.metrics.record_grad_steps(record for record, _ in results)
+        await self._store(batch, results)
+
+    # --- the encode stage -----------------------------------------------------------------
+    def _start_stage(self, batch: list[tuple[ActiveJob, int]], outputs: list[SampleOutput]) -> None:
+        """Hand a sampled batch to the encode stage (empty: :meth:`_drain_stage` ran); its items
+        stay pending, marked ``encoding`` so that no batch samples them again."""
+        for job, index in batch:
+            job.encoding.add(index)
+        self._stage_banks = {
+            (tenant_of_job(job.job_id), job.request.memory_bank_key)
+            for job, _ in batch
+            if job.request.memory_bank_key
+        }
+        self._stage = asyncio.create_task(self._encode_and_store(batch, outputs))
+
+    async def _encode_and_store(
+        self, batch: list[tuple[ActiveJob, int]], outputs: list[SampleOutput]
+    ) -> None:
+        """The stage: PNGs and latents encoded in a thread, then stored as :meth:`_store` does. It
+        raises nothing: a Redis outage leaves the items pending (sampled again, the lease kept by the
+        heartbeat), an encoding error is the batch's failure (its jobs run alone, then fail)."""
+        jobs = list({id(job): job for job, _ in batch}.values())
+        try:
+            try:
+                done = await asyncio.to_thread(encode_batch, batch, outputs)
+            except Exception as exc:  # the batch's own fault (a bad image array), as if the sampler raised
+                await self._batch_failed(jobs, len(batch), exc)
+                return
+            self.metrics.record_grad_steps(record for record, _ in done)
+            await self._store(batch, done, complete_others=False)
+        except RedisError as exc:  # the round's next call meets the outage too, and backs off
+            log_event("batch.store_failed", None, replica=self.name, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug: logged; the items are pending still and run again
+            log_event("worker.error", None, replica=self.name, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            for job, index in batch:
+                job.encoding.discard(index)
+
+    async def _drain_stage(self) -> None:
+        """Wait until the batch in the encode stage is stored (or its items are pending again)."""
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            await asyncio.shield(stage)  # a cancelled caller leaves the store to finish
+        self._stage_banks = set()
+
+    def _bank_read(self, job: ActiveJob) -> tuple[str, str] | None:
+        """(tenant, bank key) of the memory bank a batch of ``job`` reads when it starts, if any."""
+        request, options = job.request, job.request.options
+        if not (
+            options.mode is Mode.actgen
+            and request.memory_bank_key
+            and options.bank_sample > 0
+            and options.grad_steps > 0
+        ):
+            return None
+        return tenant_of_job(job.job_id), request.memory_bank_key
 
     async def _read_bank(self, job: ActiveJob, indices: list[int]) -> Bank:
         """The job's memory bank for the classes of this batch's items, read now (docs/architecture.md 5.7).
@@ -498,12 +587,7 @@ class Worker:
         batch or by the run's previous job) already counts: the bank is live.
         """
         request, options = job.request, job.request.options
-        if not (
-            options.mode is Mode.actgen
-            and request.memory_bank_key
-            and options.bank_sample > 0
-            and options.grad_steps > 0
-        ):
+        if self._bank_read(job) is None or not request.memory_bank_key:
             return {}
         return await memory_bank.sample_banks(
             self.queue,
@@ -552,11 +636,14 @@ class Worker:
             log_event("job.progress_failed", None, replica=self.name, error=str(exc))
 
     async def _store(
-        self, batch: list[tuple[ActiveJob, int]], done: list[tuple[ItemResult, StoredItem]]
+        self,
+        batch: list[tuple[ActiveJob, int]],
+        done: list[tuple[ItemResult, StoredItem]],
+        complete_others: bool = True,
     ) -> None:
         """Store each job's new items (one atomic step per job, the jobs at once; a job whose
-        last items these are is completed in that same step), then complete any other job that
-        has all its items."""
+        last items these are is completed in that same step), then (``complete_others``; the
+        encode stage leaves it to the loop) complete any other job that has all its items."""
         per_job: dict[str, list[tuple[ItemResult, StoredItem]]] = {}
         for (job, _), result in zip(batch, done, strict=True):
             per_job.setdefault(job.job_id, []).append(result)
@@ -582,7 +669,8 @@ class Worker:
                 self._completed(job, outcome)
         if outage is not None:
             raise outage
-        await self._complete_finished()
+        if complete_others:
+            await self._complete_finished()
 
     async def _store_job(self, job: ActiveJob, results: list[tuple[ItemResult, StoredItem]]) -> bool | None:
         """Store one job's new items; with its last ones, complete it in the same round trip.
