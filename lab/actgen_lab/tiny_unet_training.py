@@ -67,7 +67,7 @@ def attach_probe(unet: UNet2DConditionModel) -> AttentionProbe:
     probe = AttentionProbe(recorder.factor)
     for processor in unet.attn_processors.values():
         if isinstance(processor, RecordingAttnProcessor):
-            processor.recorder = probe  # type: ignore[assignment]  # same two members are used
+            processor.recorder = probe  # the AttentionProbe protocol: the two members the processor uses
     return probe
 
 
