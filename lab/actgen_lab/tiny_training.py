@@ -108,6 +108,8 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     version = VERSIONS[cfg.data]
+    if cfg.pooled_text and cfg.data == "backgrounds":
+        version = "tiny-backgrounds-v3"  # v2's VAE and data, the prompt also in the time embedding
     masks: torch.Tensor | None = None
     if cfg.data == "backgrounds":
         pool = broad_scenes(cfg.renders, cfg.seed, hard_share=cfg.hard_share)
@@ -313,11 +315,15 @@ def _model_card(meta: dict) -> str:
     if cfg["data"] == "backgrounds":
         what = (
             f"{cfg['renders']} renders of every digit of the digits train split on procedural backgrounds\n"
-            "(`actgen_lab.backgrounds` v2: ten kinds, random colours, frequency and place, digits 20-28 px,\n"
+            "(`actgen_lab.backgrounds.broad_scenes`: ten kinds, random colours, frequency and place, digits 20-28 px,\n"
             f"{cfg.get('hard_share', 0.0):g} of them in their class's hard style; no class-background correlation), "
         )
         title = "the digits on backgrounds"
         attention = f" Cross-attention at the 8x8 latent resolution; class-token attention loss weight {cfg['attn_weight']:g}."
+        if cfg.get("pooled_text"):
+            attention += (
+                " The prompt, attention-pooled, is also added to the UNet's time embedding (`--pooled-text`)."
+            )
     else:
         what, title, attention = "scikit-learn's 8x8 digits upscaled to 32x32 RGB, ", "the digits", ""
     return (

@@ -62,8 +62,8 @@ def train_vae(
     return {
         "steps": done,
         "seconds": round(clock(), 1),
-        "final_recon_loss": recon,
-        "final_kl": kl,
+        "final_recon_loss": recon if done else None,  # None, not NaN: the file stays strict JSON
+        "final_kl": kl if done else None,
     }
 
 
