@@ -60,7 +60,9 @@ gpu-bundle: setup
 
 # ablation: every arm x 5 seeds on the low-data digits (resumable; ends with its wall time).
 # ABLATION_ARGS="--arms real,aig --seeds 8" picks arms and seeds. TESTBED=backgrounds: the digits on
-# class-correlated backgrounds, 10 seeds (models/tiny-backgrounds; docs/ablation.md).
+# class-correlated backgrounds (models/tiny-backgrounds; docs/ablation.md), 10 seeds of each diffusion
+# arm beside its oracle (ABLATION_ARGS="--seeds 5": about 45 min on a quiet 2-core CPU; --arms all:
+# every arm).
 ABLATION_ARGS ?=
 TESTBED ?= digits
 ablation: setup

@@ -235,3 +235,17 @@ def test_miniature_backgrounds_grid_measures_what_the_mechanisms_did(tmp_path: P
     assert 0 < extra["change_inside"] <= 1 and 0 < extra["change_outside"] <= 1
     table = (out / "table.md").read_text()
     assert "worst-group" in table and "| aig |" in table and "eq. 8 mask IoU" in table
+
+
+def test_the_default_backgrounds_arms_set_each_diffusion_arm_beside_its_oracle() -> None:
+    """`make ablation TESTBED=backgrounds` (no --arms): the paired arms that fit 45 min for 5 seeds;
+    `--arms all` every arm; the digits testbed keeps every arm by default."""
+    from actgen_lab.arms import ARMS, TESTBEDS, parse_arms
+
+    bed = TESTBEDS["backgrounds"]
+    default = parse_arms(None, bed.arms, bed.default_arms)
+    diffusion = [a for a in default if a != "real" and not a.startswith("oracle-")]
+    assert default[0] == "real" and diffusion == ["random", "ig", "aig", "actgen"]
+    assert all(f"oracle-{a}" in default for a in diffusion) and len(default) == 1 + 2 * len(diffusion)
+    assert parse_arms("all", bed.arms, bed.default_arms) == list(bed.arms) and len(bed.arms) > 20
+    assert parse_arms(None, ARMS, TESTBEDS["digits"].default_arms) == list(ARMS)

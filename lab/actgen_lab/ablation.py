@@ -297,7 +297,7 @@ def run_ablation(
     started = time.perf_counter()
     bed = testbed_named(testbed)
     table = bed.arms
-    arms = list(table) if arms is None else parse_arms(",".join(arms), table)
+    arms = parse_arms(None if arms is None else ",".join(arms), table, bed.default_arms)
     seed_list = check_seeds(bed.seeds if seeds is None else seeds)
     out = Path(bed.out if out is None else out).resolve()
     config = _in_repo(

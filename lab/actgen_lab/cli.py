@@ -72,7 +72,11 @@ def add_ablate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         return ", ".join(f"{t.name}: {getattr(t, attr)}" for t in ablation.TESTBEDS.values())
 
     ablate.add_argument("--config", default=None, help=f"base trainer config (default {per_bed('config')})")
-    ablate.add_argument("--arms", help="comma-separated arm names (default: all of the testbed's)")
+    ablate.add_argument(
+        "--arms",
+        help="comma-separated arm names, or all (default digits: all; backgrounds: each diffusion "
+        "arm beside its oracle: real, random, ig, aig, actgen and oracle-random ... oracle-actgen)",
+    )
     ablate.add_argument(
         "--seeds", type=int, default=None, help=f"seeds 0..N-1 per arm (default {per_bed('seeds')})"
     )
@@ -101,7 +105,8 @@ def _ablate(args: argparse.Namespace) -> int:
     from actgen_trainer.config import ConfigError
 
     bed = ablation.testbed_named(args.testbed)
-    arms = ablation.parse_arms(args.arms, bed.arms)  # names the unknown arm before anything starts
+    # names the unknown arm before anything starts
+    arms = ablation.parse_arms(args.arms, bed.arms, bed.default_arms)
     ablation.check_seeds(bed.seeds if args.seeds is None else args.seeds)
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
