@@ -24,7 +24,7 @@ The split (everything is deterministic from :data:`SPLIT_SEED`):
   the validation slice the hard samples are mined from, which the trainer sees as the tail of its
   train source (``JoinedImages``). In v2 (data set ``backgrounds-v2``) the configs cut the slice
   from the 1438, so it carries the shortcut and the rare style too, and mining found few
-  hard-style guides (docs/ablation.md 7.3, 7.5);
+  hard-style guides (docs/ablation.md 7.3, 8);
 * ``test``: each digit of the digits test split :data:`TEST_RENDERS` times (7180 images), in a
   random order so that any prefix (the loop's per-epoch monitor) is a fair sample of all four groups;
 * :func:`broad_scenes`: the generator's training pool, every train digit on every kind, the styles
