@@ -16,7 +16,7 @@ from actgen_generator.attention import class_token_weights
 from actgen_generator.diffusers_classes import (
     StableDiffusionPipeline,
 )
-from actgen_generator.tiny_model import TINY_TEXT, build_tiny_pipeline
+from actgen_generator.tiny_model import TINY_UNET, build_tiny_pipeline
 from actgen_shared.digits import DigitsSplit
 from actgen_shared.digits import load_digits_split as shared_digits_split
 from actgen_shared.labels import DIGITS
@@ -42,19 +42,12 @@ TINY_DIGITS_VAE = dict(
     sample_size=IMAGE_SIZE,
 )
 
-TINY_DIGITS_UNET = dict(
-    sample_size=IMAGE_SIZE // 4,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=(1, 2),  # diffusers' name for the number of heads (as SD 2.1's config)
-    cross_attention_dim=TINY_TEXT["hidden_size"],
-    use_linear_projection=True,
-    norm_num_groups=16,
-)
+TINY_DIGITS_UNET = {  # the generator's tiny UNet (same blocks and heads), wider, at 8x8 latents
+    **TINY_UNET,
+    "sample_size": IMAGE_SIZE // 4,
+    "block_out_channels": (32, 64),
+    "norm_num_groups": 16,
+}
 
 # Backgrounds: a wider VAE (textures, not just strokes) and cross-attention at the latent
 # resolution only (down block 0, the last up block; the mid block keeps its own at 4x4), so
