@@ -203,3 +203,44 @@ def test_pooled_text_conditions_every_block_through_the_time_embedding(tmp_path)
 def test_vae_steps_zero_keeps_an_initial_vae_and_needs_one(capsys) -> None:
     with pytest.raises(SystemExit, match="--vae-steps must be >= 1"):
         cli.main(["train-tiny-model", "--data", "backgrounds", "--out", "x", "--vae-steps", "0"])
+
+
+def test_kind_judge_learns_the_vae_reconstructions_beside_the_originals(monkeypatch) -> None:
+    """(g)'s judge reads generated images, which the VAE draws: it is fitted on the pool's
+    originals and their reconstructions, labelled alike (a judge of originals alone read 0.22 of
+    v2's reconstructions)."""
+    from actgen_lab import tiny_unet_training
+    from actgen_lab.backgrounds import broad_scenes
+    from actgen_lab.tiny_recipe import to_model_pixels
+    from actgen_lab.tiny_vae_training import reconstruct
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def fit(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch: int) -> str:
+        seen["x"], seen["y"] = x, y
+        return "judge"
+
+    monkeypatch.setattr(tiny_unet_training.ReferenceClassifier, "fit", fit)
+    vae = build_untrained(0, "backgrounds").vae.eval()
+    pool = broad_scenes(1, 1, hard_share=0.5)
+    assert tiny_unet_training.train_kind_classifier(renders=1, vae=vae) == "judge"
+    n = len(pool.images)
+    assert seen["x"].shape[0] == 2 * n and torch.equal(seen["y"][:n], seen["y"][n:])
+    assert torch.equal(seen["y"][:n], torch.from_numpy(pool.kinds))
+    assert torch.equal(seen["x"][:n], to_model_pixels(pool.images))
+    assert torch.equal(seen["x"][n:], to_model_pixels(reconstruct(vae, pool.images)))
+    tiny_unet_training.train_kind_classifier(renders=1)  # no VAE: the originals alone
+    assert seen["x"].shape[0] == n
+
+
+def test_kind_judge_command_names_a_folder_that_is_not_a_backgrounds_model(tmp_path) -> None:
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(SystemExit, match="not a backgrounds model folder"):
+        cli.main(["kind-judge", str(tmp_path)])
+    assert not (tmp_path / "kind_classifier.safetensors").exists()
+
+
+def test_eval_model_names_an_option_out_of_a_requests_range_before_it_loads_anything(tmp_path) -> None:
+    (tmp_path / "vae").mkdir()  # a folder, not a model: the options are checked first
+    with pytest.raises(SystemExit, match="image_guidance_strength"):
+        cli.main(["eval-model", str(tmp_path), "--image-guidance-strength", "5000"])

@@ -7,6 +7,7 @@ Usage::
     actgen-lab pairs OUT A-B [C-D ...]
     actgen-lab train-tiny-model --data digits|backgrounds --out DIR [...]
     actgen-lab eval-model DIR [...]
+    actgen-lab kind-judge DIR
     actgen-lab distil-tiny-decoder --model DIR [...]
 """
 
@@ -41,6 +42,11 @@ SUBCOMMANDS = (
         "eval-model",
         "check a tiny digits or backgrounds model: class-conditional accuracy, faithfulness, diversity",
         "actgen_lab.model_eval:add_parser",
+    ),
+    Subcommand(
+        "kind-judge",
+        "train a backgrounds model's kind CNN again so it reads its VAE's images (eval-model's (g))",
+        "actgen_lab.model_eval:add_kind_judge_parser",
     ),
     Subcommand(
         "distil-tiny-decoder",

@@ -86,6 +86,7 @@ class EvalReport:
     ig_kind_kept: float | None = None  # (g) ig images whose background kind is the guide's
     aig_kind_changed: float | None = None  # (g) aig images whose background kind is not the guide's
     kind_accuracy: float | None = None  # the kind classifier on real test images
+    kind_accuracy_reconstructed: float | None = None  # ... on their VAE reconstructions (what it can read)
     saturation_kept: float | None = None  # (h) reconstructions' saturation / the originals'
     saturation_real: float | None = None  # (h) the originals' colour saturation (mean RGB std per pixel)
     saturation_random: float | None = None  # random-mode images' saturation (next to (h))
@@ -153,8 +154,11 @@ class EvalReport:
         if self.ig_faithfulness is not None:
             extra.append(f"(f) ig mode, classified as the guide's digit: {self.ig_faithfulness:.3f}")
         if self.ig_kind_kept is not None and self.aig_kind_changed is not None:
+            on_vae = self.kind_accuracy_reconstructed
             extra.append(
-                f"(g) background kind (kind CNN, {self.kind_accuracy:.3f} on real test images): "
+                f"(g) background kind (kind CNN, {self.kind_accuracy:.3f} on real test images"
+                + (f", {on_vae:.3f} on their VAE reconstructions" if on_vae is not None else "")
+                + "): "
                 f"ig keeps the guide's {self.ig_kind_kept:.3f}, aig changes it {self.aig_kind_changed:.3f}"
             )
         if self.saturation_kept is not None:
@@ -287,11 +291,18 @@ def evaluate(
     guidance_scale: float | None = None,
     data: str | None = None,
     cfg1: bool = False,
+    image_guidance_strength: float | None = None,
 ) -> EvalReport:
     """Measure (a), (b) and (c) (and (d), (e) on backgrounds) for the diffusers folder or hub id ``model``.
 
     ``data``: digits or backgrounds; None reads it from the model folder.
     """
+    asked: dict[str, float] = {"num_inference_steps": steps, "seed": seed, "grad_steps": 0}  # no gradients
+    if guidance_scale is not None:
+        asked["guidance_scale"] = guidance_scale
+    if image_guidance_strength is not None:  # eq. 7's i, stated for the request's reference steps (40)
+        asked["image_guidance_strength"] = image_guidance_strength
+    base = GenerationOptions.model_validate(asked)  # out of a request's range: ValueError naming it
     start = time.monotonic()
     data = model_data(model) if data is None else data
     ev = _eval_data(data, model)
@@ -304,9 +315,6 @@ def evaluate(
             f"model {model!r} generates {loaded.native_size} px, not a multiple of {FEATURE_SIDE}"
         )
     sampler = GuidedSampler(loaded)
-    base = GenerationOptions(num_inference_steps=steps, seed=seed, grad_steps=0)  # random, aig: no gradients
-    if guidance_scale is not None:
-        base = base.model_copy(update={"guidance_scale": guidance_scale})
     rng = np.random.default_rng(seed)
     blank = np.zeros((loaded.native_size, loaded.native_size, 3), np.uint8)
 
@@ -348,10 +356,13 @@ def evaluate(
         figures["aig_kind_changed"] = float(np.mean(kind_clf.predict(generated) != guide_kinds))
         assert ev.test_kinds is not None
         figures["kind_accuracy"] = float(np.mean(kind_clf.predict(ev.test_images) == ev.test_kinds))
-        sample = ev.test_images[rng.permutation(len(ev.test_images))[:N_RECONSTRUCTED]]
+        chosen = rng.permutation(len(ev.test_images))[:N_RECONSTRUCTED]
+        sample = ev.test_images[chosen]
         figures["saturation_real"] = colour_saturation(sample)
-        figures["saturation_kept"] = colour_saturation(reconstruct(loaded.pipe.vae, sample)) / max(
-            figures["saturation_real"], 1e-12
+        rebuilt = reconstruct(loaded.pipe.vae, sample)
+        figures["saturation_kept"] = colour_saturation(rebuilt) / max(figures["saturation_real"], 1e-12)
+        figures["kind_accuracy_reconstructed"] = float(
+            np.mean(kind_clf.predict(rebuilt) == ev.test_kinds[chosen])
         )
     if ev.test_masks is not None and maps:  # (d), (e): the guides' true digit masks
         import torch
@@ -441,6 +452,12 @@ def add_parser(subparsers) -> None:
         default=None,
         help="CFG scale (default: the service's for the model: its defaults file, else the released preset)",
     )
+    p.add_argument(
+        "--image-guidance-strength",
+        type=float,
+        default=None,
+        help="eq. 7's i, stated for 40 steps as a request states it (default: the service's, 12.5)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of guide choice and noise")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument(
@@ -473,6 +490,7 @@ def _run(args) -> int:
             args.guidance_scale,
             args.data,
             args.cfg1,
+            args.image_guidance_strength,
         )
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"actgen-lab eval-model: {exc}") from None
@@ -480,3 +498,60 @@ def _run(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({**asdict(report), "passed": report.passed}, indent=2) + "\n")
     return 0 if report.passed else 1
+
+
+# ---------------------------------------------------------------------- the kind judge
+def retrain_kind_judge(model: str) -> dict[str, float]:
+    """Train ``model``'s kind CNN again on the pool's originals and their reconstructions through
+    its VAE, replace ``model/kind_classifier.safetensors`` (atomically), and return the new judge's
+    accuracy on the backgrounds test split and on its VAE reconstructions.
+
+    (g) asks whether a generated image shows the guide's kind; a judge that cannot read the VAE's
+    images of a kind reads every generated image as "changed" (train_kind_classifier).
+    """
+    import os
+
+    from actgen_generator.diffusers_classes import AutoencoderKL
+
+    folder = Path(model).expanduser()
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    judge = train_kind_classifier(vae=vae)
+    test = backgrounds.load_backgrounds_split().test
+    assert test.kinds is not None
+    figures = {
+        "kind_accuracy": float(np.mean(judge.predict(test.images) == test.kinds)),
+        "kind_accuracy_reconstructed": float(
+            np.mean(judge.predict(reconstruct(vae, test.images)) == test.kinds)
+        ),
+    }
+    partial = folder / (KIND_FILE + ".partial")
+    judge.save(partial)
+    os.replace(partial, folder / KIND_FILE)
+    return figures
+
+
+def add_kind_judge_parser(subparsers) -> None:
+    """``actgen-lab kind-judge``."""
+    p = subparsers.add_parser(
+        "kind-judge",
+        help="train a backgrounds model's kind CNN again on originals and its VAE's reconstructions",
+        description="Replace MODEL/kind_classifier.safetensors (the judge of eval-model's (g)) with one "
+        "trained on the backgrounds pool and the pool's reconstructions through MODEL's VAE, and print "
+        "its accuracy on the test split and on the test split's reconstructions.",
+    )
+    p.add_argument("model", help="a backgrounds model folder (train-tiny-model --data backgrounds)")
+    p.set_defaults(func=_run_kind_judge)
+
+
+def _run_kind_judge(args) -> int:
+    folder = Path(args.model).expanduser()
+    if model_data(str(folder)) != "backgrounds" or not (folder / "vae").is_dir():
+        raise SystemExit(
+            f"actgen-lab kind-judge: {args.model!r} is not a backgrounds model folder with a vae/"
+        )
+    figures = retrain_kind_judge(str(folder))
+    print(
+        f"wrote {folder / KIND_FILE}: kind accuracy {figures['kind_accuracy']:.3f} on the test split, "
+        f"{figures['kind_accuracy_reconstructed']:.3f} on its VAE reconstructions"
+    )
+    return 0
