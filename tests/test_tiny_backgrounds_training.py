@@ -244,3 +244,32 @@ def test_eval_model_names_an_option_out_of_a_requests_range_before_it_loads_anyt
     (tmp_path / "vae").mkdir()  # a folder, not a model: the options are checked first
     with pytest.raises(SystemExit, match="image_guidance_strength"):
         cli.main(["eval-model", str(tmp_path), "--image-guidance-strength", "5000"])
+
+
+def test_kind_judge_command_replaces_the_folders_judge_and_reports_both_readings(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """The command on the shipped model's folder (a copy), with a one-epoch judge to stay fast: the
+    file is replaced by a loadable judge, no partial file is left, and both accuracies are printed."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from actgen_lab import model_eval
+    from actgen_lab.backgrounds import ReferenceClassifier
+
+    model = tmp_path / "model"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "tiny-backgrounds", model)
+    before = (model / "kind_classifier.safetensors").read_bytes()
+    real = model_eval.train_kind_classifier
+    monkeypatch.setattr(model_eval, "train_kind_classifier", lambda vae: real(renders=1, epochs=1, vae=vae))
+    assert cli.main(["kind-judge", str(model)]) == 0
+    printed = capsys.readouterr().out
+    found = re.search(
+        r"kind accuracy ([0-9.]+) on the test split, ([0-9.]+) on its VAE reconstructions", printed
+    )
+    assert found, printed
+    assert all(0.1 < float(v) <= 1 for v in found.groups())  # ten kinds: chance is 0.1
+    after = (model / "kind_classifier.safetensors").read_bytes()
+    assert after != before and not (model / "kind_classifier.safetensors.partial").exists()
+    ReferenceClassifier.load(model / "kind_classifier.safetensors")
