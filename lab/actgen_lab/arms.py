@@ -113,8 +113,8 @@ ARMS_ORACLE: dict[str, list[str]] = {
 }
 ARMS_BACKGROUNDS.update(ARMS_ORACLE)
 # What `make ablation TESTBED=backgrounds` runs unless --arms names others (`--arms all`: every arm):
-# each diffusion arm beside its oracle counterpart, about 45 min for 5 seeds on a quiet 2-core CPU
-# (a diffusion cell 70-85 s, an oracle or real cell 25-40 s).
+# each diffusion arm beside its oracle counterpart: 45 cells in 35 min for 5 seeds on a quiet 2-core
+# CPU, measured with the v4 generator (a diffusion cell 65-92 s, an oracle or real cell 20-30 s).
 BACKGROUNDS_DEFAULT_ARMS = (
     "real",
     "random",

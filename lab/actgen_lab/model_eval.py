@@ -23,6 +23,7 @@ the guide's digit (what eq. 8 promises: little inside, more outside).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from itertools import combinations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actgen_generator.diffusers_classes import AutoencoderKL
 from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
@@ -265,11 +267,11 @@ def _eval_data(data: str, model: str) -> _EvalData:
     return _EvalData(digits.test_images, digits.test_labels, None, ReferenceClassifier(digits))
 
 
-def _kind_classifier(model: str) -> backgrounds.ReferenceClassifier:
+def _kind_classifier(model: str, vae: AutoencoderKL) -> backgrounds.ReferenceClassifier:
     """The background-kind CNN the model folder ships (``train-tiny-model`` writes it), else one
-    trained now (about a minute)."""
+    trained now on the pool and its reconstructions through ``vae`` (about a minute)."""
     path = Path(model).expanduser() / KIND_FILE
-    return backgrounds.ReferenceClassifier.load(path) if path.is_file() else train_kind_classifier()
+    return backgrounds.ReferenceClassifier.load(path) if path.is_file() else train_kind_classifier(vae=vae)
 
 
 def _pick_per_class(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -348,7 +350,7 @@ def evaluate(
     aig_faithfulness = float(np.mean(reference.predict(generated) == guide_labels))
     aig_guide_accuracy = float(np.mean(reference.predict(guides) == guide_labels))
     if data == "backgrounds":  # (f), (g), (h): ig on the same guides and seeds, kinds, the VAE
-        kind_clf = _kind_classifier(model)
+        kind_clf = _kind_classifier(model, loaded.pipe.vae)
         ig_images = _generate(sampler, items, base.model_copy(update={"mode": Mode.ig}))
         figures["ig_faithfulness"] = float(np.mean(reference.predict(ig_images) == guide_labels))
         guide_kinds = kind_clf.predict(guides)
@@ -509,10 +511,6 @@ def retrain_kind_judge(model: str) -> dict[str, float]:
     (g) asks whether a generated image shows the guide's kind; a judge that cannot read the VAE's
     images of a kind reads every generated image as "changed" (train_kind_classifier).
     """
-    import os
-
-    from actgen_generator.diffusers_classes import AutoencoderKL
-
     folder = Path(model).expanduser()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     judge = train_kind_classifier(vae=vae)
