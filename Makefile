@@ -88,10 +88,10 @@ ablation-oracle: setup
 
 # tiny-backgrounds-model: retrain models/tiny-backgrounds, the generator of the backgrounds testbed
 # (v4: v2's VAE trained 1,600 steps more, then the UNet, 10k steps; about 30 min on a quiet 2-core
-# CPU; probes and OUT.ckpt every 1000 UNet steps), then its kind judge again on the new VAE's images
-# and eq. 10's surrogate decoder distilled from it; then `actgen-lab eval-model models/tiny-backgrounds
-# --cfg1` gives the model card's figures. It starts from v2's VAE and reference CNN (commit 604a892)
-# and keeps the folder's defaults file. v3 (v2's VAE as it was, --vae-steps 0) and v2: this target
+# CPU; probes, read by v2's judges, and OUT.ckpt every 1000 UNet steps), then both judges (the digit
+# and the background kind) again on the new VAE's images and eq. 10's surrogate decoder distilled from
+# it; then `actgen-lab eval-model models/tiny-backgrounds --cfg1` gives the model card's figures. It
+# starts from v2's VAE and judges (commit 604a892) and keeps the folder's defaults file. v3 (v2's VAE as it was, --vae-steps 0) and v2: this target
 # at commits ca2f97b and 604a892.
 V2_MODEL := runs/tiny-backgrounds-v2
 V2_COMMIT := 604a892
@@ -107,7 +107,7 @@ tiny-backgrounds-model: setup
 	    --class-token-norm 8 --pooled-text --checkpoint-every 1000 --unet-batch 32 \
 	    --init-vae $(V2_MODEL) --judges $(V2_MODEL) --threads 2
 	cp $(V2_MODEL)/actgen_defaults.json models/tiny-backgrounds/
-	$(VENV)/bin/actgen-lab kind-judge models/tiny-backgrounds
+	$(VENV)/bin/actgen-lab judges models/tiny-backgrounds
 	$(VENV)/bin/actgen-lab distil-tiny-decoder --model models/tiny-backgrounds --budget-s 360 --threads 2
 
 CHAOS_MINUTES ?= 10

@@ -205,10 +205,15 @@ def test_vae_steps_zero_keeps_an_initial_vae_and_needs_one(capsys) -> None:
         cli.main(["train-tiny-model", "--data", "backgrounds", "--out", "x", "--vae-steps", "0"])
 
 
-def test_kind_judge_learns_the_vae_reconstructions_beside_the_originals(monkeypatch) -> None:
-    """(g)'s judge reads generated images, which the VAE draws: it is fitted on the pool's
-    originals and their reconstructions, labelled alike (a judge of originals alone read 0.22 of
-    v2's reconstructions)."""
+@pytest.mark.parametrize(
+    ("train", "truth"), [("train_digit_classifier", "labels"), ("train_kind_classifier", "kinds")]
+)
+def test_judges_learn_the_vae_reconstructions_beside_the_originals(
+    monkeypatch, train: str, truth: str
+) -> None:
+    """The judges read generated images, which the VAE draws: each is fitted on the pool's originals
+    and their reconstructions, labelled alike (judges of originals alone read 0.78 (the digit) and
+    0.28 (the kind) of v4's reconstructions)."""
     from actgen_lab import tiny_unet_training
     from actgen_lab.backgrounds import broad_scenes
     from actgen_lab.tiny_recipe import to_model_pixels
@@ -223,21 +228,22 @@ def test_kind_judge_learns_the_vae_reconstructions_beside_the_originals(monkeypa
     monkeypatch.setattr(tiny_unet_training.ReferenceClassifier, "fit", fit)
     vae = build_untrained(0, "backgrounds").vae.eval()
     pool = broad_scenes(1, 1, hard_share=0.5)
-    assert tiny_unet_training.train_kind_classifier(renders=1, vae=vae) == "judge"
+    assert getattr(tiny_unet_training, train)(renders=1, vae=vae) == "judge"
     n = len(pool.images)
     assert seen["x"].shape[0] == 2 * n and torch.equal(seen["y"][:n], seen["y"][n:])
-    assert torch.equal(seen["y"][:n], torch.from_numpy(pool.kinds))
+    assert torch.equal(seen["y"][:n], torch.from_numpy(getattr(pool, truth)))
     assert torch.equal(seen["x"][:n], to_model_pixels(pool.images))
     assert torch.equal(seen["x"][n:], to_model_pixels(reconstruct(vae, pool.images)))
-    tiny_unet_training.train_kind_classifier(renders=1)  # no VAE: the originals alone
+    getattr(tiny_unet_training, train)(renders=1)  # no VAE: the originals alone
     assert seen["x"].shape[0] == n
 
 
-def test_kind_judge_command_names_a_folder_that_is_not_a_backgrounds_model(tmp_path) -> None:
+def test_judges_command_names_a_folder_that_is_not_a_backgrounds_model(tmp_path) -> None:
     (tmp_path / "vae").mkdir()
     with pytest.raises(SystemExit, match="not a backgrounds model folder"):
-        cli.main(["kind-judge", str(tmp_path)])
+        cli.main(["judges", str(tmp_path)])
     assert not (tmp_path / "kind_classifier.safetensors").exists()
+    assert not (tmp_path / "reference_classifier.safetensors").exists()
 
 
 def test_eval_model_names_an_option_out_of_a_requests_range_before_it_loads_anything(tmp_path) -> None:
@@ -246,11 +252,12 @@ def test_eval_model_names_an_option_out_of_a_requests_range_before_it_loads_anyt
         cli.main(["eval-model", str(tmp_path), "--image-guidance-strength", "5000"])
 
 
-def test_kind_judge_command_replaces_the_folders_judge_and_reports_both_readings(
+def test_judges_command_replaces_both_judges_and_reports_their_readings(
     tmp_path, monkeypatch, capsys
 ) -> None:
-    """The command on the shipped model's folder (a copy), with a one-epoch judge to stay fast: the
-    file is replaced by a loadable judge, no partial file is left, and both accuracies are printed."""
+    """The command on the shipped model's folder (a copy), with one-epoch judges to stay fast: both
+    files are replaced by loadable judges, no partial file is left, and each judge's accuracy on the
+    test split and on its reconstructions is printed."""
     import re
     import shutil
     from pathlib import Path
@@ -260,16 +267,20 @@ def test_kind_judge_command_replaces_the_folders_judge_and_reports_both_readings
 
     model = tmp_path / "model"
     shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "tiny-backgrounds", model)
-    before = (model / "kind_classifier.safetensors").read_bytes()
-    real = model_eval.train_kind_classifier
-    monkeypatch.setattr(model_eval, "train_kind_classifier", lambda vae: real(renders=1, epochs=1, vae=vae))
-    assert cli.main(["kind-judge", str(model)]) == 0
+    files = ("reference_classifier.safetensors", "kind_classifier.safetensors")
+    before = {f: (model / f).read_bytes() for f in files}
+    for name in ("train_digit_classifier", "train_kind_classifier"):
+        real = getattr(model_eval, name)
+        monkeypatch.setattr(model_eval, name, lambda vae, real=real: real(renders=1, epochs=1, vae=vae))
+    assert cli.main(["judges", str(model)]) == 0
     printed = capsys.readouterr().out
-    found = re.search(
-        r"kind accuracy ([0-9.]+) on the test split, ([0-9.]+) on its VAE reconstructions", printed
-    )
-    assert found, printed
-    assert all(0.1 < float(v) <= 1 for v in found.groups())  # ten kinds: chance is 0.1
-    after = (model / "kind_classifier.safetensors").read_bytes()
-    assert after != before and not (model / "kind_classifier.safetensors.partial").exists()
-    ReferenceClassifier.load(model / "kind_classifier.safetensors")
+    for name in ("digit", "kind"):
+        found = re.search(
+            rf"{name} accuracy ([0-9.]+) on the test split, ([0-9.]+) on its VAE reconstructions", printed
+        )
+        assert found, printed
+        assert all(0.1 < float(v) <= 1 for v in found.groups())  # ten digits, ten kinds: chance is 0.1
+    for f in files:
+        after = (model / f).read_bytes()
+        assert after != before[f] and not (model / (f + ".partial")).exists()
+        ReferenceClassifier.load(model / f)

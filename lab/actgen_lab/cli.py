@@ -7,7 +7,7 @@ Usage::
     actgen-lab pairs OUT A-B [C-D ...]
     actgen-lab train-tiny-model --data digits|backgrounds --out DIR [...]
     actgen-lab eval-model DIR [...]
-    actgen-lab kind-judge DIR
+    actgen-lab judges DIR
     actgen-lab distil-tiny-decoder --model DIR [...]
 """
 
@@ -44,9 +44,9 @@ SUBCOMMANDS = (
         "actgen_lab.model_eval:add_parser",
     ),
     Subcommand(
-        "kind-judge",
-        "train a backgrounds model's kind CNN again so it reads its VAE's images (eval-model's (g))",
-        "actgen_lab.model_eval:add_kind_judge_parser",
+        "judges",
+        "train a backgrounds model's digit and kind CNNs again so they read its VAE's images",
+        "actgen_lab.model_eval:add_judges_parser",
     ),
     Subcommand(
         "distil-tiny-decoder",
