@@ -14,6 +14,7 @@ from actgen_lab import ablation
 from actgen_lab import backgrounds as bg
 from actgen_lab.testbed import change_by_region, mask_iou, within_guide_diversity
 from actgen_shared.presets import read_model_defaults
+from actgen_shared.schemas import GenerationOptions
 from actgen_trainer.config import AdvSchedule, load_config
 from actgen_trainer.data import load_sources, partition, split_train
 
@@ -175,7 +176,10 @@ def test_every_backgrounds_arm_is_a_valid_config() -> None:
     for arm in set(table) - {"released", "paper", "aig+adversarial", "oracle-aig+adversarial"}:
         assert cells[arm].generation.preset is None and cells[arm].generation.schedule is AdvSchedule.paper
     assert cells["aig-unnormalised"].generation.options["normalize_mask"] is False
-    assert "image_guidance_strength" not in cells["aig"].generation.options  # scaled to 20 steps
+    # eq. 7's i: the testbed's resolution-shifted 34, stated for the paper's 40 steps (17 of 20), in every arm
+    for arm in ("ig", "aig", "actgen", "released", "paper"):
+        options = GenerationOptions.model_validate(cells[arm].generation.options)
+        assert (options.image_guidance_strength, options.image_guidance_reference_steps) == (34, 40)
     # the oracle arms: the harness's oracle policy, never a config key; their controls
     assert ablation.oracle_policy(table["oracle-guides"]) == "guides"
     assert (

@@ -502,9 +502,10 @@ def _to_input(images: np.ndarray):  # -> torch.Tensor
 class ReferenceClassifier:
     """Which digit a scene shows, whatever its background or style: a small CNN trained on a broad
     pool (every digit on every kind, half in the hard style, a pool of its own seed), never on
-    generated images. It reads
-    faithfulness (does a generated image still show its guide's class?) in the model check and
-    the ablation, as the digits' SVM does there."""
+    generated images; the one a model folder ships also learnt the pool's reconstructions through
+    that model's VAE (``actgen-lab judges``), so it reads the VAE's images as well as the originals.
+    It reads faithfulness (does a generated image still show its guide's class?) in the model
+    check and the ablation, as the digits' SVM does there."""
 
     def __init__(self, module) -> None:  # module: torch.nn.Module
         self.module = module.eval()
