@@ -80,7 +80,7 @@ ablation-backgrounds: setup
 # ablation-oracle: real-only and the oracle arms on the backgrounds testbed (docs/ablation.md 7: the
 # testbed draws each arm's images itself, no generator), niced, seed by seed up to SEEDS into the
 # backgrounds testbed's folder, so the table shows them beside the diffusion arms.
-ORACLE_ARMS := real,oracle-guides,oracle-random,oracle-random-uniform,oracle-ig,oracle-ig-moved,oracle-aig,oracle-aig-unmined,oracle-aig+contrastive,oracle-aig+adversarial,oracle-actgen
+ORACLE_ARMS := real,oracle-guides,oracle-random,oracle-random-uniform,oracle-random-pool-styles,oracle-ig,oracle-ig-moved,oracle-aig,oracle-aig-unmined,oracle-aig+contrastive,oracle-aig+adversarial,oracle-actgen
 ablation-oracle: setup
 	@for n in $$(seq 1 $(SEEDS)); do \
 	    nice -n 10 $(VENV)/bin/actgen-lab ablate --testbed backgrounds --arms $(ORACLE_ARMS) --seeds $$n $(ABLATION_ARGS) || exit 1; \

@@ -85,6 +85,30 @@ def test_modes_draw_what_their_mechanism_promises(split) -> None:
     assert not any(np.array_equal(i, train.images[g]) for g, i in zip(GUIDES, _images(client), strict=True))
 
 
+@pytest.mark.parametrize(
+    ("policy", "share"), [("draw", bg.HARD_SHARE_TRAIN), ("pool-styles", bg.HARD_SHARE_POOL)]
+)
+def test_random_draws_the_hard_style_as_its_policy_says(
+    split, monkeypatch, policy: str, share: float
+) -> None:
+    """random draws the hard style as rarely as training (draw) or as often as the testbed's
+    generator learnt it (pool-styles, half): 400 items, counted where the scene is composed."""
+    from actgen_lab import oracle
+
+    styles: list[int] = []
+    real_compose = oracle.compose
+
+    def compose(digit, label, kind, style, *args, **kwargs):
+        styles.append(int(style))
+        return real_compose(digit, label, kind, style, *args, **kwargs)
+
+    monkeypatch.setattr(oracle, "compose", compose)
+    client = OracleClient(policy=policy)
+    client.submit(_job(split, {"mode": "random"}, guides=GUIDES * 100))
+    assert len(styles) == 400
+    assert abs(np.mean(styles) - share) < 4 * np.sqrt(share * (1 - share) / 400)  # within 4 standard errors
+
+
 def test_contrastive_never_repeats_a_kind_for_one_guide(split) -> None:
     client = OracleClient()
     g = GUIDES[0]

@@ -97,6 +97,8 @@ ARMS_ORACLE: dict[str, list[str]] = {
     "oracle-guides": ["oracle=guides", "generation.mode=ig"],
     "oracle-random": [_ORACLE, "generation.mode=random"],
     "oracle-random-uniform": [_ORACLE, "generation.mode=random", "generation.selection=random"],
+    # random as the testbed's generator draws it: the hard style half the time (added in 8.7)
+    "oracle-random-pool-styles": ["oracle=pool-styles", "generation.mode=random"],
     "oracle-ig": [_ORACLE, "generation.mode=ig"],
     # ig as a variation, not a near-copy: the digit also moved and resized (added after seed 1)
     "oracle-ig-moved": ["oracle=moved", "generation.mode=ig"],

@@ -54,6 +54,8 @@ MAJORITY_SHARE = 0.9  # train (and v2's validation slice): share of images on th
 TEST_MAJORITY_SHARE = 0.5  # test: half the images on their class's kind, half on another
 HARD_SHARE_TRAIN = 0.05  # train and the generator's pool: share of images in the class's hard style
 HARD_SHARE_TEST = 0.5
+# the testbed generator's training pool and its judges' pool: half in the hard style, so they learn both
+HARD_SHARE_POOL = 0.5
 VAL_SIZE = 300  # v3: the validation slice, train digits drawn again like the test split
 TEST_RENDERS = 20  # test images per digit of the test split (359 digits -> 7180 images)
 DIGIT_SIDE = (20, 28)  # px: the digit's box side, drawn uniformly (inclusive)
@@ -515,7 +517,7 @@ class ReferenceClassifier:
         """Train from scratch on :func:`broad_scenes` (seconds to a minute on one CPU thread)."""
         import torch
 
-        pool = broad_scenes(renders, seed, hard_share=0.5)  # it must read both styles
+        pool = broad_scenes(renders, seed, hard_share=HARD_SHARE_POOL)  # it must read both styles
         return cls.fit(_to_input(pool.images), torch.from_numpy(pool.labels), seed, epochs, batch)
 
     @classmethod

@@ -22,7 +22,10 @@ draw again with one thing changed (:func:`actgen_lab.backgrounds.rerender`):
   over the ten renders;
 * policy ``guides`` (a control, no generator): the guide itself, unchanged;
 * policy ``moved``: as ``draw``, but ``ig`` also moves and resizes the digit (a variation of the
-  guide, as img2img varies it, where plain ``ig`` is a near-copy).
+  guide, as img2img varies it, where plain ``ig`` is a near-copy);
+* policy ``pool-styles``: as ``draw``, but ``random`` draws the hard style as often as the testbed's
+  generator was trained on it (:data:`~actgen_lab.backgrounds.HARD_SHARE_POOL`, half), not as
+  rarely as training: the oracle of that generator's random mode (docs/ablation.md 8.7).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 
 from actgen_lab.backgrounds import (
     BACKGROUND_KINDS,
+    HARD_SHARE_POOL,
     HARD_SHARE_TRAIN,
     BackgroundsSplit,
     _colours,
@@ -65,8 +69,9 @@ from actgen_shared.schemas import (
 )
 
 # draw: what the job's mode asks (module docstring); guides: the guide itself; moved: as draw, but
-# ig also moves and resizes the digit (a variation of the guide, not a near-copy)
-POLICIES = ("draw", "guides", "moved")
+# ig also moves and resizes the digit (a variation of the guide, not a near-copy); pool-styles: as
+# draw, but random draws the hard style as often as the testbed's generator learnt it
+POLICIES = ("draw", "guides", "moved", "pool-styles")
 ORACLE_URL = "oracle://backgrounds"
 
 
@@ -243,8 +248,9 @@ class OracleClient:
         """One item's image, its background kind (None: the guide copied) and whether it was drawn
         adversarially."""
         train, options = self.split.train, request.options
-        if options.mode is Mode.random and self.policy == "draw":
-            image, kind = self._pool_scene(class_id, rng)
+        if options.mode is Mode.random and self.policy in ("draw", "pool-styles"):
+            share = HARD_SHARE_POOL if self.policy == "pool-styles" else HARD_SHARE_TRAIN
+            image, kind = self._pool_scene(class_id, rng, share)
             return image, kind, False
         index = guide_index(guide_id)
         if self.policy == "guides":
@@ -275,12 +281,14 @@ class OracleClient:
             kind = int(rng.choice(others))
         return rerender(train, index, rng, kind=kind, new_colours=True)[0], kind, False
 
-    def _pool_scene(self, class_id: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """A train digit of the class, style as rare as in training, on a random kind; and the kind."""
+    def _pool_scene(
+        self, class_id: int, rng: np.random.Generator, hard_share: float
+    ) -> tuple[np.ndarray, int]:
+        """A train digit of the class, in the hard style at ``hard_share``, on a random kind; and the kind."""
         train = self.split.train
         assert train.digits is not None
         pick = int(rng.choice(self._by_class[class_id]))
-        style = int(rng.random() < HARD_SHARE_TRAIN)
+        style = int(rng.random() < hard_share)
         kind = int(rng.integers(len(BACKGROUND_KINDS)))
         image, _ = compose(train.digits[pick], class_id, kind, style, _colours(rng), draw_box(rng), rng)
         return image, kind

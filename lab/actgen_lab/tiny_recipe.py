@@ -17,6 +17,7 @@ from actgen_generator.diffusers_classes import (
     StableDiffusionPipeline,
 )
 from actgen_generator.tiny_model import TINY_UNET, build_tiny_pipeline
+from actgen_lab.backgrounds import HARD_SHARE_POOL
 from actgen_shared.digits import DigitsSplit
 from actgen_shared.digits import load_digits_split as shared_digits_split
 from actgen_shared.labels import DIGITS
@@ -95,7 +96,7 @@ class TinyTrainingConfig:
     digit_weight: float = 0.0  # backgrounds: extra epsilon-loss weight on a latent cell per digit share
     colour_weight: float = 0.0  # VAE: weight of an L1 loss on 4x4-pooled colours (keeps hue, not edges)
     checkpoint_every: int = 0  # UNet steps between checkpoints (and probes) written next to the output
-    hard_share: float = 0.5  # backgrounds: share of the pool in each class's hard style (data v2)
+    hard_share: float = HARD_SHARE_POOL  # backgrounds: share of the pool in each class's hard style (data v2)
     judges: str | None = None  # backgrounds: folder to load the reference and kind CNNs from (else trained)
     init_vae: str | None = None  # a model folder whose VAE (same architecture) the VAE phase starts from
     decoder_steps: int = 0  # phase 3: steps of decoder-only fine-tuning after the UNet (0: none)

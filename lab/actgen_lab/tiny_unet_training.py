@@ -24,7 +24,7 @@ from actgen_generator.diffusers_classes import (
     UNet2DConditionModel,
 )
 from actgen_generator.tiny_model import SD21_SCHEDULER
-from actgen_lab.backgrounds import ReferenceClassifier, broad_scenes
+from actgen_lab.backgrounds import HARD_SHARE_POOL, ReferenceClassifier, broad_scenes
 from actgen_lab.tiny_recipe import (
     PROMPT_TEMPLATES,
     Clock,
@@ -198,11 +198,12 @@ KIND_FILE = "kind_classifier.safetensors"  # which background kind a scene shows
 def _pool_judge(
     target: str, seed: int, renders: int, epochs: int, batch: int, vae: AutoencoderKL | None
 ):  # -> backgrounds.ReferenceClassifier
-    """The reference CNN's network fitted on :func:`broad_scenes` (half in the hard style) to name
-    each scene's ``target`` (``labels``: its digit, ``kinds``: its background kind); with ``vae``
-    the pool's reconstructions through it join the originals, labelled alike, so the judge reads
-    what a generated image can show (the generator's images are the VAE's decodes)."""
-    pool = broad_scenes(renders, seed, hard_share=0.5)
+    """The reference CNN's network fitted on :func:`broad_scenes` (half in the hard style,
+    :data:`HARD_SHARE_POOL`) to name each scene's ``target`` (``labels``: its digit, ``kinds``: its
+    background kind); with ``vae`` the pool's reconstructions through it join the originals,
+    labelled alike, so the judge reads what a generated image can show (the generator's images are
+    the VAE's decodes)."""
+    pool = broad_scenes(renders, seed, hard_share=HARD_SHARE_POOL)
     x, y = to_model_pixels(pool.images), torch.from_numpy(getattr(pool, target))
     if vae is not None:
         x = torch.cat([x, to_model_pixels(reconstruct(vae, pool.images))])
