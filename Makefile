@@ -91,8 +91,8 @@ ablation-oracle: setup
 # CPU; probes, read by v2's judges, and OUT.ckpt every 1000 UNet steps), then both judges (the digit
 # and the background kind) again on the new VAE's images and eq. 10's surrogate decoder distilled from
 # it; then `actgen-lab eval-model models/tiny-backgrounds --cfg1` gives the model card's figures. It
-# starts from v2's VAE and judges (commit 604a892) and keeps the folder's defaults file. v3 (v2's VAE as it was, --vae-steps 0) and v2: this target
-# at commits ca2f97b and 604a892.
+# starts from v2's VAE and judges (commit 604a892) and keeps the folder's defaults file. v3 (v2's
+# VAE as it was, --vae-steps 0) and v2: this target at commits ca2f97b and 604a892.
 V2_MODEL := runs/tiny-backgrounds-v2
 V2_COMMIT := 604a892
 V2_FILES := model_index.json vae/config.json vae/diffusion_pytorch_model.safetensors \

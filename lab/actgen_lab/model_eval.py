@@ -511,7 +511,7 @@ def _run(args) -> int:
     return 0 if report.passed else 1
 
 
-# ---------------------------------------------------------------------- the kind judge
+# ---------------------------------------------------------------------- the judges
 def retrain_judges(model: str) -> dict[str, float]:
     """Train ``model``'s two judges again on the pool's originals and their reconstructions through
     its VAE, replace ``reference_classifier.safetensors`` (the digit) and ``kind_classifier.safetensors``

@@ -157,8 +157,9 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
     if cfg.data == "backgrounds" and not cfg.judges:  # the digit judge reads the VAE's images
         clock = Clock()
         reference = train_digit_classifier(vae=pipe.vae)
-        budget += clock()  # outside the budget, as the judges trained elsewhere (--judges) are
-        print(f"reference classifier trained in {clock():.0f} s (outside the budget)", flush=True)
+        seconds = clock()
+        budget += seconds  # outside the budget, as the judges trained elsewhere (--judges) are
+        print(f"reference classifier trained in {seconds:.0f} s (outside the budget)", flush=True)
 
     ids = prompt_ids(pipe, list(DIGITS))
     attention = None
