@@ -275,7 +275,7 @@ def _eval_data(data: str, model: str) -> _EvalData:
 
 def _kind_classifier(model: str, vae: AutoencoderKL) -> backgrounds.ReferenceClassifier:
     """The background-kind CNN the model folder ships (``train-tiny-model`` writes it), else one
-    trained now on the pool and its reconstructions through ``vae`` (about a minute)."""
+    trained now on the pool and its reconstructions through ``vae`` (a few minutes)."""
     path = Path(model).expanduser() / KIND_FILE
     return backgrounds.ReferenceClassifier.load(path) if path.is_file() else train_kind_classifier(vae=vae)
 
