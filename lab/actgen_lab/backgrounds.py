@@ -505,20 +505,13 @@ class ReferenceClassifier:
     """Which digit a scene shows, whatever its background or style: a small CNN trained on a broad
     pool (every digit on every kind, half in the hard style, a pool of its own seed), never on
     generated images; the one a model folder ships also learnt the pool's reconstructions through
-    that model's VAE (``actgen-lab judges``), so it reads the VAE's images as well as the originals.
+    that model's VAE (``actgen_lab.tiny_unet_training.train_digit_classifier``, ``actgen-lab
+    judges``), so it reads the VAE's images as well as the originals.
     It reads faithfulness (does a generated image still show its guide's class?) in the model
     check and the ablation, as the digits' SVM does there."""
 
     def __init__(self, module) -> None:  # module: torch.nn.Module
         self.module = module.eval()
-
-    @classmethod
-    def train(cls, seed: int = 1, renders: int = 6, epochs: int = 8, batch: int = 64) -> ReferenceClassifier:
-        """Train from scratch on :func:`broad_scenes` (seconds to a minute on one CPU thread)."""
-        import torch
-
-        pool = broad_scenes(renders, seed, hard_share=HARD_SHARE_POOL)  # it must read both styles
-        return cls.fit(_to_input(pool.images), torch.from_numpy(pool.labels), seed, epochs, batch)
 
     @classmethod
     def fit(cls, x, y, seed: int, epochs: int, batch: int) -> ReferenceClassifier:  # x, y: torch.Tensor

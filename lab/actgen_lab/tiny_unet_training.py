@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -196,7 +197,12 @@ KIND_FILE = "kind_classifier.safetensors"  # which background kind a scene shows
 
 
 def _pool_judge(
-    target: str, seed: int, renders: int, epochs: int, batch: int, vae: AutoencoderKL | None
+    target: Literal["labels", "kinds"],
+    seed: int,
+    renders: int,
+    epochs: int,
+    batch: int,
+    vae: AutoencoderKL | None,
 ):  # -> backgrounds.ReferenceClassifier
     """The reference CNN's network fitted on :func:`broad_scenes` (half in the hard style,
     :data:`HARD_SHARE_POOL`) to name each scene's ``target`` (``labels``: its digit, ``kinds``: its
@@ -216,7 +222,7 @@ def train_digit_classifier(
 ):
     """The digit judge (``reference_classifier.safetensors``): which digit a scene shows, for
     eval-model's (a), (b), (f) and the ablation's faithfulness. One trained on originals alone
-    (``ReferenceClassifier.train``) reads 0.947 of the test split but 0.783 of its v4-VAE
+    (``vae`` None) reads 0.947 of the test split but 0.783 of its v4-VAE
     reconstructions: a generated image that copied its guide read as a wrong digit one time in five.
     Returns a ``backgrounds.ReferenceClassifier``."""
     return _pool_judge("labels", seed, renders, epochs, batch, vae)
