@@ -284,3 +284,50 @@ def test_judges_command_replaces_both_judges_and_reports_their_readings(
         after = (model / f).read_bytes()
         assert after != before[f] and not (model / (f + ".partial")).exists()
         ReferenceClassifier.load(model / f)
+
+
+def test_round_trip_figures_score_a_perfect_copy_and_the_guide_itself() -> None:
+    """(e) and (g) read through the VAE, so eval-model reports what a perfect copy scores: an aig
+    image that is exactly the guide's round trip changed nothing beyond the VAE (0 inside and out),
+    the guide itself changed exactly what the round trip loses, and the kind ceiling is the judge's
+    agreement between each guide and its round trip."""
+    from pathlib import Path
+
+    from actgen_generator.diffusers_classes import AutoencoderKL
+    from actgen_lab.backgrounds import ReferenceClassifier, load_backgrounds_split
+    from actgen_lab.model_eval import round_trip_figures
+    from actgen_lab.testbed import change_by_region
+    from actgen_lab.tiny_vae_training import reconstruct
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "tiny-backgrounds"
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    judge = ReferenceClassifier.load(folder / "kind_classifier.safetensors")
+    test = load_backgrounds_split().test
+    guides, masks = test.images[:40], test.masks[:40]
+    copies = reconstruct(vae, guides)
+
+    perfect = round_trip_figures(vae, judge, guides, masks, copies)
+    assert perfect["change_inside_from_copy"] == 0.0 == perfect["change_outside_from_copy"]
+    floor = (perfect["change_inside_copy"], perfect["change_outside_copy"])
+    assert floor == change_by_region(copies, guides, masks) and min(floor) > 0  # the VAE loses detail
+    agree = float(np.mean(judge.predict(copies) == judge.predict(guides)))
+    assert perfect["ig_kind_kept_copy"] == agree and 0.5 < agree < 1.0  # the judge misreads some copies
+
+    itself = round_trip_figures(vae, judge, guides, masks, guides)
+    assert (itself["change_inside_from_copy"], itself["change_outside_from_copy"]) == floor
+
+
+def test_the_report_prints_each_figure_beside_what_a_copy_scores() -> None:
+    plain = _report().text()
+    assert "round trip" not in plain  # not measured: not printed
+    text = _report(
+        ig_kind_kept=0.72,
+        ig_kind_kept_copy=0.8,
+        change_inside_copy=0.06,
+        change_outside_copy=0.04,
+        change_inside_from_copy=0.05,
+        change_outside_from_copy=0.15,
+    ).text()
+    assert "a VAE round trip of the same guides keeps it 0.800 (ig / round trip 0.90)" in text
+    assert "aig from that round trip: 0.050 / 0.150 (outside / inside 3.00)" in text
+    assert "ig: background kind kept: 0.720 (>= 0.8: FAIL)" in text  # the threshold reads the raw figure

@@ -18,6 +18,12 @@ sampler's attention sum over an aig image's steps (``GuidedSampler.last_attentio
 eq. 8 applies it, cut at 0.5) with the guide's true digit mask, next to a uniform mask's IoU (the
 digit's share of the image); (e) the mean absolute pixel change from the guide inside and outside
 the guide's digit (what eq. 8 promises: little inside, more outside).
+
+Two of the backgrounds figures read through the VAE every generated image is decoded by, so each
+comes with what a perfect copy of the same guides would score (:func:`round_trip_figures`): (g)'s
+ceiling, the kind judge's agreement between a guide and its VAE round trip, and (e)'s floor, the
+round trip's own change inside and outside the digit, with aig's change measured from the round
+trip (what generation changed beyond what the VAE loses).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_lab import backgrounds
+from actgen_lab.testbed import change_by_region
 from actgen_lab.tiny_recipe import load_digits_split
 from actgen_lab.tiny_unet_training import KIND_FILE, train_digit_classifier, train_kind_classifier
 from actgen_lab.tiny_vae_training import colour_saturation, reconstruct
@@ -84,8 +91,13 @@ class EvalReport:
     uniform_mask_iou: float | None = None  # (d) an all-ones mask's IoU (the digit's share)
     change_inside: float | None = None  # (e) mean |image - guide| inside the digit, in [0, 1]
     change_outside: float | None = None  # (e) ... outside it
+    change_inside_copy: float | None = None  # (e)'s floor: a VAE round trip of the guides, inside
+    change_outside_copy: float | None = None  # ... outside
+    change_inside_from_copy: float | None = None  # (e) aig against the guides' round trip, inside
+    change_outside_from_copy: float | None = None  # ... outside
     ig_faithfulness: float | None = None  # (f) backgrounds: ig images classified as the guide's digit
     ig_kind_kept: float | None = None  # (g) ig images whose background kind is the guide's
+    ig_kind_kept_copy: float | None = None  # (g)'s ceiling: the same for the guides' VAE round trips
     aig_kind_changed: float | None = None  # (g) aig images whose background kind is not the guide's
     kind_accuracy: float | None = None  # the kind classifier on real test images
     kind_accuracy_reconstructed: float | None = None  # ... on their VAE reconstructions (what it can read)
@@ -154,6 +166,13 @@ class EvalReport:
                 f"(e) aig change from the guide, inside / outside the digit: "
                 f"{self.change_inside:.3f} / {self.change_outside:.3f}"
             )
+        if self.change_inside_copy is not None and self.change_inside_from_copy is not None:
+            extra.append(
+                f"    a VAE round trip of the same guides: {self.change_inside_copy:.3f} / "
+                f"{self.change_outside_copy:.3f}; aig from that round trip: "
+                f"{self.change_inside_from_copy:.3f} / {self.change_outside_from_copy:.3f} (outside / inside "
+                f"{(self.change_outside_from_copy or 0.0) / max(self.change_inside_from_copy, 1e-12):.2f})"
+            )
         if self.ig_faithfulness is not None:
             extra.append(f"(f) ig mode, classified as the guide's digit: {self.ig_faithfulness:.3f}")
         if self.ig_kind_kept is not None and self.aig_kind_changed is not None:
@@ -164,6 +183,11 @@ class EvalReport:
                 + "): "
                 f"ig keeps the guide's {self.ig_kind_kept:.3f}, aig changes it {self.aig_kind_changed:.3f}"
             )
+            if self.ig_kind_kept_copy is not None:
+                extra.append(
+                    f"    a VAE round trip of the same guides keeps it {self.ig_kind_kept_copy:.3f} "
+                    f"(ig / round trip {self.ig_kind_kept / max(self.ig_kind_kept_copy, 1e-12):.2f})"
+                )
         if self.saturation_kept is not None:
             extra.append(
                 f"(h) colour saturation: real {self.saturation_real:.3f}, VAE reconstructions keep "
@@ -234,6 +258,25 @@ def mask_iou(maps, masks: np.ndarray, normalise: bool = True) -> np.ndarray:
     up = F.interpolate(x[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     pred = (torch.clamp(up, 0, 1) >= 0.5).cpu().numpy()
     return (pred & masks).sum((1, 2)) / np.maximum((pred | masks).sum((1, 2)), 1)
+
+
+def round_trip_figures(
+    vae: AutoencoderKL,
+    kind_judge: backgrounds.ReferenceClassifier,
+    guides: np.ndarray,
+    masks: np.ndarray,
+    aig_images: np.ndarray,
+) -> dict[str, float]:
+    """What a perfect copy of ``guides`` scores where (e) and (g) read through the VAE: the kind
+    judge's agreement between each guide and its VAE round trip ((g)'s ceiling: ig can keep no more
+    of the kind than a copy the judge reads back), the round trip's own change inside and outside
+    the digit ((e)'s floor), and ``aig_images``' change from the round trip (generation's share)."""
+    copies = reconstruct(vae, guides)
+    figures = {"ig_kind_kept_copy": float(np.mean(kind_judge.predict(copies) == kind_judge.predict(guides)))}
+    figures["change_inside_copy"], figures["change_outside_copy"] = change_by_region(copies, guides, masks)
+    inside, outside = change_by_region(aig_images, copies, masks)
+    figures["change_inside_from_copy"], figures["change_outside_from_copy"] = inside, outside
+    return figures
 
 
 def model_data(model: str) -> str:
@@ -384,9 +427,9 @@ def evaluate(
         figures["mask_iou"] = float(np.mean(mask_iou(torch.cat(maps), masks, normalise)))
         figures["uniform_mask_iou"] = float(masks.mean())
         if generated.shape[1:3] == guides.shape[1:3]:
-            change = np.abs(generated.astype(np.float64) - guides.astype(np.float64)).mean(-1) / 255.0
-            figures["change_inside"] = float(change[masks].mean())
-            figures["change_outside"] = float(change[~masks].mean())
+            figures["change_inside"], figures["change_outside"] = change_by_region(generated, guides, masks)
+            if data == "backgrounds":
+                figures.update(round_trip_figures(loaded.pipe.vae, kind_clf, guides, masks, generated))
 
     # (c) diversity: several seeds per guide, against real images of one digit
     picked = _pick_per_class(ev.test_labels, max(1, -(-diversity_guides // len(DIGITS))), rng)[
