@@ -5,6 +5,7 @@ Usage::
 
     actgen-lab ablate [--testbed digits|backgrounds] [--arms a,b,...] [--seeds N] [--out DIR] [--config FILE] [--set key=value ...]
     actgen-lab pairs OUT A-B [C-D ...]
+    actgen-lab groups OUT A-B [C-D ...]
     actgen-lab train-tiny-model --data digits|backgrounds --out DIR [...]
     actgen-lab eval-model DIR [...]
     actgen-lab judges DIR
@@ -32,6 +33,11 @@ SUBCOMMANDS = (
         "pairs",
         "paired differences between arms of an ablation's results.json (95 %% t-intervals)",
         "actgen_lab.pairs:add_parser",
+    ),
+    Subcommand(
+        "groups",
+        "a backgrounds ablation's paired differences by group and under other test mixes",
+        "actgen_lab.group_mix:add_parser",
     ),
     Subcommand(
         "train-tiny-model",
