@@ -12,7 +12,7 @@ import torch
 
 from actgen_lab import ablation
 from actgen_lab import backgrounds as bg
-from actgen_lab.testbed import change_by_region, mask_iou, within_guide_diversity
+from actgen_lab.testbed import cell_mask, change_by_region, mask_by_region, mask_iou, within_guide_diversity
 from actgen_shared.presets import read_model_defaults
 from actgen_shared.schemas import GenerationOptions
 from actgen_trainer.config import AdvSchedule, load_config
@@ -157,6 +157,16 @@ def test_diagnostics_by_hand() -> None:
     left[0, :, :4] = True
     assert mask_iou(maps, left, normalise=True)[0] == pytest.approx(1.0)
     assert mask_iou(maps, left, normalise=False)[0] == pytest.approx(0.5)  # the raw sum covers all
+    # eq. 8's pull inside and outside the digit: a flat map pulls both alike; the raw sum clips to 1
+    assert mask_by_region(torch.full((1, 2, 2), 0.3), left, normalise=False) == pytest.approx((0.3, 0.3))
+    assert mask_by_region(maps, left, normalise=False) == (1.0, 1.0)
+    inside, outside = mask_by_region(maps, left, normalise=True)
+    assert inside > 0.5 > outside  # upsampled bilinearly: the middle columns blend
+    # the best map on a 2x2 grid: each cell's digit share; a one-pixel stroke fills a quarter of its cell
+    assert cell_mask(left, 2).tolist() == [[[1.0, 0.0], [1.0, 0.0]]]
+    stroke = np.zeros((1, 8, 8), bool)
+    stroke[0, :, 1] = True
+    assert cell_mask(stroke, 2).tolist() == [[[0.25, 0.0], [0.25, 0.0]]]
 
 
 def test_every_backgrounds_arm_is_a_valid_config() -> None:

@@ -327,7 +327,13 @@ def test_the_report_prints_each_figure_beside_what_a_copy_scores() -> None:
         change_outside_copy=0.04,
         change_inside_from_copy=0.05,
         change_outside_from_copy=0.15,
+        mask_inside=0.645,
+        mask_outside=0.131,
+        cell_mask_inside=0.652,
+        cell_mask_outside=0.071,
     ).text()
+    assert "eq. 8's mask, mean inside / outside the digit: 0.645 / 0.131 (the true digit pooled" in text
+    assert "latent grid: 0.652 / 0.071)" in text
     assert "a VAE round trip of the same guides keeps it 0.800 (ig / round trip 0.90)" in text
     assert "aig from that round trip: 0.050 / 0.150 (outside / inside 3.00)" in text
     assert "ig: background kind kept: 0.720 (>= 0.8: FAIL)" in text  # the threshold reads the raw figure

@@ -42,7 +42,7 @@ from actgen_generator.guidance import gamma_midpoint
 from actgen_generator.pipeline import load_pipeline
 from actgen_generator.sampler import GuidedSampler, SampleItem
 from actgen_lab import backgrounds
-from actgen_lab.testbed import change_by_region
+from actgen_lab.testbed import cell_mask, change_by_region, mask_by_region, mask_iou
 from actgen_lab.tiny_recipe import load_digits_split
 from actgen_lab.tiny_unet_training import KIND_FILE, train_digit_classifier, train_kind_classifier
 from actgen_lab.tiny_vae_training import colour_saturation, reconstruct
@@ -89,6 +89,10 @@ class EvalReport:
     data: str = "digits"
     mask_iou: float | None = None  # (d) backgrounds: eq. 8's mask vs the true digit mask
     uniform_mask_iou: float | None = None  # (d) an all-ones mask's IoU (the digit's share)
+    mask_inside: float | None = None  # (d) eq. 8's mask as applied, mean over the digit's pixels
+    mask_outside: float | None = None  # ... over the background's
+    cell_mask_inside: float | None = None  # the true digit's share of each latent cell, inside
+    cell_mask_outside: float | None = None  # ... outside (the best a mask on the latent grid can do)
     change_inside: float | None = None  # (e) mean |image - guide| inside the digit, in [0, 1]
     change_outside: float | None = None  # (e) ... outside it
     change_inside_copy: float | None = None  # (e)'s floor: a VAE round trip of the guides, inside
@@ -160,6 +164,12 @@ class EvalReport:
             extra.append(
                 f"(d) eq. 8 mask IoU with the true digit mask: {self.mask_iou:.3f} "
                 f"(uniform mask {self.uniform_mask_iou:.3f}; > uniform {mark(self.mask_iou > self.uniform_mask_iou)})"
+            )
+        if self.mask_inside is not None and self.cell_mask_inside is not None:
+            extra.append(
+                f"    eq. 8's mask, mean inside / outside the digit: {self.mask_inside:.3f} / "
+                f"{self.mask_outside:.3f} (the true digit pooled to the latent grid: "
+                f"{self.cell_mask_inside:.3f} / {self.cell_mask_outside:.3f})"
             )
         if self.change_inside is not None and self.change_outside is not None:
             extra.append(
@@ -242,22 +252,6 @@ def _generate(
         if maps is not None and sampler.last_attention is not None:
             maps.append(sampler.last_attention)
     return np.stack(images)
-
-
-def mask_iou(maps, masks: np.ndarray, normalise: bool = True) -> np.ndarray:
-    """IoU per item of (B, h, w) attention maps (min-max normalised when eq. 8 does, else clipped
-    to [0, 1]), upsampled bilinearly to the masks' side and cut at 0.5, with bool B x S x S masks."""
-    import torch
-    import torch.nn.functional as F
-
-    x = maps.float()
-    if normalise:
-        flat = x.flatten(1)
-        low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-        x = ((flat - low) / (high - low).clamp(min=1e-12)).view_as(x)
-    up = F.interpolate(x[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    pred = (torch.clamp(up, 0, 1) >= 0.5).cpu().numpy()
-    return (pred & masks).sum((1, 2)) / np.maximum((pred | masks).sum((1, 2)), 1)
 
 
 def round_trip_figures(
@@ -424,7 +418,11 @@ def evaluate(
         masks = ev.test_masks[picked]
         # as eq. 8 applied it: normalised or not as the model's defaults (or the preset) say
         normalise = bool(sampler.resolve(aig).normalize_mask)
-        figures["mask_iou"] = float(np.mean(mask_iou(torch.cat(maps), masks, normalise)))
+        applied = torch.cat(maps)
+        figures["mask_iou"] = float(np.mean(mask_iou(applied, masks, normalise)))
+        figures["mask_inside"], figures["mask_outside"] = mask_by_region(applied, masks, normalise)
+        cells = cell_mask(masks, applied.shape[-1])  # the true digit's share of each latent cell
+        figures["cell_mask_inside"], figures["cell_mask_outside"] = mask_by_region(cells, masks, False)
         figures["uniform_mask_iou"] = float(masks.mean())
         if generated.shape[1:3] == guides.shape[1:3]:
             figures["change_inside"], figures["change_outside"] = change_by_region(generated, guides, masks)

@@ -107,23 +107,42 @@ def change_by_region(images: np.ndarray, guides: np.ndarray, masks: np.ndarray) 
     return float(diff[masks].mean()), float(diff[~masks].mean())
 
 
-def mask_iou(maps: torch.Tensor, masks: np.ndarray, normalise: bool) -> np.ndarray:
-    """IoU per item of a (B, h, w) map, upsampled to the masks' size and cut at 0.5, with bool masks.
+def applied_mask(maps: torch.Tensor, side: int, normalise: bool) -> torch.Tensor:
+    """A (B, h, w) map as eq. 8 applies it, upsampled bilinearly to ``side`` px: (B, side, side).
 
-    ``normalise``: min-max per item first (where attention points); otherwise the map as eq. 8
-    applies it, clipped to [0, 1] (an unnormalised sum >= 1 covers everything).
+    ``normalise``: min-max per item first (where attention points); otherwise the map clipped to
+    [0, 1] (an unnormalised sum >= 1 covers everything).
     """
-    side = masks.shape[-1]
     x = maps.float()
     if normalise:
         flat = x.flatten(1)
         low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
         x = ((flat - low) / (high - low).clamp(min=1e-12)).view_as(x)
-    up = F.interpolate(x[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
-    pred = (up.clamp(0, 1) >= MASK_THRESHOLD).cpu().numpy()
+    return F.interpolate(x[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0].clamp(
+        0, 1
+    )
+
+
+def mask_iou(maps: torch.Tensor, masks: np.ndarray, normalise: bool) -> np.ndarray:
+    """IoU per item of a (B, h, w) map (:func:`applied_mask`) cut at 0.5, with bool masks."""
+    pred = (applied_mask(maps, masks.shape[-1], normalise) >= MASK_THRESHOLD).cpu().numpy()
     inter = (pred & masks).sum((1, 2))
     union = (pred | masks).sum((1, 2))
     return inter / np.maximum(union, 1)
+
+
+def mask_by_region(maps: torch.Tensor, masks: np.ndarray, normalise: bool) -> tuple[float, float]:
+    """The mean of the map eq. 8 applies (:func:`applied_mask`) inside and outside the true digit
+    masks: how hard each guided step pulls the digit's pixels and the background's to the guide."""
+    applied = applied_mask(maps, masks.shape[-1], normalise).cpu().numpy()
+    return float(applied[masks].mean()), float(applied[~masks].mean())
+
+
+def cell_mask(masks: np.ndarray, grid: int) -> torch.Tensor:
+    """The true digit masks averaged over the cells of a ``grid`` x ``grid`` latent: the best map
+    a mask on that grid can be (the digit's share of each cell), as (B, grid, grid)."""
+    x = torch.from_numpy(masks).float()[:, None]
+    return F.adaptive_avg_pool2d(x, grid)[:, 0]
 
 
 @dataclass
