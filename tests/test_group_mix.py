@@ -39,13 +39,13 @@ def test_each_group_and_each_mix_by_hand(tmp_path) -> None:
     assert sorted(acc["a"]) == [0, 1, 2]  # the cell without groups is not one
     for g, gain in enumerate([0.0, 0.0, 8.0, 0.0]):
         d = paired_at(acc, "a", "b", np.eye(4)[g])
-        assert d is not None and d.mean == pytest.approx(gain) and d.low == pytest.approx(gain)
+        assert d is not None and 100 * d.mean == pytest.approx(gain) and 100 * d.low == pytest.approx(gain)
     assert mix(0.5, 0.5) == pytest.approx(np.full(4, 0.25))
     assert mix(0.25, 0.6) == pytest.approx([0.3, 0.1, 0.45, 0.15]) and mix(0.25, 0.6).sum() == pytest.approx(
         1
     )
     even = paired_at(acc, "b", "real", mix(0.5, 0.5))
-    assert even is not None and even.mean == pytest.approx(3.0)  # 12 pp in one group of four
+    assert even is not None and 100 * even.mean == pytest.approx(3.0)  # 12 pp in one group of four
     assert group_accuracies(_results(tmp_path), first=1, below=2)["a"].keys() == {1}
 
 

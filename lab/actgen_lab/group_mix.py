@@ -28,6 +28,7 @@ import numpy as np
 from actgen_lab.ablation import RESULTS_NAME
 from actgen_lab.pairs import split_pair
 from actgen_lab.stats import PairedDiff, paired_difference
+from actgen_lab.table import pp_interval
 
 GROUPS = ("majority/common", "minority/common", "majority/hard", "minority/hard")
 HARD_SHARES = (0.25, 0.4, 0.5, 0.6, 0.75)
@@ -57,8 +58,8 @@ def mix(minority: float, hard: float) -> np.ndarray:
 def paired_at(
     acc: dict[str, dict[int, np.ndarray]], a: str, b: str, weights: np.ndarray
 ) -> PairedDiff | None:
-    """a - b in percentage points of the accuracy the mix ``weights`` gives, paired by seed."""
-    scores = [{s: 100.0 * float(v @ weights) for s, v in acc[arm].items()} for arm in (a, b)]
+    """a - b in the accuracy the mix ``weights`` gives, paired by seed."""
+    scores = [{s: float(v @ weights) for s, v in acc[arm].items()} for arm in (a, b)]
     return paired_difference(scores[0], scores[1])
 
 
@@ -79,14 +80,6 @@ def best_mix(effects: np.ndarray, steps: int = GRID_STEPS) -> tuple[np.ndarray, 
     worst = (grid @ effects.T).min(1)
     best = int(np.argmax(worst))
     return grid[best], float(worst[best])
-
-
-def _interval(diff: PairedDiff | None) -> str:
-    if diff is None:
-        return "-"
-    if diff.low is None or diff.high is None:
-        return f"{diff.mean:+.2f}"
-    return f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -119,22 +112,22 @@ def run(args: argparse.Namespace) -> int:
     effects = []
     for a, b in pairs:
         by_group = [paired_at(acc, a, b, np.eye(len(GROUPS))[g]) for g in range(len(GROUPS))]
-        effects.append([d.mean if d is not None else np.nan for d in by_group])
+        effects.append([100.0 * d.mean if d is not None else np.nan for d in by_group])
         print(
             f"{a} - {b}, pp by group: "
-            + "; ".join(f"{g} {_interval(d)}" for g, d in zip(GROUPS, by_group, strict=True))
+            + "; ".join(f"{g} {pp_interval(d)}" for g, d in zip(GROUPS, by_group, strict=True))
         )
     for hard in HARD_SHARES:
         weights = mix(args.minority, hard)
         print(
             f"minority {args.minority:g}, hard style {hard:g}: "
-            + "; ".join(f"{a} - {b} {_interval(paired_at(acc, a, b, weights))}" for a, b in pairs)
+            + "; ".join(f"{a} - {b} {pp_interval(paired_at(acc, a, b, weights))}" for a, b in pairs)
         )
     weights, value = best_mix(np.array(effects))
     print(
         "the mix that makes the smallest mean difference largest: "
         + ", ".join(f"{g} {w:.2f}" for g, w in zip(GROUPS, weights, strict=True))
         + f" (smallest {value:+.2f} pp): "
-        + "; ".join(f"{a} - {b} {_interval(paired_at(acc, a, b, weights))}" for a, b in pairs)
+        + "; ".join(f"{a} - {b} {pp_interval(paired_at(acc, a, b, weights))}" for a, b in pairs)
     )
     return 0

@@ -92,7 +92,7 @@ def summarize(cells: list[dict[str, Any]]) -> list[ArmSummary]:
     return rows
 
 
-def _pp(diff: PairedDiff | None) -> str:
+def pp_interval(diff: PairedDiff | None) -> str:
     """A paired difference in percentage points: ``+1.23 [-0.40, +2.86]``."""
     if diff is None:
         return "-"
@@ -139,10 +139,10 @@ def testbed_tables(rows: list[ArmSummary]) -> list[tuple[list[str], list[list[st
                 r.arm,
                 str(len(r.seeds)),
                 f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}",
-                _pp(r.vs["real"]),
-                _pp(r.vs["random"]),
+                pp_interval(r.vs["real"]),
+                pp_interval(r.vs["random"]),
                 _pm(r.extra.get("worst_group_accuracy")),
-                _pp(r.worst_vs.get("real")),
+                pp_interval(r.worst_vs.get("real")),
                 _pm(r.extra.get("minority_accuracy")),
                 _pm(r.extra.get("majority_accuracy")),
                 _pm(r.extra.get("hard_accuracy")),
@@ -217,8 +217,8 @@ def table_rows(rows: list[ArmSummary]) -> tuple[list[str], list[list[str]]]:
             r.arm,
             str(len(r.seeds)),
             f"{100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f}",
-            _pp(r.vs["real"]),
-            _pp(r.vs["random"]),
+            pp_interval(r.vs["real"]),
+            pp_interval(r.vs["random"]),
             f"{r.images:.0f}",
             f"{r.seconds:.0f}",
             _num(r.hardness),
