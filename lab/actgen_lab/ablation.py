@@ -376,8 +376,10 @@ def _run_cells(
             cell_url: str | None = url
             if oracle is not None:
                 from actgen_lab.oracle import ORACLE_URL, OracleClient
+                from actgen_lab.sources import load_split
 
-                cell_client, cell_url = OracleClient(policy=oracle), ORACLE_URL
+                split = load_split(cfg.data.dataset)  # the scenes the cell's trainer loads
+                cell_client, cell_url = OracleClient(policy=oracle, split=split), ORACLE_URL
             else:
                 if client is None and cfg.generation.mode is not TrainMode.real:
                     client, url = _start_generator(stack, out, model, threads, bar.write if progress else log)

@@ -27,6 +27,10 @@ The split (everything is deterministic from :data:`SPLIT_SEED`):
   hard-style guides (docs/ablation.md 7.3, 8);
 * ``test``: each digit of the digits test split :data:`TEST_RENDERS` times (7180 images), in a
   random order so that any prefix (the loop's per-epoch monitor) is a fair sample of all four groups;
+* ``shifted`` (data set ``backgrounds-shift``): as v3, but the validation slice and the test split
+  are drawn from the shift alone, every image on another class's kind and in the hard style (the
+  group with both stressors): a deployment that meets the rare style on unfamiliar backgrounds, and
+  labels its held-out slice from it (docs/ablation.md 8.9). The training images are v3's;
 * :func:`broad_scenes`: the generator's training pool, every train digit on every kind, the styles
   as rare as in training (like a generator trained on the world: it mostly draws the common look).
 
@@ -52,6 +56,7 @@ IMAGE_SIZE = 32  # px
 SPLIT_SEED = 0
 MAJORITY_SHARE = 0.9  # train (and v2's validation slice): share of images on their class's own kind
 TEST_MAJORITY_SHARE = 0.5  # test: half the images on their class's kind, half on another
+SHIFT_MAJORITY_SHARE, SHIFT_HARD_SHARE = 0.0, 1.0  # backgrounds-shift: val and test all minority/hard
 HARD_SHARE_TRAIN = 0.05  # train and the generator's pool: share of images in the class's hard style
 HARD_SHARE_TEST = 0.5
 # the testbed generator's training pool and its judges' pool: half in the hard style, so they learn both
@@ -382,12 +387,21 @@ def _digit_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=4)  # every ablation cell loads it; the arrays are shared, never written to
 def load_backgrounds_split(
-    image_size: int = IMAGE_SIZE, test_renders: int = TEST_RENDERS, val_like_test: bool = True
+    image_size: int = IMAGE_SIZE,
+    test_renders: int = TEST_RENDERS,
+    val_like_test: bool = True,
+    shifted: bool = False,
 ) -> BackgroundsSplit:
     """The train source (each train digit once: kinds correlated with class, the hard style rare;
     with ``val_like_test`` its last :data:`VAL_SIZE` digits drawn like the test split, the
     validation slice) and the test source (each test digit ``test_renders`` times: half on their
-    class's kind, half in the hard style, shuffled)."""
+    class's kind, half in the hard style, shuffled; ``shifted``: the slice and the test split all
+    on another class's kind in the hard style, the same draws otherwise)."""
+    if shifted and not val_like_test:
+        raise ValueError("a shifted split draws its validation slice like its test split (val_like_test)")
+    test_majority, test_hard = (
+        (SHIFT_MAJORITY_SHARE, SHIFT_HARD_SHARE) if shifted else (TEST_MAJORITY_SHARE, HARD_SHARE_TEST)
+    )
     train_digits, train_labels, test_digits, test_labels = _digit_arrays()
     rng = np.random.default_rng([SPLIT_SEED, 1])
     train_kinds = correlated_kinds(train_labels, MAJORITY_SHARE, rng)
@@ -400,8 +414,8 @@ def load_backgrounds_split(
         rows = np.sort(np.random.default_rng([SPLIT_SEED, 6]).permutation(len(train_labels))[:n_val])
         rng = np.random.default_rng([SPLIT_SEED, 7])
         val_labels = train_labels[rows]
-        val_kinds = correlated_kinds(val_labels, TEST_MAJORITY_SHARE, rng)
-        val_styles = draw_styles(n_val, HARD_SHARE_TEST, rng)
+        val_kinds = correlated_kinds(val_labels, test_majority, rng)
+        val_styles = draw_styles(n_val, test_hard, rng)
         val = render_scenes(
             train_digits[rows], val_labels, val_kinds, SPLIT_SEED * 1000 + 8, image_size, val_styles
         )
@@ -410,8 +424,8 @@ def load_backgrounds_split(
     order = rng.permutation(len(test_labels) * test_renders)
     digits = np.repeat(test_digits, test_renders, axis=0)[order]
     labels = np.repeat(test_labels, test_renders)[order]
-    test_kinds = correlated_kinds(labels, TEST_MAJORITY_SHARE, rng)
-    test_styles = draw_styles(len(labels), HARD_SHARE_TEST, rng)
+    test_kinds = correlated_kinds(labels, test_majority, rng)
+    test_styles = draw_styles(len(labels), test_hard, rng)
     test = render_scenes(digits, labels, test_kinds, SPLIT_SEED * 1000 + 4, image_size, test_styles)
     return BackgroundsSplit(train=train, test=test, n_val=n_val)
 

@@ -89,7 +89,8 @@ class DigitsDiagnostics:
 def testbed_diagnostics(testbed: Testbed, cfg: Config, model: str) -> Diagnostics:
     """The diagnostics of ``testbed`` (the backgrounds' import the generator lazily)."""
     if testbed.name == "backgrounds":
+        from actgen_lab.sources import load_split
         from actgen_lab.testbed import BackgroundsDiagnostics
 
-        return BackgroundsDiagnostics(model)
+        return BackgroundsDiagnostics(model, load_split(cfg.data.dataset))
     return DigitsDiagnostics(cfg.data.image_size)

@@ -21,13 +21,35 @@ def backgrounds_images(cfg: DataConfig | None = None) -> tuple[ImageSource, Arra
     four groups in equal parts. The slice comes with the source (the trainer's ``JoinedImages``),
     so ``data.val_size`` does not apply.
     """
-    return _sources(load_backgrounds_split(val_like_test=True))
+    return _sources(load_split("backgrounds"))
 
 
 def backgrounds_v2_images(cfg: DataConfig | None = None) -> tuple[ImageSource, ArrayImages]:
     """Data v2: as :func:`backgrounds_images`, but every train image drawn like training, the
     validation slice cut from them by ``data.val_size``."""
-    return _sources(load_backgrounds_split(val_like_test=False))
+    return _sources(load_split("backgrounds-v2"))
+
+
+def backgrounds_shift_images(cfg: DataConfig | None = None) -> tuple[ImageSource, ArrayImages]:
+    """The shift as the deployment: v3's training images, the validation slice and the test split
+    all on another class's kind in the hard style (docs/ablation.md 8.9)."""
+    return _sources(load_split("backgrounds-shift"))
+
+
+# each data set's split, by its name: the trainer's images, the oracle's scenes and the
+# diagnostics' groups must be drawn from the same one
+SPLITS: dict[str, dict[str, bool]] = {
+    "backgrounds": {"val_like_test": True},
+    "backgrounds-v2": {"val_like_test": False},
+    "backgrounds-shift": {"val_like_test": True, "shifted": True},
+}
+
+
+def load_split(dataset: str) -> BackgroundsSplit:
+    """The split of the backgrounds data set ``dataset`` (a key of :data:`SPLITS`)."""
+    if dataset not in SPLITS:
+        raise ValueError(f"{dataset!r} is not a backgrounds data set ({', '.join(SPLITS)})")
+    return load_backgrounds_split(**SPLITS[dataset])
 
 
 def _sources(split: BackgroundsSplit) -> tuple[ImageSource, ArrayImages]:

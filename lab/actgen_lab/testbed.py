@@ -214,8 +214,9 @@ class BackgroundsDiagnostics:
 
     title = "digits on backgrounds (class-correlated training backgrounds)"
 
-    def __init__(self, model: str | Path) -> None:
-        self.split: BackgroundsSplit = load_backgrounds_split()
+    def __init__(self, model: str | Path, split: BackgroundsSplit | None = None) -> None:
+        # the cells' data set's split (actgen_lab.sources.load_split): its guides and test groups
+        self.split: BackgroundsSplit = load_backgrounds_split() if split is None else split
         self.reference = ReferenceClassifier.load(Path(model) / REFERENCE_FILE)
         self.model = model
         self._probe: MaskProbe | None = None
