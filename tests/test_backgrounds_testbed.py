@@ -74,6 +74,32 @@ def test_training_backgrounds_follow_the_class_and_test_backgrounds_do_not(split
     assert np.array_equal(np.asarray(test_source.image(5)), test.images[5])
 
 
+def test_the_shift_data_set_draws_its_slice_and_test_split_from_the_shift_alone(split) -> None:
+    """backgrounds-shift (docs/ablation.md 8.9): v3's training images, its slice and test split the
+    same digits drawn on another class's kind in the hard style; the trainer, the oracle and the
+    diagnostics all load that split."""
+    from actgen_lab.diagnostics import testbed_diagnostics
+    from actgen_lab.sources import load_split
+
+    shift = load_split("backgrounds-shift")
+    assert np.array_equal(shift.train.images[:1438], split.train.images[:1438])  # training unchanged
+    assert shift.n_val == 300 and len(shift.test) == 7180
+    for scenes in (shift.train.take(np.arange(1438, 1738)), shift.test):
+        assert not bg.majority_background(scenes).any() and scenes.styles.all()
+    assert np.array_equal(shift.test.labels, split.test.labels)
+    assert np.array_equal(shift.test.digits, split.test.digits)
+    with pytest.raises(ValueError, match="'backgrounds-v9' is not a backgrounds data set"):
+        load_split("backgrounds-v9")
+    with pytest.raises(ValueError, match="val_like_test"):
+        bg.load_backgrounds_split(val_like_test=False, shifted=True)
+    cfg = load_config(CONFIG, ["data.dataset=backgrounds-shift"])
+    train_source, test_source = load_sources(cfg.data)
+    assert np.array_equal(np.asarray(train_source.image(1500)), shift.train.images[1500])
+    assert np.array_equal(np.asarray(test_source.image(5)), shift.test.images[5])
+    measure = testbed_diagnostics(ablation.TESTBEDS["backgrounds"], cfg, str(MODEL))
+    assert measure.split is shift  # its groups and guides are the cells' own
+
+
 def test_digits_are_large_and_the_hard_style_is_another_look(split) -> None:
     train = split.train
     assert train.boxes is not None and train.digits is not None

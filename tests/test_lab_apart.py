@@ -47,6 +47,8 @@ def test_the_trainer_loads_the_backgrounds_through_the_entry_point() -> None:
     assert len(train) == 1438 + 300 and len(test) == 7180 and train.classes[3] == "three"
     train, _ = load_sources(DataConfig(dataset="backgrounds-v2"))
     assert len(train) == 1438
+    train, test = load_sources(DataConfig(dataset="backgrounds-shift"))  # the slice and test: the shift
+    assert len(train) == 1438 + 300 and len(test) == 7180
 
 
 def test_an_unregistered_data_set_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

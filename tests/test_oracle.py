@@ -220,3 +220,32 @@ def test_miniature_oracle_grid_runs_the_real_loop(tmp_path: Path) -> None:
     assert sizes["oracle-aig"][-1] == sizes["real"][-1] + 8
     table = (out / "table.md").read_text()
     assert "| oracle-aig |" in table
+
+
+@pytest.mark.slow
+def test_an_oracle_cell_on_the_shift_copies_the_guides_its_trainer_mined(tmp_path: Path) -> None:
+    """backgrounds-shift's slice differs from v3's in every image, so the oracle and the diagnostics
+    must load the cell's data set: each guide the trainer sent comes back unchanged (oracle-guides),
+    and the test split is the one group of the shift."""
+    from PIL import Image
+
+    out = tmp_path / "shift"
+    ablation.run_ablation(
+        testbed="backgrounds",
+        arms=["oracle-guides"],
+        seeds=1,
+        out=out,
+        overrides=[*MINI, "data.dataset=backgrounds-shift"],
+        progress=False,
+        log=lambda _: None,
+    )
+    (cell,) = json.loads((out / "results.json").read_text())["cells"]
+    extra = cell["extra"]
+    assert extra["worst_group_accuracy"] == extra["group/minority/hard"] == cell["test_acc"]
+    assert np.isnan(extra["group/majority/common"])  # no such image in the shift's test split
+    assert cell["examples"] and extra["distance_to_guide"] == 0.0
+    for pair in cell["examples"]:
+        guide, generated = (
+            np.asarray(Image.open(out / pair[k]).convert("RGB")) for k in ("guide", "generated")
+        )
+        assert np.array_equal(guide, generated)
