@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from actgen_lab.ablation import RESULTS_NAME
+from actgen_lab.backgrounds import GROUPS
 from actgen_lab.pairs import split_pair
 from actgen_lab.stats import PairedDiff, paired_difference
 from actgen_lab.table import pp_interval
 
-GROUPS = ("majority/common", "minority/common", "majority/hard", "minority/hard")
 HARD_SHARES = (0.25, 0.4, 0.5, 0.6, 0.75)
 GRID_STEPS = 100  # the simplex grid: weights in steps of 1/100
 
