@@ -100,6 +100,28 @@ def test_the_shift_data_set_draws_its_slice_and_test_split_from_the_shift_alone(
     assert measure.split is shift  # its groups and guides are the cells' own
 
 
+def test_the_small_slice_shift_keeps_the_shift_and_labels_a_hundred_of_its_images(split) -> None:
+    """backgrounds-shift-100 (docs/ablation.md 8.10): backgrounds-shift with a slice of 100 images
+    of the shift, its digits among the 300's; training and the test split unchanged, and a
+    slice size no split can hold is refused by name."""
+    from actgen_lab.sources import load_split
+
+    shift, small = load_split("backgrounds-shift"), load_split("backgrounds-shift-100")
+    assert small.n_val == 100 and len(small.train) == 1438 + 100
+    assert np.array_equal(small.train.images[:1438], shift.train.images[:1438])
+    assert np.array_equal(small.test.images, shift.test.images)
+    slice_ = small.train.take(np.arange(1438, 1538))
+    assert not bg.majority_background(slice_).any() and slice_.styles.all()
+    three_hundred = {d.tobytes() for d in shift.train.digits[1438:]}
+    assert all(d.tobytes() in three_hundred for d in slice_.digits)  # a subset of the 300's digits
+    cfg = load_config(CONFIG, ["data.dataset=backgrounds-shift-100"])
+    train_source, _ = load_sources(cfg.data)
+    assert np.array_equal(np.asarray(train_source.image(1500)), small.train.images[1500])
+    for bad in (0, 1439):
+        with pytest.raises(ValueError, match=f"val_size must be between 1 and 1438.*got {bad}"):
+            bg.load_backgrounds_split(shifted=True, val_size=bad)
+
+
 def test_digits_are_large_and_the_hard_style_is_another_look(split) -> None:
     train = split.train
     assert train.boxes is not None and train.digits is not None

@@ -31,6 +31,8 @@ The split (everything is deterministic from :data:`SPLIT_SEED`):
   are drawn from the shift alone, every image on another class's kind and in the hard style (the
   group with both stressors): a deployment that meets the rare style on unfamiliar backgrounds, and
   labels its held-out slice from it (docs/ablation.md 8.9). The training images are v3's;
+  ``backgrounds-shift-100`` is the same with a slice of 100 (a user who labels a hundred images of
+  the deployment; docs/ablation.md 8.10);
 * :func:`broad_scenes`: the generator's training pool, every train digit on every kind, the styles
   as rare as in training (like a generator trained on the world: it mostly draws the common look).
 
@@ -391,26 +393,31 @@ def load_backgrounds_split(
     test_renders: int = TEST_RENDERS,
     val_like_test: bool = True,
     shifted: bool = False,
+    val_size: int = VAL_SIZE,
 ) -> BackgroundsSplit:
     """The train source (each train digit once: kinds correlated with class, the hard style rare;
     with ``val_like_test`` its last :data:`VAL_SIZE` digits drawn like the test split, the
     validation slice) and the test source (each test digit ``test_renders`` times: half on their
     class's kind, half in the hard style, shuffled; ``shifted``: the slice and the test split all
-    on another class's kind in the hard style, the same draws otherwise)."""
+    on another class's kind in the hard style, the same draws otherwise). ``val_size``: the
+    slice's size (its digits the first of one permutation, so a smaller slice's digits are among
+    a larger one's)."""
     if shifted and not val_like_test:
         raise ValueError("a shifted split draws its validation slice like its test split (val_like_test)")
     test_majority, test_hard = (
         (SHIFT_MAJORITY_SHARE, SHIFT_HARD_SHARE) if shifted else (TEST_MAJORITY_SHARE, HARD_SHARE_TEST)
     )
     train_digits, train_labels, test_digits, test_labels = _digit_arrays()
+    if not 0 < val_size <= len(train_labels):
+        raise ValueError(f"val_size must be between 1 and {len(train_labels)} (the train digits), got {val_size}")
     rng = np.random.default_rng([SPLIT_SEED, 1])
     train_kinds = correlated_kinds(train_labels, MAJORITY_SHARE, rng)
     train_styles = draw_styles(len(train_labels), HARD_SHARE_TRAIN, rng)
     train = render_scenes(
         train_digits, train_labels, train_kinds, SPLIT_SEED * 1000 + 2, image_size, train_styles
     )
-    n_val = VAL_SIZE if val_like_test else 0
-    if val_like_test:  # VAL_SIZE train digits drawn again, like the test split
+    n_val = val_size if val_like_test else 0
+    if val_like_test:  # val_size train digits drawn again, like the test split
         rows = np.sort(np.random.default_rng([SPLIT_SEED, 6]).permutation(len(train_labels))[:n_val])
         rng = np.random.default_rng([SPLIT_SEED, 7])
         val_labels = train_labels[rows]
