@@ -90,7 +90,10 @@ def test_the_testbed_table_pairs_the_worst_group_with_real_and_random() -> None:
             "hardness": None,
             "diversity": None,
             "faithfulness": None,
-            "extra": {"worst_group_accuracy": value + 0.01 * seed},
+            "extra": {
+                "worst_group_accuracy": value + 0.01 * seed,
+                "majority_accuracy": float("nan"),  # a shifted test split holds no majority background
+            },
         }
         for arm, value in worst.items()
         for seed in range(3)
@@ -100,3 +103,14 @@ def test_the_testbed_table_pairs_the_worst_group_with_real_and_random() -> None:
     assert row["random"]["Δ worst-group vs real, pp [95 % CI]"] == "+4.00 [+4.00, +4.00]"
     assert row["ig"]["Δ worst-group vs random, pp [95 % CI]"] == "+1.50 [+1.50, +1.50]"
     assert row["random"]["Δ worst-group vs random, pp [95 % CI]"] == "-"  # not against itself
+    assert row["ig"]["majority-bg %"] == "-" and row["ig"]["worst-group % (mean ± std)"] == "16.5 ± 1.0"
+
+
+def test_pairs_takes_a_range_of_seeds(tmp_path, capsys) -> None:
+    """``actgen-lab pairs --first-seed``: seeds run after a reading are read on their own (8.8, 8.10)."""
+    _results(tmp_path)
+    assert cli.main(["pairs", str(tmp_path), "a-b", "--first-seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "a - b (n=2): test_acc +2.00 [+2.00, +2.00]" in out  # seeds 1 and 2; a's seed 7 has no b
+    assert cli.main(["pairs", str(tmp_path), "a-real", "--first-seed", "1", "--seeds", "2"]) == 0
+    assert "a - real (n=1)" in capsys.readouterr().out

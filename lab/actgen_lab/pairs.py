@@ -83,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     parser.add_argument("out", type=Path, help="the ablation's output folder (its results.json)")
     parser.add_argument("pairs", nargs="*", help="a-b: arm a minus arm b (default: the doc's pairs present)")
+    parser.add_argument("--first-seed", type=int, default=0, help="only seeds from this one")
     parser.add_argument("--seeds", type=int, default=None, help="only seeds below this")
     parser.set_defaults(func=run)
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     results = json.loads((args.out / RESULTS_NAME).read_text())
     cells: dict[str, dict[int, dict[str, Any]]] = {}
     for cell in results["cells"]:
-        if args.seeds is None or cell["seed"] < args.seeds:
+        if cell["seed"] >= args.first_seed and (args.seeds is None or cell["seed"] < args.seeds):
             cells.setdefault(cell["arm"], {})[cell["seed"]] = cell
     print("seeds:", ", ".join(f"{arm} {len(seeds)}" for arm, seeds in cells.items()))
     pairs = args.pairs or [p for p in DEFAULT_PAIRS if _known(p, set(cells))]

@@ -106,8 +106,9 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
 
 
 def _pm(value: tuple[float, float] | None, scale: float = 100.0, fmt: str = ".1f") -> str:
-    """``mean ± std`` of a (mean, std) pair, scaled (percent by default); ``-`` when missing."""
-    if value is None:
+    """``mean ± std`` of a (mean, std) pair, scaled (percent by default); ``-`` when missing or
+    nan (a group the test split does not hold, e.g. majority backgrounds on backgrounds-shift)."""
+    if value is None or math.isnan(value[0]):
         return "-"
     return f"{format(scale * value[0], fmt)} ± {format(scale * value[1], fmt)}"
 
