@@ -409,7 +409,9 @@ def load_backgrounds_split(
     )
     train_digits, train_labels, test_digits, test_labels = _digit_arrays()
     if not 0 < val_size <= len(train_labels):
-        raise ValueError(f"val_size must be between 1 and {len(train_labels)} (the train digits), got {val_size}")
+        raise ValueError(
+            f"val_size must be between 1 and {len(train_labels)} (the train digits), got {val_size}"
+        )
     rng = np.random.default_rng([SPLIT_SEED, 1])
     train_kinds = correlated_kinds(train_labels, MAJORITY_SHARE, rng)
     train_styles = draw_styles(len(train_labels), HARD_SHARE_TRAIN, rng)
