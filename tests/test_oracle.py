@@ -157,6 +157,25 @@ def test_adversarial_items_take_the_kind_the_classifier_finds_hardest(split) -> 
     assert loss == pytest.approx(classifier.losses(renders, label).max(), rel=1e-5)
 
 
+def test_through_vae_returns_the_draw_policys_images_after_the_models_vae(split) -> None:
+    """policy through-vae (docs/ablation.md 8.10): the images ``draw`` gives for the same job, each
+    encoded and decoded by the model's VAE, which keeps the class's look but not every pixel."""
+    from actgen_generator.diffusers_classes import AutoencoderKL
+    from actgen_lab.tiny_vae_training import reconstruct
+
+    model = str(Path(__file__).resolve().parents[1] / "models" / "tiny-backgrounds")
+    with pytest.raises(ValueError, match="'through-vae' needs vae_model"):
+        OracleClient(policy="through-vae")
+    drawn, through = OracleClient(), OracleClient(policy="through-vae", vae_model=model)
+    for client in (drawn, through):
+        client.submit(_job(split, {"mode": "aig"}))
+    plain, round_trip = np.stack(_images(drawn)), np.stack(_images(through))
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    assert np.array_equal(round_trip, reconstruct(vae, plain))
+    change = np.abs(round_trip.astype(int) - plain.astype(int)).mean()
+    assert 1 < change < 40  # changed, yet the same scenes
+
+
 def test_results_are_paged_by_cursor(split) -> None:
     client = OracleClient()
     client.submit(_job(split, {"mode": "aig"}))
@@ -193,7 +212,7 @@ MINI = ["train.epochs=4", "generation.images_per_epoch=4", "data.test_subset=100
 @pytest.mark.slow
 def test_miniature_oracle_grid_runs_the_real_loop(tmp_path: Path) -> None:
     out = tmp_path / "oracle"
-    arms = ["real", "oracle-guides", "oracle-aig", "oracle-aig+adversarial"]
+    arms = ["real", "oracle-guides", "oracle-aig", "oracle-aig+adversarial", "oracle-aig-through-vae"]
     run = ablation.run_ablation(
         testbed="backgrounds", arms=arms, seeds=1, out=out, overrides=MINI, progress=False, log=lambda _: None
     )
@@ -212,6 +231,10 @@ def test_miniature_oracle_grid_runs_the_real_loop(tmp_path: Path) -> None:
     aig = cells["oracle-aig"]["extra"]
     assert aig["change_outside"] > 3 * aig["change_inside"]  # the background changed, not the digit
     assert cells["oracle-aig"]["faithfulness"] is not None
+    # through the generator's VAE: the same draws, the digit no longer exact (the autoencoder's loss)
+    through = cells["oracle-aig-through-vae"]["extra"]
+    assert through["change_inside"] > 2 * aig["change_inside"]
+    assert cells["oracle-aig-through-vae"]["fingerprint"] != cells["oracle-aig"]["fingerprint"]
     # the generated images joined the training set (its size), not the epoch's draws (EpochSampler)
     sizes = {
         arm: [json.loads(line)["train_size"] for line in (out / c["run_dir"] / "metrics.jsonl").open()]

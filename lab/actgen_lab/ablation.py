@@ -62,6 +62,7 @@ from actgen_lab.arms import (
     testbed_named,
 )
 from actgen_lab.diagnostics import Diagnostics, testbed_diagnostics
+from actgen_lab.oracle import VAE_POLICIES
 from actgen_lab.page import PAGE_NAME, write_page
 from actgen_lab.stats import PairedDiff, mean_std, paired_difference
 from actgen_lab.table import TABLE_NAME, summarize, write_table
@@ -159,6 +160,8 @@ def fingerprint(cfg: Config, model: str, threads: int, oracle: str | None = None
     tree["generation_options"] = options.model_dump(mode="json")
     tree["resolved_options"] = resolve_options(options, read_model_defaults(model)).model_dump(mode="json")
     tree["generator_model"] = Path(model).name if oracle is None else f"oracle:{oracle}"
+    if oracle in VAE_POLICIES:  # this oracle reads the model's VAE
+        tree["generator_model"] += f":{Path(model).name}"
     tree["torch_threads"] = threads
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -379,7 +382,9 @@ def _run_cells(
                 from actgen_lab.sources import load_split
 
                 split = load_split(cfg.data.dataset)  # the scenes the cell's trainer loads
-                cell_client, cell_url = OracleClient(policy=oracle, split=split), ORACLE_URL
+                vae_model = model if oracle in VAE_POLICIES else None  # through-vae: the cell's model's VAE
+                cell_client = OracleClient(policy=oracle, split=split, vae_model=vae_model)
+                cell_url = ORACLE_URL
             else:
                 if client is None and cfg.generation.mode is not TrainMode.real:
                     client, url = _start_generator(stack, out, model, threads, bar.write if progress else log)

@@ -112,6 +112,10 @@ ARMS_ORACLE: dict[str, list[str]] = {
         "generation.adv_schedule=constant",
     ],
     "oracle-actgen": [_ORACLE, *_ACTGEN],
+    # the oracle's images through the generator's VAE and back: the autoencoder's share of a
+    # diffusion arm's gap to its oracle (added in 8.10)
+    "oracle-ig-through-vae": ["oracle=through-vae", "generation.mode=ig"],
+    "oracle-aig-through-vae": ["oracle=through-vae", "generation.mode=aig"],
 }
 ARMS_BACKGROUNDS.update(ARMS_ORACLE)
 # What `make ablation TESTBED=backgrounds` runs unless --arms names others (`--arms all`: every arm):

@@ -25,7 +25,10 @@ draw again with one thing changed (:func:`actgen_lab.backgrounds.rerender`):
   guide, as img2img varies it, where plain ``ig`` is a near-copy);
 * policy ``pool-styles``: as ``draw``, but ``random`` draws the hard style as often as the testbed's
   generator was trained on it (:data:`~actgen_lab.backgrounds.HARD_SHARE_POOL`, half), not as
-  rarely as training: the oracle of that generator's random mode (docs/ablation.md 8.7).
+  rarely as training: the oracle of that generator's random mode (docs/ablation.md 8.7);
+* policy ``through-vae``: as ``draw``, each image then encoded and decoded by the testbed
+  generator's VAE (``vae_model``): what the mechanism promises, less what the autoencoder loses, so
+  a diffusion arm's gap to its oracle splits into the VAE's share and the sampler's (8.10).
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ from actgen_shared.schemas import (
 
 # draw: what the job's mode asks (module docstring); guides: the guide itself; moved: as draw, but
 # ig also moves and resizes the digit (a variation of the guide, not a near-copy); pool-styles: as
-# draw, but random draws the hard style as often as the testbed's generator learnt it
-POLICIES = ("draw", "guides", "moved", "pool-styles")
+# draw, but random draws the hard style as often as the testbed's generator learnt it; through-vae:
+# as draw, each image through the generator's VAE and back
+POLICIES = ("draw", "guides", "moved", "pool-styles", "through-vae")
+VAE_POLICIES = ("through-vae",)  # the policies that read the generator model's VAE
 ORACLE_URL = "oracle://backgrounds"
 
 
@@ -111,6 +116,7 @@ class OracleClient:
 
     policy: str = "draw"
     split: BackgroundsSplit = field(default_factory=load_backgrounds_split)
+    vae_model: str | None = None  # a model folder whose ``vae`` the through-vae policy round-trips
     base_url: str = ORACLE_URL
     has_api_key: bool = False
     jobs: dict[str, JobState] = field(default_factory=dict)
@@ -123,6 +129,13 @@ class OracleClient:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown oracle policy {self.policy!r}: {', '.join(POLICIES)}")
+        self._vae: Any = None
+        if self.policy in VAE_POLICIES:
+            if self.vae_model is None:
+                raise ValueError(f"oracle policy {self.policy!r} needs vae_model, a model folder with a vae")
+            from actgen_generator.diffusers_classes import AutoencoderKL
+
+            self._vae = AutoencoderKL.from_pretrained(self.vae_model, subfolder="vae").eval()
         train = self.split.train
         self._by_class = {c: np.flatnonzero(train.labels == c) for c in np.unique(train.labels)}
 
@@ -176,8 +189,15 @@ class OracleClient:
         seed = request.options.seed if request.options.seed is not None else 0
         rng = np.random.default_rng([seed, int(job_id.removeprefix("job"))])
         results, stream = [], self.stream.setdefault(request.run_id, [])
-        for index, item in enumerate(request.items):
-            image, kind, adversarial = self._draw(request, item.class_id, item.guide_id, rng)
+        drawn = [self._draw(request, item.class_id, item.guide_id, rng) for item in request.items]
+        images = np.stack([image for image, _, _ in drawn])
+        if self._vae is not None:
+            from actgen_lab.tiny_vae_training import reconstruct
+
+            images = reconstruct(self._vae, images)
+        for index, (item, image, (_, kind, adversarial)) in enumerate(
+            zip(request.items, images, drawn, strict=True)
+        ):
             self.drawn_kinds.append(kind)
             stream_id = f"{len(stream) + 1}-0"
             stream.append(
