@@ -89,9 +89,8 @@ ablation-oracle: setup
 # ablation-shift: docs/ablation.md 8.10's table, the testbed where the oracle orders random < ig < aig
 # on test accuracy: data set backgrounds-shift-100 (the shift as the deployment, a labelled slice of
 # 100), real, the oracle's core arms and the diffusion arms beside them, niced, seed by seed up to
-# SEEDS into runs/ablation-shift-100 (100 cells; about 75 min in one process on a quiet 2-core CPU,
-# 45 min in two to three processes side by side).
-SHIFT_ARMS := real,oracle-random,oracle-random-pool-styles,oracle-ig,oracle-aig,oracle-actgen,random,ig,aig,actgen
+# SEEDS into runs/ablation-shift-100 (120 cells; about 85 min in one process on a quiet 2-core CPU).
+SHIFT_ARMS := real,oracle-random,oracle-random-pool-styles,oracle-ig,oracle-aig,oracle-actgen,oracle-ig-through-vae,oracle-aig-through-vae,random,ig,aig,actgen
 ablation-shift: setup
 	@for n in $$(seq 1 $(SEEDS)); do \
 	    nice -n 10 $(VENV)/bin/actgen-lab ablate --testbed backgrounds --arms $(SHIFT_ARMS) --seeds $$n \
