@@ -396,7 +396,7 @@ def load_backgrounds_split(
     val_size: int = VAL_SIZE,
 ) -> BackgroundsSplit:
     """The train source (each train digit once: kinds correlated with class, the hard style rare;
-    with ``val_like_test`` its last :data:`VAL_SIZE` digits drawn like the test split, the
+    with ``val_like_test`` its last ``val_size`` digits drawn like the test split, the
     validation slice) and the test source (each test digit ``test_renders`` times: half on their
     class's kind, half in the hard style, shuffled; ``shifted``: the slice and the test split all
     on another class's kind in the hard style, the same draws otherwise). ``val_size``: the
