@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation ablation-backgrounds ablation-oracle ablation-shift tiny-backgrounds-model chaos up down compose-gpus kubectl k8s-render clean
+.PHONY: setup lock lint test demo serve bench gpu-check gpu-bundle ablation ablation-backgrounds ablation-oracle ablation-shift tiny-backgrounds-model tiny-backgrounds-16-model chaos up down compose-gpus kubectl k8s-render clean
 
 # setup: a virtualenv with the three packages (editable) and the test tools, at the versions of
 # constraints.txt (the lock both images install with too).
@@ -120,6 +120,21 @@ tiny-backgrounds-model: setup
 	cp $(V2_MODEL)/actgen_defaults.json models/tiny-backgrounds/
 	$(VENV)/bin/actgen-lab judges models/tiny-backgrounds
 	$(VENV)/bin/actgen-lab distil-tiny-decoder --model models/tiny-backgrounds --budget-s 360 --threads 2
+
+# tiny-backgrounds-16-model: models/tiny-backgrounds-16 (v5), v4's recipe on a 16x16 latent grid (eq.
+# 8's mask at 2 px cells, not 4): a new VAE (2,000 steps from random weights) and UNet (10k steps),
+# about 75 min on a quiet 2-core CPU; then both judges again on its VAE's images and eq. 10's
+# surrogate decoder. `actgen-lab eval-model models/tiny-backgrounds-16 --cfg1 --image-guidance-strength
+# 29` gives its card's figures (i = 29: the paper's release point moved by ln 16, not ln 64).
+tiny-backgrounds-16-model: setup
+	nice -n 2 $(VENV)/bin/actgen-lab train-tiny-model --data backgrounds --out models/tiny-backgrounds-16 \
+	    --minutes 90 --seed 0 --vae-steps 2000 --vae-share 0.15 --unet-steps 10000 --text-lr 0 \
+	    --renders 4 --attn-weight 0.2 --digit-weight 4 --colour-weight 1 --class-tokens orthogonal \
+	    --class-token-norm 8 --pooled-text --checkpoint-every 1000 --unet-batch 32 --latent-side 16 \
+	    --judges models/tiny-backgrounds --threads 2
+	cp models/tiny-backgrounds/actgen_defaults.json models/tiny-backgrounds-16/
+	$(VENV)/bin/actgen-lab judges models/tiny-backgrounds-16
+	$(VENV)/bin/actgen-lab distil-tiny-decoder --model models/tiny-backgrounds-16 --budget-s 360 --threads 2
 
 CHAOS_MINUTES ?= 10
 chaos: setup  # 3 replicas + AOF Redis under kills, stops, pauses and Redis restarts; audit after

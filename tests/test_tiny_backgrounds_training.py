@@ -12,11 +12,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from actgen_lab import cli
+from actgen_lab.backgrounds import broad_scenes
 from actgen_lab.model_eval import EvalReport
-from actgen_lab.tiny_recipe import TinyTrainingConfig, build_untrained, class_token_cosines
-from actgen_lab.tiny_unet_training import digit_cell_weights, weighted_mse
+from actgen_lab.tiny_recipe import TinyTrainingConfig, build_untrained, class_token_cosines, class_weights
+from actgen_lab.tiny_unet_training import attach_probe, digit_cell_weights, mask_targets, weighted_mse
 from actgen_lab.tiny_vae_training import colour_saturation, finetune_decoder
 from actgen_shared.labels import DIGITS
 
@@ -337,3 +339,35 @@ def test_the_report_prints_each_figure_beside_what_a_copy_scores() -> None:
     assert "a VAE round trip of the same guides keeps it 0.800 (ig / round trip 0.90)" in text
     assert "aig from that round trip: 0.050 / 0.150 (outside / inside 3.00)" in text
     assert "ig: background kind kept: 0.720 (>= 0.8: FAIL)" in text  # the threshold reads the raw figure
+
+
+def test_the_16x16_architecture_reads_eq_8s_mask_on_its_latent_grid(capsys) -> None:
+    """v5 (``--latent-side 16``): latents and the class-token maps eq. 8 reads are 16x16, and on
+    that grid a digit's cells are mostly digit, where at 8x8 they are mostly background (what
+    bounded v4's change outside / inside the digit)."""
+    pipe = build_untrained(0, "backgrounds", "orthogonal", 8.0, pooled_text=True, latent_side=16)
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mean
+    assert z.shape == (2, 4, 16, 16)
+    probe = attach_probe(pipe.unet)
+    assert probe.factor == 1  # the sampler's recorder sits on the same layers
+    ids = pipe.tokenizer(["a photo of three"] * 2, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = pipe.text_encoder(ids)[0]
+        probe.weights, probe.recording = class_weights(pipe.tokenizer, list(DIGITS))[0, [3, 3]], True
+        pipe.unet(torch.randn(2, 4, 16, 16), torch.tensor(500), text)
+    assert probe.take().shape == (2, 16 * 16)
+
+    masks = torch.from_numpy(broad_scenes(1, 0).masks[:200])
+    share: dict[int, tuple[float, float]] = {}
+    for side in (8, 16):
+        cells = F.interpolate(mask_targets(masks, side, 1).view(-1, 1, side, side), size=32, mode="nearest")
+        inside = float(cells[:, 0][masks].mean())
+        outside = float(cells[:, 0][~masks].mean())
+        share[side] = (inside, outside)
+    assert share[16][0] > share[8][0] + 0.1 and share[16][1] < share[8][1] / 1.5, share
+
+    with pytest.raises(ValueError, match="digits at latent side 16; known"):
+        build_untrained(0, "digits", latent_side=16)
+    with pytest.raises(SystemExit, match="--latent-side 16 needs --data backgrounds"):
+        cli.main(["train-tiny-model", "--data", "digits", "--out", "x", "--latent-side", "16"])

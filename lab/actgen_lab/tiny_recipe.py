@@ -60,9 +60,29 @@ TINY_BACKGROUNDS_UNET = {
     "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
 }
+# Backgrounds at 16x16 latents (v5, ``latent_side`` 16): a VAE that downsamples twice, not four
+# times, so a 2-3 px stroke is most of its latent cells (8x8 cells of 4 px are mostly background: eq.
+# 8's mask, applied every guided step, then held the background nearly as firmly as the digit), and
+# a third UNet level; cross-attention again at the latent resolution only, so the mask is 16x16.
+TINY_BACKGROUNDS_16_VAE = {
+    **TINY_DIGITS_VAE,
+    "block_out_channels": (32, 64),  # two blocks: 32x32 px -> 16x16 latents
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+}
+TINY_BACKGROUNDS_16_UNET = {
+    **TINY_DIGITS_UNET,
+    "sample_size": IMAGE_SIZE // 2,
+    "block_out_channels": (32, 64, 96),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+    "attention_head_dim": (1, 2, 2),
+}
+LATENT_SIDES = (8, 16)  # backgrounds: the latent grid (px / 4 or px / 2); digits: 8 only
 ARCHITECTURES = {
-    "digits": (TINY_DIGITS_UNET, TINY_DIGITS_VAE),
-    "backgrounds": (TINY_BACKGROUNDS_UNET, TINY_BACKGROUNDS_VAE),
+    ("digits", 8): (TINY_DIGITS_UNET, TINY_DIGITS_VAE),
+    ("backgrounds", 8): (TINY_BACKGROUNDS_UNET, TINY_BACKGROUNDS_VAE),
+    ("backgrounds", 16): (TINY_BACKGROUNDS_16_UNET, TINY_BACKGROUNDS_16_VAE),
 }
 VERSIONS = {"digits": TINY_DIGITS_VERSION, "backgrounds": TINY_BACKGROUNDS_VERSION}
 
@@ -104,6 +124,8 @@ class TinyTrainingConfig:
     # v3: the prompt also conditions every ResNet block, attention-pooled into the time embedding
     # (diffusers' ``addition_embed_type: text``), not only the cross-attention at 8x8 and 4x4
     pooled_text: bool = False
+    # v5: the latent grid, 8 (32 px / 4) or, backgrounds only, 16 (32 px / 2; :data:`ARCHITECTURES`)
+    latent_side: int = 8
 
 
 def load_digits_split(image_size: int = IMAGE_SIZE) -> DigitsSplit:
@@ -145,14 +167,19 @@ def build_untrained(
     class_tokens: str = "random",
     class_token_norm: float = 1.0,
     pooled_text: bool = False,
+    latent_side: int = 8,
 ) -> StableDiffusionPipeline:
     """The pipeline of ``data`` with random weights (same seed, same weights), text encoder frozen.
 
     ``class_tokens`` orthogonal: the digit names' token embeddings become orthogonal rows of norm
     ``class_token_norm`` (v2's conditioning, :func:`set_orthogonal_class_tokens`). ``pooled_text``:
     the UNet also adds the attention-pooled prompt to its time embedding (v3's conditioning; the
-    same UNet class and call, so the generator loads and guides it as it does SD 2.1's)."""
-    unet_config, vae_config = ARCHITECTURES[data]
+    same UNet class and call, so the generator loads and guides it as it does SD 2.1's).
+    ``latent_side``: the latent grid, 8 or (backgrounds) 16 (:data:`ARCHITECTURES`)."""
+    if (data, latent_side) not in ARCHITECTURES:
+        known = ", ".join(f"{d} at {side}" for d, side in ARCHITECTURES)
+        raise ValueError(f"no architecture for {data} at latent side {latent_side}; known: {known}")
+    unet_config, vae_config = ARCHITECTURES[data, latent_side]
     if pooled_text:
         unet_config = {
             **unet_config,

@@ -66,6 +66,7 @@ from actgen_generator.tiny_model import SD21_SCHEDULER
 from actgen_lab.backgrounds import REFERENCE_FILE, ReferenceClassifier, broad_scenes
 from actgen_lab.tiny_recipe import (
     DATASETS,
+    LATENT_SIDES,
     VERSIONS,
     Clock,
     TinyTrainingConfig,
@@ -113,6 +114,8 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
         # v3: v2's VAE and data, the prompt also in the time embedding; v4: v3's UNet on a VAE
         # trained further (v2's kept two thirds of the colour and lost the background patterns)
         version = "tiny-backgrounds-v4" if cfg.vae_steps else "tiny-backgrounds-v3"
+    if cfg.latent_side == 16:  # v5: v4's recipe on a 16x16 latent grid (a new VAE and UNet)
+        version = "tiny-backgrounds-v5"
     masks: torch.Tensor | None = None
     if cfg.data == "backgrounds":
         pool = broad_scenes(cfg.renders, cfg.seed, hard_share=cfg.hard_share)
@@ -123,7 +126,9 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
         split = load_digits_split()
         images, labels = to_model_pixels(split.train_images), torch.from_numpy(split.train_labels)
         what = f"{len(images)} digits"
-    pipe = build_untrained(cfg.seed, cfg.data, cfg.class_tokens, cfg.class_token_norm, cfg.pooled_text)
+    pipe = build_untrained(
+        cfg.seed, cfg.data, cfg.class_tokens, cfg.class_token_norm, cfg.pooled_text, cfg.latent_side
+    )
     if cfg.init_vae:  # continue a VAE (v2: v1's, which had learnt the shapes but not the colours)
         start = AutoencoderKL.from_pretrained(Path(cfg.init_vae).expanduser(), subfolder="vae")
         pipe.vae.load_state_dict(start.state_dict())
@@ -306,6 +311,7 @@ def train_tiny_model(out_dir: str | Path, cfg: TinyTrainingConfig, command: str 
 
 def _model_card(meta: dict) -> str:
     cfg = meta["config"]
+    side = cfg.get("latent_side", 8)
     text = (
         "The text encoder is the random-weight one, frozen."
         if not cfg["text_lr"]
@@ -329,7 +335,10 @@ def _model_card(meta: dict) -> str:
             f"{cfg.get('hard_share', 0.0):g} of them in their class's hard style; no class-background correlation), "
         )
         title = "the digits on backgrounds"
-        attention = f" Cross-attention at the 8x8 latent resolution; class-token attention loss weight {cfg['attn_weight']:g}."
+        attention = (
+            f" Cross-attention at the {side}x{side} latent resolution; class-token attention loss weight"
+            f" {cfg['attn_weight']:g}."
+        )
         if cfg.get("pooled_text"):
             attention += (
                 " The prompt, attention-pooled, is also added to the UNet's time embedding (`--pooled-text`)."
@@ -341,7 +350,8 @@ def _model_card(meta: dict) -> str:
         "SD 2.1's classes and folder layout (AutoencoderKL, UNet2DConditionModel with cross-attention,\n"
         "CLIPTextModel, CLIPTokenizer, DDPMScheduler with SD 2.1's betas, epsilon prediction), trained on\n"
         f"{what}prompts `a photo of {{digit}}` and\n"
-        "`a photo of the digit {digit}` (digit names `zero` .. `nine`). Native size 32 px, 4x8x8 latents.\n"
+        "`a photo of the digit {digit}` (digit names `zero` .. `nine`). Native size 32 px, "
+        f"4x{side}x{side} latents.\n"
         f"{text}{attention}\n\n"
         "## How it was made\n\n"
         f"```\n{meta['command'] or 'actgen-lab train-tiny-model'}\n```\n\n"
@@ -457,6 +467,14 @@ def add_parser(subparsers) -> None:
         default=defaults.checkpoint_every,
         help="backgrounds: UNet steps between probes and checkpoints written to OUT.ckpt (0: none)",
     )
+    p.add_argument(
+        "--latent-side",
+        type=int,
+        choices=LATENT_SIDES,
+        default=defaults.latent_side,
+        help="the latent grid: 8 (32 px / 4) or, --data backgrounds only, 16 (32 px / 2: eq. 8's mask "
+        "at 2 px cells; a new VAE and a three-level UNet)",
+    )
     p.add_argument("--unet-batch", type=int, default=defaults.unet_batch, help="UNet phase batch size")
     p.add_argument(
         "--init-vae",
@@ -516,6 +534,8 @@ def _run(args) -> int:
         raise SystemExit(
             "actgen-lab train-tiny-model: --attn-weight needs --data backgrounds (the digit masks)"
         )
+    if args.latent_side != TinyTrainingConfig.latent_side and args.data != "backgrounds":
+        raise SystemExit("actgen-lab train-tiny-model: --latent-side 16 needs --data backgrounds")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit("actgen-lab train-tiny-model: --threads must be >= 1")
@@ -537,6 +557,7 @@ def _run(args) -> int:
         colour_weight=args.colour_weight,
         checkpoint_every=args.checkpoint_every,
         unet_batch=args.unet_batch,
+        latent_side=args.latent_side,
         judges=args.judges,
         init_vae=args.init_vae,
         decoder_steps=args.decoder_steps,
@@ -555,6 +576,8 @@ def _run(args) -> int:
         extra += " --pooled-text"
     if cfg.colour_weight:
         extra += f" --colour-weight {cfg.colour_weight:g}"
+    if cfg.latent_side != TinyTrainingConfig.latent_side:
+        extra += f" --latent-side {cfg.latent_side}"
     if cfg.unet_batch != TinyTrainingConfig.unet_batch:
         extra += f" --unet-batch {cfg.unet_batch}"
     if cfg.init_vae:
