@@ -124,15 +124,17 @@ tiny-backgrounds-model: setup
 # tiny-backgrounds-16-model: models/tiny-backgrounds-16 (v5), v4's recipe on a 16x16 latent grid (eq.
 # 8's mask at 2 px cells, not 4): a new VAE (2,000 steps from random weights) and UNet (10k steps),
 # about 75 min on a quiet 2-core CPU; then both judges again on its VAE's images and eq. 10's
-# surrogate decoder. `actgen-lab eval-model models/tiny-backgrounds-16 --cfg1 --image-guidance-strength
-# 29` gives its card's figures (i = 29: the paper's release point moved by ln 16, not ln 64).
+# surrogate decoder; the folder's defaults file is kept. `actgen-lab eval-model models/tiny-backgrounds-16
+# --cfg1 --image-guidance-strength 29` gives its card's figures (i = 29: the paper's release point
+# moved by ln 16, not ln 64).
 tiny-backgrounds-16-model: setup
+	mkdir -p runs && cp models/tiny-backgrounds-16/actgen_defaults.json runs/tiny-backgrounds-16-defaults.json
 	nice -n 2 $(VENV)/bin/actgen-lab train-tiny-model --data backgrounds --out models/tiny-backgrounds-16 \
 	    --minutes 90 --seed 0 --vae-steps 2000 --vae-share 0.15 --unet-steps 10000 --text-lr 0 \
 	    --renders 4 --attn-weight 0.2 --digit-weight 4 --colour-weight 1 --class-tokens orthogonal \
 	    --class-token-norm 8 --pooled-text --checkpoint-every 1000 --unet-batch 32 --latent-side 16 \
 	    --judges models/tiny-backgrounds --threads 2
-	cp models/tiny-backgrounds/actgen_defaults.json models/tiny-backgrounds-16/
+	cp runs/tiny-backgrounds-16-defaults.json models/tiny-backgrounds-16/actgen_defaults.json
 	$(VENV)/bin/actgen-lab judges models/tiny-backgrounds-16
 	$(VENV)/bin/actgen-lab distil-tiny-decoder --model models/tiny-backgrounds-16 --budget-s 360 --threads 2
 
