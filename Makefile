@@ -125,8 +125,8 @@ tiny-backgrounds-model: setup
 # 8's mask at 2 px cells, not 4): a new VAE (2,000 steps from random weights) and UNet (10k steps),
 # about 75 min on a quiet 2-core CPU; then both judges again on its VAE's images and eq. 10's
 # surrogate decoder; the folder's defaults file is kept. `actgen-lab eval-model models/tiny-backgrounds-16
-# --cfg1 --image-guidance-strength 29` gives its card's figures (i = 29: the paper's release point
-# moved by ln 16, not ln 64).
+# --cfg1 --image-guidance-strength I` gives its card's figures: every threshold passes at I = 38; at 29
+# (the paper's release point moved by ln 16, not ln 64) three fail.
 tiny-backgrounds-16-model: setup
 	mkdir -p runs && cp models/tiny-backgrounds-16/actgen_defaults.json runs/tiny-backgrounds-16-defaults.json
 	nice -n 2 $(VENV)/bin/actgen-lab train-tiny-model --data backgrounds --out models/tiny-backgrounds-16 \

@@ -341,7 +341,7 @@ def test_the_report_prints_each_figure_beside_what_a_copy_scores() -> None:
     assert "ig: background kind kept: 0.720 (>= 0.8: FAIL)" in text  # the threshold reads the raw figure
 
 
-def test_the_16x16_architecture_reads_eq_8s_mask_on_its_latent_grid(capsys) -> None:
+def test_the_16x16_architecture_reads_eq_8s_mask_on_its_latent_grid() -> None:
     """v5 (``--latent-side 16``): latents and the class-token maps eq. 8 reads are 16x16, and on
     that grid a digit's cells are mostly digit, where at 8x8 they are mostly background (what
     bounded v4's change outside / inside the digit)."""

@@ -25,7 +25,8 @@ so a slower machine still ends its schedule.
 
 ``--data backgrounds`` trains on a pool of every train digit on every background kind (no
 class-background correlation), with a UNet whose cross-attention sits at the latent resolution
-(8x8, so eq. 8's mask has 8x8 cells of 4 px, not the 4x4 of the digits model). ``attn_weight`` > 0
+(8x8, so eq. 8's mask has 8x8 cells of 4 px, not the 4x4 of the digits model; ``--latent-side 16``:
+16x16 latents and 2 px cells, v5). ``attn_weight`` > 0
 adds a loss that teaches the class token's cross-attention where the digit is (binary
 cross-entropy of the class-token attention against the digit's share of each latent cell, at the
 layers the sampler reads the mask from): what a large model learns from its captions and a tiny
